@@ -1,0 +1,271 @@
+"""Where the sites of a transformer block are, one small table per model family.
+
+Model families differ only in module names, so every other part of peftlab talks about *sites*
+(``q``, ``ffn_out``, ``after_attn`` ...) and asks this module where they live. Adding a family is
+adding one :class:`Anatomy` entry to :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from peftlab.errors import SpecError
+
+#: Linear sites: a weight matrix that LoRA-like modules can reparameterise.
+LINEAR_SITES = ("q", "k", "v", "o", "ffn_in", "ffn_gate", "ffn_out", "cross_q", "cross_k", "cross_v", "cross_o")
+#: Sites that hold a bottleneck module in series with a sub-layer output.
+SERIAL_SITES = ("after_attn", "after_ffn")
+#: Sites that hold a bottleneck module beside (in parallel with) a sub-layer.
+PARALLEL_SITES = ("beside_ffn",)
+#: Every per-layer site with what it holds.
+SITE_ROLES: dict[str, str] = {
+    **dict.fromkeys(LINEAR_SITES, "linear"),
+    **dict.fromkeys(SERIAL_SITES, "serial"),
+    **dict.fromkeys(PARALLEL_SITES, "parallel"),
+    "attn": "prefix",
+    "bias": "bias",
+    "norm": "norm",
+}
+#: Model-level sites (outside the blocks).
+MODEL_SITE_ROLES: dict[str, str] = {"input": "prompt", "embed_norm": "norm", "final_norm": "norm"}
+
+
+@dataclass(frozen=True)
+class Stack:
+    """One list of transformer blocks (an encoder or a decoder) and where each site sits in a block.
+
+    Paths are relative to the block. ``fused`` maps a linear site to (path, index, parts) for projections
+    stored as one matrix (GPT-2's ``c_attn`` holds q, k and v as three equal column blocks).
+    """
+
+    path: str
+    linear: dict[str, str]
+    attention: str
+    serial: dict[str, str]
+    ffn: str
+    norms: tuple[str, ...]
+    fused: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Anatomy:
+    """A model family: its stacks, its model-level sites and its task heads."""
+
+    family: str
+    model_types: tuple[str, ...]
+    stacks: tuple[Stack, ...]
+    embed_norm: str | None = None
+    final_norms: tuple[str, ...] = ()
+    heads: tuple[str, ...] = ("classifier", "score", "classification_head")
+
+
+_BERT_BLOCK = Stack(
+    path="encoder.layer",
+    linear={
+        "q": "attention.self.query",
+        "k": "attention.self.key",
+        "v": "attention.self.value",
+        "o": "attention.output.dense",
+        "ffn_in": "intermediate.dense",
+        "ffn_out": "output.dense",
+    },
+    attention="attention.self",
+    serial={"after_attn": "attention.output.dense", "after_ffn": "output.dense"},
+    ffn="intermediate",
+    norms=("attention.output.LayerNorm", "output.LayerNorm"),
+)
+
+_LLAMA_BLOCK = Stack(
+    path="layers",
+    linear={
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_in": "mlp.up_proj",
+        "ffn_out": "mlp.down_proj",
+    },
+    attention="self_attn",
+    serial={"after_attn": "self_attn.o_proj", "after_ffn": "mlp.down_proj"},
+    ffn="mlp",
+    norms=("input_layernorm", "post_attention_layernorm"),
+)
+
+_GPT2_BLOCK = Stack(
+    path="h",
+    linear={"o": "attn.c_proj", "ffn_in": "mlp.c_fc", "ffn_out": "mlp.c_proj"},
+    fused={"q": ("attn.c_attn", 0, 3), "k": ("attn.c_attn", 1, 3), "v": ("attn.c_attn", 2, 3)},
+    attention="attn",
+    serial={"after_attn": "attn.c_proj", "after_ffn": "mlp.c_proj"},
+    ffn="mlp",
+    norms=("ln_1", "ln_2"),
+)
+
+
+def _t5_block(path: str, ffn_index: int, cross: bool) -> Stack:
+    ff = f"layer.{ffn_index}.DenseReluDense"
+    linear = {
+        "q": "layer.0.SelfAttention.q",
+        "k": "layer.0.SelfAttention.k",
+        "v": "layer.0.SelfAttention.v",
+        "o": "layer.0.SelfAttention.o",
+        "ffn_in": f"{ff}.wi",
+        "ffn_out": f"{ff}.wo",
+    }
+    norms = ["layer.0.layer_norm", f"layer.{ffn_index}.layer_norm"]
+    if cross:
+        linear |= {f"cross_{p}": f"layer.1.EncDecAttention.{p}" for p in "qkvo"}
+        norms.insert(1, "layer.1.layer_norm")
+    return Stack(
+        path=path,
+        linear=linear,
+        attention="layer.0.SelfAttention",
+        serial={"after_attn": "layer.0.SelfAttention.o", "after_ffn": f"{ff}.wo"},
+        ffn=ff,
+        norms=tuple(norms),
+    )
+
+
+FAMILIES: tuple[Anatomy, ...] = (
+    Anatomy("bert", ("bert", "roberta", "xlm-roberta", "camembert"), (_BERT_BLOCK,), embed_norm="embeddings.LayerNorm"),
+    Anatomy("llama", ("llama", "qwen2", "mistral", "qwen3"), (_LLAMA_BLOCK,), final_norms=("norm",)),
+    Anatomy("gpt2", ("gpt2",), (_GPT2_BLOCK,), final_norms=("ln_f",)),
+    Anatomy(
+        "t5",
+        ("t5", "mt5"),
+        (_t5_block("encoder.block", 1, cross=False), _t5_block("decoder.block", 2, cross=True)),
+        final_norms=("encoder.final_layer_norm", "decoder.final_layer_norm"),
+    ),
+)
+
+
+def anatomy_for(model_type: str) -> Anatomy:
+    """The anatomy of a ``config.model_type``, or a clear error listing the supported ones."""
+    for anatomy in FAMILIES:
+        if model_type in anatomy.model_types:
+            return anatomy
+    known = ", ".join(t for a in FAMILIES for t in a.model_types)
+    raise SpecError(f"model type '{model_type}' is not supported; supported model types: {known}")
+
+
+@dataclass
+class LinearRef:
+    """A linear site resolved on a model: the host module and, for fused projections, its output slice."""
+
+    module: nn.Module
+    out_slice: slice | None = None
+
+    @property
+    def transposed(self) -> bool:
+        """GPT-2's ``Conv1D`` stores its weight as (in, out)."""
+        return type(self.module).__name__ == "Conv1D"
+
+    @property
+    def weight(self):
+        """The weight as an (out, in) view of the host's parameter, sliced to this site."""
+        w = self.module.weight.T if self.transposed else self.module.weight
+        return w if self.out_slice is None else w[self.out_slice]
+
+    @property
+    def bias(self):
+        b = self.module.bias
+        if b is None or self.out_slice is None:
+            return b
+        return b[self.out_slice]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def total_out(self) -> int:
+        w = self.module.weight
+        return w.shape[1] if self.transposed else w.shape[0]
+
+
+@dataclass
+class Block:
+    """One transformer block of a concrete model, with its sites resolved to modules."""
+
+    index: int
+    stack: Stack
+    module: nn.Module
+
+    def sub(self, path: str) -> nn.Module:
+        return self.module.get_submodule(path)
+
+    def linear(self, site: str) -> LinearRef | None:
+        if site in self.stack.linear:
+            return LinearRef(self.sub(self.stack.linear[site]))
+        if site in self.stack.fused:
+            path, index, parts = self.stack.fused[site]
+            ref = LinearRef(self.sub(path))
+            width = ref.total_out // parts
+            ref.out_slice = slice(index * width, (index + 1) * width)
+            return ref
+        return None
+
+    def has_site(self, site: str) -> bool:
+        """Whether this block has the site at all (cross-attention exists only in decoder blocks)."""
+        if SITE_ROLES[site] == "linear":
+            return site in self.stack.linear or site in self.stack.fused
+        return True
+
+    def biases(self) -> list[tuple[str, nn.Module]]:
+        """The modules of this block that own a bias (BitFit trains these)."""
+        return [
+            (name, m)
+            for name, m in self.module.named_modules()
+            if isinstance(getattr(m, "bias", None), nn.Parameter) and not _is_peft(name)
+        ]
+
+    def norms(self) -> list[tuple[str, nn.Module]]:
+        return [(p, self.sub(p)) for p in self.stack.norms]
+
+
+def _is_peft(name: str) -> bool:
+    return "peftlab" in name
+
+
+def find_blocks(model: nn.Module, anatomy: Anatomy) -> list[Block]:
+    """All blocks of the model in order (encoder before decoder), numbered from 0."""
+    lists = {name: m for name, m in model.named_modules() if isinstance(m, nn.ModuleList)}
+    blocks: list[Block] = []
+    for stack in anatomy.stacks:
+        matches = [name for name in lists if name == stack.path or name.endswith("." + stack.path)]
+        if not matches:
+            continue
+        # The shortest match is the backbone's own stack (not a nested list with the same suffix).
+        name = min(matches, key=len)
+        for layer in lists[name]:
+            blocks.append(Block(len(blocks), stack, layer))
+    if not blocks:
+        raise SpecError(f"no transformer blocks found for family '{anatomy.family}'")
+    return blocks
+
+
+def find_suffix(model: nn.Module, suffix: str) -> nn.Module | None:
+    """The shallowest module whose qualified name is ``suffix`` or ends with ``.suffix``."""
+    best: tuple[int, nn.Module] | None = None
+    for name, m in model.named_modules():
+        if name == suffix or name.endswith("." + suffix):
+            depth = name.count(".")
+            if best is None or depth < best[0]:
+                best = (depth, m)
+    return None if best is None else best[1]
+
+
+def find_head(model: nn.Module, anatomy: Anatomy) -> tuple[str, nn.Module] | None:
+    """The newly initialised task head, if the model class has one (LM heads are not task heads)."""
+    for name in anatomy.heads:
+        m = getattr(model, name, None)
+        if isinstance(m, nn.Module):
+            return name, m
+    return None

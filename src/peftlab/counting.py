@@ -1,0 +1,129 @@
+"""Counting parameters the way the survey (Lialin et al.) asks: trainable, stored and changed, never one number.
+
+- trainable: what the optimiser holds (reparameterisation MLPs and gates included);
+- stored: what the saved adapter file holds (prefix key/values, not the MLP that produced them);
+- changed: parameters of the final model that differ from the backbone: the base weights a merged module
+  rewrites, or the parameters an unmergeable module adds.
+
+Percentages are relative to the backbone (the pretrained body, without the new task head). Everything
+works on a model built on the meta device, so a 7B shape is counted without its weights in memory.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+from peftlab.anatomy import find_head
+
+_FIELDS = ("trainable", "stored", "changed")
+
+
+@dataclass
+class Row:
+    trainable: int = 0
+    stored: int = 0
+    changed: int = 0
+
+    def add(self, trainable: int, stored: int, changed: int) -> None:
+        self.trainable += trainable
+        self.stored += stored
+        self.changed += changed
+
+
+@dataclass
+class Counts:
+    backbone_params: int
+    total: Row = field(default_factory=Row)
+    per_kind: dict[str, Row] = field(default_factory=lambda: defaultdict(Row))
+    per_layer: dict[str, Row] = field(default_factory=lambda: defaultdict(Row))
+    method: str | None = None
+
+    def _add(self, kind: str, layer: str, trainable: int, stored: int, changed: int) -> None:
+        self.total.add(trainable, stored, changed)
+        self.per_kind[kind].add(trainable, stored, changed)
+        self.per_layer[layer].add(trainable, stored, changed)
+
+    @property
+    def trainable_params(self) -> int:
+        return self.total.trainable
+
+    @property
+    def stored_params(self) -> int:
+        return self.total.stored
+
+    @property
+    def changed_params(self) -> int:
+        return self.total.changed
+
+    def pct(self, n: int) -> float:
+        return 100.0 * n / self.backbone_params if self.backbone_params else 0.0
+
+    def to_dict(self) -> dict:
+        out: dict = {"method": self.method, "backbone_params": self.backbone_params}
+        for f in _FIELDS:
+            n = getattr(self.total, f)
+            out[f"{f}_params"] = n
+            out[f"{f}_pct"] = round(self.pct(n), 6)
+        out["per_kind"] = {k: asdict(v) for k, v in self.per_kind.items()}
+        out["per_layer"] = {k: asdict(v) for k, v in self.per_layer.items()}
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def table(self) -> str:
+        """A plain-text table: per module kind, per layer, then the totals."""
+
+        def line(name: str, r: Row) -> str:
+            cells = "".join(f"{getattr(r, f):>14,} {self.pct(getattr(r, f)):>8.4f}%" for f in _FIELDS)
+            return f"{name:<16}{cells}"
+
+        head = f"{'':<16}" + "".join(f"{f:>14} {'%':>9}" for f in _FIELDS)
+        rule = "-" * len(head)
+        lines = [f"method: {self.method or '(custom spec)'}   backbone params: {self.backbone_params:,}", head, rule]
+        lines += [line(k, r) for k, r in sorted(self.per_kind.items())]
+        lines.append(rule)
+        lines += [line(f"layer {k}" if k.isdigit() else k, r) for k, r in _layer_order(self.per_layer)]
+        lines.append(rule)
+        lines.append(line("total", self.total))
+        return "\n".join(lines)
+
+
+def _layer_order(rows: dict[str, Row]) -> list[tuple[str, Row]]:
+    return sorted(rows.items(), key=lambda kv: (not kv[0].isdigit(), int(kv[0]) if kv[0].isdigit() else 0, kv[0]))
+
+
+def _numel(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def count(pm, adapter_name: str) -> Counts:
+    """The three counts of one adapter of a PeftModel."""
+    model = pm.base_model
+    head = find_head(model, pm.anatomy)
+    head_ids = {id(p) for p in head[1].parameters()} if head else set()
+    backbone = _numel(p for p in model.parameters() if id(p) not in head_ids)
+    adapter = pm.adapters[adapter_name]
+    spec = adapter.spec
+    c = Counts(backbone_params=backbone, method=spec.method)
+    if spec.full:
+        n = _numel(model.parameters())
+        c._add("full", "model", n, n, n)
+        return c
+    for key, module in adapter.layers.items():
+        layer, _, site = key.partition("-")
+        kind = type(module).__name__.lower()
+        c._add(kind, layer, module.own_numel(), module.stored_numel(), module.changed_numel())
+    for key, shared in adapter.shared.items():
+        n = _numel(shared.parameters())
+        kept = 0 if key == "prefix_pool" else n  # the prefix MLP is discarded on save
+        c._add(type(shared).__name__.lower(), "shared", n, kept, kept)
+    if adapter.head is not None:
+        n = _numel(adapter.head.parameters())
+        c._add("head", "model", n, n, n)
+    if spec.train_embeddings:
+        n = model.get_input_embeddings().weight.numel()
+        c._add("embeddings", "model", n, n, n)
+    return c

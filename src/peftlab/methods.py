@@ -1,0 +1,214 @@
+"""Methods from the literature, each a function that returns a :class:`~peftlab.spec.Spec`.
+
+A method is data, not a code path: everything it does is visible in the spec it returns. Defaults follow
+the papers; where the UniPELT paper (Mao et al. 2022) fixes them they are used: LoRA r=8 on query and
+value, bottleneck 48, prefix length 10.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from peftlab.anatomy import LINEAR_SITES
+from peftlab.errors import SpecError
+from peftlab.modules.bottleneck import AdaMixSettings, AdapterSettings, CompacterSettings
+from peftlab.modules.linear import IA3Settings, KronaSettings, LoraSettings
+from peftlab.modules.prefix import PrefixSettings, PromptSettings
+from peftlab.modules.selective import BitFitSettings, LNSettings
+from peftlab.spec import Spec
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    make: Callable[..., Spec]
+    summary: str
+    paper: str
+
+
+METHODS: dict[str, Method] = {}
+
+_TARGET_LETTERS = {"q": "q", "k": "k", "v": "v", "o": "o"}
+#: linear sites of the FFN, per "all-linear"
+_ALL_LINEAR = ("q", "k", "v", "o", "ffn_gate", "ffn_in", "ffn_out")
+
+
+def method(name: str, summary: str, paper: str) -> Callable[[Callable[..., Spec]], Callable[..., Spec]]:
+    """Register a preset under ``name`` (one registration point per method)."""
+
+    def wrap(fn: Callable[..., Spec]) -> Callable[..., Spec]:
+        def make(*args, **kwargs) -> Spec:
+            spec = fn(*args, **kwargs)
+            spec.method = name
+            return spec
+
+        make.__name__, make.__doc__ = fn.__name__, fn.__doc__
+        METHODS[name] = Method(name, make, summary, paper)
+        return make
+
+    return wrap
+
+
+def parse_targets(targets: str | list[str] | tuple[str, ...]) -> list[str]:
+    """Target linear sites: "qv" (letters), "all-linear", or a list of site names."""
+    if targets == "all-linear":
+        return list(_ALL_LINEAR)
+    if isinstance(targets, str):
+        if all(c in _TARGET_LETTERS for c in targets) and targets:
+            return [_TARGET_LETTERS[c] for c in targets]
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    bad = [t for t in targets if t not in LINEAR_SITES]
+    if bad or not targets:
+        raise SpecError(
+            f"unknown target(s) {', '.join(bad) or '(none)'}; use letters of 'qkvo', 'all-linear' or sites from: "
+            f"{', '.join(LINEAR_SITES)}"
+        )
+    return list(targets)
+
+
+def _every_layer(sites: dict) -> dict:
+    return {"*": sites}
+
+
+@method("lora", "low-rank update W + (alpha/r)·B·A on chosen linears", "Hu et al. 2022")
+def lora(r: int = 8, alpha: float = 16.0, targets: str | list[str] = "qv", rslora: bool = False,
+         dropout: float = 0.0) -> Spec:
+    """LoRA on ``targets`` of every layer (r=8 on query and value by default, scaling alpha/r = 2)."""
+    s = LoraSettings(r=r, alpha=alpha, rslora=rslora, dropout=dropout)
+    s.check_at("lora")
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("dora", "LoRA with a separately trained magnitude per output", "Liu et al. 2024")
+def dora(r: int = 8, alpha: float = 16.0, targets: str | list[str] = "qv", rslora: bool = False) -> Spec:
+    s = LoraSettings(r=r, alpha=alpha, rslora=rslora, dora=True)
+    s.check_at("dora")
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+def _adapter(size: int, scaling: float = 1.0, activation: str = "relu") -> AdapterSettings:
+    s = AdapterSettings(size=size, scaling=scaling, activation=activation)
+    s.check_at("adapter")
+    return s
+
+
+@method("houlsby", "serial adapters after attention and after the FFN", "Houlsby et al. 2019")
+def houlsby(size: int = 48, activation: str = "relu") -> Spec:
+    a = _adapter(size, activation=activation)
+    return Spec(layers=_every_layer({"after_attn": a, "after_ffn": a}))
+
+
+@method("pfeiffer", "one serial adapter after the FFN", "Pfeiffer et al. 2021")
+def pfeiffer(size: int = 48, activation: str = "relu") -> Spec:
+    return Spec(layers=_every_layer({"after_ffn": _adapter(size, activation=activation)}))
+
+
+@method("parallel", "scaled parallel adapter beside the FFN", "He et al. 2022")
+def parallel(size: int = 512, scaling: float = 4.0) -> Spec:
+    return Spec(layers=_every_layer({"beside_ffn": _adapter(size, scaling=scaling)}))
+
+
+def _prefix(length: int, hidden: int) -> PrefixSettings:
+    s = PrefixSettings(length=length, hidden=hidden)
+    s.check_at("prefix")
+    return s
+
+
+@method("prefix", "MLP-reparameterised prefix keys/values in every layer", "Li & Liang 2021")
+def prefix(length: int = 10, hidden: int = 512, layers: list[int] | None = None) -> Spec:
+    """Prefix tuning; ``layers`` restricts it to some layers (default: all)."""
+    p = _prefix(length, hidden)
+    if layers is None:
+        return Spec(layers=_every_layer({"attn": p}))
+    return Spec(layers={str(i): {"attn": p} for i in layers})
+
+
+@method("prompt", "soft prompt prepended to the input embeddings", "Lester et al. 2021")
+def prompt(length: int = 20, init: str = "vocab") -> Spec:
+    s = PromptSettings(length=length, init=init)
+    s.check_at("prompt")
+    return Spec(model={"input": s})
+
+
+@method("ia3", "learned rescaling of keys, values and FFN activations", "Liu et al. 2022")
+def ia3(targets: str | list[str] = ("k", "v", "ffn_out")) -> Spec:
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), IA3Settings())))
+
+
+@method("bitfit", "train only the bias terms", "Ben Zaken et al. 2022")
+def bitfit() -> Spec:
+    return Spec(layers=_every_layer({"bias": BitFitSettings()}))
+
+
+@method("ln", "train only the LayerNorm gains and biases", "Zhao et al. 2023")
+def ln() -> Spec:
+    n = LNSettings()
+    return Spec(layers=_every_layer({"norm": n}), model={"embed_norm": n, "final_norm": n})
+
+
+@method("krona", "Kronecker-product update A ⊗ B on chosen linears", "Edalati et al. 2022")
+def krona(targets: str | list[str] = "qv", scale: float = 1.0) -> Spec:
+    s = KronaSettings(scale=scale)
+    s.check_at("krona")
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+def _compacter(size: int, n: int, rank: int) -> CompacterSettings:
+    s = CompacterSettings(size=size, n=n, rank=rank)
+    s.check_at("compacter")
+    return s
+
+
+@method("compacter", "Kronecker/low-rank adapters after attention and FFN", "Karimi Mahabadi et al. 2021")
+def compacter(size: int = 48, n: int = 4, rank: int = 1) -> Spec:
+    c = _compacter(size, n, rank)
+    return Spec(layers=_every_layer({"after_attn": c, "after_ffn": c}))
+
+
+@method("compacter++", "one Compacter adapter after the FFN", "Karimi Mahabadi et al. 2021")
+def compacter_pp(size: int = 48, n: int = 4, rank: int = 1) -> Spec:
+    return Spec(layers=_every_layer({"after_ffn": _compacter(size, n, rank)}))
+
+
+@method("adamix", "mixture of adapter experts, averaged for inference", "Wang et al. 2022")
+def adamix(size: int = 16, experts: int = 4) -> Spec:
+    s = AdaMixSettings(size=size, experts=experts)
+    s.check_at("adamix")
+    return Spec(layers=_every_layer({"after_ffn": s}))
+
+
+@method("mam", "parallel adapter beside the FFN + prefix tuning", "He et al. 2022")
+def mam(size: int = 512, scaling: float = 4.0, prefix_length: int = 30, prefix_hidden: int = 512) -> Spec:
+    return Spec(layers=_every_layer({"beside_ffn": _adapter(size, scaling=scaling),
+                                     "attn": _prefix(prefix_length, prefix_hidden)}))
+
+
+@method("unipelt", "gated adapter + prefix + LoRA", "Mao et al. 2022")
+def unipelt(size: int = 48, prefix_length: int = 10, prefix_hidden: int = 512, r: int = 8,
+            alpha: float = 16.0) -> Spec:
+    """Each submodule gated per layer; the LoRA gate replaces its fixed scaling."""
+    lo = LoraSettings(r=r, alpha=alpha)
+    lo.check_at("lora")
+    sites = {"after_ffn": _adapter(size), "attn": _prefix(prefix_length, prefix_hidden), "q": lo, "v": lo}
+    return Spec(layers=_every_layer(sites), gates=True)
+
+
+@method("full", "full fine-tuning (baseline)", "")
+def full() -> Spec:
+    return Spec(full=True)
+
+
+@method("head", "train only the task head (baseline)", "")
+def head() -> Spec:
+    return Spec()
+
+
+def get(name: str, **kwargs) -> Spec:
+    """The spec of a method by name, with a clear error for unknown names or arguments."""
+    if name not in METHODS:
+        raise SpecError(f"unknown method '{name}'; methods are: {', '.join(METHODS)}")
+    try:
+        return METHODS[name].make(**kwargs)
+    except TypeError as e:
+        raise SpecError(f"method '{name}': {e}") from None

@@ -1,0 +1,236 @@
+"""Bottleneck modules: the adapter (Houlsby / Pfeiffer / parallel), Compacter and AdaMix.
+
+All three are a down projection, a non-linearity and an up projection that starts at zero, so the model
+is unchanged at init. Where they sit is the site's business, not the module's: at ``after_attn`` /
+``after_ffn`` they act in series on a sub-layer's output (y + s·f(y)); at ``beside_ffn`` they act in
+parallel with the FFN (y_ffn + s·f(x_ffn), He et al. 2022).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.errors import SpecError
+from peftlab.modules.base import (
+    BuildContext,
+    Gate,
+    PeftModule,
+    Settings,
+    need_choice,
+    need_float,
+    need_int,
+    register,
+)
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+
+
+class BottleneckModule(PeftModule):
+    """Placement and gating shared by every bottleneck kind; subclasses define ``transform``."""
+
+    def __init__(self, ctx: BuildContext, scaling: float) -> None:
+        super().__init__(ctx)
+        self.parallel = ctx.site == "beside_ffn"
+        self.scaling = scaling
+        self.gate = Gate(ctx.dims.hidden, ctx.device, ctx.dtype) if ctx.gated else None
+        self._captured: torch.Tensor | None = None
+
+    def attach(self, ctx: BuildContext) -> None:
+        block = ctx.block
+        out_host = block.sub(block.stack.serial["after_ffn" if self.parallel else ctx.site])
+        if self.parallel:
+            ctx.hooks.add(block.sub(block.stack.ffn), "pre", self, self._capture)
+        ctx.hooks.add(out_host, "post", self, self._post)
+
+    def _capture(self, x: torch.Tensor) -> torch.Tensor:
+        self._captured = x
+        return x
+
+    def _post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.parallel:
+            inp, self._captured = self._captured, None
+        else:
+            inp = y
+        out = self.transform(inp) * self.scaling
+        if self.gate is not None:
+            out = out * self.gate(inp)
+        return y + out.to(y.dtype)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _check_bottleneck(size: int, activation: str, scaling: float) -> None:
+    need_int("size", size, 1, 65536)
+    need_choice("activation", activation, tuple(ACTIVATIONS))
+    need_float("scaling", scaling, 0.0, low_open=True)
+
+
+@register
+@dataclass
+class AdapterSettings(Settings):
+    """A bottleneck adapter (Houlsby et al. 2019); ``scaling`` is the scaled parallel adapter's s."""
+
+    kind = "adapter"
+    roles = frozenset({"serial", "parallel"})
+    gateable = True
+
+    size: int = 48
+    activation: str = "relu"
+    scaling: float = 1.0
+
+    def check(self) -> None:
+        _check_bottleneck(self.size, self.activation, self.scaling)
+
+    def build(self, ctx: BuildContext) -> PeftModule:
+        return Adapter(ctx, self)
+
+
+class Adapter(BottleneckModule):
+    def __init__(self, ctx: BuildContext, s: AdapterSettings) -> None:
+        super().__init__(ctx, s.scaling)
+        kw = {"device": ctx.device, "dtype": ctx.dtype}
+        self.down = nn.Linear(ctx.dims.hidden, s.size, **kw)
+        self.up = nn.Linear(s.size, ctx.dims.hidden, **kw)
+        self.act = ACTIVATIONS[s.activation]
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.down.weight.dtype)
+        return self.up(self.act(self.down(x)))
+
+
+@register
+@dataclass
+class CompacterSettings(Settings):
+    """Compacter (Karimi Mahabadi et al. 2021): adapter weights as sums of Kronecker products
+    A_i ⊗ (s_i t_i^T); the n×n rules A_i are shared by all layers of one adapter."""
+
+    kind = "compacter"
+    roles = frozenset({"serial", "parallel"})
+
+    size: int = 48
+    n: int = 4
+    rank: int = 1
+    activation: str = "relu"
+    scaling: float = 1.0
+
+    def check(self) -> None:
+        _check_bottleneck(self.size, self.activation, self.scaling)
+        need_int("n", self.n, 1, 64)
+        need_int("rank", self.rank, 1)
+        if self.size % self.n:
+            raise SpecError(f"size ({self.size}) must be divisible by n ({self.n})")
+
+    def build(self, ctx: BuildContext) -> PeftModule:
+        if ctx.dims.hidden % self.n:
+            raise SpecError(f"compacter n={self.n} must divide the hidden size {ctx.dims.hidden}")
+        return Compacter(ctx, self)
+
+
+class PHMRule(nn.Module):
+    """The shared n×n×n Kronecker rules of one adapter (counted once)."""
+
+    def __init__(self, n: int, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.rule = nn.Parameter(torch.empty(n, n, n, device=device, dtype=dtype))
+        if device.type != "meta":
+            nn.init.normal_(self.rule, std=1.0 / n)
+
+
+class PHMLinear(nn.Module):
+    """A low-rank parameterised hypercomplex multiplication layer (LPHM)."""
+
+    def __init__(self, rule: PHMRule, n: int, d_in: int, d_out: int, rank: int, zero: bool, kw: dict) -> None:
+        super().__init__()
+        self._rule = (rule,)  # shared: not a submodule, so it is stored and counted once
+        self.s = nn.Parameter(torch.empty(n, d_in // n, rank, **kw))
+        self.t = nn.Parameter(torch.empty(n, rank, d_out // n, **kw))
+        self.bias = nn.Parameter(torch.zeros(d_out, **kw))
+        if kw["device"].type != "meta":
+            std = math.sqrt(2.0 / (d_in + d_out))
+            nn.init.normal_(self.s, std=std)
+            nn.init.normal_(self.t, std=0.0 if zero else std)
+
+    def weight(self) -> torch.Tensor:
+        a = self._rule[0].rule  # (n, n, n)
+        b = self.s @ self.t  # (n, d_in/n, d_out/n)
+        n, c, d = b.shape
+        return torch.einsum("iab,icd->acbd", a, b).reshape(n * c, n * d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight() + self.bias
+
+
+class Compacter(BottleneckModule):
+    def __init__(self, ctx: BuildContext, s: CompacterSettings) -> None:
+        super().__init__(ctx, s.scaling)
+        kw = {"device": ctx.device, "dtype": ctx.dtype}
+        rules = []
+        for part in ("down", "up"):
+            key = f"phm_{part}_n{s.n}"
+            if key not in ctx.shared:
+                ctx.shared[key] = PHMRule(s.n, ctx.device, ctx.dtype)
+            rules.append(ctx.shared[key])
+        self.down = PHMLinear(rules[0], s.n, ctx.dims.hidden, s.size, s.rank, zero=False, kw=kw)
+        self.up = PHMLinear(rules[1], s.n, s.size, ctx.dims.hidden, s.rank, zero=True, kw=kw)
+        self.act = ACTIVATIONS[s.activation]
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.down.s.dtype)
+        return self.up(self.act(self.down(x)))
+
+
+@register
+@dataclass
+class AdaMixSettings(Settings):
+    """AdaMix (Wang et al. 2022): a mixture of adapter experts; training routes each forward pass through
+    a random down and a random up expert, inference uses the experts' averaged weights."""
+
+    kind = "adamix"
+    roles = frozenset({"serial", "parallel"})
+
+    size: int = 16
+    experts: int = 4
+    activation: str = "relu"
+    scaling: float = 1.0
+
+    def check(self) -> None:
+        _check_bottleneck(self.size, self.activation, self.scaling)
+        need_int("experts", self.experts, 1, 64)
+
+    def build(self, ctx: BuildContext) -> PeftModule:
+        return AdaMix(ctx, self)
+
+
+class AdaMix(BottleneckModule):
+    def __init__(self, ctx: BuildContext, s: AdaMixSettings) -> None:
+        super().__init__(ctx, s.scaling)
+        kw = {"device": ctx.device, "dtype": ctx.dtype}
+        h = ctx.dims.hidden
+        self.down_w = nn.Parameter(torch.empty(s.experts, s.size, h, **kw))
+        self.down_b = nn.Parameter(torch.zeros(s.experts, s.size, **kw))
+        self.up_w = nn.Parameter(torch.zeros(s.experts, h, s.size, **kw))
+        self.up_b = nn.Parameter(torch.zeros(s.experts, h, **kw))
+        if ctx.device.type != "meta":
+            for e in range(s.experts):
+                nn.init.kaiming_uniform_(self.down_w[e], a=math.sqrt(5))
+        self.act = ACTIVATIONS[s.activation]
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.down_w.dtype)
+        if self.training:
+            experts = self.down_w.shape[0]
+            i = int(torch.randint(experts, ()).item())
+            j = int(torch.randint(experts, ()).item())
+            dw, db, uw, ub = self.down_w[i], self.down_b[i], self.up_w[j], self.up_b[j]
+        else:
+            dw, db = self.down_w.mean(0), self.down_b.mean(0)
+            uw, ub = self.up_w.mean(0), self.up_b.mean(0)
+        return F.linear(self.act(F.linear(x, dw, db)), uw, ub)

@@ -1,0 +1,284 @@
+"""Modules that reparameterise one weight matrix: LoRA / DoRA, (IA)3 and KronA.
+
+They share one contract (:class:`LinearModule`): an output delta computed from the site input, padded
+into the host output when the site is a slice of a fused projection, and a weight delta for merging.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftlab.anatomy import LinearRef
+from peftlab.errors import SpecError
+from peftlab.modules.base import (
+    BuildContext,
+    Gate,
+    PeftModule,
+    Settings,
+    need_float,
+    need_int,
+    register,
+)
+
+
+def pad_to_host(delta: torch.Tensor, ref: LinearRef) -> torch.Tensor:
+    """Place a site-sized output delta into the (possibly fused) host output."""
+    if ref.out_slice is None:
+        return delta
+    return F.pad(delta, (ref.out_slice.start, ref.total_out - ref.out_slice.stop))
+
+
+class LinearModule(PeftModule):
+    """Base of modules at a linear site. Subclasses define ``output_delta`` and ``weight_delta``."""
+
+    def __init__(self, ctx: BuildContext) -> None:
+        super().__init__(ctx)
+        assert ctx.linear is not None
+        self._ref = ctx.linear  # not a submodule: the host belongs to the backbone
+
+    @property
+    def ref(self) -> LinearRef:
+        return self._ref
+
+    def attach(self, ctx: BuildContext) -> None:
+        ctx.hooks.add(self.ref.module, "post", self, self._post)
+
+    def _post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y + pad_to_host(self.output_delta(x, y), self.ref)
+
+    def output_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight_delta(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def mergeable(self) -> bool:
+        return True
+
+    def merge(self) -> None:
+        with torch.no_grad():
+            self.ref.weight.add_(self.weight_delta().to(self.ref.weight.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        with torch.no_grad():
+            self.ref.weight.sub_(self.weight_delta().to(self.ref.weight.dtype))
+        self.merged = False
+
+    def changed_numel(self) -> int:
+        return self.ref.weight.numel()
+
+
+@register
+@dataclass
+class LoraSettings(Settings):
+    """LoRA (Hu et al.): W + s·B·A with s = alpha/r (or alpha/sqrt(r) with rsLoRA); DoRA decouples magnitude."""
+
+    kind = "lora"
+    roles = frozenset({"linear"})
+    mergeable = True
+    gateable = True
+
+    r: int = 8
+    alpha: float = 16.0
+    rslora: bool = False
+    dropout: float = 0.0
+    dora: bool = False
+
+    def check(self) -> None:
+        need_int("r", self.r, 1, 4096)
+        need_float("alpha", self.alpha, 0.0, low_open=True)
+        need_float("dropout", self.dropout, 0.0, 0.99)
+        if not isinstance(self.rslora, bool) or not isinstance(self.dora, bool):
+            raise SpecError("rslora and dora must be true or false")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    def build(self, ctx: BuildContext) -> PeftModule:
+        return LoRA(ctx, self)
+
+
+class LoRA(LinearModule):
+    """Low-rank update; B starts at zero so the model is unchanged at init. With a gate (UniPELT) the
+    fixed scaling is replaced by the gate's output."""
+
+    def __init__(self, ctx: BuildContext, s: LoraSettings) -> None:
+        super().__init__(ctx)
+        ref = ctx.linear
+        kw = {"device": ctx.device, "dtype": ctx.dtype}
+        self.lora_A = nn.Parameter(torch.empty(s.r, ref.in_features, **kw))
+        self.lora_B = nn.Parameter(torch.zeros(ref.out_features, s.r, **kw))
+        if ctx.device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scaling = s.scaling
+        self.dropout = nn.Dropout(s.dropout) if s.dropout > 0 else nn.Identity()
+        self.gate = Gate(ref.in_features, ctx.device, ctx.dtype) if ctx.gated else None
+        self.magnitude = None
+        if s.dora:
+            w = ref.weight.detach()
+            init = w.norm(dim=1) if ctx.device.type != "meta" else torch.empty(w.shape[0], device="meta")
+            self.magnitude = nn.Parameter(init.to(**kw))
+
+    def _scale(self, x: torch.Tensor) -> torch.Tensor | float:
+        return self.gate(x) if self.gate is not None else self.scaling
+
+    def output_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.dtype)
+        lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self._scale(x)
+        if self.magnitude is None:
+            return lora.to(y.dtype)
+        # DoRA (Liu et al. 2024): m * (W + dW) / ||W + dW||, the norm detached as in the paper (sec. 4.3).
+        weight = self.ref.weight
+        norm = (weight + self.scaling * (self.lora_B @ self.lora_A)).norm(dim=1).detach()
+        factor = self.magnitude / norm
+        base = y if self.ref.out_slice is None else y[..., self.ref.out_slice]
+        bias = self.ref.bias
+        if bias is not None:
+            base = base - bias
+        return ((factor - 1) * base + factor * lora).to(y.dtype)
+
+    @property
+    def mergeable(self) -> bool:
+        return self.gate is None
+
+    def weight_delta(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def merge(self) -> None:
+        if self.magnitude is None:
+            return super().merge()
+        with torch.no_grad():
+            w = self.ref.weight
+            merged = w + self.weight_delta()
+            self._dora_norm = merged.norm(dim=1)
+            w.copy_((merged * (self.magnitude / self._dora_norm)[:, None]).to(w.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if self.magnitude is None:
+            return super().unmerge()
+        with torch.no_grad():
+            w = self.ref.weight
+            factor = self.magnitude / self._dora_norm
+            w.copy_((w / factor[:, None] - self.weight_delta()).to(w.dtype))
+        self.merged = False
+
+
+@register
+@dataclass
+class IA3Settings(Settings):
+    """(IA)3 (Liu et al. 2022): a learned vector rescales the site's output (k, v) or, at ``ffn_out``,
+    its input (the FFN's inner activations)."""
+
+    kind = "ia3"
+    roles = frozenset({"linear"})
+    mergeable = True
+
+    def build(self, ctx: BuildContext) -> PeftModule:
+        return IA3(ctx)
+
+
+class IA3(LinearModule):
+    def __init__(self, ctx: BuildContext) -> None:
+        super().__init__(ctx)
+        self.on_input = ctx.site == "ffn_out"
+        n = ctx.linear.in_features if self.on_input else ctx.linear.out_features
+        self.ia3_l = nn.Parameter(torch.ones(n, device=ctx.device, dtype=ctx.dtype))
+
+    def attach(self, ctx: BuildContext) -> None:
+        if self.on_input:
+            ctx.hooks.add(self.ref.module, "pre", self, lambda x: x * self.ia3_l.to(x.dtype))
+        else:
+            ctx.hooks.add(self.ref.module, "post", self, self._post)
+
+    def output_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        base = y if self.ref.out_slice is None else y[..., self.ref.out_slice]
+        return base * (self.ia3_l.to(y.dtype) - 1)
+
+    def _factor(self) -> torch.Tensor:
+        return self.ia3_l[None, :] if self.on_input else self.ia3_l[:, None]
+
+    def merge(self) -> None:
+        with torch.no_grad():
+            self.ref.weight.mul_(self._factor().to(self.ref.weight.dtype))
+            if not self.on_input and self.ref.bias is not None:
+                self.ref.bias.mul_(self.ia3_l.to(self.ref.bias.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        with torch.no_grad():
+            self.ref.weight.div_(self._factor().to(self.ref.weight.dtype))
+            if not self.on_input and self.ref.bias is not None:
+                self.ref.bias.div_(self.ia3_l.to(self.ref.bias.dtype))
+        self.merged = False
+
+
+def _near_sqrt_divisor(n: int) -> int:
+    """The largest divisor of n not above sqrt(n): balanced Kronecker factors."""
+    best = 1
+    for d in range(1, int(math.isqrt(n)) + 1):
+        if n % d == 0:
+            best = d
+    return best
+
+
+@register
+@dataclass
+class KronaSettings(Settings):
+    """KronA (Edalati et al. 2022): dW = s·(A ⊗ B), full rank for few parameters. ``a_out``/``a_in`` fix
+    A's shape (0 picks balanced factors of the weight's sides)."""
+
+    kind = "krona"
+    roles = frozenset({"linear"})
+    mergeable = True
+
+    a_out: int = 0
+    a_in: int = 0
+    scale: float = 1.0
+
+    def check(self) -> None:
+        need_int("a_out", self.a_out, 0)
+        need_int("a_in", self.a_in, 0)
+        need_float("scale", self.scale, 0.0, low_open=True)
+
+    def build(self, ctx: BuildContext) -> PeftModule:
+        out_f, in_f = ctx.linear.out_features, ctx.linear.in_features
+        a_out = self.a_out or _near_sqrt_divisor(out_f)
+        a_in = self.a_in or _near_sqrt_divisor(in_f)
+        if out_f % a_out or in_f % a_in:
+            raise SpecError(
+                f"layer site {ctx.site}: krona a_out={a_out}, a_in={a_in} must divide the weight's shape "
+                f"({out_f} x {in_f})"
+            )
+        return KronA(ctx, a_out, a_in, self.scale)
+
+
+class KronA(LinearModule):
+    def __init__(self, ctx: BuildContext, a_out: int, a_in: int, scale: float) -> None:
+        super().__init__(ctx)
+        kw = {"device": ctx.device, "dtype": ctx.dtype}
+        b_out, b_in = ctx.linear.out_features // a_out, ctx.linear.in_features // a_in
+        self.krona_A = nn.Parameter(torch.empty(a_out, a_in, **kw))
+        self.krona_B = nn.Parameter(torch.zeros(b_out, b_in, **kw))
+        if ctx.device.type != "meta":
+            nn.init.kaiming_uniform_(self.krona_A, a=math.sqrt(5))
+        self.scale = scale
+
+    def output_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # (A ⊗ B) x without materialising the Kronecker product: x viewed as (a_in, b_in).
+        a_out, a_in = self.krona_A.shape
+        b_out, b_in = self.krona_B.shape
+        xr = x.to(self.krona_A.dtype).reshape(*x.shape[:-1], a_in, b_in)
+        out = torch.einsum("ik,jl,...kl->...ij", self.krona_A, self.krona_B, xr)
+        return (self.scale * out.reshape(*x.shape[:-1], a_out * b_out)).to(y.dtype)
+
+    def weight_delta(self) -> torch.Tensor:
+        return self.scale * torch.kron(self.krona_A, self.krona_B)

@@ -1,0 +1,252 @@
+"""Soft prompts and prefixes: prompt tuning on the input, prefix tuning inside attention.
+
+Prefix key/values reach attention through a registered attention function (transformers'
+``AttentionInterface``): it prepends the prefixes of the layers that have them and extends the mask
+(and T5's position bias), then runs SDPA. Layers without a prefix run unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, PretrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from peftlab.errors import SpecError
+from peftlab.hooks import PREFIX_ATTR
+from peftlab.modules.base import BuildContext, Gate, PeftModule, Settings, need_choice, need_int, register
+
+ATTN_NAME = "peftlab"
+_ORIGINAL_ATTR = "_peftlab_original_attn"
+
+
+@register
+@dataclass
+class PrefixSettings(Settings):
+    """Prefix tuning (Li & Liang 2021): ``length`` trainable key/value vectors per layer, produced during
+    training by an MLP (``hidden`` wide, shared by the layers of one adapter) that is dropped on save."""
+
+    kind = "prefix"
+    roles = frozenset({"prefix"})
+    gateable = True
+
+    length: int = 10
+    hidden: int = 512
+    reparam: bool = True
+
+    def check(self) -> None:
+        need_int("length", self.length, 1, 4096)
+        need_int("hidden", self.hidden, 1, 65536)
+        if not isinstance(self.reparam, bool):
+            raise SpecError("reparam must be true or false")
+
+    def build(self, ctx: BuildContext) -> PeftModule:
+        return Prefix(ctx, self)
+
+
+class PrefixPool(nn.Module):
+    """The shared part of the reparameterisation: prefix token embeddings and the down projection."""
+
+    def __init__(self, length: int, dims_hidden: int, mid: int, device: torch.device, dtype: torch.dtype):
+        super().__init__()
+        self.embedding = nn.Parameter(torch.empty(length, dims_hidden, device=device, dtype=dtype))
+        self.down = nn.Linear(dims_hidden, mid, device=device, dtype=dtype)
+        if device.type != "meta":
+            nn.init.normal_(self.embedding, std=0.02)
+
+    def forward(self, length: int) -> torch.Tensor:
+        return torch.tanh(self.down(self.embedding[:length]))
+
+
+class Prefix(PeftModule):
+    def __init__(self, ctx: BuildContext, s: PrefixSettings) -> None:
+        super().__init__(ctx)
+        d = ctx.dims
+        kw = {"device": ctx.device, "dtype": ctx.dtype}
+        self.length, self.kv_heads, self.head_dim = s.length, d.kv_heads, d.head_dim
+        self.reparam = s.reparam
+        if s.reparam:
+            key = "prefix_pool"
+            if key not in ctx.shared:
+                ctx.shared[key] = PrefixPool(ctx.extra["prefix_max_length"], d.hidden, s.hidden, **kw)
+            self._pool = (ctx.shared[key],)
+            self.up = nn.Linear(s.hidden, 2 * d.kv_dim, **kw)
+        else:
+            self.kv = nn.Parameter(torch.zeros(2, d.kv_heads, s.length, d.head_dim, **kw))
+            if ctx.device.type != "meta":
+                nn.init.normal_(self.kv, std=0.02)
+        self.gate = Gate(d.hidden, ctx.device, ctx.dtype) if ctx.gated else None
+        self._gate_input: torch.Tensor | None = None
+
+    def attach(self, ctx: BuildContext) -> None:
+        host = ctx.block.sub(ctx.block.stack.attention)
+        ctx.hooks.add(host, "prefix", self, self.key_values)
+        if self.gate is not None:
+            ctx.hooks.add(host, "pre", self, self._capture)
+
+    def _capture(self, x: torch.Tensor) -> torch.Tensor:
+        self._gate_input = x
+        return x
+
+    def prefix_kv(self) -> torch.Tensor:
+        """(2, kv_heads, length, head_dim): what inference needs and ``save`` stores."""
+        if not self.reparam:
+            return self.kv
+        h = self._pool[0](self.length)
+        kv = self.up(h).view(self.length, 2, self.kv_heads, self.head_dim)
+        return kv.permute(1, 2, 0, 3)
+
+    def key_values(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = self.prefix_kv().to(dtype).unsqueeze(1).expand(-1, batch, -1, -1, -1)
+        k, v = kv[0], kv[1]
+        if self.gate is not None:
+            g = self.gate(self._gate_input).to(dtype).view(batch, 1, 1, 1)
+            self._gate_input = None
+            k, v = k * g, v * g
+        return k, v
+
+    def stored_numel(self) -> int:
+        gate = sum(p.numel() for p in self.gate.parameters()) if self.gate is not None else 0
+        return 2 * self.kv_heads * self.length * self.head_dim + gate
+
+    def stored_state(self) -> dict[str, torch.Tensor]:
+        state = {"kv": self.prefix_kv().detach()}
+        if self.gate is not None:
+            state |= {f"gate.{k}": v.detach() for k, v in self.gate.state_dict().items()}
+        return state
+
+
+def _extend_mask(mask: torch.Tensor | None, module: nn.Module, q_len: int, kv_len: int, extra: int,
+                 device: torch.device) -> torch.Tensor:
+    """The mask with ``extra`` always-visible prefix columns in front of the keys."""
+    if mask is None:
+        if getattr(module, "is_causal", False) and q_len > 1:
+            rows = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
+            mask = (torch.arange(kv_len, device=device)[None, :] <= rows)[None, None]
+        else:
+            mask = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device)
+    pad_value = True if mask.dtype == torch.bool else 0.0
+    pad = torch.full((*mask.shape[:-1], extra), pad_value, dtype=mask.dtype, device=mask.device)
+    return torch.cat([pad, mask], dim=-1)
+
+
+def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, **kwargs: Any):
+    """SDPA attention that first prepends the prefix key/values of the layers that have them."""
+    prefixes = getattr(module, PREFIX_ATTR, None)
+    if prefixes:
+        batch, kv_len = query.shape[0], key.shape[2]
+        pairs = [fn(batch, key.dtype) for fn in prefixes]
+        extra = sum(k.shape[2] for k, _ in pairs)
+        key = torch.cat([*(k for k, _ in pairs), key], dim=2)
+        value = torch.cat([*(v for _, v in pairs), value], dim=2)
+        attention_mask = _extend_mask(attention_mask, module, query.shape[2], kv_len, extra, query.device)
+        bias = kwargs.get("position_bias")
+        if bias is not None:
+            kwargs["position_bias"] = torch.nn.functional.pad(bias, (extra, 0))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _full_mask(*args: Any, **kwargs: Any):
+    """SDPA's mask, never skipped: prefix columns must always be added to a real mask."""
+    kwargs["allow_is_causal_skip"] = False
+    kwargs["allow_is_bidirectional_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+AttentionInterface.register(ATTN_NAME, prefix_attention)
+AttentionMaskInterface.register(ATTN_NAME, _full_mask)
+
+
+def _configs(model: nn.Module) -> list[PretrainedConfig]:
+    seen: dict[int, PretrainedConfig] = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if isinstance(cfg, PretrainedConfig):
+            seen[id(cfg)] = cfg
+    return list(seen.values())
+
+
+def use_prefix_attention(model: nn.Module, on: bool) -> None:
+    """Route the model's attention through :func:`prefix_attention` (or back to what it was)."""
+    for cfg in _configs(model):
+        current = cfg._attn_implementation
+        if on and current != ATTN_NAME:
+            if current not in ("sdpa", "eager", None):
+                raise SpecError(
+                    f"prefix tuning needs attn_implementation 'sdpa' or 'eager', this model uses '{current}'"
+                )
+            setattr(cfg, _ORIGINAL_ATTR, current)
+            cfg._attn_implementation_internal = ATTN_NAME
+        elif not on and current == ATTN_NAME:
+            cfg._attn_implementation_internal = getattr(cfg, _ORIGINAL_ATTR, "sdpa")
+
+
+@register
+@dataclass
+class PromptSettings(Settings):
+    """Prompt tuning (Lester et al. 2021): ``length`` trainable vectors prepended to the input embeddings;
+    ``init`` 'vocab' copies randomly drawn token embeddings, 'random' draws them from N(0, 0.02)."""
+
+    kind = "prompt"
+    roles = frozenset({"prompt"})
+
+    length: int = 20
+    init: str = "vocab"
+
+    def check(self) -> None:
+        need_int("length", self.length, 1, 4096)
+        need_choice("init", self.init, ("vocab", "random"))
+
+    def build(self, ctx: BuildContext) -> PeftModule:
+        return Prompt(ctx, self)
+
+
+class Prompt(PeftModule):
+    """Prepends the prompt to ``inputs_embeds`` and extends the attention mask, token types and, for
+    decoder language modelling, the labels (with -100) so that every model class keeps working."""
+
+    def __init__(self, ctx: BuildContext, s: PromptSettings) -> None:
+        super().__init__(ctx)
+        emb = ctx.model.get_input_embeddings()
+        self.prompt = nn.Parameter(torch.empty(s.length, ctx.dims.hidden, device=ctx.device, dtype=ctx.dtype))
+        if ctx.device.type != "meta":
+            if s.init == "vocab":
+                ids = torch.randint(emb.weight.shape[0], (s.length,))
+                self.prompt.data.copy_(emb.weight.detach()[ids.to(emb.weight.device)].to(ctx.dtype))
+            else:
+                nn.init.normal_(self.prompt, std=0.02)
+        self._embed = (emb,)
+        self._signature = inspect.signature(ctx.model.forward)
+        self._enc_dec = bool(getattr(ctx.model.config, "is_encoder_decoder", False))
+
+    def attach(self, ctx: BuildContext) -> None:
+        ctx.hooks.add(ctx.model, "kwargs", self, self._prepend)
+
+    def _prepend(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        kw = dict(self._signature.bind_partial(*args, **kwargs).arguments)
+        kw |= kw.pop("kwargs", {})
+        input_ids = kw.pop("input_ids", None)
+        embeds = kw.get("inputs_embeds")
+        if embeds is None:
+            embeds = self._embed[0](input_ids)
+        batch, length = embeds.shape[:2]
+        p = self.prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        kw["inputs_embeds"] = torch.cat([p, embeds], dim=1)
+        n = self.prompt.shape[0]
+        mask = kw.get("attention_mask")
+        if mask is not None:
+            kw["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        types = kw.get("token_type_ids")
+        if types is not None:
+            kw["token_type_ids"] = torch.cat([types.new_zeros(batch, n), types], dim=1)
+        kw.pop("position_ids", None)
+        labels = kw.get("labels")
+        if labels is not None and not self._enc_dec and labels.dim() == 2 and labels.shape[1] == length:
+            kw["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
+        return (), kw

