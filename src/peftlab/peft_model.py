@@ -118,14 +118,14 @@ class PeftModel(nn.Module):
         adapter = Adapter(name, spec)
         try:
             self._build(adapter, spec)
+            if not spec.full and not any(True for _ in adapter.parameters()):
+                raise SpecError(
+                    f"the spec trains nothing on this model: {type(self.base_model).__name__} has no task head "
+                    "and the spec places no module; add modules or use a model class with a task head"
+                )
         except Exception:
             self.hooks.remove_owner_adapter(name)
             raise
-        if not spec.full and not any(True for _ in adapter.parameters()):
-            raise SpecError(
-                f"the spec trains nothing on this model: {type(self.base_model).__name__} has no task head and the "
-                "spec places no module; add modules or use a model class with a task head"
-            )
         self.adapters[name] = adapter
         if spec.full:
             self._full_tuned = True
