@@ -84,6 +84,7 @@ class PeftModel(nn.Module):
             p.requires_grad_(False)
         # Trainer and other tools inspect forward's signature: show the backbone's.
         self.forward = functools.wraps(model.forward)(functools.partial(_call, model))
+        self.train(model.training)
         self.add_adapter(adapter_name, spec)
         self.set_adapter(adapter_name)
 
@@ -126,6 +127,7 @@ class PeftModel(nn.Module):
         except Exception:
             self.hooks.remove_owner_adapter(name)
             raise
+        adapter.train(self.base_model.training)  # follow the backbone's mode (dropout, AdaMix routing)
         self.adapters[name] = adapter
         if spec.full:
             self._full_tuned = True

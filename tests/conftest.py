@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random-init backbones of every family and a batch for each."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import peftlab
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+#: (shape, model class) pairs covering every family and every model class peftlab supports.
+BACKBONES = [
+    ("tiny-bert", "seq-cls"),
+    ("tiny-roberta", "seq-cls"),
+    ("tiny-llama", "seq-cls"),
+    ("tiny-llama", "causal-lm"),
+    ("tiny-qwen2", "seq-cls"),
+    ("tiny-gpt2", "causal-lm"),
+    ("tiny-t5", "seq2seq"),
+]
+
+
+def make_model(shape: str, head: str, seed: int = 0):
+    return peftlab.load_model(f"shape:{shape}", head=head, seed=seed)
+
+
+def make_batch(model, batch: int = 2, length: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    """A padded batch (the second row is shorter) with labels fitting the model class."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, -2:] = 0
+    kw = {"input_ids": ids, "attention_mask": mask}
+    if model.config.is_encoder_decoder:
+        kw["decoder_input_ids"] = ids[:, :4]
+    return kw
+
+
+def logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.fixture
+def tiny_bert():
+    return make_model("tiny-bert", "seq-cls")
