@@ -29,7 +29,9 @@ SITE_ROLES: dict[str, str] = {
     "norm": "norm",
 }
 #: Model-level sites (outside the blocks).
-MODEL_SITE_ROLES: dict[str, str] = {"input": "prompt", "embed_norm": "norm", "final_norm": "norm"}
+MODEL_SITE_ROLES: dict[str, str] = {"input": "prompt", "embed_norm": "norm", "final_norm": "norm", "bias": "bias"}
+#: Sites that only some blocks have; a spec placing them everywhere skips the blocks without them.
+OPTIONAL_SITES = frozenset({"ffn_gate", "cross_q", "cross_k", "cross_v", "cross_o"})
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,7 @@ class Block:
         return None
 
     def has_site(self, site: str) -> bool:
-        """Whether this block has the site at all (cross-attention exists only in decoder blocks)."""
+        """Whether this block has the site (gate projections and cross-attention are in some blocks only)."""
         if SITE_ROLES[site] == "linear":
             return site in self.stack.linear or site in self.stack.fused
         return True

@@ -30,8 +30,8 @@ class Method:
 METHODS: dict[str, Method] = {}
 
 _TARGET_LETTERS = {"q": "q", "k": "k", "v": "v", "o": "o"}
-#: linear sites of the FFN, per "all-linear"
-_ALL_LINEAR = ("q", "k", "v", "o", "ffn_gate", "ffn_in", "ffn_out")
+#: every linear site; sites a block lacks (gate projections, cross-attention) are skipped there
+_ALL_LINEAR = ("q", "k", "v", "o", "ffn_gate", "ffn_in", "ffn_out", "cross_q", "cross_k", "cross_v", "cross_o")
 
 
 def method(name: str, summary: str, paper: str) -> Callable[[Callable[..., Spec]], Callable[..., Spec]]:
@@ -76,20 +76,20 @@ def lora(r: int = 8, alpha: float = 16.0, targets: str | list[str] = "qv", rslor
          dropout: float = 0.0) -> Spec:
     """LoRA on ``targets`` of every layer (r=8 on query and value by default, scaling alpha/r = 2)."""
     s = LoraSettings(r=r, alpha=alpha, rslora=rslora, dropout=dropout)
-    s.check_at("lora")
+    s.check_at()
     return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
 
 
 @method("dora", "LoRA with a separately trained magnitude per output", "Liu et al. 2024")
 def dora(r: int = 8, alpha: float = 16.0, targets: str | list[str] = "qv", rslora: bool = False) -> Spec:
     s = LoraSettings(r=r, alpha=alpha, rslora=rslora, dora=True)
-    s.check_at("dora")
+    s.check_at()
     return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
 
 
 def _adapter(size: int, scaling: float = 1.0, activation: str = "relu") -> AdapterSettings:
     s = AdapterSettings(size=size, scaling=scaling, activation=activation)
-    s.check_at("adapter")
+    s.check_at()
     return s
 
 
@@ -111,7 +111,7 @@ def parallel(size: int = 512, scaling: float = 4.0) -> Spec:
 
 def _prefix(length: int, hidden: int) -> PrefixSettings:
     s = PrefixSettings(length=length, hidden=hidden)
-    s.check_at("prefix")
+    s.check_at()
     return s
 
 
@@ -127,18 +127,21 @@ def prefix(length: int = 10, hidden: int = 512, layers: list[int] | None = None)
 @method("prompt", "soft prompt prepended to the input embeddings", "Lester et al. 2021")
 def prompt(length: int = 20, init: str = "vocab") -> Spec:
     s = PromptSettings(length=length, init=init)
-    s.check_at("prompt")
+    s.check_at()
     return Spec(model={"input": s})
 
 
 @method("ia3", "learned rescaling of keys, values and FFN activations", "Liu et al. 2022")
-def ia3(targets: str | list[str] = ("k", "v", "ffn_out")) -> Spec:
+def ia3(targets: str | list[str] = ("k", "v", "ffn_out", "cross_k", "cross_v")) -> Spec:
     return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), IA3Settings())))
 
 
 @method("bitfit", "train only the bias terms", "Ben Zaken et al. 2022")
 def bitfit() -> Spec:
-    return Spec(layers=_every_layer({"bias": BitFitSettings()}))
+    """Biases of every block and of the backbone outside the blocks (embedding norm, pooler): the count
+    the BitFit and UniPELT papers report (103K on BERT-base)."""
+    b = BitFitSettings()
+    return Spec(layers=_every_layer({"bias": b}), model={"bias": b})
 
 
 @method("ln", "train only the LayerNorm gains and biases", "Zhao et al. 2023")
@@ -150,13 +153,13 @@ def ln() -> Spec:
 @method("krona", "Kronecker-product update A ⊗ B on chosen linears", "Edalati et al. 2022")
 def krona(targets: str | list[str] = "qv", scale: float = 1.0) -> Spec:
     s = KronaSettings(scale=scale)
-    s.check_at("krona")
+    s.check_at()
     return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
 
 
 def _compacter(size: int, n: int, rank: int) -> CompacterSettings:
     s = CompacterSettings(size=size, n=n, rank=rank)
-    s.check_at("compacter")
+    s.check_at()
     return s
 
 
@@ -174,7 +177,7 @@ def compacter_pp(size: int = 48, n: int = 4, rank: int = 1) -> Spec:
 @method("adamix", "mixture of adapter experts, averaged for inference", "Wang et al. 2022")
 def adamix(size: int = 16, experts: int = 4) -> Spec:
     s = AdaMixSettings(size=size, experts=experts)
-    s.check_at("adamix")
+    s.check_at()
     return Spec(layers=_every_layer({"after_ffn": s}))
 
 
@@ -189,7 +192,7 @@ def unipelt(size: int = 48, prefix_length: int = 10, prefix_hidden: int = 512, r
             alpha: float = 16.0) -> Spec:
     """Each submodule gated per layer; the LoRA gate replaces its fixed scaling."""
     lo = LoraSettings(r=r, alpha=alpha)
-    lo.check_at("lora")
+    lo.check_at()
     sites = {"after_ffn": _adapter(size), "attn": _prefix(prefix_length, prefix_hidden), "q": lo, "v": lo}
     return Spec(layers=_every_layer(sites), gates=True)
 

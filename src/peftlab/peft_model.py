@@ -146,24 +146,28 @@ class PeftModel(nn.Module):
                    if isinstance(s, PrefixSettings)}
         if len(hiddens) > 1:
             raise SpecError("all prefix sites of one adapter must share 'hidden' and 'reparam' (one shared MLP)")
+        placed: set[str] = set()
         for i, sites in per_layer.items():
             block = self._blocks[i]
             for site, settings in sites.items():
-                where = f"layer {i} site '{site}'"
                 if not block.has_site(site):
-                    raise SpecError(f"{where}: this block has no such site (cross-attention exists only in decoders)")
+                    continue  # optional sites (gate projection, cross-attention) exist in some blocks only
+                placed.add(site)
                 ctx = self._context(adapter, site, block=block, linear=block.linear(site),
                                     extra={"prefix_max_length": max(lengths, default=0)})
                 ctx.gated = spec.gates and settings.gateable
-                self._add_module(adapter, module_key(i, site), settings, ctx, where)
+                self._add_module(adapter, module_key(i, site), settings, ctx, f"layer {i} site '{site}'")
+        wanted = {site for sites in per_layer.values() for site in sites}
+        if wanted and not placed:
+            raise SpecError(
+                f"site(s) {', '.join(sorted(wanted))} exist in no layer of this {self.anatomy.family}-family model"
+            )
         for site, settings in spec.model.items():
             ctx = self._context(adapter, site)
-            if site in ("embed_norm", "final_norm"):
-                paths = [self.anatomy.embed_norm] if site == "embed_norm" else list(self.anatomy.final_norms)
-                norms = [(p, m) for p in paths if p and (m := find_suffix(self.base_model, p)) is not None]
-                if not norms:
-                    continue  # the family has no such norm (e.g. Llama has no embedding norm)
-                ctx.extra["norms"] = norms
+            hosts = self._model_site_hosts(site)
+            if hosts is not None and not hosts:
+                continue  # the family has no such part (e.g. Llama has no embedding norm)
+            ctx.extra["norms" if site.endswith("norm") else "biases"] = hosts
             self._add_module(adapter, module_key(None, site), settings, ctx, f"model site '{site}'")
         if spec.full:
             return
@@ -173,6 +177,19 @@ class PeftModel(nn.Module):
                 name, head = found
                 adapter.head = copy.deepcopy(head)
                 self.hooks.add(head, "post", _HeadOwner(adapter.name), lambda x, y, a=adapter: a.head(x))
+
+    def _model_site_hosts(self, site: str) -> list[tuple[str, nn.Module]] | None:
+        """Backbone modules of a model-level site (None for the input site, which has no host list)."""
+        if site in ("embed_norm", "final_norm"):
+            paths = [self.anatomy.embed_norm] if site == "embed_norm" else list(self.anatomy.final_norms)
+            return [(p, m) for p in paths if p and (m := find_suffix(self.base_model, p)) is not None]
+        if site == "bias":
+            inside = {id(m) for b in self._blocks for m in b.module.modules()}
+            found = find_head(self.base_model, self.anatomy)
+            inside |= {id(m) for m in found[1].modules()} if found else set()
+            return [(n, m) for n, m in self.base_model.named_modules()
+                    if id(m) not in inside and isinstance(getattr(m, "bias", None), nn.Parameter)]
+        return None
 
     @staticmethod
     def _add_module(adapter: Adapter, key: str, settings: Any, ctx: BuildContext, where: str) -> None:

@@ -103,11 +103,12 @@ class Settings:
         settings.check_at(where)
         return settings
 
-    def check_at(self, where: str) -> None:
+    def check_at(self, where: str | None = None) -> None:
+        """``check`` with the place (a spec path) and the kind in the message."""
         try:
             self.check()
         except SpecError as e:
-            raise SpecError(f"{where}: {self.kind}: {e}") from None
+            raise SpecError(f"{where + ': ' if where else ''}{self.kind} {e}") from None
 
 
 def need_int(name: str, value: Any, low: int, high: int | None = None) -> None:

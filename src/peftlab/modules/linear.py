@@ -72,7 +72,7 @@ class LinearModule(PeftModule):
         self.merged = False
 
     def changed_numel(self) -> int:
-        return self.ref.weight.numel()
+        return self.ref.weight.numel() if self.mergeable else self.stored_numel()
 
 
 @register

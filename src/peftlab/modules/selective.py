@@ -66,7 +66,7 @@ class BitFitSettings(Settings):
     mergeable = True
 
     def build(self, ctx: BuildContext) -> PeftModule:
-        hosts = ctx.block.biases()
+        hosts = ctx.block.biases() if ctx.block is not None else ctx.extra["biases"]
         if not hosts:
             raise SpecError(
                 f"layer {ctx.block.index}: bitfit needs bias terms, and this backbone's blocks have none "

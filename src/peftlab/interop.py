@@ -1,0 +1,537 @@
+"""Adapters in the Hugging Face ``peft`` layout (adapter_config.json + adapter_model.safetensors), both ways.
+
+The methods both libraries share move across: LoRA, (IA)3, prefix tuning and prompt tuning, each with the
+trained task head (peft's ``modules_to_save``). peftlab keeps a module per (layer, site); peft keys tensors
+by the backbone module they change, and the anatomy maps one onto the other. Nothing here imports peft.
+
+Prefix tuning differs in one convention: peft hands prefixes to the model as past key/values, so the
+input's positions start after the prefix; in peftlab they start at 0. For rotary models (Llama family)
+that is an exact change of basis, and the keys are rotated on the way across. For absolute position
+embeddings (BERT, RoBERTa, GPT-2) it cannot be compensated: the tensors are converted exactly, a warning
+says that outputs will differ.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peftlab.anatomy import Block, LinearRef, anatomy_for, find_blocks, find_head, find_suffix
+from peftlab.errors import AdapterLoadError, PeftlabError
+from peftlab.modules import Settings
+from peftlab.modules.linear import IA3Settings, LoraSettings
+from peftlab.modules.prefix import PrefixSettings, PromptSettings
+from peftlab.peft_model import PeftModel, _stack_name, apply, model_dims, module_key
+from peftlab.saving import load_adapter_state
+from peftlab.spec import Spec
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+EXPORTABLE = ("LoRA (without DoRA or gates), (IA)3, prefix tuning in every layer or prompt tuning, "
+              "each with its trained task head")
+#: peft_type -> the peftlab kind it becomes
+IMPORTABLE = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
+_LORA_WEIGHT = "{}.lora_A.weight", "{}.lora_B.weight"
+_TASKS = (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+          ("ForQuestionAnswering", "QUESTION_ANS"), ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"))
+#: config fields that only describe the file, or only mattered when peft initialised the adapter
+_COMMON_FIELDS = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+                  "inference_mode", "modules_to_save"}
+_FIELDS = {
+    "LORA": {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
+             "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out", "init_lora_weights",
+             "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+             "ensure_weight_tying"},
+    "IA3": {"target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out", "init_ia3_weights"},
+    "PREFIX_TUNING": {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
+                      "num_layers", "init_weights", "encoder_hidden_size", "prefix_projection"},
+    "PROMPT_TUNING": {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
+                      "num_layers", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
+                      "tokenizer_kwargs"},
+}
+
+Tensors = dict[str, torch.Tensor]
+Placed = dict[tuple[int | None, str], Settings]
+
+
+# -- shared helpers ---------------------------------------------------------------------------------------
+def _module_names(model: nn.Module) -> dict[int, str]:
+    return {id(m): name for name, m in model.named_modules()}
+
+
+def _task_type(model: nn.Module) -> str | None:
+    """peft's task type for a transformers model class (it picks the PeftModel subclass on load)."""
+    name = type(model).__name__
+    if getattr(model.config, "is_encoder_decoder", False) and name.endswith("ForConditionalGeneration"):
+        return "SEQ_2_SEQ_LM"
+    for suffix, task in _TASKS:
+        if name.endswith(suffix):
+            return task
+    return "FEATURE_EXTRACTION" if name.endswith("Model") else None
+
+
+def _key_root(prompt_learning: bool) -> str:
+    """peft keys prompt-learning tensors from the PeftModel, the others from the tuner's wrapped model."""
+    return "base_model." if prompt_learning else "base_model.model."
+
+
+def _rope_shift(model: nn.Module, kv: torch.Tensor, steps: int) -> torch.Tensor:
+    """Keys of ``kv`` (layers, 2, heads, length, head_dim) rotated by ``steps`` rotary positions.
+
+    peft's queries sit ``length`` positions later than peftlab's, and the prefix keys are never rotated by
+    the model; rotating peftlab's keys by +length (R_n·k) gives peft the same scores, -length undoes it.
+    Models without a rotary embedding come back unchanged.
+    """
+    rotary = find_suffix(model, "rotary_emb")
+    if rotary is None:
+        return kv
+    inv_freq = rotary.inv_freq.to(kv.device, torch.float64)
+    head_dim = kv.shape[-1]
+    if 2 * inv_freq.numel() != head_dim:
+        raise PeftlabError(f"prefix tuning with partial rotary embeddings ({2 * inv_freq.numel()} of {head_dim} "
+                           "dimensions) cannot be converted between peftlab and peft")
+    angles = steps * torch.cat([inv_freq, inv_freq])
+    keys = kv[:, 0].to(torch.float64)
+    half = head_dim // 2
+    rotated = torch.cat([-keys[..., half:], keys[..., :half]], dim=-1)
+    keys = keys * angles.cos() + rotated * angles.sin()
+    return torch.stack([keys.to(kv.dtype), kv[:, 1]], dim=1)
+
+
+def _warn_positions(model: nn.Module, length: int) -> None:
+    if find_suffix(model, "rotary_emb") is None:
+        warnings.warn(
+            f"peft runs prefixes as past key/values, so there the input's positions start at {length} (after the "
+            f"prefix), in peftlab at 0; {type(model).__name__} has absolute position embeddings, so this prefix "
+            "adapter gives different outputs in the two libraries",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+# -- export -------------------------------------------------------------------------------------------------
+def peft_files(pm: PeftModel, adapter_name: str) -> dict[str, Callable[[Path], None]]:
+    """The files of a peft adapter folder, each with its writer; every check runs before anything is written."""
+    adapter = pm.adapters[adapter_name]
+    placed = _placed(pm, adapter)
+    kind = _exportable_kind(adapter_name, adapter.spec, placed)
+    base = pm.base_model
+    names = _module_names(base)
+    config, tensors = _EXPORTERS[kind](pm, adapter, placed, names)
+    prompt_learning = kind in ("prefix", "prompt")
+    modules_to_save = None
+    if adapter.head is not None:
+        head_name, _ = find_head(base, pm.anatomy)
+        modules_to_save = [head_name]
+        prefix = _key_root(prompt_learning) + head_name
+        tensors |= {f"{prefix}.{k}": v for k, v in adapter.head.state_dict().items()}
+    config = {
+        "peft_type": next(t for t, k in IMPORTABLE.items() if k == kind),
+        "task_type": _task_type(base),
+        "base_model_name_or_path": getattr(base.config, "_name_or_path", None) or None,
+        "revision": None,
+        "inference_mode": True,
+        "modules_to_save": modules_to_save,
+        **config,
+    }
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    return {
+        WEIGHTS: lambda p: save_file(state, str(p), metadata={"format": "pt"}),
+        CONFIG: lambda p: p.write_text(json.dumps(config, indent=2) + "\n"),
+    }
+
+
+def _placed(pm: PeftModel, adapter: nn.Module) -> Placed:
+    """Which settings sit at which (layer, site) of the adapter as built (a spec may name sites that some
+    blocks lack); model-level sites have layer None."""
+    stacks = [_stack_name(b.stack.path) for b in pm.blocks]
+    wanted = {(i, site): s for i, sites in adapter.spec.resolve(len(pm.blocks), stacks).items()
+              for site, s in sites.items()}
+    wanted |= {(None, site): s for site, s in adapter.spec.model.items()}
+    return {key: s for key, s in wanted.items() if module_key(*key) in adapter.layers}
+
+
+def _exportable_kind(name: str, spec: Spec, placed: Placed) -> str:
+    """The one peft-representable kind the adapter uses, or one error naming everything that is not."""
+    sites: dict[str, set[str]] = {}
+    for (_, site), s in placed.items():
+        sites.setdefault(s.kind, set()).add(site)
+    problems = [what for flag, what in ((spec.full, "full fine-tuning"), (spec.gates, "UniPELT gates"),
+                                        (spec.train_embeddings, "trained input embeddings")) if flag]
+    if any(isinstance(s, LoraSettings) and s.dora for s in placed.values()):
+        problems.append("DoRA")
+    problems += [f"'{k}' modules (at {', '.join(sorted(sites[k]))})" for k in sorted(set(sites) - set(_EXPORTERS))]
+    kinds = sorted(set(sites) & set(_EXPORTERS))
+    if len(kinds) > 1:
+        problems.append(f"several kinds at once ({', '.join(kinds)}) where a peft adapter holds one")
+    if not sites and not problems:
+        problems.append("no modules besides the task head")
+    if problems:
+        raise PeftlabError(f"adapter '{name}' cannot be exported to the peft format: it has {'; '.join(problems)}. "
+                           f"The peft format holds {EXPORTABLE}; save it with format='peftlab' instead")
+    return kinds[0]
+
+
+def _host_name(ref: LinearRef, names: dict[int, str], kind: str, where: str) -> str:
+    name = names[id(ref.module)]
+    if ref.out_slice is not None:
+        raise PeftlabError(
+            f"cannot export {kind} at {where} to the peft format: that site is a slice of the fused projection "
+            f"'{name}', and peft places {kind} on whole modules; target unfused sites (o, ffn_in, ffn_out) instead"
+        )
+    return name
+
+
+def _linear_modules(adapter: nn.Module, placed: Placed, names: dict[int, str], cls: type, kind: str
+                    ) -> list[tuple[str, Settings, nn.Module]]:
+    """(host module name, settings, peftlab module) of every site of the given kind, in layer order."""
+    found = []
+    for (i, site), s in sorted((key, s) for key, s in placed.items() if isinstance(s, cls)):
+        module = adapter.layers[module_key(i, site)]
+        found.append((_host_name(module.ref, names, kind, f"layer {i} site '{site}'"), s, module))
+    return found
+
+
+def _fan_in_fan_out(modules: list[tuple[str, Settings, nn.Module]]) -> bool:
+    """GPT-2's Conv1D stores its weight transposed; peft wants to be told (it matters when merging)."""
+    return any(m.ref.transposed for _, _, m in modules)
+
+
+def _export_lora(pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
+                 ) -> tuple[dict[str, Any], Tensors]:
+    modules = _linear_modules(adapter, placed, names, LoraSettings, "LoRA")
+    dropouts = sorted({s.dropout for _, s, _ in modules})
+    if len(dropouts) > 1:
+        raise PeftlabError(f"cannot export to the peft format: peft has one lora_dropout for all modules, this "
+                           f"adapter uses {', '.join(map(str, dropouts))} at different sites")
+    # The most common (r, alpha, rslora) is the default; other sites go to rank_pattern / alpha_pattern.
+    # A site whose rslora differs from the default gets the alpha that gives its scaling under the default rule.
+    r0, alpha0, rslora0 = Counter((s.r, s.alpha, s.rslora) for _, s, _ in modules).most_common(1)[0][0]
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    tensors: Tensors = {}
+    for name, s, module in modules:
+        alpha = s.alpha if s.rslora == rslora0 else s.scaling * (math.sqrt(s.r) if rslora0 else s.r)
+        if s.r != r0:
+            rank_pattern[re.escape(name)] = s.r
+        if alpha != alpha0:
+            alpha_pattern[re.escape(name)] = alpha
+        a_key, b_key = (_key_root(False) + k.format(name) for k in _LORA_WEIGHT)
+        tensors[a_key], tensors[b_key] = module.lora_A, module.lora_B
+    config = {"r": r0, "lora_alpha": alpha0, "use_rslora": rslora0, "lora_dropout": dropouts[0],
+              "target_modules": [name for name, _, _ in modules], "rank_pattern": rank_pattern,
+              "alpha_pattern": alpha_pattern, "bias": "none", "fan_in_fan_out": _fan_in_fan_out(modules)}
+    return config, tensors
+
+
+def _export_ia3(pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
+                ) -> tuple[dict[str, Any], Tensors]:
+    modules = _linear_modules(adapter, placed, names, IA3Settings, "(IA)3")
+    tensors: Tensors = {}
+    for name, _, module in modules:
+        # peft's shapes: (1, in) scales a feedforward module's input, (out, 1) a module's output.
+        vector = module.ia3_l
+        tensors[f"{_key_root(False)}{name}.ia3_l"] = vector[None, :] if module.on_input else vector[:, None]
+    config = {"target_modules": [name for name, _, _ in modules],
+              "feedforward_modules": [name for name, _, m in modules if m.on_input],
+              "fan_in_fan_out": _fan_in_fan_out(modules)}
+    return config, tensors
+
+
+def _export_prefix(pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
+                   ) -> tuple[dict[str, Any], Tensors]:
+    base = pm.base_model
+    if getattr(base.config, "is_encoder_decoder", False):
+        raise PeftlabError("cannot export prefix tuning of an encoder-decoder model to the peft format: peft puts "
+                           "prefixes in the decoder's self- and cross-attention, peftlab in each stack's "
+                           "self-attention")
+    n_layers = len(pm.blocks)
+    missing = [i for i in range(n_layers) if module_key(i, "attn") not in adapter.layers]
+    lengths = sorted({s.length for s in placed.values() if isinstance(s, PrefixSettings)})
+    if missing or len(lengths) > 1:
+        raise PeftlabError(
+            "cannot export prefix tuning to the peft format: peft needs a prefix of one length in every layer; "
+            f"this adapter has lengths {', '.join(map(str, lengths))}"
+            + (f" and none in layers {', '.join(map(str, missing))}" if missing else "")
+        )
+    length, dims = lengths[0], pm.dims
+    kv = torch.stack([adapter.layers[module_key(i, "attn")].prefix_kv().detach() for i in range(n_layers)])
+    _warn_positions(base, length)
+    kv = _rope_shift(base, kv, length)
+    # peft views the table as (tokens, layers * 2, heads, head_dim): layer l's keys, then its values.
+    table = kv.permute(3, 0, 1, 2, 4).reshape(length, -1)
+    config = {"num_virtual_tokens": length, "token_dim": dims.kv_dim, "num_attention_heads": dims.kv_heads,
+              "num_layers": n_layers, "num_transformer_submodules": 1, "encoder_hidden_size": dims.kv_dim,
+              "prefix_projection": False}
+    return config, {"prompt_embeddings": table}
+
+
+def _export_prompt(pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
+                   ) -> tuple[dict[str, Any], Tensors]:
+    prompt = adapter.layers[module_key(None, "input")].prompt
+    dims = pm.dims
+    # One submodule: peft prepends the table to the encoder input (of an encoder-decoder model too).
+    config = {"num_virtual_tokens": prompt.shape[0], "token_dim": dims.hidden, "num_attention_heads": dims.heads,
+              "num_layers": dims.num_layers, "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM"}
+    return config, {"prompt_embeddings": prompt}
+
+
+_EXPORTERS = {"lora": _export_lora, "ia3": _export_ia3, "prefix": _export_prefix, "prompt": _export_prompt}
+
+
+# -- import -------------------------------------------------------------------------------------------------
+def load_peft(model: nn.Module, directory: str | Path, adapter_name: str | None = None,
+              activate: bool = True) -> PeftModel:
+    """Load a peft adapter folder onto ``model`` (a transformers model or a PeftModel) as a peftlab adapter."""
+    directory = Path(directory)
+    config = _read_config(directory)
+    peft_type = config.get("peft_type")
+    if peft_type not in IMPORTABLE:
+        raise AdapterLoadError(f"'{directory}': peft_type {peft_type!r} cannot be imported; peftlab imports "
+                               f"{', '.join(IMPORTABLE)}")
+    _check_fields(config, peft_type, directory)
+    if not (directory / WEIGHTS).is_file():
+        raise AdapterLoadError(f"'{directory}' has no {WEIGHTS}; peftlab reads safetensors only (it never "
+                               "unpickles), re-save the adapter with safe_serialization=True")
+    state = load_file(str(directory / WEIGHTS))
+    base = model.base_model if isinstance(model, PeftModel) else model
+    blocks = find_blocks(base, anatomy_for(base.config.model_type))
+    spec, tensors = _IMPORTERS[peft_type](base, blocks, config, state, directory)
+    spec.method = IMPORTABLE[peft_type]
+    head = _take_head(base, state, _key_root(IMPORTABLE[peft_type] in ("prefix", "prompt")))
+    spec.train_head = bool(head)
+    tensors |= {f"head.{k}": v for k, v in head.items()}
+    if state:
+        raise AdapterLoadError(
+            f"'{directory}' holds tensors peftlab cannot place: {', '.join(sorted(state)[:3])}"
+            f"{' ...' if len(state) > 3 else ''} (peftlab imports modules at the linear sites of transformer "
+            "blocks, prefixes, prompts and the task head)"
+        )
+    name = adapter_name or "default"
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, spec)
+        pm = model
+    else:
+        pm = apply(model, spec, name)
+    load_adapter_state(pm, name, tensors, directory)
+    if activate:
+        pm.set_adapter(name)
+    return pm
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterLoadError(f"'{path}' is not a readable peft adapter config: {e}") from None
+    if not isinstance(config, dict):
+        raise AdapterLoadError(f"'{path}' is not a peft adapter config (not a JSON object)")
+    return config
+
+
+def _check_fields(config: dict[str, Any], peft_type: str, directory: Path) -> None:
+    """Refuse options peftlab would silently drop: any field it does not know, set to a non-default value."""
+    known = _COMMON_FIELDS | _FIELDS[peft_type]
+    used = {k: v for k, v in config.items() if k not in known and v not in (None, False, "none", "", [], {})}
+    if used:
+        listed = ", ".join(f"{k}={v!r}" for k, v in sorted(used.items()))
+        raise AdapterLoadError(f"'{directory}': peftlab cannot import this {peft_type} adapter: it uses {listed}; "
+                               f"peftlab understands {', '.join(sorted(_FIELDS[peft_type]))}")
+
+
+def _take_head(base: nn.Module, state: Tensors, prefix: str) -> Tensors:
+    """Pop the task head's tensors (peft's modules_to_save entry for it) from ``state``."""
+    found = find_head(base, anatomy_for(base.config.model_type))
+    if found is None:
+        return {}
+    start = f"{prefix}{found[0]}."
+    return {k.removeprefix(start): state.pop(k) for k in [k for k in state if k.startswith(start)]}
+
+
+def _linear_sites(base: nn.Module, blocks: list[Block]) -> tuple[dict[str, tuple[int, str]], set[str]]:
+    """Module name -> (layer, site) of every linear site, and the names of fused hosts (no single site)."""
+    names = _module_names(base)
+    sites: dict[str, tuple[int, str]] = {}
+    fused: set[str] = set()
+    for b in blocks:
+        for site, path in b.stack.linear.items():
+            sites[names[id(b.sub(path))]] = (b.index, site)
+        fused |= {names[id(b.sub(path))] for path, _, _ in b.stack.fused.values()}
+    return sites, fused
+
+
+def _matches_list(names: list[str], key: str) -> bool:
+    return key in names or any(key.endswith(f".{n}") for n in names)
+
+
+def _is_target(config: dict[str, Any], key: str) -> bool:
+    """peft's rule (tuners_utils.check_target_module_exists) for whether module ``key`` is targeted."""
+    exclude = config.get("exclude_modules")
+    if exclude and (re.fullmatch(exclude, key) if isinstance(exclude, str) else _matches_list(exclude, key)):
+        return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.get("modules_to_save") or []):
+        return False
+    targets = config["target_modules"]
+    if isinstance(targets, str):
+        return re.fullmatch(targets, key) is not None
+    if key in targets:
+        return True
+    if not any(key.endswith(f".{t}") for t in targets):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    patterns = config.get("layers_pattern")
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            if match := re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key):
+                break
+    if match is None:
+        return False
+    index = int(match["idx"])
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
+    """peft's rank_pattern / alpha_pattern lookup (utils.other.get_pattern_key)."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def _targets(base: nn.Module, blocks: list[Block], config: dict[str, Any], method: str, directory: Path
+             ) -> list[tuple[str, int, str]]:
+    """(module name, layer, site) of every module the config targets; all must be peftlab linear sites."""
+    targets = config.get("target_modules")
+    if not targets or targets == "all-linear":
+        raise AdapterLoadError(f"'{directory}': target_modules is {targets!r}; peftlab needs the module names "
+                               "or a regular expression (peft writes them when it saves)")
+    sites, fused = _linear_sites(base, blocks)
+    found = []
+    for name, _ in base.named_modules():
+        if not name or not _is_target(config, name):
+            continue
+        if name in fused:
+            raise AdapterLoadError(f"'{directory}': {method} on '{name}' changes a fused q/k/v projection as one "
+                                   "matrix; peftlab places modules on its q, k and v slices separately")
+        if name not in sites:
+            raise AdapterLoadError(f"'{directory}': {method} on '{name}' cannot be imported: peftlab places "
+                                   "modules only at the linear sites of transformer blocks")
+        found.append((name, *sites[name]))
+    if not found:
+        raise AdapterLoadError(f"'{directory}': target_modules {targets!r} match no module of this model")
+    return found
+
+
+def _layer_spec(placed: dict[tuple[int, str], Settings]) -> Spec:
+    """A spec with one explicit selector per layer."""
+    layers: dict[str, dict[str, Settings | None]] = {}
+    for (i, site), s in sorted(placed.items()):
+        layers.setdefault(str(i), {})[site] = s
+    return Spec(layers=layers)
+
+
+def _pop(state: Tensors, key: str, directory: Path) -> torch.Tensor:
+    if key not in state:
+        raise AdapterLoadError(f"'{directory}' lacks tensor '{key}' that its config calls for")
+    return state.pop(key)
+
+
+def _import_lora(base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
+                 ) -> tuple[Spec, Tensors]:
+    placed: dict[tuple[int, str], Settings] = {}
+    tensors: Tensors = {}
+    for name, i, site in _targets(base, blocks, config, "LoRA", directory):
+        r = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8))
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
+        settings = LoraSettings(r=r, alpha=float(alpha), rslora=bool(config.get("use_rslora")),
+                                dropout=float(config.get("lora_dropout") or 0.0))
+        settings.check_at(f"'{directory}' module '{name}'")
+        placed[(i, site)] = settings
+        a_key, b_key = (_key_root(False) + k.format(name) for k in _LORA_WEIGHT)
+        tensors[f"layers.{module_key(i, site)}.lora_A"] = _pop(state, a_key, directory)
+        tensors[f"layers.{module_key(i, site)}.lora_B"] = _pop(state, b_key, directory)
+    return _layer_spec(placed), tensors
+
+
+def _import_ia3(base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
+                ) -> tuple[Spec, Tensors]:
+    feedforward = config.get("feedforward_modules") or []
+    placed: dict[tuple[int, str], Settings] = {}
+    tensors: Tensors = {}
+    for name, i, site in _targets(base, blocks, config, "(IA)3", directory):
+        # peft's rule (IA3Model._check_target_module_feedforward): a bare suffix, not a dotted one.
+        on_input = (re.fullmatch(feedforward, name) is not None if isinstance(feedforward, str)
+                    else any(name.endswith(f) for f in feedforward))
+        if on_input != (site == "ffn_out"):
+            where = "input" if on_input else "output"
+            raise AdapterLoadError(
+                f"'{directory}': (IA)3 scales the {where} of '{name}' (site '{site}'); peftlab's (IA)3 scales the "
+                "input of ffn_out and the output of every other site, so list exactly the FFN output "
+                "projections as feedforward_modules"
+            )
+        placed[(i, site)] = IA3Settings()
+        tensors[f"layers.{module_key(i, site)}.ia3_l"] = _pop(state, f"{_key_root(False)}{name}.ia3_l",
+                                                              directory).reshape(-1)
+    return _layer_spec(placed), tensors
+
+
+def _expect(config: dict[str, Any], field: str, expected: int, what: str, directory: Path) -> None:
+    if config.get(field) != expected:
+        raise AdapterLoadError(f"'{directory}' was made for a model with {field}={config.get(field)!r}; this model "
+                               f"has {expected} {what}")
+
+
+def _import_prefix(base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
+                   ) -> tuple[Spec, Tensors]:
+    if getattr(base.config, "is_encoder_decoder", False) or config.get("num_transformer_submodules", 1) != 1:
+        raise AdapterLoadError(f"'{directory}': peft's prefix tuning of encoder-decoder models prefixes the "
+                               "decoder's self- and cross-attention; peftlab prefixes each stack's self-attention")
+    dims = model_dims(base.config, len(blocks))
+    _expect(config, "num_layers", len(blocks), "layers", directory)
+    _expect(config, "num_attention_heads", dims.kv_heads, "key/value heads", directory)
+    _expect(config, "token_dim", dims.kv_dim, "key/value features per token", directory)
+    length = config.get("num_virtual_tokens")
+    table = _pop(state, "prompt_embeddings", directory)
+    if not isinstance(length, int) or table.shape != (length, len(blocks) * 2 * dims.kv_dim):
+        raise AdapterLoadError(f"'{directory}': prompt_embeddings has shape {tuple(table.shape)}, expected "
+                               f"({length}, {len(blocks) * 2 * dims.kv_dim})")
+    kv = table.reshape(length, len(blocks), 2, dims.kv_heads, dims.head_dim).permute(1, 2, 3, 0, 4)
+    _warn_positions(base, length)
+    kv = _rope_shift(base, kv, -length)
+    settings = PrefixSettings(length=length, reparam=False)
+    spec = _layer_spec({(i, "attn"): settings for i in range(len(blocks))})
+    return spec, {f"layers.{module_key(i, 'attn')}.kv": kv[i] for i in range(len(blocks))}
+
+
+def _import_prompt(base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
+                   ) -> tuple[Spec, Tensors]:
+    dims = model_dims(base.config, len(blocks))
+    _expect(config, "token_dim", dims.hidden, "hidden features", directory)
+    length = config.get("num_virtual_tokens")
+    table = _pop(state, "prompt_embeddings", directory)
+    if not isinstance(length, int) or table.shape[0] < length or table.shape[1] != dims.hidden:
+        raise AdapterLoadError(f"'{directory}': prompt_embeddings has shape {tuple(table.shape)}, expected "
+                               f"({length}, {dims.hidden})")
+    # With two submodules (encoder-decoder) peft stores twice the rows but prompts only the encoder, with the first.
+    spec = Spec(model={"input": PromptSettings(length=length, init="random")})
+    return spec, {f"layers.{module_key(None, 'input')}.prompt": table[:length]}
+
+
+_IMPORTERS = {"LORA": _import_lora, "IA3": _import_ia3, "PREFIX_TUNING": _import_prefix,
+              "PROMPT_TUNING": _import_prompt}
