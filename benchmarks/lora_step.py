@@ -22,6 +22,7 @@ import argparse
 import gc
 import os
 import platform
+import random
 import shlex
 import statistics
 import sys
@@ -52,10 +53,13 @@ def summary(xs: list[float]) -> dict[str, float]:
     return {"median": med, "q25": q25, "q75": q75, "iqr": q75 - q25, "min": min(xs), "max": max(xs)}
 
 
-def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
+Timings = dict[str, list[float]]
+
+
+def interleaved(contenders: dict[str, Callable[[], object]], rounds: int, warmup: int) -> Timings:
     """Time each contender once per round, flipping the order every round; warm-up rounds are dropped."""
     names = list(contenders)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: Timings = {n: [] for n in names}
     gc_was_enabled = gc.isenabled()
     try:
         for i in range(warmup + rounds):
@@ -87,8 +91,9 @@ def build(model: str, seed: int) -> nn.Module:
 def peft_lora(model: nn.Module, r: int, alpha: int) -> nn.Module:
     from peft import LoraConfig, TaskType, get_peft_model
 
-    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=["query", "value"], task_type=TaskType.SEQ_CLS,
-                     lora_dropout=0.0)
+    cfg = LoraConfig(
+        r=r, lora_alpha=alpha, target_modules=["query", "value"], task_type=TaskType.SEQ_CLS, lora_dropout=0.0
+    )
     return get_peft_model(model, cfg)
 
 
@@ -117,7 +122,8 @@ def copy_lab_into_peft(pm: peftlab.PeftModel, pp: nn.Module) -> int:
             target.lora_B[adapter].weight.copy_(m.lora_B)
             copied += 2
             if target.scaling[adapter] != m.scaling:
-                raise SystemExit(f"LoRA scaling differs: peft {target.scaling[adapter]} vs peftlab {m.scaling}")
+                theirs = target.scaling[adapter]
+                raise SystemExit(f"LoRA scaling differs: peft {theirs} vs peftlab {m.scaling}")
         head = pm.adapters[pm.active_adapter].head
         if head is not None:
             wrapped = inner.get_submodule("classifier")
@@ -130,7 +136,7 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def make_step(model: nn.Module, batch: dict[str, torch.Tensor], lr: float) -> tuple[Callable[[], float], object]:
+def make_step(model: nn.Module, batch: dict[str, torch.Tensor], lr: float) -> Callable[[], float]:
     opt = torch.optim.AdamW(trainable(model), lr=lr)
 
     def step() -> float:
@@ -140,7 +146,7 @@ def make_step(model: nn.Module, batch: dict[str, torch.Tensor], lr: float) -> tu
         opt.zero_grad(set_to_none=True)
         return out.loss.item()
 
-    return step, opt
+    return step
 
 
 def make_infer(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], torch.Tensor]:
@@ -166,17 +172,20 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def environment(threads: int) -> dict[str, str]:
     import peft
     import transformers
 
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not on Linux
-        usable = os.cpu_count() or 0
     return {
         "CPU": cpu_model(),
-        "cores": f"{os.cpu_count()} logical, {usable} usable by this process; torch threads = {threads}",
+        "cores": f"{os.cpu_count()} logical, {usable_cores()} usable; torch threads = {threads}",
         "CPU capability": torch.backends.cpu.get_cpu_capability(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -193,27 +202,62 @@ def ms(x: float) -> str:
     return f"{x * 1e3:.1f}"
 
 
+def bootstrap_ci(xs: list[float], resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the median of ``xs``."""
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(xs, k=len(xs))) for _ in range(resamples))
+    return meds[int(0.025 * resamples)], meds[int(0.975 * resamples) - 1]
+
+
 def ratio_row(label: str, num: list[float], den: list[float], target: str) -> str:
     med_ratio = statistics.median(num) / statistics.median(den)
     paired = [a / b for a, b in zip(num, den, strict=True)]
     q25, pmed, q75 = quartiles(paired)
-    return f"| {label} | {med_ratio:.3f} | {pmed:.3f} | {q25:.3f} – {q75:.3f} | {target} |"
+    lo, hi = bootstrap_ci(paired)
+    cells = [label, f"{med_ratio:.3f}", f"{pmed:.3f}", f"{lo:.3f} – {hi:.3f}", f"{q25:.3f} – {q75:.3f}"]
+    cells.append(target)
+    return "| " + " | ".join(cells) + " |"
+
+
+RATIO_HEADER = [
+    "| ratio | ratio of medians | median of per-round ratios | 95% CI (bootstrap) | per-round IQR | target |",
+    "|---|---:|---:|---:|---:|---|",
+]
 
 
 def time_rows(times: dict[str, list[float]]) -> list[str]:
-    rows = ["| contender | median (ms) | IQR (ms) | q25 – q75 (ms) | min – max (ms) | n |",
-            "|---|---:|---:|---:|---:|---:|"]
+    rows = [
+        "| contender | median (ms) | IQR (ms) | q25 – q75 (ms) | min – max (ms) | n |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, xs in times.items():
         s = summary(xs)
-        rows.append(f"| {name} | {ms(s['median'])} | {ms(s['iqr'])} | {ms(s['q25'])} – {ms(s['q75'])} | "
-                    f"{ms(s['min'])} – {ms(s['max'])} | {len(xs)} |")
+        rows.append(
+            f"| {name} | {ms(s['median'])} | {ms(s['iqr'])} | {ms(s['q25'])} – {ms(s['q75'])} | "
+            f"{ms(s['min'])} – {ms(s['max'])} | {len(xs)} |"
+        )
     return rows
 
 
 def command(args: argparse.Namespace) -> str:
-    parts = ["python", "benchmarks/lora_step.py", "--model", args.model, "--batch", str(args.batch),
-             "--seq", str(args.seq), "--repeats", str(args.repeats), "--warmup", str(args.warmup),
-             "--threads", str(args.threads), "--seed", str(args.seed)]
+    parts = [
+        "python",
+        "benchmarks/lora_step.py",
+        "--model",
+        args.model,
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--repeats",
+        str(args.repeats),
+        "--warmup",
+        str(args.warmup),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+    ]
     if args.output != DEFAULT_OUTPUT:
         parts += ["--output", str(args.output)]
     return shlex.join(parts)
@@ -223,16 +267,19 @@ def command(args: argparse.Namespace) -> str:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="shape:bert-base",
-                   help="peftlab.load_model name: shape:bert-base, shape:minilm, shape:tiny-bert, minilm, ...")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--model",
+        default="shape:bert-base",
+        help="peftlab.load_model name: shape:bert-base, shape:minilm, shape:tiny-bert, minilm",
+    )
     p.add_argument("--batch", type=int, default=8, help="sequences per batch")
     p.add_argument("--seq", type=int, default=128, help="tokens per sequence")
-    p.add_argument("--repeats", type=int, default=30, help="timed rounds per section (each contender once a round)")
+    p.add_argument("--repeats", type=int, default=30, help="timed rounds per section")
     p.add_argument("--warmup", type=int, default=3, help="untimed rounds before timing")
-    default_threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    p.add_argument("--threads", type=int, default=default_threads, help="torch.set_num_threads")
+    p.add_argument("--threads", type=int, default=usable_cores(), help="torch.set_num_threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--r", type=int, default=8, help=argparse.SUPPRESS)
     p.add_argument("--alpha", type=int, default=16, help=argparse.SUPPRESS)
@@ -264,9 +311,12 @@ def main(argv: list[str] | None = None) -> int:
     init_lora_nonzero(pm, args.seed + 2)
     pp = peft_lora(build(args.model, args.seed), args.r, args.alpha)
     copied = copy_lab_into_peft(pm, pp)
+    n_base = sum(p.numel() for p in pm.base_model.parameters())
     n_lab, n_peft = sum(p.numel() for p in trainable(pm)), sum(p.numel() for p in trainable(pp))
-    log(f"model {args.model}, batch {args.batch} x {args.seq}, threads {args.threads}; trainable: "
-        f"peftlab {n_lab:,} / peft {n_peft:,}; copied {copied} tensors peftlab -> peft")
+    log(
+        f"model {args.model}, batch {args.batch} x {args.seq}, threads {args.threads}; trainable: "
+        f"peftlab {n_lab:,} / peft {n_peft:,}; copied {copied} tensors peftlab -> peft"
+    )
     if n_lab != n_peft:
         raise SystemExit("the two LoRA models train different numbers of parameters")
 
@@ -278,8 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         f"- command: `{command(args)}`",
         f"- date: {started.strftime('%Y-%m-%d %H:%M UTC')}",
         *[f"- {k}: {v}" for k, v in env.items()],
-        f"- model: `{args.model}` ({type(lab_model).__name__}, {sum(p.numel() for p in pm.base_model.parameters()):,}"
-        f" parameters, eval mode: no dropout)",
+        f"- model: `{args.model}` ({type(lab_model).__name__}, {n_base:,} parameters, eval mode: no dropout)",
         f"- batch: {args.batch} x {args.seq} tokens (random ids, full attention mask, float32)",
         f"- LoRA: r={args.r}, alpha={args.alpha}, targets query+value, dropout 0, classifier trained "
         f"({n_lab:,} trainable parameters in both)",
@@ -290,25 +339,33 @@ def main(argv: list[str] | None = None) -> int:
 
     checks: list[str] = []
     if not args.skip_train:
-        step_lab, _ = make_step(pm, batch, args.lr)
-        step_peft, _ = make_step(pp, batch, args.lr)
+        step_lab = make_step(pm, batch, args.lr)
+        step_peft = make_step(pp, batch, args.lr)
         # Equal work: same loss before any update, and still equal after one AdamW step.
         loss_lab, loss_peft = step_lab(), step_peft()
         loss2_lab, loss2_peft = step_lab(), step_peft()
-        checks.append(f"- first-step loss: peftlab {loss_lab:.6f}, peft {loss_peft:.6f} "
-                      f"(|diff| {abs(loss_lab - loss_peft):.1e}); second step: peftlab {loss2_lab:.6f}, "
-                      f"peft {loss2_peft:.6f} (|diff| {abs(loss2_lab - loss2_peft):.1e})")
+        checks.append(
+            f"- first-step loss: peftlab {loss_lab:.6f}, peft {loss_peft:.6f} "
+            f"(|diff| {abs(loss_lab - loss_peft):.1e}); second step: peftlab {loss2_lab:.6f}, "
+            f"peft {loss2_peft:.6f} (|diff| {abs(loss2_lab - loss2_peft):.1e})"
+        )
         log(checks[-1][2:])
         if abs(loss_lab - loss_peft) > 1e-4 * max(1.0, abs(loss_lab)):
             raise SystemExit("peftlab and peft give different first-step losses: not the same work")
         log(f"timing training steps: {args.repeats} rounds ...")
-        train = interleaved({"peftlab LoRA step": step_lab, "peft LoRA step": step_peft},
-                            args.repeats, args.warmup)
+        train = interleaved(
+            {"peftlab LoRA step": step_lab, "peft LoRA step": step_peft}, args.repeats, args.warmup
+        )
         lab_t, peft_t = train["peftlab LoRA step"], train["peft LoRA step"]
-        lines += ["## Training step (forward + backward + AdamW step + zero_grad)", "", *time_rows(train), "",
-                  "| ratio | ratio of medians | median of per-round ratios | per-round IQR | target |",
-                  "|---|---:|---:|---:|---|",
-                  ratio_row("peft / peftlab", peft_t, lab_t, ">= 1.0 (peftlab not slower)"), ""]
+        lines += [
+            "## Training step (forward + backward + AdamW step + zero_grad)",
+            "",
+            *time_rows(train),
+            "",
+            *RATIO_HEADER,
+            ratio_row("peft / peftlab", peft_t, lab_t, ">= 1.0 (peftlab not slower)"),
+            "",
+        ]
 
     if not args.skip_infer:
         bare = build(args.model, args.seed)
@@ -325,24 +382,31 @@ def main(argv: list[str] | None = None) -> int:
         out = {k: f() for k, f in infer.items()}
         diff = (out["peftlab merged"] - out["peftlab unmerged"]).abs().max().item()
         diff_peft = (out["peftlab unmerged"] - out["peft unmerged"]).abs().max().item()
-        checks.append(f"- logits: peftlab merged vs unmerged max |diff| {diff:.1e}; peftlab vs peft unmerged "
-                      f"{diff_peft:.1e}; live hooks after merge: {len(merged.hooks._handles)}")
+        checks.append(
+            f"- logits: peftlab merged vs unmerged max |diff| {diff:.1e}; peftlab vs peft unmerged "
+            f"{diff_peft:.1e}; live hooks after merge: {len(merged.hooks._handles)}"
+        )
         log(checks[-1][2:])
         log(f"timing inference: {args.repeats} rounds ...")
         inf = interleaved(infer, args.repeats, args.warmup)
-        lines += ["## Inference (forward under torch.inference_mode)", "", *time_rows(inf), "",
-                  "| ratio | ratio of medians | median of per-round ratios | per-round IQR | target |",
-                  "|---|---:|---:|---:|---|",
-                  ratio_row("peftlab merged / bare", inf["peftlab merged"], inf["bare model"], "<= 1.01"),
-                  ratio_row("peftlab unmerged / bare", inf["peftlab unmerged"], inf["bare model"], "(info)"),
-                  ratio_row("peft unmerged / bare", inf["peft unmerged"], inf["bare model"], "(info)"),
-                  ratio_row("peft unmerged / peftlab unmerged", inf["peft unmerged"], inf["peftlab unmerged"],
-                            "(info)"),
-                  ""]
+        lines += [
+            "## Inference (forward under torch.inference_mode)",
+            "",
+            *time_rows(inf),
+            "",
+            *RATIO_HEADER,
+            ratio_row("peftlab merged / bare", inf["peftlab merged"], inf["bare model"], "<= 1.01"),
+            ratio_row("peftlab unmerged / bare", inf["peftlab unmerged"], inf["bare model"], "(info)"),
+            ratio_row("peft unmerged / bare", inf["peft unmerged"], inf["bare model"], "(info)"),
+            ratio_row(
+                "peft unmerged / peftlab unmerged", inf["peft unmerged"], inf["peftlab unmerged"], "(info)"
+            ),
+            "",
+        ]
 
     elapsed = time.perf_counter() - t_start
-    text = "\n".join([*header, *lines, "## Checks", "", *checks, f"- wall time of the whole run: {elapsed:.0f} s",
-                      ""])
+    checks.append(f"- wall time of the whole run: {elapsed:.0f} s")
+    text = "\n".join([*header, *lines, "## Checks", "", *checks, ""])
     print()
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -43,22 +43,25 @@ EXPORTABLE = ("LoRA (without DoRA or gates), (IA)3, prefix tuning in every layer
 IMPORTABLE = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
 _LORA_WEIGHT = "{}.lora_A.weight", "{}.lora_B.weight"
 _TASKS = (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
-          ("ForQuestionAnswering", "QUESTION_ANS"), ("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"))
-#: config fields that only describe the file, or only mattered when peft initialised the adapter
-_COMMON_FIELDS = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-                  "inference_mode", "modules_to_save"}
+          ("ForQuestionAnswering", "QUESTION_ANS"), ("ForCausalLM", "CAUSAL_LM"),
+          ("LMHeadModel", "CAUSAL_LM"))
+#: config fields peftlab reads, per peft_type
 _FIELDS = {
-    "LORA": {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
-             "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "fan_in_fan_out", "init_lora_weights",
-             "megatron_core", "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
-             "ensure_weight_tying"},
-    "IA3": {"target_modules", "exclude_modules", "feedforward_modules", "fan_in_fan_out", "init_ia3_weights"},
-    "PREFIX_TUNING": {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
-                      "num_layers", "init_weights", "encoder_hidden_size", "prefix_projection"},
-    "PROMPT_TUNING": {"num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
-                      "num_layers", "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path",
-                      "tokenizer_kwargs"},
+    "LORA": ("r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "exclude_modules",
+             "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern"),
+    "IA3": ("target_modules", "exclude_modules", "feedforward_modules"),
+    "PREFIX_TUNING": ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers",
+                      "num_transformer_submodules"),
+    "PROMPT_TUNING": ("num_virtual_tokens", "token_dim", "num_transformer_submodules"),
 }
+#: fields that describe the file, only matter for merging or only mattered when peft initialised the adapter
+_IGNORED = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+            "inference_mode", "modules_to_save", "fan_in_fan_out", "init_lora_weights", "megatron_core",
+            "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+            "ensure_weight_tying", "init_ia3_weights", "init_weights", "encoder_hidden_size",
+            "prefix_projection",
+            "num_attention_heads", "num_layers", "prompt_tuning_init", "prompt_tuning_init_text",
+            "tokenizer_name_or_path", "tokenizer_kwargs"}
 
 Tensors = dict[str, torch.Tensor]
 Placed = dict[tuple[int | None, str], Settings]
@@ -98,8 +101,8 @@ def _rope_shift(model: nn.Module, kv: torch.Tensor, steps: int) -> torch.Tensor:
     inv_freq = rotary.inv_freq.to(kv.device, torch.float64)
     head_dim = kv.shape[-1]
     if 2 * inv_freq.numel() != head_dim:
-        raise PeftlabError(f"prefix tuning with partial rotary embeddings ({2 * inv_freq.numel()} of {head_dim} "
-                           "dimensions) cannot be converted between peftlab and peft")
+        raise PeftlabError(f"prefix tuning with partial rotary embeddings ({2 * inv_freq.numel()} of "
+                           f"{head_dim} dimensions) cannot be converted between peftlab and peft")
     angles = steps * torch.cat([inv_freq, inv_freq])
     keys = kv[:, 0].to(torch.float64)
     half = head_dim // 2
@@ -111,17 +114,17 @@ def _rope_shift(model: nn.Module, kv: torch.Tensor, steps: int) -> torch.Tensor:
 def _warn_positions(model: nn.Module, length: int) -> None:
     if find_suffix(model, "rotary_emb") is None:
         warnings.warn(
-            f"peft runs prefixes as past key/values, so there the input's positions start at {length} (after the "
-            f"prefix), in peftlab at 0; {type(model).__name__} has absolute position embeddings, so this prefix "
-            "adapter gives different outputs in the two libraries",
+            f"peft runs prefixes as past key/values, so there the input's positions start at {length} (after "
+            f"the prefix), in peftlab at 0; {type(model).__name__} has absolute position embeddings, so this "
+            "prefix adapter gives different outputs in the two libraries",
             UserWarning,
-            stacklevel=3,
+            stacklevel=2,
         )
 
 
 # -- export -------------------------------------------------------------------------------------------------
 def peft_files(pm: PeftModel, adapter_name: str) -> dict[str, Callable[[Path], None]]:
-    """The files of a peft adapter folder, each with its writer; every check runs before anything is written."""
+    """The files of a peft adapter folder, each with its writer; all checks run before anything is written."""
     adapter = pm.adapters[adapter_name]
     placed = _placed(pm, adapter)
     kind = _exportable_kind(adapter_name, adapter.spec, placed)
@@ -170,15 +173,17 @@ def _exportable_kind(name: str, spec: Spec, placed: Placed) -> str:
                                         (spec.train_embeddings, "trained input embeddings")) if flag]
     if any(isinstance(s, LoraSettings) and s.dora for s in placed.values()):
         problems.append("DoRA")
-    problems += [f"'{k}' modules (at {', '.join(sorted(sites[k]))})" for k in sorted(set(sites) - set(_EXPORTERS))]
+    problems += [f"'{k}' modules (at {', '.join(sorted(sites[k]))})"
+                 for k in sorted(set(sites) - set(_EXPORTERS))]
     kinds = sorted(set(sites) & set(_EXPORTERS))
     if len(kinds) > 1:
         problems.append(f"several kinds at once ({', '.join(kinds)}) where a peft adapter holds one")
     if not sites and not problems:
         problems.append("no modules besides the task head")
     if problems:
-        raise PeftlabError(f"adapter '{name}' cannot be exported to the peft format: it has {'; '.join(problems)}. "
-                           f"The peft format holds {EXPORTABLE}; save it with format='peftlab' instead")
+        raise PeftlabError(f"adapter '{name}' cannot be exported to the peft format: it has "
+                           f"{'; '.join(problems)}. The peft format holds {EXPORTABLE}; save it with "
+                           "format='peftlab' instead")
     return kinds[0]
 
 
@@ -186,8 +191,9 @@ def _host_name(ref: LinearRef, names: dict[int, str], kind: str, where: str) -> 
     name = names[id(ref.module)]
     if ref.out_slice is not None:
         raise PeftlabError(
-            f"cannot export {kind} at {where} to the peft format: that site is a slice of the fused projection "
-            f"'{name}', and peft places {kind} on whole modules; target unfused sites (o, ffn_in, ffn_out) instead"
+            f"cannot export {kind} at {where} to the peft format: that site is a slice of the fused "
+            f"projection '{name}', and peft places {kind} on whole modules; target unfused sites "
+            "(o, ffn_in, ffn_out) instead"
         )
     return name
 
@@ -212,10 +218,10 @@ def _export_lora(pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[
     modules = _linear_modules(adapter, placed, names, LoraSettings, "LoRA")
     dropouts = sorted({s.dropout for _, s, _ in modules})
     if len(dropouts) > 1:
-        raise PeftlabError(f"cannot export to the peft format: peft has one lora_dropout for all modules, this "
-                           f"adapter uses {', '.join(map(str, dropouts))} at different sites")
+        raise PeftlabError(f"cannot export to the peft format: peft has one lora_dropout for all modules, "
+                           f"this adapter uses {', '.join(map(str, dropouts))} at different sites")
     # The most common (r, alpha, rslora) is the default; other sites go to rank_pattern / alpha_pattern.
-    # A site whose rslora differs from the default gets the alpha that gives its scaling under the default rule.
+    # A site whose rslora differs from the default gets the alpha that gives its scaling under the default.
     r0, alpha0, rslora0 = Counter((s.r, s.alpha, s.rslora) for _, s, _ in modules).most_common(1)[0][0]
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
@@ -252,16 +258,16 @@ def _export_prefix(pm: PeftModel, adapter: nn.Module, placed: Placed, names: dic
                    ) -> tuple[dict[str, Any], Tensors]:
     base = pm.base_model
     if getattr(base.config, "is_encoder_decoder", False):
-        raise PeftlabError("cannot export prefix tuning of an encoder-decoder model to the peft format: peft puts "
-                           "prefixes in the decoder's self- and cross-attention, peftlab in each stack's "
-                           "self-attention")
+        raise PeftlabError("cannot export prefix tuning of an encoder-decoder model to the peft format: "
+                           "peft puts prefixes in the decoder's self- and cross-attention, peftlab in each "
+                           "stack's self-attention")
     n_layers = len(pm.blocks)
     missing = [i for i in range(n_layers) if module_key(i, "attn") not in adapter.layers]
     lengths = sorted({s.length for s in placed.values() if isinstance(s, PrefixSettings)})
     if missing or len(lengths) > 1:
         raise PeftlabError(
-            "cannot export prefix tuning to the peft format: peft needs a prefix of one length in every layer; "
-            f"this adapter has lengths {', '.join(map(str, lengths))}"
+            "cannot export prefix tuning to the peft format: peft needs a prefix of one length in every "
+            f"layer; this adapter has lengths {', '.join(map(str, lengths))}"
             + (f" and none in layers {', '.join(map(str, missing))}" if missing else "")
         )
     length, dims = lengths[0], pm.dims
@@ -281,8 +287,9 @@ def _export_prompt(pm: PeftModel, adapter: nn.Module, placed: Placed, names: dic
     prompt = adapter.layers[module_key(None, "input")].prompt
     dims = pm.dims
     # One submodule: peft prepends the table to the encoder input (of an encoder-decoder model too).
-    config = {"num_virtual_tokens": prompt.shape[0], "token_dim": dims.hidden, "num_attention_heads": dims.heads,
-              "num_layers": dims.num_layers, "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM"}
+    config = {"num_virtual_tokens": prompt.shape[0], "token_dim": dims.hidden,
+              "num_attention_heads": dims.heads, "num_layers": dims.num_layers,
+              "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM"}
     return config, {"prompt_embeddings": prompt}
 
 
@@ -292,7 +299,7 @@ _EXPORTERS = {"lora": _export_lora, "ia3": _export_ia3, "prefix": _export_prefix
 # -- import -------------------------------------------------------------------------------------------------
 def load_peft(model: nn.Module, directory: str | Path, adapter_name: str | None = None,
               activate: bool = True) -> PeftModel:
-    """Load a peft adapter folder onto ``model`` (a transformers model or a PeftModel) as a peftlab adapter."""
+    """Load a peft adapter folder onto ``model`` (a transformers model or a PeftModel) as peftlab modules."""
     directory = Path(directory)
     config = _read_config(directory)
     peft_type = config.get("peft_type")
@@ -323,7 +330,11 @@ def load_peft(model: nn.Module, directory: str | Path, adapter_name: str | None 
         pm = model
     else:
         pm = apply(model, spec, name)
-    load_adapter_state(pm, name, tensors, directory)
+    try:
+        load_adapter_state(pm, name, tensors, directory)
+    except AdapterLoadError:
+        pm.delete_adapter(name)  # leave no half-loaded adapter behind
+        raise
     if activate:
         pm.set_adapter(name)
     return pm
@@ -342,12 +353,12 @@ def _read_config(directory: Path) -> dict[str, Any]:
 
 def _check_fields(config: dict[str, Any], peft_type: str, directory: Path) -> None:
     """Refuse options peftlab would silently drop: any field it does not know, set to a non-default value."""
-    known = _COMMON_FIELDS | _FIELDS[peft_type]
+    known = _IGNORED | set(_FIELDS[peft_type])
     used = {k: v for k, v in config.items() if k not in known and v not in (None, False, "none", "", [], {})}
     if used:
         listed = ", ".join(f"{k}={v!r}" for k, v in sorted(used.items()))
-        raise AdapterLoadError(f"'{directory}': peftlab cannot import this {peft_type} adapter: it uses {listed}; "
-                               f"peftlab understands {', '.join(sorted(_FIELDS[peft_type]))}")
+        raise AdapterLoadError(f"'{directory}': peftlab cannot import this {peft_type} adapter: it uses "
+                               f"{listed}; peftlab reads {', '.join(_FIELDS[peft_type])}")
 
 
 def _take_head(base: nn.Module, state: Tensors, prefix: str) -> Tensors:
@@ -419,7 +430,7 @@ def _targets(base: nn.Module, blocks: list[Block], config: dict[str, Any], metho
     """(module name, layer, site) of every module the config targets; all must be peftlab linear sites."""
     targets = config.get("target_modules")
     if not targets or targets == "all-linear":
-        raise AdapterLoadError(f"'{directory}': target_modules is {targets!r}; peftlab needs the module names "
+        raise AdapterLoadError(f"'{directory}': target_modules is {targets!r}; peftlab needs module names "
                                "or a regular expression (peft writes them when it saves)")
     sites, fused = _linear_sites(base, blocks)
     found = []
@@ -427,8 +438,9 @@ def _targets(base: nn.Module, blocks: list[Block], config: dict[str, Any], metho
         if not name or not _is_target(config, name):
             continue
         if name in fused:
-            raise AdapterLoadError(f"'{directory}': {method} on '{name}' changes a fused q/k/v projection as one "
-                                   "matrix; peftlab places modules on its q, k and v slices separately")
+            raise AdapterLoadError(f"'{directory}': {method} on '{name}' changes a fused q/k/v projection "
+                                   "as one matrix; peftlab places modules on its q, k and v slices "
+                                   "separately")
         if name not in sites:
             raise AdapterLoadError(f"'{directory}': {method} on '{name}' cannot be imported: peftlab places "
                                    "modules only at the linear sites of transformer blocks")
@@ -452,8 +464,8 @@ def _pop(state: Tensors, key: str, directory: Path) -> torch.Tensor:
     return state.pop(key)
 
 
-def _import_lora(base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
-                 ) -> tuple[Spec, Tensors]:
+def _import_lora(base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors,
+                 directory: Path) -> tuple[Spec, Tensors]:
     placed: dict[tuple[int, str], Settings] = {}
     tensors: Tensors = {}
     for name, i, site in _targets(base, blocks, config, "LoRA", directory):
@@ -469,8 +481,8 @@ def _import_lora(base: nn.Module, blocks: list[Block], config: dict[str, Any], s
     return _layer_spec(placed), tensors
 
 
-def _import_ia3(base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
-                ) -> tuple[Spec, Tensors]:
+def _import_ia3(base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors,
+                directory: Path) -> tuple[Spec, Tensors]:
     feedforward = config.get("feedforward_modules") or []
     placed: dict[tuple[int, str], Settings] = {}
     tensors: Tensors = {}
@@ -481,9 +493,9 @@ def _import_ia3(base: nn.Module, blocks: list[Block], config: dict[str, Any], st
         if on_input != (site == "ffn_out"):
             where = "input" if on_input else "output"
             raise AdapterLoadError(
-                f"'{directory}': (IA)3 scales the {where} of '{name}' (site '{site}'); peftlab's (IA)3 scales the "
-                "input of ffn_out and the output of every other site, so list exactly the FFN output "
-                "projections as feedforward_modules"
+                f"'{directory}': (IA)3 scales the {where} of '{name}' (site '{site}'); peftlab's (IA)3 "
+                "scales the input of ffn_out and the output of every other site, so feedforward_modules "
+                "must be exactly the FFN output projections"
             )
         placed[(i, site)] = IA3Settings()
         tensors[f"layers.{module_key(i, site)}.ia3_l"] = _pop(state, f"{_key_root(False)}{name}.ia3_l",
@@ -493,15 +505,17 @@ def _import_ia3(base: nn.Module, blocks: list[Block], config: dict[str, Any], st
 
 def _expect(config: dict[str, Any], field: str, expected: int, what: str, directory: Path) -> None:
     if config.get(field) != expected:
-        raise AdapterLoadError(f"'{directory}' was made for a model with {field}={config.get(field)!r}; this model "
-                               f"has {expected} {what}")
+        raise AdapterLoadError(f"'{directory}' was made for a model with {field}={config.get(field)!r}; "
+                               f"this model has {expected} {what}")
 
 
-def _import_prefix(base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
-                   ) -> tuple[Spec, Tensors]:
-    if getattr(base.config, "is_encoder_decoder", False) or config.get("num_transformer_submodules", 1) != 1:
+def _import_prefix(base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors,
+                   directory: Path) -> tuple[Spec, Tensors]:
+    submodules = config.get("num_transformer_submodules") or 1
+    if getattr(base.config, "is_encoder_decoder", False) or submodules != 1:
         raise AdapterLoadError(f"'{directory}': peft's prefix tuning of encoder-decoder models prefixes the "
-                               "decoder's self- and cross-attention; peftlab prefixes each stack's self-attention")
+                               "decoder's self- and cross-attention; peftlab prefixes each stack's "
+                               "self-attention")
     dims = model_dims(base.config, len(blocks))
     _expect(config, "num_layers", len(blocks), "layers", directory)
     _expect(config, "num_attention_heads", dims.kv_heads, "key/value heads", directory)
@@ -519,16 +533,17 @@ def _import_prefix(base: nn.Module, blocks: list[Block], config: dict[str, Any],
     return spec, {f"layers.{module_key(i, 'attn')}.kv": kv[i] for i in range(len(blocks))}
 
 
-def _import_prompt(base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
-                   ) -> tuple[Spec, Tensors]:
+def _import_prompt(base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors,
+                   directory: Path) -> tuple[Spec, Tensors]:
     dims = model_dims(base.config, len(blocks))
     _expect(config, "token_dim", dims.hidden, "hidden features", directory)
     length = config.get("num_virtual_tokens")
     table = _pop(state, "prompt_embeddings", directory)
-    if not isinstance(length, int) or table.shape[0] < length or table.shape[1] != dims.hidden:
+    if (not isinstance(length, int) or table.dim() != 2 or table.shape[0] < length
+            or table.shape[1] != dims.hidden):
         raise AdapterLoadError(f"'{directory}': prompt_embeddings has shape {tuple(table.shape)}, expected "
                                f"({length}, {dims.hidden})")
-    # With two submodules (encoder-decoder) peft stores twice the rows but prompts only the encoder, with the first.
+    # With two submodules (encoder-decoder) peft stores twice the rows but prompts the encoder with the first.
     spec = Spec(model={"input": PromptSettings(length=length, init="random")})
     return spec, {f"layers.{module_key(None, 'input')}.prompt": table[:length]}
 

@@ -108,7 +108,7 @@ class LoraSettings(Settings):
 
 class LoRA(LinearModule):
     """Low-rank update; B starts at zero so the model is unchanged at init. With a gate (UniPELT) the
-    fixed scaling is replaced by the gate's output."""
+    fixed scaling is replaced by the gate's output, input-dependent, so a gated LoRA cannot merge."""
 
     def __init__(self, ctx: BuildContext, s: LoraSettings) -> None:
         super().__init__(ctx)
@@ -120,7 +120,13 @@ class LoRA(LinearModule):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = s.scaling
         self.dropout = nn.Dropout(s.dropout) if s.dropout > 0 else nn.Identity()
-        self.gate = Gate(ref.in_features, ctx.device, ctx.dtype) if ctx.gated else None
+        self._gate: tuple[Gate, ...] = ()
+        if ctx.gated:
+            # UniPELT has one LoRA gate per layer, shared by the query and value updates (same input).
+            key = f"lora_gate_{ctx.block.index}"
+            if key not in ctx.shared:
+                ctx.shared[key] = Gate(ref.in_features, ctx.device, ctx.dtype)
+            self._gate = (ctx.shared[key],)
         self.magnitude = None
         if s.dora:
             w = ref.weight.detach()
@@ -128,7 +134,7 @@ class LoRA(LinearModule):
             self.magnitude = nn.Parameter(init.to(**kw))
 
     def _scale(self, x: torch.Tensor) -> torch.Tensor | float:
-        return self.gate(x) if self.gate is not None else self.scaling
+        return self._gate[0](x) if self._gate else self.scaling
 
     def output_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         x = x.to(self.lora_A.dtype)
@@ -147,7 +153,7 @@ class LoRA(LinearModule):
 
     @property
     def mergeable(self) -> bool:
-        return self.gate is None
+        return not self._gate
 
     def weight_delta(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)

@@ -1,0 +1,89 @@
+"""Trainable / stored / changed counts agree with how the papers count, on meta-device models."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import peftlab
+from peftlab import methods
+
+
+def _counts(model: str, name: str, **kw):
+    pm = peftlab.apply(peftlab.load_model(model, meta=True), methods.get(name, **kw))
+    return pm.counts()
+
+
+def _without_head(c) -> tuple[int, int, int]:
+    head = c.per_kind.get("head")
+    h = head.trainable if head else 0
+    return c.trainable_params - h, c.stored_params - h, c.changed_params - h
+
+
+def test_meta_models_hold_no_weights() -> None:
+    model = peftlab.load_model("shape:llama-7b", meta=True)
+    assert all(p.device.type == "meta" for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "stored_k"),
+    [
+        # UniPELT paper (Mao et al. 2022), Table 4, BERT-base: BitFit 103K, prefix 184K, LoRA 295K, adapter 895K.
+        ("bitfit", {}, 103),
+        ("prefix", {}, 184),
+        ("lora", {}, 295),
+        ("pfeiffer", {}, 895),
+    ],
+)
+def test_unipelt_paper_counts_on_bert_base(name: str, kwargs: dict, stored_k: int) -> None:
+    c = _counts("shape:bert-base", name, **kwargs)
+    _, stored, _ = _without_head(c)
+    assert round(stored / 1000) == stored_k
+    assert c.backbone_params == 109_482_240
+
+
+def test_unipelt_counts_gates_as_trainable_and_drops_the_prefix_mlp() -> None:
+    c = _counts("shape:bert-base", "unipelt")
+    trainable, stored, _ = _without_head(c)
+    gates = 3 * 12 * (768 + 1)  # one linear map to a scalar per submodule and layer
+    # 1.25% in AutoPEFT's Table 1 (adapter + prefix + LoRA, stored form), plus the gates.
+    assert stored - gates == 894_528 + 184_320 + 294_912
+    assert round(100 * (stored - gates) / c.backbone_params, 2) == 1.25
+    # The prefix MLP (embedding, down and per-layer up projections) is trained; its output is stored.
+    mlp = 10 * 768 + (768 * 512 + 512) + 12 * (512 * 1536 + 1536)
+    assert trainable - stored == mlp - 184_320
+
+
+def test_lora_changes_whole_matrices_when_merged() -> None:
+    c = _counts("shape:bert-base", "lora")
+    assert c.per_kind["lora"].changed == 12 * 2 * 768 * 768
+    assert c.per_kind["lora"].trainable == 12 * 2 * (768 * 8 + 8 * 768)
+
+
+def test_full_fine_tuning_is_everything() -> None:
+    c = _counts("shape:bert-base", "full")
+    assert c.trainable_params == c.stored_params == c.changed_params == 109_482_240 + 768 * 2 + 2
+
+
+def test_per_layer_and_per_kind_rows_sum_to_the_totals() -> None:
+    c = _counts("shape:t5-base", "unipelt")
+    for field in ("trainable", "stored", "changed"):
+        total = getattr(c.total, field)
+        assert sum(getattr(r, field) for r in c.per_kind.values()) == total
+        assert sum(getattr(r, field) for r in c.per_layer.values()) == total
+    assert len([k for k in c.per_layer if k.isdigit()]) == 24  # 12 encoder + 12 decoder blocks
+
+
+def test_show_json_on_a_7b_shape_without_its_weights() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "peftlab.cli", "show", "--model", "shape:llama-7b", "--method", "lora", "--json"],
+        capture_output=True, text=True, check=True, timeout=300,
+    )
+    data = json.loads(out.stdout)
+    assert data["backbone_params"] == 6_738_415_616
+    assert data["trainable_params"] == data["stored_params"] == 32 * 2 * (4096 * 8 + 8 * 4096)
+    assert data["changed_params"] == 32 * 2 * 4096 * 4096
+    assert {"trainable_params", "stored_params", "changed_params", "backbone_params"} <= set(data)

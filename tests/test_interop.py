@@ -1,0 +1,176 @@
+"""The peft format both ways: what peftlab exports runs in peft (and transformers) with the same outputs, and
+what peft saves runs in peftlab with the same outputs. Adapters get random weights so that they change the
+model; every comparison is on logits."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import peftlab
+from peftlab.errors import AdapterLoadError, PeftlabError
+from peftlab.modules.linear import LoraSettings
+from peftlab.spec import Spec
+
+peft = pytest.importorskip("peft")
+
+HEADS = {"tiny-bert": "seq-cls", "tiny-llama": "causal-lm", "tiny-t5": "seq2seq", "tiny-gpt2": "causal-lm"}
+ATOL = 1e-5
+
+
+def _base(name: str, zero_positions: bool = False) -> nn.Module:
+    """A tiny model; every call with the same name gives the same weights.
+
+    ``zero_positions``: peft feeds prefixes as past key/values, so it starts BERT's (absolute) positions after
+    the prefix, where peftlab starts them at 0. That cannot be converted away (interop warns about it);
+    with the position embeddings zeroed the two conventions give the same numbers, and everything else
+    about the prefix (layout, heads, mask) is compared exactly.
+    """
+    model = peftlab.load_model(f"shape:{name}", head=HEADS[name])
+    if zero_positions:
+        with torch.no_grad():
+            model.bert.embeddings.position_embeddings.weight.zero_()
+    return model
+
+
+def _logits(model: nn.Module, name: str) -> torch.Tensor:
+    ids = torch.arange(14).reshape(2, 7) * 9 % 127 + 1
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    kwargs = {"input_ids": ids, "attention_mask": mask}
+    if name == "tiny-t5":
+        kwargs["decoder_input_ids"] = ids[:, :4]
+    with torch.no_grad():
+        return model(**kwargs).logits
+
+
+def _randomise(params: Iterable[nn.Parameter], seed: int = 1) -> None:
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0.0, 0.3)
+
+
+def _per_site_lora() -> Spec:
+    """Different r, alpha and rsLoRA per site: exported through rank_pattern and alpha_pattern."""
+    common = LoraSettings(r=4, alpha=8.0)
+    return Spec(layers={"*": {"q": common, "v": common, "ffn_out": common},
+                        "1": {"q": LoraSettings(r=2, alpha=3.0, rslora=True), "v": LoraSettings(r=4, alpha=5.0)}})
+
+
+EXPORTS: dict[str, tuple[str, Callable[[], Spec]]] = {
+    "bert-lora": ("tiny-bert", lambda: peftlab.methods.lora(r=4, alpha=8, targets="all-linear")),
+    "bert-lora-per-site": ("tiny-bert", _per_site_lora),
+    "bert-ia3": ("tiny-bert", peftlab.methods.ia3),
+    "bert-prefix": ("tiny-bert", lambda: peftlab.methods.prefix(length=3, hidden=8)),
+    "bert-prompt": ("tiny-bert", lambda: peftlab.methods.prompt(length=3)),
+    "llama-lora": ("tiny-llama", lambda: peftlab.methods.lora(r=4, targets="all-linear")),
+    # Llama has grouped-query attention and rotary positions (keys are rotated by the prefix length on export).
+    "llama-prefix": ("tiny-llama", lambda: peftlab.methods.prefix(length=3, hidden=8)),
+    "t5-lora": ("tiny-t5", lambda: peftlab.methods.lora(r=4, targets="all-linear")),
+}
+
+
+@pytest.mark.parametrize("case", EXPORTS)
+def test_export_runs_in_peft_with_the_same_outputs(case: str, tmp_path: Path) -> None:
+    name, make = EXPORTS[case]
+    absolute_prefix = case == "bert-prefix"
+    pm = peftlab.apply(_base(name, absolute_prefix), make())
+    _randomise(pm.adapters["default"].parameters())
+    expected = _logits(pm, name)
+    assert not torch.allclose(expected, _logits(_base(name, absolute_prefix), name), atol=1e-3)
+    warns = pytest.warns(UserWarning, match="absolute position") if absolute_prefix else nullcontext()
+    with warns:
+        pm.save(tmp_path, format="peft")
+    assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+    loaded = peft.PeftModel.from_pretrained(_base(name, absolute_prefix), tmp_path)
+    torch.testing.assert_close(_logits(loaded, name), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_lora_export_loads_with_transformers_load_adapter(name: str, tmp_path: Path) -> None:
+    """transformers wraps the seq-cls head in peft's ModulesToSaveWrapper, so the trained head loads too."""
+    pm = peftlab.apply(_base(name), peftlab.methods.lora(r=4, targets="all-linear"))
+    _randomise(pm.adapters["default"].parameters())
+    pm.save(tmp_path, format="peft")
+    model = _base(name)
+    model.load_adapter(str(tmp_path))
+    torch.testing.assert_close(_logits(model, name), _logits(pm, name), atol=ATOL, rtol=0)
+
+
+IMPORTS: dict[str, tuple[str, Callable[[], object]]] = {
+    "bert-lora": ("tiny-bert", lambda: peft.LoraConfig(
+        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value", "intermediate.dense"],
+        rank_pattern={r"layer\.1\.attention\.self\.query": 2}, alpha_pattern={"value": 3})),
+    # A regular expression for targets; feedforward (input-scaled) modules are the FFN output projections.
+    "bert-ia3": ("tiny-bert", lambda: peft.IA3Config(
+        task_type="SEQ_CLS", target_modules=r".*\.(key|value|\d+\.output\.dense)",
+        feedforward_modules=r".*\.\d+\.output\.dense")),
+    "bert-prefix": ("tiny-bert", lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)),
+    "bert-prompt": ("tiny-bert", lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)),
+    "llama-lora": ("tiny-llama", lambda: peft.LoraConfig(
+        task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1],
+        use_rslora=True)),
+    "llama-ia3": ("tiny-llama", lambda: peft.IA3Config(task_type="CAUSAL_LM")),
+    "llama-prefix": ("tiny-llama", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
+    "t5-lora": ("tiny-t5", lambda: peft.LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, target_modules="all-linear")),
+}
+
+
+@pytest.mark.parametrize("case", IMPORTS)
+def test_peft_adapter_runs_in_peftlab_with_the_same_outputs(case: str, tmp_path: Path) -> None:
+    name, make = IMPORTS[case]
+    absolute_prefix = case == "bert-prefix"
+    made = peft.get_peft_model(_base(name, absolute_prefix), make())
+    _randomise(p for p in made.parameters() if p.requires_grad)
+    expected = _logits(made, name)
+    made.save_pretrained(tmp_path)
+    warns = pytest.warns(UserWarning, match="absolute position") if absolute_prefix else nullcontext()
+    with warns:
+        pm = peftlab.load(_base(name, absolute_prefix), tmp_path)
+    assert isinstance(pm, peftlab.PeftModel)
+    assert (pm.adapters["default"].head is not None) == (HEADS[name] == "seq-cls")
+    torch.testing.assert_close(_logits(pm, name), expected, atol=ATOL, rtol=0)
+
+
+REFUSED_EXPORTS: dict[str, tuple[str, Callable[[], Spec], str]] = {
+    "houlsby": ("tiny-bert", lambda: peftlab.methods.houlsby(size=4),
+                r"'adapter' modules \(at after_attn, after_ffn\).*holds LoRA"),
+    "dora": ("tiny-bert", lambda: peftlab.methods.dora(r=2), "DoRA"),
+    "unipelt": ("tiny-bert", lambda: peftlab.methods.unipelt(size=4, prefix_length=2, r=2), "gates"),
+    "prefix-some-layers": ("tiny-bert", lambda: peftlab.methods.prefix(length=2, layers=[0]), "every layer"),
+    "gpt2-fused-qv": ("tiny-gpt2", lambda: peftlab.methods.lora(r=2), "fused projection 'transformer.h.0.attn"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSED_EXPORTS)
+def test_export_refuses_what_peft_cannot_hold(case: str, tmp_path: Path) -> None:
+    name, make, message = REFUSED_EXPORTS[case]
+    pm = peftlab.apply(_base(name), make())
+    with pytest.raises(PeftlabError, match=message):
+        pm.save(tmp_path / "out", format="peft")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_import_refuses_ia3_that_scales_an_attention_input(tmp_path: Path) -> None:
+    """peft's default (IA)3 for BERT input-scales attention.output.dense too (its suffix is 'output.dense')."""
+    peft.get_peft_model(_base("tiny-bert"), peft.IA3Config(task_type="SEQ_CLS")).save_pretrained(tmp_path)
+    with pytest.raises(AdapterLoadError, match=r"input of 'bert.encoder.layer.0.attention.output.dense' \(site 'o'\)"):
+        peftlab.load(_base("tiny-bert"), tmp_path)
+
+
+def test_import_refuses_unsupported_options_and_types(tmp_path: Path) -> None:
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"], use_dora=True)
+    peft.get_peft_model(_base("tiny-bert"), config).save_pretrained(tmp_path / "dora")
+    with pytest.raises(AdapterLoadError, match="use_dora=True"):
+        peftlab.load(_base("tiny-bert"), tmp_path / "dora")
+    (tmp_path / "loha").mkdir()
+    (tmp_path / "loha" / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
+    with pytest.raises(AdapterLoadError, match="LORA, IA3, PREFIX_TUNING, PROMPT_TUNING"):
+        peftlab.load(_base("tiny-bert"), tmp_path / "loha")

@@ -1,0 +1,94 @@
+"""The spec: JSON round trip, selector resolution, and one clear error per kind of mistake."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import make_model
+
+import peftlab
+from peftlab import Spec, methods
+from peftlab.errors import SpecError
+
+
+@pytest.mark.parametrize("name", list(methods.METHODS))
+def test_json_round_trip(name: str) -> None:
+    spec = methods.get(name)
+    again = Spec.from_json(spec.to_json())
+    assert again == spec
+    assert again.to_dict() == spec.to_dict()
+
+
+def test_selectors_resolve_in_order() -> None:
+    spec = Spec.from_dict({
+        "layers": {
+            "*": {"q": {"kind": "lora", "r": 4}},
+            "1-2": {"q": {"kind": "lora", "r": 8}, "after_ffn": "adapter"},
+            "2": {"q": None},
+        }
+    })
+    per_layer = spec.resolve(4, ["layers"] * 4)
+    assert per_layer[0]["q"].r == 4 and "after_ffn" not in per_layer[0]
+    assert per_layer[1]["q"].r == 8 and per_layer[1]["after_ffn"].size == 48
+    assert "q" not in per_layer[2] and "after_ffn" in per_layer[2]
+    assert per_layer[3]["q"].r == 4
+
+
+def test_stack_selectors_on_t5() -> None:
+    spec = Spec.from_dict({"layers": {"decoder": {"v": "lora"}}})
+    pm = peftlab.apply(make_model("tiny-t5", "seq2seq"), spec)
+    assert sorted(pm.adapters["default"].layers) == ["2-v", "3-v"]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"layers": {"*": {"qq": "lora"}}}, "unknown site 'qq'; sites are: q, k"),
+        ({"layers": {"*": {"q": "lorax"}}}, "unknown module kind 'lorax'; known kinds:"),
+        ({"layers": {"*": {"q": {"kind": "lora", "r": 0}}}}, r"lora r must be an integer in \[1, 4096\], got 0"),
+        ({"layers": {"*": {"q": {"kind": "lora", "rank": 4}}}}, "'lora' has no setting 'rank'; its settings are"),
+        ({"layers": {"*": {"q": "adapter"}}}, "a 'adapter' module cannot sit at site 'q'; it fits at: after_attn"),
+        ({"layers": {"*": {"after_ffn": {"kind": "adapter", "activation": "elu"}}}},
+         "activation must be one of relu, gelu, silu, tanh"),
+        ({"layers": {"first": {"q": "lora"}}}, "layer selector 'first' is not valid"),
+        ({"gates": "yes"}, "gates must be true or false"),
+        ({"extra": 1}, "unknown spec field"),
+        ({"model": {"input": {"kind": "prompt", "length": -1}}}, "prompt length must be an integer"),
+        ({"peftlab_spec": 9}, "spec version 9 is not supported"),
+    ],
+)
+def test_bad_specs_get_one_clear_error(data: dict, message: str) -> None:
+    with pytest.raises(SpecError, match=message) as info:
+        Spec.from_dict(data)
+    assert "\n" not in str(info.value)
+
+
+def test_model_dependent_errors(tiny_bert) -> None:
+    with pytest.raises(SpecError, match=r"layer selector '5' is beyond the model's depth: it has 2 layers \(0-1\)"):
+        peftlab.apply(tiny_bert, Spec.from_dict({"layers": {"5": {"q": "lora"}}}))
+    with pytest.raises(SpecError, match="bitfit needs bias terms.*Llama and T5 are bias-free"):
+        peftlab.apply(make_model("tiny-llama", "seq-cls"), methods.bitfit())
+    with pytest.raises(SpecError, match="compacter n=5 must divide the hidden size 32"):
+        peftlab.apply(tiny_bert, methods.compacter(size=10, n=5))
+    with pytest.raises(SpecError, match="exist in no layer"):
+        peftlab.apply(tiny_bert, Spec.from_dict({"layers": {"*": {"cross_q": "lora"}}}))
+    with pytest.raises(SpecError, match="this model has no decoder stack"):
+        peftlab.apply(tiny_bert, Spec.from_dict({"layers": {"decoder": {"q": "lora"}}}))
+    with pytest.raises(SpecError, match="trains nothing"):
+        peftlab.apply(make_model("tiny-gpt2", "causal-lm"), methods.head())
+
+
+def test_method_argument_errors() -> None:
+    with pytest.raises(SpecError, match="unknown method 'loraa'; methods are: lora, dora"):
+        methods.get("loraa")
+    with pytest.raises(SpecError, match="method 'lora'.*unexpected keyword argument 'rank'"):
+        methods.get("lora", rank=4)
+    with pytest.raises(SpecError, match="unknown target"):
+        methods.lora(targets="qx")
+
+
+def test_all_linear_targets_every_linear_the_block_has(tiny_bert) -> None:
+    pm = peftlab.apply(tiny_bert, methods.lora(targets="all-linear"))
+    sites = {k.split("-", 1)[1] for k in pm.adapters["default"].layers}
+    assert sites == {"q", "k", "v", "o", "ffn_in", "ffn_out"}
+    llama = peftlab.apply(make_model("tiny-llama", "causal-lm"), methods.lora(targets="all-linear"))
+    assert {k.split("-", 1)[1] for k in llama.adapters["default"].layers} == sites | {"ffn_gate"}
