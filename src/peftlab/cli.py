@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -97,6 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not os.environ.get("TRANSFORMERS_VERBOSITY"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # library chatter would bury the answer
     try:
         args.fn(args)
     except PeftlabError as e:

@@ -1,0 +1,56 @@
+"""The command line: one line per method, the counting table, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from peftlab import methods
+from peftlab.cli import main
+
+
+def test_methods_lists_every_preset_one_line_each(capsys) -> None:
+    assert main(["methods"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split()[0] for line in lines] == list(methods.METHODS)
+
+
+def test_show_prints_the_table(capsys) -> None:
+    assert main(["show", "--model", "shape:bert-base", "--method", "pfeiffer"]) == 0
+    out = capsys.readouterr().out
+    assert "trainable" in out and "stored" in out and "changed" in out
+    assert "layer 11" in out and "total" in out
+
+
+def test_show_json_with_method_arguments(capsys) -> None:
+    assert main(["show", "--model", "shape:tiny-bert", "--method", "lora", "--set", "r=4", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["per_kind"]["lora"]["trainable"] == 2 * 2 * (32 * 4 + 4 * 32)
+
+
+def test_show_reads_a_spec_file(tmp_path, capsys) -> None:
+    path = tmp_path / "spec.json"
+    methods.houlsby(size=8).save(path)
+    assert main(["show", "--model", "shape:tiny-llama", "--spec", str(path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["method"] == "houlsby"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["show", "--model", "shape:tiny-bert", "--method", "nope"], "unknown method 'nope'"),
+        (["show", "--model", "shape:bert-huge", "--method", "lora"], "unknown shape 'shape:bert-huge'"),
+        (["show", "--model", "shape:tiny-bert"], "give --method NAME"),
+        (["show", "--model", "shape:tiny-bert", "--spec", "/nonexistent.json"], "does not exist"),
+        (["show", "--model", "shape:tiny-t5", "--method", "bitfit"], "bitfit needs bias terms"),
+    ],
+)
+def test_user_mistakes_are_one_line_without_traceback(argv: list[str], message: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "peftlab.cli", *argv], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
