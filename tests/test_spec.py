@@ -65,7 +65,7 @@ def test_bad_specs_get_one_clear_error(data: dict, message: str) -> None:
 def test_model_dependent_errors(tiny_bert) -> None:
     with pytest.raises(SpecError, match=r"layer selector '5' is beyond the model's depth: it has 2 layers \(0-1\)"):
         peftlab.apply(tiny_bert, Spec.from_dict({"layers": {"5": {"q": "lora"}}}))
-    with pytest.raises(SpecError, match="bitfit needs bias terms.*Llama and T5 are bias-free"):
+    with pytest.raises(SpecError, match=r"bitfit needs bias terms.*Llama and T5 are bias-free"):
         peftlab.apply(make_model("tiny-llama", "seq-cls"), methods.bitfit())
     with pytest.raises(SpecError, match="compacter n=5 must divide the hidden size 32"):
         peftlab.apply(tiny_bert, methods.compacter(size=10, n=5))
@@ -80,7 +80,7 @@ def test_model_dependent_errors(tiny_bert) -> None:
 def test_method_argument_errors() -> None:
     with pytest.raises(SpecError, match="unknown method 'loraa'; methods are: lora, dora"):
         methods.get("loraa")
-    with pytest.raises(SpecError, match="method 'lora'.*unexpected keyword argument 'rank'"):
+    with pytest.raises(SpecError, match=r"method 'lora'.*unexpected keyword argument 'rank'"):
         methods.get("lora", rank=4)
     with pytest.raises(SpecError, match="unknown target"):
         methods.lora(targets="qx")

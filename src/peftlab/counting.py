@@ -113,7 +113,7 @@ def count(pm, adapter_name: str) -> Counts:
         c._add("full", "model", n, n, n)
         return c
     for key, module in adapter.layers.items():
-        layer, _, site = key.partition("-")
+        layer = key.partition("-")[0]
         kind = type(module).__name__.lower()
         c._add(kind, layer, module.own_numel(), module.stored_numel(), module.changed_numel())
     for key, shared in adapter.shared.items():

@@ -174,7 +174,7 @@ class PeftModel(nn.Module):
         if spec.train_head:
             found = find_head(self.base_model, self.anatomy)
             if found is not None:
-                name, head = found
+                head = found[1]
                 adapter.head = copy.deepcopy(head)
                 self.hooks.add(head, "post", _HeadOwner(adapter.name), lambda x, y, a=adapter: a.head(x))
 
