@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import logits, make_batch, make_model
 from torch import nn
 
 import peftlab
@@ -32,22 +33,11 @@ def _base(name: str, zero_positions: bool = False) -> nn.Module:
     with the position embeddings zeroed the two conventions give the same numbers, and everything else
     about the prefix (layout, heads, mask) is compared exactly.
     """
-    model = peftlab.load_model(f"shape:{name}", head=HEADS[name])
+    model = make_model(name, HEADS[name])
     if zero_positions:
         with torch.no_grad():
             model.bert.embeddings.position_embeddings.weight.zero_()
     return model
-
-
-def _logits(model: nn.Module, name: str) -> torch.Tensor:
-    ids = torch.arange(14).reshape(2, 7) * 9 % 127 + 1
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0
-    kwargs = {"input_ids": ids, "attention_mask": mask}
-    if name == "tiny-t5":
-        kwargs["decoder_input_ids"] = ids[:, :4]
-    with torch.no_grad():
-        return model(**kwargs).logits
 
 
 def _randomise(params: Iterable[nn.Parameter], seed: int = 1) -> None:
@@ -58,22 +48,21 @@ def _randomise(params: Iterable[nn.Parameter], seed: int = 1) -> None:
 
 
 def _per_site_lora() -> Spec:
-    """Different r, alpha and rsLoRA per site: exported through rank_pattern and alpha_pattern."""
+    """LoRA on every linear site, with r, alpha and rsLoRA changed at some (peft's rank/alpha_pattern)."""
     common = LoraSettings(r=4, alpha=8.0)
-    return Spec(layers={"*": {"q": common, "v": common, "ffn_out": common},
-                        "1": {"q": LoraSettings(r=2, alpha=3.0, rslora=True), "v": LoraSettings(r=4, alpha=5.0)}})
+    changed = {"q": LoraSettings(r=2, alpha=3.0, rslora=True), "v": LoraSettings(r=4, alpha=5.0)}
+    return Spec(layers={"*": dict.fromkeys(("q", "k", "v", "o", "ffn_in", "ffn_out"), common), "1": changed})
 
 
 EXPORTS: dict[str, tuple[str, Callable[[], Spec]]] = {
-    "bert-lora": ("tiny-bert", lambda: peftlab.methods.lora(r=4, alpha=8, targets="all-linear")),
-    "bert-lora-per-site": ("tiny-bert", _per_site_lora),
+    "bert-lora": ("tiny-bert", _per_site_lora),
     "bert-ia3": ("tiny-bert", peftlab.methods.ia3),
     "bert-prefix": ("tiny-bert", lambda: peftlab.methods.prefix(length=3, hidden=8)),
     "bert-prompt": ("tiny-bert", lambda: peftlab.methods.prompt(length=3)),
     "llama-lora": ("tiny-llama", lambda: peftlab.methods.lora(r=4, targets="all-linear")),
-    # Llama has grouped-query attention and rotary positions (keys are rotated by the prefix length on export).
+    # Llama: grouped-query attention, and rotary positions (keys are rotated by the prefix length on export).
     "llama-prefix": ("tiny-llama", lambda: peftlab.methods.prefix(length=3, hidden=8)),
-    "t5-lora": ("tiny-t5", lambda: peftlab.methods.lora(r=4, targets="all-linear")),
+    "t5-lora": ("tiny-t5", lambda: peftlab.methods.lora(r=4, targets=["q", "v", "cross_v", "ffn_out"])),
 }
 
 
@@ -81,16 +70,19 @@ EXPORTS: dict[str, tuple[str, Callable[[], Spec]]] = {
 def test_export_runs_in_peft_with_the_same_outputs(case: str, tmp_path: Path) -> None:
     name, make = EXPORTS[case]
     absolute_prefix = case == "bert-prefix"
-    pm = peftlab.apply(_base(name, absolute_prefix), make())
+    base = _base(name, absolute_prefix)
+    batch = make_batch(base)
+    reference = logits(base, batch)
+    pm = peftlab.apply(base, make())
     _randomise(pm.adapters["default"].parameters())
-    expected = _logits(pm, name)
-    assert not torch.allclose(expected, _logits(_base(name, absolute_prefix), name), atol=1e-3)
+    expected = logits(pm, batch)
+    assert not torch.allclose(expected, reference, atol=1e-3)
     warns = pytest.warns(UserWarning, match="absolute position") if absolute_prefix else nullcontext()
     with warns:
         pm.save(tmp_path, format="peft")
     assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     loaded = peft.PeftModel.from_pretrained(_base(name, absolute_prefix), tmp_path)
-    torch.testing.assert_close(_logits(loaded, name), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(loaded, batch), expected, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
@@ -101,7 +93,8 @@ def test_lora_export_loads_with_transformers_load_adapter(name: str, tmp_path: P
     pm.save(tmp_path, format="peft")
     model = _base(name)
     model.load_adapter(str(tmp_path))
-    torch.testing.assert_close(_logits(model, name), _logits(pm, name), atol=ATOL, rtol=0)
+    batch = make_batch(model)
+    torch.testing.assert_close(logits(model, batch), logits(pm, batch), atol=ATOL, rtol=0)
 
 
 IMPORTS: dict[str, tuple[str, Callable[[], object]]] = {
@@ -115,11 +108,13 @@ IMPORTS: dict[str, tuple[str, Callable[[], object]]] = {
     "bert-prefix": ("tiny-bert", lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)),
     "bert-prompt": ("tiny-bert", lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)),
     "llama-lora": ("tiny-llama", lambda: peft.LoraConfig(
-        task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj", "down_proj"], layers_to_transform=[1],
-        use_rslora=True)),
+        task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj", "down_proj"],
+        layers_to_transform=[1], use_rslora=True)),
     "llama-ia3": ("tiny-llama", lambda: peft.IA3Config(task_type="CAUSAL_LM")),
-    "llama-prefix": ("tiny-llama", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
-    "t5-lora": ("tiny-t5", lambda: peft.LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, target_modules="all-linear")),
+    "llama-prefix": ("tiny-llama", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM",
+                                                                  num_virtual_tokens=3)),
+    # "q" and "v" name the self- and the cross-attention projections of both stacks.
+    "t5-lora": ("tiny-t5", lambda: peft.LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, target_modules=["q", "v"])),
 }
 
 
@@ -129,14 +124,15 @@ def test_peft_adapter_runs_in_peftlab_with_the_same_outputs(case: str, tmp_path:
     absolute_prefix = case == "bert-prefix"
     made = peft.get_peft_model(_base(name, absolute_prefix), make())
     _randomise(p for p in made.parameters() if p.requires_grad)
-    expected = _logits(made, name)
+    batch = make_batch(made)
+    expected = logits(made, batch)
     made.save_pretrained(tmp_path)
     warns = pytest.warns(UserWarning, match="absolute position") if absolute_prefix else nullcontext()
     with warns:
         pm = peftlab.load(_base(name, absolute_prefix), tmp_path)
     assert isinstance(pm, peftlab.PeftModel)
     assert (pm.adapters["default"].head is not None) == (HEADS[name] == "seq-cls")
-    torch.testing.assert_close(_logits(pm, name), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(logits(pm, batch), expected, atol=ATOL, rtol=0)
 
 
 REFUSED_EXPORTS: dict[str, tuple[str, Callable[[], Spec], str]] = {
@@ -145,7 +141,8 @@ REFUSED_EXPORTS: dict[str, tuple[str, Callable[[], Spec], str]] = {
     "dora": ("tiny-bert", lambda: peftlab.methods.dora(r=2), "DoRA"),
     "unipelt": ("tiny-bert", lambda: peftlab.methods.unipelt(size=4, prefix_length=2, r=2), "gates"),
     "prefix-some-layers": ("tiny-bert", lambda: peftlab.methods.prefix(length=2, layers=[0]), "every layer"),
-    "gpt2-fused-qv": ("tiny-gpt2", lambda: peftlab.methods.lora(r=2), "fused projection 'transformer.h.0.attn"),
+    "gpt2-fused-qv": ("tiny-gpt2", lambda: peftlab.methods.lora(r=2),
+                      "fused projection 'transformer.h.0.attn.c_attn'"),
 }
 
 
@@ -159,9 +156,10 @@ def test_export_refuses_what_peft_cannot_hold(case: str, tmp_path: Path) -> None
 
 
 def test_import_refuses_ia3_that_scales_an_attention_input(tmp_path: Path) -> None:
-    """peft's default (IA)3 for BERT input-scales attention.output.dense too (its suffix is 'output.dense')."""
+    """peft's default (IA)3 for BERT input-scales attention.output.dense too (it ends with 'output.dense')."""
     peft.get_peft_model(_base("tiny-bert"), peft.IA3Config(task_type="SEQ_CLS")).save_pretrained(tmp_path)
-    with pytest.raises(AdapterLoadError, match=r"input of 'bert.encoder.layer.0.attention.output.dense' \(site 'o'\)"):
+    where = r"input of 'bert.encoder.layer.0.attention.output.dense' \(site 'o'\)"
+    with pytest.raises(AdapterLoadError, match=where):
         peftlab.load(_base("tiny-bert"), tmp_path)
 
 

@@ -31,7 +31,7 @@ from peftlab.errors import AdapterLoadError, PeftlabError
 from peftlab.modules import Settings
 from peftlab.modules.linear import IA3Settings, LoraSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
-from peftlab.peft_model import PeftModel, _stack_name, apply, model_dims, module_key
+from peftlab.peft_model import PeftModel, stack_name, apply, model_dims, module_key
 from peftlab.saving import load_adapter_state
 from peftlab.spec import Spec
 
@@ -41,6 +41,7 @@ EXPORTABLE = ("LoRA (without DoRA or gates), (IA)3, prefix tuning in every layer
               "each with its trained task head")
 #: peft_type -> the peftlab kind it becomes
 IMPORTABLE = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
+_PEFT_TYPES = {kind: peft_type for peft_type, kind in IMPORTABLE.items()}
 _LORA_WEIGHT = "{}.lora_A.weight", "{}.lora_B.weight"
 _TASKS = (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
           ("ForQuestionAnswering", "QUESTION_ANS"), ("ForCausalLM", "CAUSAL_LM"),
@@ -59,9 +60,8 @@ _IGNORED = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_mode
             "inference_mode", "modules_to_save", "fan_in_fan_out", "init_lora_weights", "megatron_core",
             "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
             "ensure_weight_tying", "init_ia3_weights", "init_weights", "encoder_hidden_size",
-            "prefix_projection",
-            "num_attention_heads", "num_layers", "prompt_tuning_init", "prompt_tuning_init_text",
-            "tokenizer_name_or_path", "tokenizer_kwargs"}
+            "prefix_projection", "num_attention_heads", "num_layers", "prompt_tuning_init",
+            "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"}
 
 Tensors = dict[str, torch.Tensor]
 Placed = dict[tuple[int | None, str], Settings]
@@ -139,7 +139,7 @@ def peft_files(pm: PeftModel, adapter_name: str) -> dict[str, Callable[[Path], N
         prefix = _key_root(prompt_learning) + head_name
         tensors |= {f"{prefix}.{k}": v for k, v in adapter.head.state_dict().items()}
     config = {
-        "peft_type": next(t for t, k in IMPORTABLE.items() if k == kind),
+        "peft_type": _PEFT_TYPES[kind],
         "task_type": _task_type(base),
         "base_model_name_or_path": getattr(base.config, "_name_or_path", None) or None,
         "revision": None,
@@ -157,7 +157,7 @@ def peft_files(pm: PeftModel, adapter_name: str) -> dict[str, Callable[[Path], N
 def _placed(pm: PeftModel, adapter: nn.Module) -> Placed:
     """Which settings sit at which (layer, site) of the adapter as built (a spec may name sites that some
     blocks lack); model-level sites have layer None."""
-    stacks = [_stack_name(b.stack.path) for b in pm.blocks]
+    stacks = [stack_name(b.stack.path) for b in pm.blocks]
     wanted = {(i, site): s for i, sites in adapter.spec.resolve(len(pm.blocks), stacks).items()
               for site, s in sites.items()}
     wanted |= {(None, site): s for site, s in adapter.spec.model.items()}

@@ -37,7 +37,7 @@ def model_dims(config: Any, num_layers: int) -> Dims:
     return Dims(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, num_layers=num_layers)
 
 
-def _stack_name(path: str) -> str:
+def stack_name(path: str) -> str:
     return path.split(".")[0] if path.split(".")[0] in ("encoder", "decoder") else "layers"
 
 
@@ -139,7 +139,7 @@ class PeftModel(nn.Module):
                             model=self.base_model, **kw)
 
     def _build(self, adapter: Adapter, spec: Spec) -> None:
-        stacks = [_stack_name(b.stack.path) for b in self._blocks]
+        stacks = [stack_name(b.stack.path) for b in self._blocks]
         per_layer = spec.resolve(len(self._blocks), stacks)
         lengths = [s.length for sites in per_layer.values() for s in sites.values() if isinstance(s, PrefixSettings)]
         hiddens = {(s.hidden, s.reparam) for sites in per_layer.values() for s in sites.values()
