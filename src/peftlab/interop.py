@@ -31,7 +31,7 @@ from peftlab.errors import AdapterLoadError, PeftlabError
 from peftlab.modules import Settings
 from peftlab.modules.linear import IA3Settings, LoraSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
-from peftlab.peft_model import PeftModel, stack_name, apply, model_dims, module_key
+from peftlab.peft_model import PeftModel, apply, model_dims, module_key, stack_name
 from peftlab.saving import load_adapter_state
 from peftlab.spec import Spec
 

@@ -230,7 +230,7 @@ class IA3(LinearModule):
 def _near_sqrt_divisor(n: int) -> int:
     """The largest divisor of n not above sqrt(n): balanced Kronecker factors."""
     best = 1
-    for d in range(1, int(math.isqrt(n)) + 1):
+    for d in range(1, math.isqrt(n) + 1):
         if n % d == 0:
             best = d
     return best
