@@ -151,3 +151,18 @@ def test_transformers_trainer_trains_only_the_adapter(tiny_bert, tmp_path) -> No
         torch.testing.assert_close(v, frozen[k])
     changed = [k for k, v in pm.adapters["default"].state_dict().items() if not torch.equal(v, start[k])]
     assert any("lora_B" in k for k in changed)
+
+
+@pytest.mark.parametrize(("shape", "head"), [("tiny-llama", "causal-lm"), ("tiny-gpt2", "causal-lm"),
+                                             ("tiny-t5", "seq2seq")])
+@pytest.mark.parametrize("name", ["lora", "prefix", "prompt", "unipelt"])
+def test_generation_with_cache_matches_without(shape: str, head: str, name: str) -> None:
+    """Prefixes and prompts must be seen exactly once whether or not generate() reuses a cache."""
+    pm = peftlab.apply(make_model(shape, head), methods.get(name))
+    _perturb(pm.adapters["default"], 5)
+    batch = make_batch(pm.base_model)
+    batch.pop("decoder_input_ids", None)
+    kw = {"max_new_tokens": 4, "do_sample": False}
+    with_cache = pm.generate(**batch, **kw)
+    without = pm.generate(**batch, use_cache=False, **kw)
+    assert torch.equal(with_cache, without)

@@ -119,6 +119,9 @@ class PeftModel(nn.Module):
         adapter = Adapter(name, spec)
         try:
             self._build(adapter, spec)
+            base_ids = {id(p) for p in self.base_model.parameters()}
+            if any(id(p) in base_ids for p in adapter.parameters()):  # a module kept a backbone submodule
+                raise RuntimeError(f"adapter '{name}' would own backbone parameters; this is a peftlab bug")
             if not spec.full and not any(True for _ in adapter.parameters()):
                 raise SpecError(
                     f"the spec trains nothing on this model: {type(self.base_model).__name__} has no task head "

@@ -208,8 +208,13 @@ class PromptSettings(Settings):
 
 
 class Prompt(PeftModule):
-    """Prepends the prompt to ``inputs_embeds`` and extends the attention mask, token types and, for
-    decoder language modelling, the labels (with -100) so that every model class keeps working."""
+    """Prepends the prompt to the input embeddings and keeps every other input consistent with it: the
+    attention mask, token types and, for decoder language modelling, the labels (padded with -100).
+
+    Decoders: the model's own forward is hooked; once a cache holds the prompt (generation), later steps
+    only get their mask extended. Encoder-decoders: the encoder is hooked (``generate`` calls it directly)
+    and the full model's mask is extended so the decoder's cross-attention sees the prompt positions too.
+    """
 
     def __init__(self, ctx: BuildContext, s: PromptSettings) -> None:
         super().__init__(ctx)
@@ -222,31 +227,66 @@ class Prompt(PeftModule):
             else:
                 nn.init.normal_(self.prompt, std=0.02)
         self._embed = (emb,)
-        self._signature = inspect.signature(ctx.model.forward)
         self._enc_dec = bool(getattr(ctx.model.config, "is_encoder_decoder", False))
+        host = ctx.model.get_encoder() if self._enc_dec else ctx.model
+        self._host = (host,)  # a tuple: the backbone must not become a submodule of the adapter
+        self._signatures = {id(m): inspect.signature(m.forward) for m in (ctx.model, host)}
 
     def attach(self, ctx: BuildContext) -> None:
-        ctx.hooks.add(ctx.model, "kwargs", self, self._prepend)
+        host = self._host[0]
+        ctx.hooks.add(host, "kwargs", self, self._bound(host, self._prepend))
+        if self._enc_dec:
+            ctx.hooks.add(ctx.model, "kwargs", self, self._bound(ctx.model, self._extend_cross_mask))
 
-    def _prepend(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        kw = dict(self._signature.bind_partial(*args, **kwargs).arguments)
-        kw |= kw.pop("kwargs", {})
+    def _bound(self, module: nn.Module, fn):
+        signature = self._signatures[id(module)]
+
+        def hook(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+            kw = dict(signature.bind_partial(*args, **kwargs).arguments)
+            kw |= kw.pop("kwargs", {})
+            return (), fn(kw)
+
+        return hook
+
+    def _mask(self, kw: dict, total: int) -> None:
+        """Give the attention mask the prompt's columns unless it already has them."""
+        mask = kw.get("attention_mask")
+        n = self.prompt.shape[0]
+        if mask is not None and mask.dim() == 2 and mask.shape[1] == total - n:
+            kw["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+
+    def _prepend(self, kw: dict) -> dict:
         input_ids = kw.pop("input_ids", None)
         embeds = kw.get("inputs_embeds")
         if embeds is None:
             embeds = self._embed[0](input_ids)
+        kw["inputs_embeds"] = embeds
+        kw.pop("position_ids", None)  # the model derives positions from the (longer) sequence
+        kw.pop("cache_position", None)
+        past = kw.get("past_key_values")
+        past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         batch, length = embeds.shape[:2]
+        n = self.prompt.shape[0]
+        if past_len:  # the cache already holds the prompt
+            self._mask(kw, past_len + length)
+            return kw
         p = self.prompt.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
         kw["inputs_embeds"] = torch.cat([p, embeds], dim=1)
-        n = self.prompt.shape[0]
-        mask = kw.get("attention_mask")
-        if mask is not None:
-            kw["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        self._mask(kw, n + length)
         types = kw.get("token_type_ids")
         if types is not None:
             kw["token_type_ids"] = torch.cat([types.new_zeros(batch, n), types], dim=1)
-        kw.pop("position_ids", None)
         labels = kw.get("labels")
         if labels is not None and not self._enc_dec and labels.dim() == 2 and labels.shape[1] == length:
             kw["labels"] = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
-        return (), kw
+        return kw
+
+    def _extend_cross_mask(self, kw: dict) -> dict:
+        encoded = kw.get("encoder_outputs")
+        if encoded is not None:
+            self._mask(kw, encoded[0].shape[1])
+        else:
+            source = kw.get("input_ids") if kw.get("input_ids") is not None else kw.get("inputs_embeds")
+            if source is not None:
+                self._mask(kw, source.shape[1] + self.prompt.shape[0])
+        return kw
