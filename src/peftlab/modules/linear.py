@@ -119,7 +119,7 @@ class LoRA(LinearModule):
         if ctx.device.type != "meta":
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = s.scaling
-        self.dropout = nn.Dropout(s.dropout) if s.dropout > 0 else nn.Identity()
+        self.dropout = nn.Dropout(s.dropout) if s.dropout > 0 else None
         self._gate: tuple[Gate, ...] = ()
         if ctx.gated:
             # UniPELT has one LoRA gate per layer, shared by the query and value updates (same input).
@@ -137,10 +137,12 @@ class LoRA(LinearModule):
         return self._gate[0](x) if self._gate else self.scaling
 
     def output_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.lora_A.dtype)
-        lora = F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self._scale(x)
+        if x.dtype != self.lora_A.dtype:
+            x = x.to(self.lora_A.dtype)
+        h = self.dropout(x) if self.dropout is not None else x
+        lora = F.linear(F.linear(h, self.lora_A), self.lora_B) * self._scale(x)
         if self.magnitude is None:
-            return lora.to(y.dtype)
+            return lora if lora.dtype == y.dtype else lora.to(y.dtype)
         # DoRA (Liu et al. 2024): m * (W + dW) / ||W + dW||, the norm detached as in the paper (sec. 4.3).
         weight = self.ref.weight
         norm = (weight + self.scaling * (self.lora_B @ self.lora_A)).norm(dim=1).detach()
