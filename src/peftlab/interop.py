@@ -32,7 +32,7 @@ from peftlab.modules import Settings
 from peftlab.modules.linear import IA3Settings, LoraSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
 from peftlab.peft_model import PeftModel, apply, model_dims, module_key, stack_name
-from peftlab.saving import load_adapter_state
+from peftlab.saving import load_adapter_state, read_json_object
 from peftlab.spec import Spec
 
 CONFIG = "adapter_config.json"
@@ -341,14 +341,7 @@ def load_peft(model: nn.Module, directory: str | Path, adapter_name: str | None 
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
-    path = directory / CONFIG
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterLoadError(f"'{path}' is not a readable peft adapter config: {e}") from None
-    if not isinstance(config, dict):
-        raise AdapterLoadError(f"'{path}' is not a peft adapter config (not a JSON object)")
-    return config
+    return read_json_object(directory / CONFIG, "peft adapter config")
 
 
 def _check_fields(config: dict[str, Any], peft_type: str, directory: Path) -> None:

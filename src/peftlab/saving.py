@@ -156,12 +156,20 @@ def _check_base(saved: dict[str, Any], current: dict[str, Any], where: Path) -> 
         )
 
 
+def read_json_object(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from an adapter folder, or one AdapterLoadError naming the file and what it should be."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise AdapterLoadError(f"'{path}' is not a readable {what}: {e}") from None
+    if not isinstance(data, dict):
+        raise AdapterLoadError(f"'{path}' is not a {what} (not a JSON object)")
+    return data
+
+
 def read_meta(directory: Path) -> dict[str, Any]:
     path = directory / META
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterLoadError(f"'{path}' is not a readable peftlab adapter description: {e}") from None
+    meta = read_json_object(path, "peftlab adapter description")
     if meta.get("format") != "peftlab-adapter" or meta.get("format_version") != FORMAT_VERSION:
         raise AdapterLoadError(f"'{path}' is not a peftlab adapter of format version {FORMAT_VERSION}")
     return meta
