@@ -1,4 +1,4 @@
-"""The ``peftlab`` command line: ``methods`` and ``show`` (more commands join as they land).
+"""The ``peftlab`` command line: ``methods``, ``show``, ``train`` and ``eval``.
 
 User mistakes end with one ``error:`` line and exit status 2, never a traceback.
 """
@@ -73,6 +73,65 @@ def cmd_show(args: argparse.Namespace) -> None:
         print(spec.to_json())
 
 
+def _train_config(args: argparse.Namespace, output: str | None):
+    from peftlab.train import TrainConfig
+
+    return TrainConfig(
+        model=args.model, task=args.task, data_dir=args.data_dir, k=args.k, data_seed=args.data_seed,
+        dev_size=args.dev_size, seed=args.seed, max_steps=args.max_steps, epochs=args.epochs, fraction=args.fraction,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length,
+        eval_every=args.eval_every, patience=args.patience, precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing, output=output, progress=not args.no_progress,
+    )
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from peftlab.train import train
+
+    spec = spec_from_args(args)
+    record = train(spec, _train_config(args, args.output))
+    summary = {"status": record.status, "steps": record.steps, "best": record.best, "test": record.test,
+               "output": args.output, "wall_time_s": round(record.wall_time_s, 1),
+               "tokens_per_s": round(record.tokens_per_s, 1)}
+    print(json.dumps(summary, indent=2))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    import torch
+
+    from peftlab.saving import load
+    from peftlab.tasks import get_task, make_splits
+    from peftlab.tokenize import get_tokenizer
+    from peftlab.train import Encoder, evaluate, input_limit, load_for_task
+
+    task = get_task(args.task)
+    model, seq2seq = load_for_task(args.model, task)
+    tokenizer = get_tokenizer(args.model, model)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = getattr(tokenizer, "pad_token_id", 0)
+    pm = load(model, args.adapter)
+    decoder_only = not seq2seq and model.config.model_type in ("llama", "qwen2", "mistral", "qwen3", "gpt2")
+    encoder = Encoder(tokenizer, task, input_limit(model, args.max_length), seq2seq, left_pad=decoder_only)
+    rows = make_splits(task.name, args.data_dir, dev_size=0).test
+    scores = evaluate(pm, encoder, rows, args.batch_size, torch.device("cpu"))
+    print(json.dumps({"task": task.name, "examples": len(rows), **scores}, indent=2))
+
+
+def _add_model_task(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="shape:<name>, minilm, smollm2-135m, a local folder or hub id")
+    p.add_argument("--task", required=True, help="a GLUE / SuperGLUE task, e.g. rte, sst2, superglue/cb")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with glue/ and superglue/ task files (default: $PEFTLAB_DATA_DIR, else the hub)")
+    p.add_argument("--max-length", type=int, default=128, help="truncate inputs to this many tokens")
+
+
+def _add_spec_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", help="a method preset (see `peftlab methods`)")
+    p.add_argument("--spec", help="a spec JSON file instead of --method")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="method argument, e.g. --set r=16 --set targets=all-linear (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning lab.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -83,15 +142,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("show", help="count trainable / stored / changed parameters of a method on a model")
     p.add_argument("--model", required=True, help="shape:<name>, minilm, smollm2-135m, a local folder or hub id")
-    p.add_argument("--method", help="a method preset (see `peftlab methods`)")
-    p.add_argument("--spec", help="a spec JSON file instead of --method")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="method argument, e.g. --set r=16 --set targets=all-linear (repeatable)")
+    _add_spec_args(p)
     p.add_argument("--head", choices=["seq-cls", "causal-lm", "seq2seq", "base"],
                    help="model class (default: seq-cls for encoders, causal-lm for decoders, seq2seq for T5)")
     p.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
     p.add_argument("--show-spec", action="store_true", help="also print the spec")
     p.set_defaults(fn=cmd_show)
+
+    p = sub.add_parser("train", help="fine-tune a method or spec on a task; saves the adapter and a JSON record")
+    _add_model_task(p)
+    _add_spec_args(p)
+    p.add_argument("--output", required=True, help="folder for the adapter, record.json and checkpoints")
+    p.add_argument("--max-steps", type=int, help="budget in optimiser steps")
+    p.add_argument("--epochs", type=float, default=3.0, help="the full run in epochs (default 3)")
+    p.add_argument("--fraction", type=float, help="budget as a fraction of the full run (low-fidelity trials)")
+    p.add_argument("--k", type=int, help="train on K examples drawn with --data-seed (low-resource setup)")
+    p.add_argument("--dev-size", type=int, help="examples held out from train for model selection (default 1000)")
+    p.add_argument("--data-seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, help="learning rate (default: the method's, from its paper)")
+    p.add_argument("--eval-every", type=int, help="evaluate on the dev split every N steps (default: each epoch)")
+    p.add_argument("--patience", type=int, help="stop after N evaluations without improvement")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="bf16/fp16 need a GPU")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a saved adapter on a task's test split (the official dev set)")
+    _add_model_task(p)
+    p.add_argument("--adapter", required=True, help="a folder written by `peftlab train` (its adapter/ folder)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.set_defaults(fn=cmd_eval)
     return parser
 
 

@@ -79,7 +79,8 @@ SHAPES: dict[str, PretrainedConfig] = {
     "tiny-llama": _llama(2, 32, 4, 2, 64, 128, max_position_embeddings=64, pad_token_id=0),
     "tiny-qwen2": Qwen2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
                               intermediate_size=64, vocab_size=128, max_position_embeddings=64, pad_token_id=0),
-    "tiny-gpt2": GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=64, pad_token_id=0),
+    "tiny-gpt2": GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=64, pad_token_id=0,
+                            bos_token_id=1, eos_token_id=2),
     "tiny-t5": _t5(2, 32, 4, 8, 64, vocab_size=128, decoder_start_token_id=0, pad_token_id=0),
 }
 

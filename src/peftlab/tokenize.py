@@ -1,0 +1,94 @@
+"""Tokenizers for every model peftlab can name, offline.
+
+Real checkpoints bring their own tokenizer (the packaged MiniLM's ``tokenizer.json``, the GGUF's
+vocabulary). ``shape:`` models have none, so :class:`HashTokenizer` maps words to ids by a stable hash:
+enough to train and measure a random-init model on real text without downloading anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftlab.zoo import packaged_minilm
+
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+class HashTokenizer:
+    """Words -> ids in [3, vocab) by a stable hash; 0 pad, 1 start/CLS, 2 separator/EOS."""
+
+    pad_token_id = 0
+    bos_token_id = 1
+    sep_token_id = 2
+    eos_token_id = 2
+    padding_side = "right"
+
+    def __init__(self, vocab_size: int) -> None:
+        if vocab_size < 4:
+            raise ValueError(f"vocab_size must be >= 4, got {vocab_size}")
+        self.vocab_size = vocab_size
+
+    def _ids(self, text: str) -> list[int]:
+        out = []
+        for word in _WORD.findall(text.lower()):
+            digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
+            out.append(3 + int.from_bytes(digest, "little") % (self.vocab_size - 3))
+        return out
+
+    def __call__(self, text: list[str], text_pair: list[str | None] | None = None, truncation: bool = True,
+                 max_length: int = 128, **_: Any) -> dict[str, list[list[int]]]:
+        pairs = text_pair or [None] * len(text)
+        ids, types = [], []
+        for a, b in zip(text, pairs, strict=True):
+            first = [self.bos_token_id, *self._ids(a), self.sep_token_id]
+            second = [*self._ids(b), self.sep_token_id] if b else []
+            seq = (first + second)[:max_length] if truncation else first + second
+            ids.append(seq)
+            types.append(([0] * len(first) + [1] * len(second))[: len(seq)])
+        return {"input_ids": ids, "token_type_ids": types, "attention_mask": [[1] * len(s) for s in ids]}
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return " ".join(str(i) for i in ids if not (skip_special_tokens and i < 3))
+
+
+def get_tokenizer(model_name: str, model: nn.Module):
+    """The tokenizer that goes with a model named as :func:`peftlab.zoo.load_model` names it."""
+    from transformers import AutoTokenizer
+
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if model_name.startswith("shape:"):
+        minilm = packaged_minilm()
+        if model.config.model_type == "bert" and minilm is not None and vocab == 30522:
+            return AutoTokenizer.from_pretrained(minilm)  # the same uncased BERT vocabulary
+        return HashTokenizer(vocab)
+    if model_name == "minilm":
+        return AutoTokenizer.from_pretrained(packaged_minilm() or "sentence-transformers/all-MiniLM-L6-v2")
+    if model_name == "smollm2-135m":
+        from peftlab.zoo import packaged_smollm2
+
+        gguf = packaged_smollm2()
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    else:
+        tok = AutoTokenizer.from_pretrained(model_name)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token  # decoders have no pad token; their EOS serves
+    return tok
+
+
+def pad_batch(rows: list[dict[str, list[int]]], pad_id: int, left: bool = False) -> dict[str, torch.Tensor]:
+    """Dynamic padding: pad to the longest row of this batch, not to a fixed length."""
+    width = max(len(r["input_ids"]) for r in rows)
+    out: dict[str, list[list[int]]] = {}
+    for key in rows[0]:
+        fill = pad_id if key == "input_ids" else 0
+        padded = []
+        for r in rows:
+            pad = [fill] * (width - len(r[key]))
+            padded.append(pad + r[key] if left else r[key] + pad)
+        out[key] = padded
+    return {k: torch.tensor(v) for k, v in out.items()}

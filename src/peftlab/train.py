@@ -1,0 +1,484 @@
+"""Fine-tuning a spec on a task: the loop behind ``peftlab train`` and the search's trials.
+
+AdamW with per-method learning-rate defaults, a linear schedule with warm-up, gradient accumulation and
+clipping, dynamic padding, optional bf16/fp16 autocast and gradient checkpointing on a GPU; a budget in
+steps, epochs or a fraction of the full run; evaluation every N steps with early stopping and best-state
+selection; checkpoints to resume from; data parallelism under ``torchrun`` / ``accelerate launch``. Every
+run writes a JSON record. A non-finite loss ends the run with status "diverged" instead of a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from peftlab import metrics as metric_fns
+from peftlab.errors import PeftlabError
+from peftlab.peft_model import PeftModel, apply
+from peftlab.spec import Spec
+from peftlab.tasks import Example, TaskInfo, get_task, make_splits
+from peftlab.tokenize import get_tokenizer, pad_batch
+
+#: Learning rates by module kind, from the papers (UniPELT's appendix B for BERT: fine-tuning 2e-5, adapter
+#: 1e-4, prefix 2e-4, UniPELT 5e-4, BitFit 1e-4, LoRA 5e-4; (IA)3 3e-3 from T-Few; prompt tuning 0.3 from
+#: Lester et al.). A spec mixing kinds takes the largest; a gated spec (UniPELT) takes 5e-4.
+LEARNING_RATES = {
+    "full": 2e-5, "adapter": 1e-4, "compacter": 1e-3, "adamix": 1e-4, "prefix": 2e-4, "lora": 5e-4, "krona": 5e-4,
+    "ia3": 3e-3, "bitfit": 1e-4, "ln": 1e-3, "prompt": 3e-1, "head": 1e-3, "gated": 5e-4,
+}
+CHECKPOINT = "checkpoint"
+
+
+def default_lr(spec: Spec) -> float:
+    if spec.full:
+        return LEARNING_RATES["full"]
+    if spec.gates:
+        return LEARNING_RATES["gated"]
+    kinds = spec.kinds() or {"head"}
+    return max(LEARNING_RATES[k] for k in kinds)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run; stored in its record."""
+
+    model: str
+    task: str
+    data_dir: str | None = None
+    k: int | None = None
+    data_seed: int = 0
+    dev_size: int | None = None
+    seed: int = 0
+    max_steps: int | None = None
+    epochs: float = 3.0
+    fraction: float | None = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    eval_every: int | None = None
+    patience: int | None = None
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    output: str | None = None
+    resume: bool = True
+    progress: bool = True
+    eval_batch_size: int = 64
+
+    def check(self) -> None:
+        budgets = [b for b in (self.max_steps, self.fraction) if b is not None]
+        if len(budgets) > 1:
+            raise PeftlabError("give one budget: --max-steps or --fraction (with --epochs as the full run)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise PeftlabError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise PeftlabError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.epochs <= 0:
+            raise PeftlabError(f"epochs must be > 0, got {self.epochs}")
+        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise PeftlabError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise PeftlabError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision != "fp32" and not torch.cuda.is_available():
+            raise PeftlabError(f"{self.precision} needs a CUDA GPU; on the CPU use fp32")
+
+
+@dataclass
+class RunRecord:
+    """The JSON record every run writes."""
+
+    config: dict[str, Any]
+    spec: dict[str, Any]
+    counts: dict[str, Any] = field(default_factory=dict)
+    status: str = "running"
+    steps: int = 0
+    total_steps: int = 0
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    test: dict[str, float] | None = None
+    wall_time_s: float = 0.0
+    train_tokens: int = 0
+    tokens_per_s: float = 0.0
+    peak_memory_bytes: int = 0
+    world_size: int = 1
+    message: str | None = None
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+# -- distributed ---------------------------------------------------------------------------------------
+def _dist_setup() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when launched by torchrun / accelerate."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _all_reduce(params: list[nn.Parameter], loss: float, world: int) -> float:
+    """Sum gradients and the loss over processes. Each process already weighted its share of the global
+    batch, so the sum is the gradient of the global mean: the same as one process on the whole batch."""
+    if world == 1:
+        return loss
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([*(g.reshape(-1) for g in grads), torch.tensor([loss], device=params[0].device)])
+    dist.all_reduce(flat)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+    return float(flat[-1])
+
+
+# -- data ------------------------------------------------------------------------------------------------
+class Encoder:
+    """Examples -> padded tensors for the model class (classifier labels, or text targets for T5)."""
+
+    def __init__(self, tokenizer: Any, task: TaskInfo, max_length: int, seq2seq: bool, left_pad: bool) -> None:
+        self.tok, self.task, self.max_length = tokenizer, task, max_length
+        self.seq2seq, self.left_pad = seq2seq, left_pad
+        pad = getattr(tokenizer, "pad_token_id", None)
+        self.pad_id = 0 if pad is None else pad
+        if seq2seq:
+            words = task.label_names or ("score",)
+            self.targets = [self._target_ids(w) for w in words]
+
+    def _target_ids(self, text: str) -> list[int]:
+        return self.tok([text], truncation=True, max_length=16)["input_ids"][0]
+
+    def label_text(self, label: float | int) -> str:
+        return self.task.label_names[int(label)] if self.task.label_names else f"{float(label):.1f}"
+
+    def __call__(self, rows: list[Example]) -> dict[str, torch.Tensor]:
+        texts = [r["text"] for r in rows]
+        pairs = [r["text_pair"] for r in rows]
+        if self.seq2seq:
+            name = self.task.name.split("/")[-1]
+            texts = [f"{name} {a}" + (f" | {b}" if b else "") for a, b in zip(texts, pairs, strict=True)]
+            enc = self.tok(texts, truncation=True, max_length=self.max_length)
+        elif any(p is not None for p in pairs):
+            enc = self.tok(texts, [p or "" for p in pairs], truncation=True, max_length=self.max_length)
+        else:
+            enc = self.tok(texts, truncation=True, max_length=self.max_length)
+        keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
+        batch = pad_batch([{k: enc[k][i] for k in keys} for i in range(len(rows))], self.pad_id, self.left_pad)
+        if self.seq2seq:
+            targets = [self._target_ids(self.label_text(r["label"])) if r["label"] is not None else [0] for r in rows]
+            labels = pad_batch([{"input_ids": t} for t in targets], -100)["input_ids"]
+            batch["labels"] = labels
+        elif rows[0]["label"] is not None:
+            dtype = torch.float if self.task.is_regression else torch.long
+            batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=dtype)
+        return batch
+
+
+def input_limit(model: nn.Module, wanted: int) -> int:
+    """``wanted`` capped at the model's position table (RoBERTa reserves two positions for padding)."""
+    cfg = model.config
+    limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if limit is None:
+        return wanted
+    if cfg.model_type in ("roberta", "xlm-roberta", "camembert"):
+        limit -= 2
+    return min(wanted, limit)
+
+
+def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+# -- evaluation ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(pm: nn.Module, encoder: Encoder, rows: list[Example], batch_size: int, device: torch.device) -> list:
+    """Predictions for ``rows``: class ids or scores; T5 ranks the label words by likelihood."""
+    was_training = pm.training
+    pm.eval()
+    out: list = []
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i : i + batch_size]
+        batch = {k: v.to(device) for k, v in encoder(chunk).items() if k != "labels"}
+        if encoder.seq2seq:
+            out += _rank_labels(pm, encoder, batch)
+            continue
+        logits = pm(**batch).logits.float()
+        out += logits[:, 0].tolist() if encoder.task.is_regression else logits.argmax(-1).tolist()
+    pm.train(was_training)
+    return out
+
+
+def _rank_labels(pm: nn.Module, encoder: Encoder, batch: dict[str, torch.Tensor]) -> list:
+    """Text-to-text classification: the label word with the highest likelihood (rank classification);
+    regression generates a number."""
+    n = batch["input_ids"].shape[0]
+    if encoder.task.is_regression:
+        gen = pm.generate(**batch, max_new_tokens=6, do_sample=False)
+        values = []
+        for seq in gen:
+            text = encoder.tok.decode(seq.tolist(), skip_special_tokens=True)
+            try:
+                values.append(float(text.strip().split()[0]))
+            except (ValueError, IndexError):
+                values.append(2.5)
+        return values
+    scores = []
+    for target in encoder.targets:
+        labels = torch.tensor([target] * n, device=batch["input_ids"].device)
+        logits = pm(**batch, labels=labels).logits.float()
+        logp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        scores.append(logp.sum(-1))
+    return torch.stack(scores, -1).argmax(-1).tolist()
+
+
+def evaluate(pm: nn.Module, encoder: Encoder, rows: list[Example], batch_size: int,
+             device: torch.device) -> dict[str, float]:
+    preds = predict(pm, encoder, rows, batch_size, device)
+    labels = [r["label"] for r in rows]
+    return metric_fns.compute(encoder.task.metrics, preds, labels)
+
+
+# -- the run ------------------------------------------------------------------------------------------------
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kB on Linux
+
+
+def _trainable(pm: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
+
+
+def _snapshot(pm: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in _trainable(pm)}
+
+
+def _restore(pm: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(pm.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def load_for_task(model_name: str, task: TaskInfo, meta: bool = False) -> tuple[nn.Module, bool]:
+    """The backbone in the class the task needs: T5 text-to-text, everything else a classifier."""
+    from transformers import AutoConfig
+
+    from peftlab.zoo import SHAPES, load_model
+
+    if model_name.startswith("shape:") and model_name[6:] in SHAPES:
+        model_type = SHAPES[model_name[6:]].model_type
+    elif model_name in ("minilm", "smollm2-135m"):
+        model_type = "bert" if model_name == "minilm" else "llama"
+    else:
+        model_type = AutoConfig.from_pretrained(model_name).model_type
+    seq2seq = model_type in ("t5", "mt5")
+    model = load_model(model_name, head="seq2seq" if seq2seq else "seq-cls", num_labels=task.num_labels, meta=meta)
+    return model, seq2seq
+
+
+def train(spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None] | None = None,
+          model: nn.Module | None = None) -> RunRecord:
+    """Train ``spec`` on ``config.task``; returns (and writes, under ``config.output``) the run record."""
+    config.check()
+    rank, world = _dist_setup()
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    task = get_task(config.task)
+    splits = make_splits(task.name, config.data_dir, config.k, config.data_seed, config.dev_size)
+    seq2seq = False
+    if model is None:
+        model, seq2seq = load_for_task(config.model, task)
+    else:
+        seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    tokenizer = get_tokenizer(config.model, model)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = getattr(tokenizer, "pad_token_id", 0)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
+        torch.device("cpu")
+    model.to(device)
+    pm = apply(model, spec) if not isinstance(model, PeftModel) else model
+    if config.gradient_checkpointing:
+        pm.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    decoder_only = not seq2seq and model.config.model_type in ("llama", "qwen2", "mistral", "qwen3", "gpt2")
+    encoder = Encoder(tokenizer, task, input_limit(model, config.max_length), seq2seq, left_pad=decoder_only)
+
+    per_rank = config.batch_size // world
+    if per_rank * world != config.batch_size:
+        raise PeftlabError(f"batch_size {config.batch_size} must be divisible by the {world} processes")
+    steps_per_epoch = math.ceil(len(splits.train) / (config.batch_size * config.grad_accum))
+    full = max(1, round(config.epochs * steps_per_epoch))
+    total = config.max_steps or max(1, round((config.fraction or 1.0) * full))
+    eval_every = config.eval_every or steps_per_epoch
+    lr = config.lr or default_lr(spec)
+    params = [p for _, p in _trainable(pm)]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
+    warmup = int(config.warmup_ratio * total)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+
+    record = RunRecord(config=asdict(config), spec=spec.to_dict(), counts=pm.counts().to_dict(), total_steps=total,
+                       world_size=world)
+    record.config["lr"] = lr
+    out = Path(config.output) if config.output else None
+    ckpt = out / CHECKPOINT if out else None
+    state = {"step": 0, "best_state": None, "bad_evals": 0, "tokens": 0, "elapsed": 0.0}
+    if ckpt is not None and config.resume and (ckpt / "state.pt").is_file():
+        state = _load_checkpoint(ckpt, pm, opt, sched, record)
+    elif out is not None and (out / "record.json").is_file():
+        raise PeftlabError(f"'{out}' already holds a finished run; choose another --output (nothing was changed)")
+    if out is not None and rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16) \
+        if config.precision != "fp32" else torch.autocast("cpu", enabled=False)
+    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+    pm.train()
+    step = state["step"]
+    start = time.perf_counter() - state["elapsed"]
+    bar = _progress(total, step, enabled=config.progress and rank == 0)
+    micro = config.batch_size * config.grad_accum
+    stop = step >= total
+    while not stop:
+        epoch, offset = divmod(step, steps_per_epoch)
+        for group in _batches(len(splits.train), micro, config.seed, epoch)[offset:]:
+            opt.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            chunks = [group[i : i + config.batch_size] for i in range(0, len(group), config.batch_size)]
+            for chunk in chunks:
+                mine = chunk[rank * per_rank : (rank + 1) * per_rank] if world > 1 else chunk
+                if not mine:
+                    continue
+                batch = {k: v.to(device) for k, v in encoder([splits.train[i] for i in mine]).items()}
+                state["tokens"] += int(batch["attention_mask"].sum())
+                with autocast:
+                    loss = pm(**batch).loss * (len(mine) / len(group))
+                (scaler.scale(loss) if scaler else loss).backward()
+                loss_sum += loss.detach().item()
+            loss_sum = _all_reduce(params, loss_sum, world)
+            if not math.isfinite(loss_sum):
+                record.status = "diverged"
+                record.message = f"non-finite loss at step {step + 1}"
+                stop = True
+                break
+            if scaler:
+                scaler.unscale_(opt)
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            sched.step()
+            step += 1
+            bar(step, loss_sum)
+            if on_step is not None:
+                on_step(step, loss_sum)
+            if step % eval_every == 0 or step == total:
+                stop = _evaluate_and_select(pm, encoder, splits.dev, config, device, step, loss_sum, record, state)
+                state["step"], state["elapsed"] = step, time.perf_counter() - start
+                if ckpt is not None and rank == 0:
+                    _save_checkpoint(ckpt, pm, opt, sched, record, state)
+            if step >= total or stop:
+                stop = True
+                break
+    bar(None, None)
+    record.steps = step
+    record.wall_time_s = time.perf_counter() - start
+    record.train_tokens = state["tokens"] * world
+    record.tokens_per_s = record.train_tokens / record.wall_time_s if record.wall_time_s else 0.0
+    record.peak_memory_bytes = _peak_memory(device)
+    if record.status == "running":
+        record.status = "early-stopped" if step < total else "completed"
+    if state["best_state"] is not None:
+        _restore(pm, state["best_state"])
+    if record.status != "diverged":
+        record.test = evaluate(pm, encoder, splits.test, config.eval_batch_size, device)
+    if out is not None and rank == 0:
+        if record.status != "diverged":
+            pm.save(out / "adapter", overwrite=True)
+        record.save(out / "record.json")
+        if ckpt is not None and record.status != "diverged":
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return record
+
+
+def _evaluate_and_select(pm, encoder, dev, config, device, step, loss, record, state) -> bool:
+    """Evaluate on the dev split, keep the best state; True when early stopping says to stop."""
+    scores = evaluate(pm, encoder, dev, config.eval_batch_size, device) if dev else {}
+    main = scores.get(encoder.task.main_metric, -loss)
+    record.evaluations.append({"step": step, "loss": loss, **scores})
+    if record.best is None or main > record.best["score"]:
+        record.best = {"step": step, "score": main, "metric": encoder.task.main_metric}
+        state["best_state"] = _snapshot(pm)
+        state["bad_evals"] = 0
+    else:
+        state["bad_evals"] += 1
+    return config.patience is not None and state["bad_evals"] >= config.patience
+
+
+def _save_checkpoint(path: Path, pm, opt, sched, record: RunRecord, state: dict) -> None:
+    """Everything needed to continue exactly: trainable tensors, optimiser, schedule, RNG, record."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    torch.save({
+        "trainable": _snapshot(pm), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+        "torch_rng": torch.get_rng_state(), "state": state,
+    }, tmp / "state.pt")
+    record.save(tmp / "record.json")
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def _load_checkpoint(path: Path, pm, opt, sched, record: RunRecord) -> dict:
+    saved = torch.load(path / "state.pt", weights_only=True)
+    _restore(pm, saved["trainable"])
+    opt.load_state_dict(saved["optimizer"])
+    sched.load_state_dict(saved["scheduler"])
+    torch.set_rng_state(saved["torch_rng"])
+    earlier = json.loads((path / "record.json").read_text())
+    record.evaluations, record.best = earlier["evaluations"], earlier["best"]
+    return saved["state"]
+
+
+def _progress(total: int, start: int, enabled: bool) -> Callable[[int | None, float | None], None]:
+    """A tqdm bar when enabled and installed; a no-op otherwise."""
+    if not enabled:
+        return lambda step, loss: None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm comes with transformers
+        return lambda step, loss: None
+    bar = tqdm(total=total, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
+
+    def update(step: int | None, loss: float | None) -> None:
+        if step is None:
+            bar.close()
+            return
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+    return update
