@@ -81,7 +81,8 @@ def _train_config(args: argparse.Namespace, output: str | None):
         dev_size=args.dev_size, seed=args.seed, max_steps=args.max_steps, epochs=args.epochs, fraction=args.fraction,
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length,
         eval_every=args.eval_every, patience=args.patience, precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing, output=output, progress=not args.no_progress,
+        gradient_checkpointing=args.gradient_checkpointing, dropout=args.dropout, output=output,
+        progress=not args.no_progress,
     )
 
 
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, help="stop after N evaluations without improvement")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="bf16/fp16 need a GPU")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--dropout", type=float, help="override the backbone's dropout probability (e.g. 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(fn=cmd_train)
 

@@ -77,6 +77,7 @@ class TrainConfig:
     patience: int | None = None
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    dropout: float | None = None
     output: str | None = None
     resume: bool = True
     progress: bool = True
@@ -95,6 +96,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise PeftlabError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise PeftlabError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise PeftlabError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.precision != "fp32" and not torch.cuda.is_available():
@@ -318,6 +321,10 @@ def train(spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None]
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
         torch.device("cpu")
     model.to(device)
+    if config.dropout is not None:  # the backbone's dropout, e.g. 0 for runs that must be reproducible
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = config.dropout
     pm = apply(model, spec) if not isinstance(model, PeftModel) else model
     if config.gradient_checkpointing:
         pm.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,126 @@
+"""Training: real task data, budgets, resuming, divergence, early stopping and data parallelism."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftlab import methods
+from peftlab.errors import PeftlabError
+from peftlab.train import TrainConfig, train
+
+DATA = Path(os.environ.get("PEFTLAB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+pytestmark = pytest.mark.skipif(not (DATA / "glue" / "SST-2").is_dir(), reason=f"no GLUE data under {DATA}")
+
+
+def _config(tmp_path: Path | None = None, **kw) -> TrainConfig:
+    base = {"model": "shape:tiny-bert", "task": "sst2", "data_dir": str(DATA), "k": 64, "dev_size": 32,
+            "batch_size": 8, "max_length": 32, "progress": False, "eval_batch_size": 64}
+    if tmp_path is not None:
+        base["output"] = str(tmp_path)
+    return TrainConfig(**(base | kw))
+
+
+def test_loss_goes_down_on_real_data() -> None:
+    losses: list[float] = []
+    record = train(methods.lora(r=4), _config(max_steps=40, lr=5e-3, eval_every=40),
+                   on_step=lambda step, loss: losses.append(loss))
+    assert record.status == "completed" and record.steps == 40
+    assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8
+    assert set(record.test) == {"accuracy"}
+    assert record.tokens_per_s > 0 and record.peak_memory_bytes > 0
+
+
+def test_budgets_in_steps_epochs_and_fractions() -> None:
+    # 64 examples / batch 8 = 8 steps per epoch.
+    assert train(methods.bitfit(), _config(epochs=1, eval_every=100)).total_steps == 8
+    assert train(methods.bitfit(), _config(epochs=2, fraction=0.25, eval_every=100)).total_steps == 4
+    assert train(methods.bitfit(), _config(max_steps=3)).total_steps == 3
+    with pytest.raises(PeftlabError, match="give one budget"):
+        train(methods.bitfit(), _config(max_steps=3, fraction=0.5))
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path: Path) -> None:
+    spec = methods.adamix()  # random expert routing: the resumed run must restore the RNG too
+    cfg = {"max_steps": 9, "eval_every": 3, "lr": 1e-2}
+    full = train(spec, _config(tmp_path / "full", **cfg))
+
+    def interrupt(step: int, loss: float) -> None:
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(methods.adamix(), _config(tmp_path / "cut", **cfg), on_step=interrupt)
+    assert (tmp_path / "cut" / "checkpoint" / "state.pt").is_file()
+    resumed = train(methods.adamix(), _config(tmp_path / "cut", **cfg))
+    assert resumed.steps == full.steps == 9
+    assert resumed.test == full.test
+    assert [e["loss"] for e in resumed.evaluations] == pytest.approx([e["loss"] for e in full.evaluations])
+    a = load_file(tmp_path / "full" / "adapter" / "adapter.safetensors")
+    b = load_file(tmp_path / "cut" / "adapter" / "adapter.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key])
+    assert not (tmp_path / "cut" / "checkpoint").exists()
+
+
+def test_a_finished_run_is_never_overwritten(tmp_path: Path) -> None:
+    train(methods.lora(), _config(tmp_path, max_steps=2))
+    before = (tmp_path / "record.json").read_text()
+    with pytest.raises(PeftlabError, match="already holds a finished run"):
+        train(methods.lora(), _config(tmp_path, max_steps=2))
+    assert (tmp_path / "record.json").read_text() == before
+
+
+def test_divergence_is_recorded_not_raised(tmp_path: Path) -> None:
+    record = train(methods.full(), _config(tmp_path, max_steps=20, lr=1e12, max_grad_norm=0.0))
+    assert record.status == "diverged" and "non-finite" in record.message
+    saved = json.loads((tmp_path / "record.json").read_text())
+    assert saved["status"] == "diverged"
+
+
+def test_early_stopping_restores_the_best_state() -> None:
+    record = train(methods.lora(), _config(max_steps=40, eval_every=2, patience=2, lr=1e-5))
+    assert record.status in ("early-stopped", "completed")
+    best = max(e["accuracy"] for e in record.evaluations)
+    assert record.best["score"] == best
+    if record.status == "early-stopped":
+        assert record.steps < 40
+
+
+@pytest.mark.parametrize(("model", "task"), [("shape:tiny-t5", "rte"), ("shape:tiny-llama", "stsb")])
+def test_text_to_text_and_decoder_classifiers(model: str, task: str) -> None:
+    record = train(methods.lora(), _config(model=model, task=task, max_steps=4))
+    assert record.status == "completed"
+    assert set(record.test) == ({"accuracy"} if task == "rte" else {"pearson", "spearman"})
+
+
+def test_two_process_data_parallel_matches_one_process(tmp_path: Path) -> None:
+    """torchrun with 2 CPU processes on gloo; dropout off, so both runs do the same arithmetic."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "from peftlab import methods\n"
+        "from peftlab.train import TrainConfig, train\n"
+        f"train(methods.lora(r=4), TrainConfig(model='shape:tiny-bert', task='sst2', data_dir={str(DATA)!r}, k=64,\n"
+        "      dev_size=32, batch_size=8, max_length=32, progress=False, max_steps=6, eval_every=3, lr=1e-2,\n"
+        "      dropout=0.0, output=sys.argv[1]))\n"
+    )
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env, timeout=300)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                    str(script), str(tmp_path / "two")], check=True, env=env, timeout=300)
+    one = json.loads((tmp_path / "one" / "record.json").read_text())
+    two = json.loads((tmp_path / "two" / "record.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1
+    assert [e["loss"] for e in two["evaluations"]] == pytest.approx([e["loss"] for e in one["evaluations"]], rel=1e-4)
+    a = load_file(tmp_path / "one" / "adapter" / "adapter.safetensors")
+    b = load_file(tmp_path / "two" / "adapter" / "adapter.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
