@@ -124,3 +124,19 @@ def test_two_process_data_parallel_matches_one_process(tmp_path: Path) -> None:
     b = load_file(tmp_path / "two" / "adapter" / "adapter.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_user_csv_and_jsonl_data(tmp_path: Path) -> None:
+    rows = [("a great film", "pos"), ("terrible acting", "neg"), ("wonderful and moving", "pos"), ("dull", "neg")] * 8
+    train_csv = tmp_path / "train.csv"
+    train_csv.write_text("review,sentiment\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    test_jsonl = tmp_path / "test.jsonl"
+    test_jsonl.write_text("".join(json.dumps({"review": t, "sentiment": y}) + "\n" for t, y in rows[:4]))
+    record = train(methods.lora(), TrainConfig(
+        model="shape:tiny-bert", task="reviews", train_file=str(train_csv), test_file=str(test_jsonl),
+        text_column="review", label_column="sentiment", label_names=["neg", "pos"], max_steps=3, progress=False))
+    assert record.status == "completed"
+    assert set(record.test) == {"accuracy", "f1"}
+    with pytest.raises(PeftlabError, match="missing column"):
+        train(methods.lora(), TrainConfig(model="shape:tiny-bert", task="x", train_file=str(train_csv),
+                                          text_column="text", label_column="sentiment", max_steps=1))

@@ -30,7 +30,7 @@ from peftlab import metrics as metric_fns
 from peftlab.errors import PeftlabError
 from peftlab.peft_model import PeftModel, apply
 from peftlab.spec import Spec
-from peftlab.tasks import Example, TaskInfo, get_task, make_splits
+from peftlab.tasks import Example, Splits, TaskInfo, get_task, load_user_data, make_splits
 from peftlab.tokenize import get_tokenizer, pad_batch
 
 #: Learning rates by module kind, from the papers (UniPELT's appendix B for BERT: fine-tuning 2e-5, adapter
@@ -82,6 +82,12 @@ class TrainConfig:
     resume: bool = True
     progress: bool = True
     eval_batch_size: int = 64
+    train_file: str | None = None
+    test_file: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    label_names: list[str] | None = None
 
     def check(self) -> None:
         budgets = [b for b in (self.max_steps, self.fraction) if b is not None]
@@ -284,6 +290,38 @@ def _restore(pm: nn.Module, state: dict[str, torch.Tensor]) -> None:
             params[n].copy_(t)
 
 
+def user_task(config: TrainConfig) -> tuple[TaskInfo, Splits]:
+    """A task made of the user's own CSV / TSV / JSONL files: classification when the labels are integers
+    or named, regression when they are floats; dev is held out from the train file, test is ``test_file``
+    (or, without one, the dev split)."""
+    def read(path: str) -> list[Example]:
+        return load_user_data(path, config.text_column, config.label_column, config.text_pair_column,
+                              config.label_names)
+
+    pool = read(config.train_file)
+    regression = isinstance(pool[0]["label"], float)
+    if config.label_names:
+        names = tuple(config.label_names)
+    elif regression:
+        names = None
+    else:
+        names = tuple(str(i) for i in range(int(max(ex["label"] for ex in pool)) + 1))
+    binary = names is not None and len(names) == 2
+    metrics = ("pearson", "spearman") if regression else ("accuracy", "f1" if binary else "macro_f1")
+    info = TaskInfo(name=f"user/{config.task}", text_fields=("text",), label_names=names, metrics=metrics,
+                    main_metric=metrics[0 if not regression else 1], local_dir="", local_files={}, hub_id="",
+                    hub_config="", hub_splits={})
+    n_dev = min(1000, len(pool) // 5) if config.dev_size is None else config.dev_size
+    order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.data_seed)).tolist()
+    dev = [pool[i] for i in order[:n_dev]]
+    rest = [pool[i] for i in order[n_dev:]]
+    train_rows = rest if config.k is None else rest[: config.k]
+    if not train_rows:
+        raise PeftlabError(f"{config.train_file}: no examples left to train on after holding out {n_dev} for dev")
+    test = read(config.test_file) if config.test_file else dev
+    return info, Splits(train=train_rows, dev=dev, test=test)
+
+
 def load_for_task(model_name: str, task: TaskInfo, meta: bool = False) -> tuple[nn.Module, bool]:
     """The backbone in the class the task needs: T5 text-to-text, everything else a classifier."""
     from transformers import AutoConfig
@@ -308,8 +346,11 @@ def train(spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None]
     rank, world = _dist_setup()
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    task = get_task(config.task)
-    splits = make_splits(task.name, config.data_dir, config.k, config.data_seed, config.dev_size)
+    if config.train_file:
+        task, splits = user_task(config)
+    else:
+        task = get_task(config.task)
+        splits = make_splits(task.name, config.data_dir, config.k, config.data_seed, config.dev_size)
     seq2seq = False
     if model is None:
         model, seq2seq = load_for_task(config.model, task)
