@@ -15,7 +15,7 @@ from peftlab.cli import main
 def test_methods_lists_every_preset_one_line_each(capsys) -> None:
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == list(methods.METHODS)
+    assert [line.split()[0] for line in lines] == [*methods.METHODS, *methods.MODEL_METHODS]
 
 
 def test_show_prints_the_table(capsys) -> None:
@@ -54,3 +54,14 @@ def test_user_mistakes_are_one_line_without_traceback(argv: list[str], message: 
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_space_shows_the_autopeft_size(capsys) -> None:
+    assert main(["space", "--model", "shape:bert-base", "--space", "autopeft", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["size"] == 2**12 * 11**3  # the AutoPEFT paper's BERT-base count
+
+
+def test_show_s4_is_sized_for_the_model(capsys) -> None:
+    assert main(["show", "--model", "shape:t5-base", "--method", "s4", "--set", "bitfit=False", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert 0.45 < data["trainable_pct"] < 0.55

@@ -1,4 +1,4 @@
-"""The ``peftlab`` command line: ``methods``, ``show``, ``train`` and ``eval``.
+"""The ``peftlab`` command line: ``methods``, ``show``, ``train``, ``eval`` and ``bench``.
 
 User mistakes end with one ``error:`` line and exit status 2, never a traceback.
 """
@@ -39,16 +39,21 @@ def spec_from_args(args: argparse.Namespace) -> Spec:
         return Spec.load(args.spec)
     if not args.method:
         raise PeftlabError(f"give --method NAME (one of: {', '.join(methods.METHODS)}) or --spec FILE")
+    if args.method in methods.MODEL_METHODS:  # designs sized for the model (s4) need its depth and dims
+        from peftlab.space import Backbone
+
+        backbone = Backbone.of(args.model)
+        return methods.MODEL_METHODS[args.method].make(backbone.num_layers, backbone, **_kwargs(args.set))
     return methods.get(args.method, **_kwargs(args.set))
 
 
 def cmd_methods(args: argparse.Namespace) -> None:
+    every = [*methods.METHODS.values(), *methods.MODEL_METHODS.values()]
     if args.json:
-        print(json.dumps({m.name: {"summary": m.summary, "paper": m.paper} for m in methods.METHODS.values()},
-                         indent=2))
+        print(json.dumps({m.name: {"summary": m.summary, "paper": m.paper} for m in every}, indent=2))
         return
-    width = max(len(n) for n in methods.METHODS)
-    for m in methods.METHODS.values():
+    width = max(len(m.name) for m in every)
+    for m in every:
         paper = f" ({m.paper})" if m.paper else ""
         print(f"{m.name:<{width}}  {m.summary}{paper}")
 
@@ -82,7 +87,9 @@ def _train_config(args: argparse.Namespace, output: str | None):
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length,
         eval_every=args.eval_every, patience=args.patience, precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing, dropout=args.dropout, output=output,
-        progress=not args.no_progress,
+        progress=not args.no_progress, train_file=args.train_file, test_file=args.test_file,
+        text_column=args.text_column, text_pair_column=args.text_pair_column, label_column=args.label_column,
+        label_names=args.labels.split(",") if args.labels else None,
     )
 
 
@@ -116,6 +123,39 @@ def cmd_eval(args: argparse.Namespace) -> None:
     rows = make_splits(task.name, args.data_dir, dev_size=0).test
     scores = evaluate(pm, encoder, rows, args.batch_size, torch.device("cpu"))
     print(json.dumps({"task": task.name, "examples": len(rows), **scores}, indent=2))
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from peftlab.bench import BenchConfig, markdown, run
+
+    config = BenchConfig(
+        model=args.model, methods=[m.strip() for m in args.methods.split(",") if m.strip()], output=args.output,
+        batch=args.batch, seq=args.seq, repeats=args.repeats, warmup=args.warmup, rounds=args.rounds,
+        threads=args.threads, device=args.device, dtype=args.dtype, compare_peft=args.compare_peft,
+        score_steps=args.score_steps, task=args.task, data_dir=args.data_dir, seed=args.seed,
+    )
+    print(markdown(run(config)))
+    print(f"written to {args.output}/bench.md, bench.csv, bench.json, bench.png", file=sys.stderr)
+
+
+def cmd_space(args: argparse.Namespace) -> None:
+    from peftlab.space import load_space
+
+    space = load_space(args.space, args.model)
+    dims = space.dimensions()
+    if args.json:
+        out = {"space": args.space, "model": args.model, "type": space.type, "size": space.size,
+               "dimensions": [d.to_dict() for d in dims], "definition": space.to_dict()}
+        print(json.dumps(out, indent=2))
+        return
+    print(f"space: {args.space} ({space.type})" + (f"   model: {args.model}" if args.model else ""))
+    width = max(len("dimension"), *(len(d.name) for d in dims))
+    print(f"{'dimension':<{width}}  {'type':<11}  {'n':>4}  choices")
+    for d in dims:
+        labels = d.labels()
+        shown = labels if len(labels) <= 12 else [*labels[:6], "...", *labels[-3:]]
+        print(f"{d.name:<{width}}  {d.type:<11}  {len(labels):>4}  {' '.join(shown)}")
+    print(f"size: {space.size:,} configurations (the product of the dimensions' choice counts)")
 
 
 def _add_model_task(p: argparse.ArgumentParser) -> None:
@@ -170,13 +210,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--dropout", type=float, help="override the backbone's dropout probability (e.g. 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("your own data (CSV, TSV or JSONL; --task then just names it)")
+    g.add_argument("--train-file", help="training examples; dev is held out from them")
+    g.add_argument("--test-file", help="test examples (default: the held-out dev split)")
+    g.add_argument("--text-column", default="text")
+    g.add_argument("--text-pair-column", help="second text of sentence-pair tasks")
+    g.add_argument("--label-column", default="label")
+    g.add_argument("--labels", help="label names in class order, e.g. neg,pos (default: integer labels)")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("space", help="show a search space: its dimensions and its size")
+    p.add_argument("--space", default="autopeft",
+                   help="a built-in space (autopeft, s4) or a space file (JSON; YAML with PyYAML); default autopeft")
+    p.add_argument("--model", help="shape:<name>, minilm, smollm2-135m, a folder or hub id (the built-in spaces "
+                                   "need it; a file may give num_layers instead)")
+    p.add_argument("--json", action="store_true", help="print a JSON object (size, dimensions, definition)")
+    p.set_defaults(fn=cmd_space)
 
     p = sub.add_parser("eval", help="evaluate a saved adapter on a task's test split (the official dev set)")
     _add_model_task(p)
     p.add_argument("--adapter", required=True, help="a folder written by `peftlab train` (its adapter/ folder)")
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("bench", help="parameters, peak memory and train / inference throughput of methods, "
+                                     "each measured in a fresh process")
+    p.add_argument("--model", required=True, help="shape:<name>, minilm, smollm2-135m, a local folder or hub id")
+    p.add_argument("--methods", required=True, help="comma-separated presets, e.g. full,head,lora,pfeiffer")
+    p.add_argument("--output", required=True, help="folder for bench.md, bench.csv, bench.json and bench.png")
+    p.add_argument("--batch", type=int, default=8, help="sequences per batch")
+    p.add_argument("--seq", type=int, default=128, help="padded length; rows get random lengths up to it")
+    p.add_argument("--repeats", type=int, default=10, help="timed iterations per measurement")
+    p.add_argument("--warmup", type=int, default=2, help="untimed iterations before them")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run every measurement this many times, each in a fresh process, reversing the order "
+                        "every other round (peftlab and peft alternate going first)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (1: robust on a shared machine, see benchmarks/README.md)")
+    p.add_argument("--compare-peft", action="store_true",
+                   help="also measure the peft library's equivalents (LoRA, DoRA, (IA)3, prefix, prompt, LN)")
+    p.add_argument("--score-steps", type=int, help="also train each method this many steps on --task (batch "
+                                                   "--batch, length --seq) and report its test score")
+    p.add_argument("--task", help="the task of --score-steps, e.g. sst2")
+    p.add_argument("--data-dir", default=None, help="task data folder (default: $PEFTLAB_DATA_DIR, else the hub)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast (weights stay fp32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_bench)
     return parser
 
 

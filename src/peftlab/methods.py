@@ -8,7 +8,8 @@ value, bottleneck 48, prefix length 10.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from peftlab.anatomy import LINEAR_SITES
 from peftlab.errors import SpecError
@@ -17,6 +18,11 @@ from peftlab.modules.linear import IA3Settings, KronaSettings, LoraSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
 from peftlab.modules.selective import BitFitSettings, LNSettings
 from peftlab.spec import Spec
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from peftlab.space import Backbone
 
 
 @dataclass(frozen=True)
@@ -197,6 +203,47 @@ def unipelt(size: int = 48, prefix_length: int = 10, prefix_hidden: int = 512, r
     return Spec(layers=_every_layer(sites), gates=True)
 
 
+#: Presets that need the model: its depth for their layer groups, its sizes to meet a parameter budget. They
+#: are called as ``make(num_layers, model, **kwargs)`` and kept out of :data:`METHODS`, whose presets build
+#: without a model.
+MODEL_METHODS: dict[str, Method] = {}
+
+
+def s4(num_layers: int, model: str | nn.Module | Backbone, budget: float = 0.005, bitfit: bool = True) -> Spec:
+    """The S4 configuration found on T5-base (Chen et al. 2023): layers in four spindle groups
+    (N1 < N2 = N3 > N4, e.g. 2,4,4,2 for 12 layers), all tuned, ``budget`` (a fraction of the backbone's
+    parameters, 0.5% as in the paper) spread uniformly over the layers; G1 adapter + LoRA, G2 adapter +
+    prefix, G3 adapter + prefix + BitFit, G4 prefix + BitFit + LoRA (adapter: serial after the FFN; LoRA
+    on q and v; prefix key/values stored directly). See :mod:`peftlab.space` for the grouping and sizing.
+
+    ``num_layers`` is the model's depth in blocks, encoder and decoder together (24 for T5-base); the CLI
+    passes the model's. ``model`` (a name such as 'shape:t5-base', the model or its Backbone) gives the exact module
+    costs that turn the budget into adapter sizes, LoRA ranks and prefix lengths. BitFit needs biases:
+    on bias-free backbones (T5, where S4 was found, and Llama) pass ``bitfit=False``, which drops it
+    (G3: adapter + prefix, G4: prefix + LoRA); with ``bitfit=True`` such a model is refused, never silently
+    changed.
+    """
+    from peftlab.space import S4_CHOICE, Backbone, design_spec
+
+    backbone = Backbone.of(model)
+    if num_layers != backbone.num_layers:
+        raise SpecError(f"s4: num_layers={num_layers} but the model has {backbone.num_layers} blocks "
+                        "(encoder and decoder blocks count together); pass its depth")
+    if bitfit and not backbone.blocks[0].biases():
+        raise SpecError("s4: this model's blocks have no biases (T5 and Llama are bias-free), so BitFit in G3 "
+                        "and G4 cannot apply; pass bitfit=False to drop it")
+    choice = S4_CHOICE
+    if not bitfit:
+        choice = replace(choice, strategies=tuple(tuple(n for n in g if n != "bitfit") for g in choice.strategies))
+    spec = design_spec(choice, backbone, budget)
+    spec.method = "s4"
+    return spec
+
+
+MODEL_METHODS["s4"] = Method("s4", s4, "S4 design: spindle groups; G1 A+L, G2 A+P, G3 A+P+B, G4 P+B+L",
+                             "Chen et al. 2023")
+
+
 @method("full", "full fine-tuning (baseline)", "")
 def full() -> Spec:
     return Spec(full=True)
@@ -209,8 +256,10 @@ def head() -> Spec:
 
 def get(name: str, **kwargs) -> Spec:
     """The spec of a method by name, with a clear error for unknown names or arguments."""
+    if name in MODEL_METHODS:
+        raise SpecError(f"method '{name}' is sized for a model: call methods.{name}(num_layers, model)")
     if name not in METHODS:
-        raise SpecError(f"unknown method '{name}'; methods are: {', '.join(METHODS)}")
+        raise SpecError(f"unknown method '{name}'; methods are: {', '.join([*METHODS, *MODEL_METHODS])}")
     try:
         return METHODS[name].make(**kwargs)
     except TypeError as e:

@@ -1,0 +1,153 @@
+"""``peftlab bench``: token counting, statistics, peft equivalents, fresh-process isolation, the command end
+to end with --compare-peft, and one-line errors. One benchmark run (7 worker processes) serves several tests."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftlab
+from peftlab import bench, methods
+from peftlab.cli import main
+
+MB = 2**20
+DATA = Path(os.environ.get("PEFTLAB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def test_count_tokens_counts_non_padding_only() -> None:
+    config = peftlab.load_model("shape:tiny-bert", meta=True).config
+    batch = bench.padded_batch(config, batch=6, seq=20, seed=3)
+    mask, ids = batch["attention_mask"], batch["input_ids"]
+    lengths = mask.sum(1)
+    assert torch.equal(mask, (torch.arange(20) < lengths[:, None]).long())  # right-padded
+    assert lengths.max() == 20 and (lengths < 20).any()  # full width, and some padding to leave out
+    assert (ids[mask == 0] == config.pad_token_id).all() and (ids[mask == 1] != config.pad_token_id).all()
+    assert bench.count_tokens(batch) == int(lengths.sum()) < mask.numel()
+    assert bench.count_tokens({"attention_mask": torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])}) == 4
+
+
+def test_summarize_gives_median_and_quartiles_of_known_numbers() -> None:
+    assert bench.summarize([9, 1, 8, 2, 7, 3, 6, 4, 5]) == {
+        "median": 5, "q25": 3, "q75": 7, "iqr": 4, "min": 1, "max": 9, "n": 9}
+    s = bench.summarize([10.0, 20.0, 30.0, 40.0])
+    assert (s["q25"], s["median"], s["q75"], s["iqr"]) == (17.5, 25.0, 32.5, 15.0)
+    assert bench.summarize([4.0]) == {"median": 4.0, "q25": 4.0, "q75": 4.0, "iqr": 0.0, "min": 4.0, "max": 4.0,
+                                      "n": 1}
+
+
+@pytest.mark.parametrize("method", ["lora", "ia3", "prefix", "prompt", "ln"])
+def test_peft_equivalent_trains_the_same_parameters(method: str) -> None:
+    from peft import get_peft_config, get_peft_model
+
+    pm = peftlab.apply(peftlab.load_model("shape:tiny-bert", head="seq-cls", meta=True), methods.get(method))
+    config, note = bench.peft_equivalent(pm)
+    assert note is None and config["task_type"] == "SEQ_CLS"
+    pp = get_peft_model(peftlab.load_model("shape:tiny-bert", head="seq-cls"), get_peft_config(dict(config)))
+    assert sum(p.numel() for p in pp.parameters() if p.requires_grad) == pm.counts().trainable_params
+    if method == "ia3":  # exact module names: the attention output is not an FFN output
+        assert "bert.encoder.layer.0.attention.output.dense" not in config["target_modules"]
+        assert config["feedforward_modules"] == [f"bert.encoder.layer.{i}.output.dense" for i in (0, 1)]
+    if method == "ln":
+        assert len(config["target_modules"]) == 5  # the embedding norm and two per layer
+
+
+@pytest.mark.parametrize("method", ["full", "head", "pfeiffer", "unipelt"])
+def test_methods_peft_lacks_have_no_equivalent(method: str) -> None:
+    pm = peftlab.apply(peftlab.load_model("shape:tiny-bert", head="seq-cls", meta=True), methods.get(method))
+    config, note = bench.peft_equivalent(pm)
+    assert config is None and "no equivalent" in note
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not (DATA / "glue" / "RTE").is_dir(), reason=f"no GLUE data under {DATA}")
+def test_score_is_the_test_metric_of_a_short_training_run() -> None:
+    job = bench.Job(kind="score", impl="peftlab", method="lora", model="shape:tiny-bert", head="seq-cls", batch=8,
+                    seq=64, repeats=1, warmup=0, threads=1, device="cpu", dtype="fp32", seed=0, task="rte",
+                    data_dir=str(DATA), score_steps=2)
+    result = bench.measure(job)
+    assert (result["status"], result["steps"], result["metric"]) == ("completed", 2, "accuracy")
+    assert 0 <= result["score"] <= 1
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple:
+    """One run: head and lora, with peft's LoRA; a large batch so that training clearly needs more memory."""
+    out = tmp_path_factory.mktemp("bench")
+    argv = ["bench", "--model", "shape:tiny-bert", "--methods", "head,lora", "--compare-peft", "--output", str(out),
+            "--batch", "256", "--seq", "64", "--repeats", "2", "--warmup", "1"]
+    assert main(argv) == 0
+    return out, json.loads((out / "bench.json").read_text())
+
+
+def test_cli_writes_markdown_csv_json_and_plot(run) -> None:
+    out, report = run
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "bench.md").read_text()
+    assert report["command"] in md and "| lora |" in md and "| lora (peft) |" in md and "| head |" in md
+    assert "torch: " in md and "## Legend" in md
+    rows = list(csv.DictReader((out / "bench.csv").open()))
+    assert [(r["method"], r["impl"]) for r in rows] == [("head", "peftlab"), ("lora", "peftlab"), ("lora", "peft")]
+    by = {(r["method"], r["impl"]): r for r in report["rows"]}
+    lab = by[("lora", "peftlab")]
+    assert lab["trainable_params"] == report["methods"]["lora"]["counts"]["trainable_params"] == 2114
+    assert lab["measured_trainable_params"] == 2114
+    assert lab["n_train"] == lab["n_infer"] == 2
+    assert lab["train_tok_s"] > 0 and lab["infer_tok_s"] > 0 and lab["merged_tok_s"] > 0
+    assert lab["step_over_forward"] > 1 and lab["increase_mb"] > 0
+    assert by[("head", "peftlab")]["merged_tok_s"] is None  # nothing to merge
+    setup = report["setup"]
+    assert setup["tokens"] == sum(setup["lengths"]) < setup["padded_tokens"] == 256 * 64
+    train = next(r for r in report["runs"] if r["job"]["kind"] == "train")
+    assert lab["train_tok_s"] != pytest.approx(setup["padded_tokens"] / train["step_s"][0])  # padding not counted
+    assert all(r["tokens"] == setup["tokens"] for r in report["runs"])
+
+
+def test_compare_peft_reports_ratios(run) -> None:
+    _, report = run
+    ratio = report["ratios"]["lora"]
+    assert ratio["trainable_peftlab"] == ratio["trainable_peft"]
+    for col in ("train_tok_s", "infer_tok_s", "peak_mb", "increase_mb"):
+        assert 0.2 < ratio[col] < 5
+    lo, hi = ratio["train_tok_s_range"]
+    assert lo <= ratio["train_tok_s"] <= hi
+    assert report["methods"]["lora"]["peft_config"]["target_modules"][0].endswith("attention.self.query")
+    assert list(report["ratios"]) == ["lora"]  # head has no peft equivalent
+
+
+def test_every_measurement_is_its_own_process(run) -> None:
+    _, report = run
+    runs = report["runs"]
+    assert len(runs) == 7  # head: train, infer; lora: train, infer, merged; peft lora: train, infer
+    pids = [r["pid"] for r in runs]
+    assert len(set(pids)) == len(pids) and os.getpid() not in pids
+    # Peak memory is per process: an inference right after a training process does not inherit its peak.
+    for before, after in itertools.pairwise(runs):
+        if before["job"]["kind"] == "train" and after["job"]["kind"] != "train":
+            grown = before["peak_bytes"] - before["loaded_bytes"]
+            assert grown > 32 * MB
+            assert after["peak_bytes"] < before["peak_bytes"] - grown / 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--methods", "lora,nope"], "unknown method 'nope'"),
+        (["--methods", "lora", "--repeats", "0"], "repeats must be >= 1, got 0"),
+        (["--methods", "lora,lora"], "listed twice"),
+        (["--methods", "lora", "--score-steps", "5"], "--score-steps and --task go together"),
+        (["--methods", "prompt", "--seq", "64"], "plus the 20 prompt tokens exceeds the 64 positions"),
+        (["--methods", "lora", "--threads", "0"], "threads must be >= 1"),
+    ],
+)
+def test_bad_input_is_one_line_and_status_2(extra: list[str], message: str, tmp_path, capsys) -> None:
+    argv = ["bench", "--model", "shape:tiny-bert", "--output", str(tmp_path / "out"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+    assert not (tmp_path / "out").exists()
