@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 import peftlab
+from peftlab.bench import cpu_model
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "lora_step.md"
 
@@ -165,16 +166,6 @@ def make_infer(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[],
 
 
 # -- environment ----------------------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def usable_cores() -> int:

@@ -585,7 +585,7 @@ def ratios(table: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 # -- environment ------------------------------------------------------------------------------------------------
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -605,7 +605,7 @@ def environment(config: BenchConfig) -> dict[str, str]:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         usable = os.cpu_count() or 1
-    env = {"CPU": _cpu_model(), "cores": f"{os.cpu_count()} logical, {usable} usable; torch threads = {config.threads}",
+    env = {"CPU": cpu_model(), "cores": f"{os.cpu_count()} logical, {usable} usable; torch threads = {config.threads}",
            "CPU capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
            "torch": torch.__version__, "transformers": transformers.__version__, "peftlab": peftlab.__version__}
     try:
