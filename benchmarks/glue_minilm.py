@@ -1,0 +1,396 @@
+"""The real MiniLM (all-MiniLM-L6-v2) on five real GLUE tasks with seven PEFT methods: score, size, time.
+
+Trains every (task, method) pair with ``peftlab train`` in a fresh process per run (so memory and time are
+per run), two runs at a time by default, each on one thread. Every run writes ``<output>/<task>/<method>/``
+(``record.json``, ``train.log``, ``bench.json``, the adapter); a run whose ``record.json`` already exists is
+skipped, so a killed benchmark resumes where it stopped (and ``peftlab train`` itself continues a run that
+was interrupted after its first checkpoint). At the end, and with ``--report-only`` without training, it
+writes a Markdown table, a CSV and a JSON file: the main metric on the test split (the official GLUE dev
+set), the task's trivial baseline computed from the same test labels (the best constant prediction:
+majority-class accuracy, F1 of always-positive for MRPC, MCC 0 for CoLA, Pearson/Spearman 0 for STS-B),
+whether the score is above it, trainable and stored %, steps, wall time, tokens/s and peak memory.
+
+    python benchmarks/glue_minilm.py --jobs 2          # ~60 min on 2 shared CPU cores
+    python benchmarks/glue_minilm.py --report-only     # just rebuild the table from the records
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+RESULTS = HERE / "results"
+DEFAULT_OUTPUT = RESULTS / "glue_minilm"
+DEFAULT_TABLE = RESULTS / "glue_minilm.md"
+
+TASKS = ("rte", "mrpc", "stsb", "sst2", "cola")
+METHODS = ("lora", "pfeiffer", "prefix", "unipelt", "bitfit", "ln", "full")
+
+#: Optimiser steps per task (batch 16), chosen so that the 35 runs take about an hour on 2 shared cores.
+#: RTE and MRPC have the longest inputs (a padded batch of about 126 and 76 tokens against 61 for STS-B, 36
+#: for SST-2 and 21 for CoLA), so a step costs 2-7x more there; they are also the tasks that need the most
+#: steps to clear their baselines, so they get what the budget allows.
+STEPS = {"rte": 80, "mrpc": 120, "stsb": 60, "sst2": 100, "cola": 150}
+#: Learning rates used here (peftlab's per-method defaults are the papers' values, tuned for runs of several
+#: epochs on BERT-base; a hundred steps need larger steps). On MRPC, 100 steps, full fine-tuning at 1e-4
+#: beat 5e-5 on the held-out dev examples; prefix tuning at 2e-3 stayed at a constant prediction.
+LRS = {"lora": 1e-3, "pfeiffer": 1e-3, "prefix": 1e-3, "unipelt": 1e-3, "bitfit": 1e-3, "ln": 1e-3, "full": 1e-4}
+#: Seconds per step measured on this machine (one thread, another job on the cores), to start the longest
+#: runs first.
+STEP_COST = {"rte": 4.4, "mrpc": 2.5, "stsb": 1.9, "sst2": 1.1, "cola": 0.65}
+
+_print_lock = threading.Lock()
+
+
+def log(msg: str) -> None:
+    with _print_lock:
+        print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def parse_map(pairs: list[str], cast, what: str) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"{what} expects KEY=VALUE, got {pair!r}")
+        out[key] = cast(value)
+    return out
+
+
+def rel(path: Path) -> str:
+    return os.path.relpath(path, REPO)
+
+
+@dataclass
+class Run:
+    task: str
+    method: str
+    steps: int
+    lr: float | None
+    out: Path
+
+    def command(self, args: argparse.Namespace) -> list[str]:
+        """The ``peftlab train`` command, with paths relative to the repository root (where it runs)."""
+        cmd = [
+            "peftlab", "train", "--model", args.model, "--task", self.task, "--method", self.method,
+            "--data-dir", rel(args.data_dir), "--output", rel(self.out), "--max-steps", str(self.steps),
+            "--dev-size", str(args.dev_size), "--eval-every", str(args.eval_every), "--batch-size",
+            str(args.batch_size), "--max-length", str(args.max_length), "--seed", str(args.seed), "--no-progress",
+        ]
+        if args.k is not None:
+            cmd += ["--k", str(args.k)]
+        if self.lr is not None:
+            cmd += ["--lr", f"{self.lr:g}"]
+        if args.patience is not None:
+            cmd += ["--patience", str(args.patience)]
+        return cmd
+
+
+def run_one(run: Run, args: argparse.Namespace) -> None:
+    """One training run in a fresh process with one thread; writes bench.json beside record.json."""
+    run.out.mkdir(parents=True, exist_ok=True)
+    cmd = run.command(args)
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        env[var] = str(args.threads)
+    env["TOKENIZERS_PARALLELISM"] = "false"
+    # `python -m peftlab.cli` is what the `peftlab` console script runs; it needs no PATH entry.
+    argv = [sys.executable, "-m", "peftlab.cli", *cmd[1:]]
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    log(f"start {run.task}/{run.method}: {shlex.join(cmd)}")
+    with open(run.out / "train.log", "a") as fh:
+        proc = subprocess.run(argv, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+    elapsed = time.perf_counter() - t0
+    info = {"command": shlex.join(cmd), "env": {"OMP_NUM_THREADS": str(args.threads)}, "returncode": proc.returncode,
+            "process_wall_s": round(elapsed, 1), "started": started.isoformat(timespec="seconds")}
+    (run.out / "bench.json").write_text(json.dumps(info, indent=2) + "\n")
+    status = "ok" if proc.returncode == 0 and (run.out / "record.json").is_file() else f"FAILED rc={proc.returncode}"
+    score = ""
+    if status == "ok":
+        rec = json.loads((run.out / "record.json").read_text())
+        score = f" test={rec.get('test')} status={rec.get('status')}"
+    log(f"done  {run.task}/{run.method} in {elapsed:.0f}s: {status}{score}")
+
+
+# -- the report ------------------------------------------------------------------------------------------
+def baseline(task: str, data_dir: Path) -> tuple[float, str, dict[str, float]]:
+    """The best constant prediction on the test labels under the task's main metric: (score, what, all metrics)."""
+    from peftlab import metrics
+    from peftlab.tasks import get_task, load_task
+
+    info = get_task(task)
+    labels = [ex["label"] for ex in load_task(task, "dev", data_dir)]  # the benchmark's test split
+    if info.is_regression:
+        train = [ex["label"] for ex in load_task(task, "train", data_dir)]
+        const = sum(train) / len(train)
+        scores = metrics.compute(info.metrics, [const] * len(labels), labels)
+        return scores[info.main_metric], f"constant {const:.2f} (0 by definition)", scores
+    best = None
+    for cls, name in enumerate(info.label_names):
+        scores = metrics.compute(info.metrics, [cls] * len(labels), labels)
+        if best is None or scores[info.main_metric] > best[0]:
+            share = sum(1 for y in labels if y == cls) / len(labels)
+            best = (scores[info.main_metric], f"always '{name}' ({share:.1%} of {len(labels)})", scores)
+    return best
+
+
+def collect(args: argparse.Namespace, runs: list[Run]) -> list[dict]:
+    from peftlab import methods
+    from peftlab.tasks import get_task
+    from peftlab.train import default_lr
+
+    base = {t: baseline(t, args.data_dir) for t in dict.fromkeys(r.task for r in runs)}
+    rows = []
+    for run in runs:
+        info = get_task(run.task)
+        b_score, b_what, _ = base[run.task]
+        row = {"task": run.task, "method": run.method, "metric": info.main_metric, "baseline": round(b_score, 4),
+               "baseline_what": b_what, "default_lr": default_lr(methods.get(run.method)), "lr": run.lr,
+               "max_steps": run.steps, "status": "missing"}
+        rec_path = run.out / "record.json"
+        if rec_path.is_file():
+            rec = json.loads(rec_path.read_text())
+            bench = json.loads((run.out / "bench.json").read_text()) if (run.out / "bench.json").is_file() else {}
+            test = rec.get("test") or {}
+            counts = rec.get("counts") or {}
+            score = test.get(info.main_metric)
+            row.update({
+                "status": rec["status"], "score": None if score is None else round(score, 4),
+                "other": {k: round(v, 4) for k, v in test.items() if k != info.main_metric},
+                "above_baseline": None if score is None else score > b_score,
+                "delta": None if score is None else round(score - b_score, 4),
+                "dev_best": rec.get("best"), "lr": rec["config"]["lr"], "steps": rec["steps"],
+                "total_steps": rec["total_steps"],
+                "trainable_params": counts.get("trainable_params"), "trainable_pct": counts.get("trainable_pct"),
+                "stored_pct": counts.get("stored_pct"), "wall_time_s": round(rec["wall_time_s"], 1),
+                "process_wall_s": bench.get("process_wall_s"), "tokens_per_s": round(rec["tokens_per_s"], 1),
+                "peak_rss_mib": round(rec["peak_memory_bytes"] / 2**20), "command": bench.get("command"),
+            })
+        rows.append(row)
+    return rows
+
+
+def machine() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import peftlab
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        mem_kb = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines()
+                      if x.startswith("MemTotal"))
+        mem = f"{mem_kb / 2**20:.0f} GiB"
+    except (OSError, StopIteration):
+        mem = "?"
+    return {"cpu": cpu, "cores": f"{os.cpu_count()} logical, {len(os.sched_getaffinity(0))} usable", "memory": mem,
+            "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peftlab": peftlab.__version__}
+
+
+def fmt(x, spec: str = "", missing: str = "–") -> str:
+    return missing if x is None else format(x, spec)
+
+
+def write_report(args: argparse.Namespace, runs: list[Run], history: list[dict]) -> None:
+    """The Markdown table, CSV and JSON; ``history`` lists the invocations that ran the runs."""
+    rows = collect(args, runs)
+    meta = machine()
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    done = [r for r in rows if r["status"] != "missing"]
+    defaults = {r["method"]: r["default_lr"] for r in rows}
+    missing = [f"{r['task']}/{r['method']}" for r in rows if r["status"] == "missing"]
+    from peftlab.tasks import get_task
+
+    lines = [
+        "# MiniLM on GLUE: seven PEFT methods, five tasks",
+        "",
+        "The real `all-MiniLM-L6-v2` weights (BERT, 6 layers, hidden 384, 22.7M parameters) fine-tuned with "
+        "`peftlab train` on RTE, MRPC, STS-B, SST-2 and CoLA. **Score** is the task's main metric on the test "
+        "split, which is the official GLUE dev set (GLUE test labels are not public); model selection uses "
+        f"{args.dev_size} examples held out from the official train set, evaluated every {args.eval_every} steps, "
+        "and the test score is that of the best dev checkpoint. **Baseline** is the best constant prediction "
+        "scored on the same test labels (majority class for accuracy, always-positive for MRPC's F1, any constant "
+        "gives MCC 0 on CoLA and Pearson/Spearman 0 on STS-B); *above* means strictly above it.",
+        "",
+        "- produced by: " + ("; then ".join(
+            f"`{h['command']}` (started {h['started']}, {h['runs']} runs to do, "
+            + (f"{h['minutes']} min)" if h.get("minutes") is not None else "interrupted)") for h in history)
+            or "(no recorded invocation)"),
+        f"- table written: {now}",
+        f"- machine: {meta['cpu']}, {meta['cores']} cores, {meta['memory']} RAM, shared with other work; "
+        f"{args.jobs} runs in parallel, each in its own process with {args.threads} thread(s)",
+        f"- versions: python {meta['python']}, torch {meta['torch']}, transformers {meta['transformers']}, "
+        f"peftlab {meta['peftlab']}",
+        f"- every run: `--model {args.model} --batch-size {args.batch_size} --max-length {args.max_length} "
+        f"--dev-size {args.dev_size} --eval-every {args.eval_every} --seed {args.seed}`"
+        + (f" --k {args.k}" if args.k is not None else " (all remaining train examples, no `--k`)")
+        + (f" --patience {args.patience}" if args.patience is not None else " (no early stopping)")
+        + "; AdamW, linear schedule with 6% warm-up, gradient clipping 1.0, the backbone's dropout (0.1)",
+        "- steps (`--max-steps`) per task: " + ", ".join(f"{t} {s}" for t, s in args.steps.items()),
+        "- learning rates (`--lr`; * = differs from peftlab's per-method default, given in brackets): "
+        + ", ".join(f"{m} {lr:g}" + ("*" if lr != defaults.get(m) else "") + f" [{defaults.get(m, 0):g}]"
+                    for m, lr in args.lrs.items()),
+        "- each run's exact `peftlab train` command is in `glue_minilm/<task>/<method>/bench.json` and in "
+        "`glue_minilm.csv`; the records are `glue_minilm/<task>/<method>/record.json`",
+    ]
+    if missing:
+        lines += ["", f"**Partial table: {len(missing)} of {len(rows)} runs missing** ({', '.join(missing)})."]
+    lines += [
+        "",
+        "| task | method | metric | score | baseline | Δ | above baseline | other test metrics | lr | trainable % "
+        "| stored % | steps (best) | wall time (s) | tokens/s | peak RSS (MiB) | status |",
+        "|---|---|---|---:|---:|---:|:---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        if r["status"] == "missing":
+            lr = r["lr"] if r["lr"] is not None else r["default_lr"]
+            mark = "*" if lr != r["default_lr"] else ""
+            lines.append(f"| {r['task']} | {r['method']} | {r['metric']} | – | {r['baseline']:.4f} | – | – | – | "
+                         f"{lr:g}{mark} | – | – | – | – | – | – | missing |")
+            continue
+        other = ", ".join(f"{k} {v:.4f}" for k, v in r["other"].items()) or "–"
+        above = {True: "yes", False: "**no**", None: "–"}[r["above_baseline"]]
+        best_step = (r.get("dev_best") or {}).get("step")
+        lr_mark = "*" if r["lr"] != r["default_lr"] else ""
+        lines.append(
+            f"| {r['task']} | {r['method']} | {r['metric']} | {fmt(r.get('score'), '.4f')} | {r['baseline']:.4f} "
+            f"| {fmt(r.get('delta'), '+.4f')} | {above} | {other} | {r['lr']:g}{lr_mark} "
+            f"| {fmt(r['trainable_pct'], '.3f')} | {fmt(r['stored_pct'], '.3f')} | {r['steps']} ({fmt(best_step)}) "
+            f"| {r['wall_time_s']:.0f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']} | {r['status']} |")
+    lines += ["", "Baselines (from the test labels):", ""]
+    seen = set()
+    for r in rows:
+        if r["task"] not in seen:
+            seen.add(r["task"])
+            lines.append(f"- {r['task']} ({get_task(r['task']).main_metric}): {r['baseline']:.4f} = "
+                         f"{r['baseline_what']}")
+    below = [f"{r['task']}/{r['method']}" for r in done if r.get("above_baseline") is False]
+    total_train = sum(r.get("wall_time_s") or 0 for r in done)
+    total_proc = sum(r.get("process_wall_s") or 0 for r in done)
+    lines += [
+        "",
+        f"Runs above baseline: {sum(1 for r in done if r.get('above_baseline'))} of {len(done)} finished"
+        + (f"; at or below: {', '.join(below)}." if below else "."),
+        f"Summed per-run time: {total_train / 60:.1f} min in the training loop (the *wall time* column: "
+        f"training plus the dev evaluations), {total_proc / 60:.1f} min of whole processes (start-up, loading, "
+        "test evaluation and saving included).",
+        "",
+        "Columns: *steps (best)* = optimiser steps run (the step whose dev score was best and whose weights "
+        "were evaluated on the test split); *trainable %* / *stored %* = trainable / saved parameters as a "
+        "percentage of the 22.7M backbone parameters (the classifier head included); *tokens/s* = non-padding "
+        "training tokens per second of training-loop wall time; *peak RSS* = the run's process maximum resident "
+        "set size.",
+    ]
+    if args.notes and args.notes.is_file():
+        lines += ["", args.notes.read_text().rstrip()]
+    args.table.parent.mkdir(parents=True, exist_ok=True)
+    args.table.write_text("\n".join(lines) + "\n")
+
+    fields = ["task", "method", "metric", "score", "baseline", "delta", "above_baseline", "status", "lr",
+              "default_lr", "trainable_params", "trainable_pct", "stored_pct", "steps", "total_steps",
+              "wall_time_s", "process_wall_s", "tokens_per_s", "peak_rss_mib", "other", "command"]
+    with open(args.table.with_suffix(".csv"), "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: json.dumps(r[k]) if isinstance(r.get(k), dict) else r.get(k) for k in fields})
+    args.table.with_suffix(".json").write_text(json.dumps(
+        {"invocations": history, "date": now, "machine": meta, "rows": rows}, indent=2, default=str) + "\n")
+    log(f"wrote {args.table} ({len(done)} of {len(rows)} runs)")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="OMP threads per run (default 1)")
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--data-dir", type=Path,
+                   default=Path(os.environ.get("PEFTLAB_DATA_DIR", REPO.parent / "shared" / "data")))
+    p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="folder for the per-run folders")
+    p.add_argument("--table", type=Path, default=DEFAULT_TABLE, help="Markdown summary (.csv and .json beside it)")
+    p.add_argument("--steps", nargs="*", default=[], metavar="TASK=N", help="override the steps of a task")
+    p.add_argument("--lr", nargs="*", default=[], metavar="METHOD=LR",
+                   help="override a method's learning rate ('default' = peftlab's per-method default)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--dev-size", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=40)
+    p.add_argument("--patience", type=int, default=None)
+    p.add_argument("--k", type=int, default=None, help="train examples per task (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--notes", type=Path, default=None,
+                   help="Markdown appended to the table (default: <output>/NOTES.md when it exists)")
+    p.add_argument("--report-only", action="store_true", help="write the table from existing records only")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    args = p.parse_args()
+    command = shlex.join(["python", "benchmarks/glue_minilm.py", *sys.argv[1:]])
+
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; choose from {METHODS}")
+    steps = STEPS | parse_map(args.steps, int, "--steps")
+    lrs = LRS | parse_map(args.lr, lambda v: None if v == "default" else float(v), "--lr")
+    args.data_dir = args.data_dir.resolve()
+    args.output = args.output.resolve()
+    if args.notes is None and (args.output / "NOTES.md").is_file():
+        args.notes = args.output / "NOTES.md"
+    runs = [Run(t, m, steps[t], lrs[m], args.output / t / m) for t in args.tasks for m in args.methods]
+    # The lr of the table header: the value passed, or (None) the default, filled in from the spec.
+    from peftlab import methods
+    from peftlab.train import default_lr
+
+    args.lrs = {m: (lrs[m] if lrs[m] is not None else default_lr(methods.get(m))) for m in args.methods}
+    args.steps = {t: steps[t] for t in args.tasks}
+
+    if args.dry_run:
+        for run in runs:
+            print(shlex.join(run.command(args)))
+        return
+    start = time.perf_counter()
+    history_path = args.output / "invocations.json"
+    history = json.loads(history_path.read_text()) if history_path.is_file() else []
+    if not args.report_only:
+        todo = [r for r in runs if not (r.out / "record.json").is_file()]
+        log(f"{len(runs) - len(todo)} of {len(runs)} runs already done; {len(todo)} to run, {args.jobs} at a time")
+        # Logged before the runs start, so an invocation that is killed still appears in the table.
+        entry = {"command": command, "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "runs": len(todo),
+                 "minutes": None}
+        history.append(entry)
+        args.output.mkdir(parents=True, exist_ok=True)
+        history_path.write_text(json.dumps(history, indent=2) + "\n")
+        todo.sort(key=lambda r: -r.steps * STEP_COST.get(r.task, 1.0))  # longest first: better packing
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for fut in [pool.submit(run_one, r, args) for r in todo]:
+                fut.result()
+        entry["minutes"] = round((time.perf_counter() - start) / 60, 1)
+        history_path.write_text(json.dumps(history, indent=2) + "\n")
+    write_report(args, runs, history)
+
+
+if __name__ == "__main__":
+    main()
