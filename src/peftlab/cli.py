@@ -109,17 +109,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     from peftlab.saving import load
     from peftlab.tasks import get_task, make_splits
-    from peftlab.tokenize import get_tokenizer
-    from peftlab.train import Encoder, evaluate, input_limit, load_for_task
+    from peftlab.train import evaluate, load_for_task, task_encoder
 
     task = get_task(args.task)
     model, seq2seq = load_for_task(args.model, task)
-    tokenizer = get_tokenizer(args.model, model)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = getattr(tokenizer, "pad_token_id", 0)
+    encoder = task_encoder(args.model, model, task, args.max_length, seq2seq)
     pm = load(model, args.adapter)
-    decoder_only = not seq2seq and model.config.model_type in ("llama", "qwen2", "mistral", "qwen3", "gpt2")
-    encoder = Encoder(tokenizer, task, input_limit(model, args.max_length), seq2seq, left_pad=decoder_only)
     rows = make_splits(task.name, args.data_dir, dev_size=0).test
     scores = evaluate(pm, encoder, rows, args.batch_size, torch.device("cpu"))
     print(json.dumps({"task": task.name, "examples": len(rows), **scores}, indent=2))

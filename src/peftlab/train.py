@@ -213,6 +213,16 @@ def input_limit(model: nn.Module, wanted: int) -> int:
     return min(wanted, limit)
 
 
+def task_encoder(model_name: str, model: nn.Module, task: TaskInfo, max_length: int, seq2seq: bool) -> Encoder:
+    """The tokenizer-backed encoder for a model and task; gives the model a pad token id if it lacks one.
+    Decoders are padded on the left so that their last position is a real token."""
+    tokenizer = get_tokenizer(model_name, model)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = getattr(tokenizer, "pad_token_id", 0)
+    decoder_only = not seq2seq and model.config.model_type in ("llama", "qwen2", "mistral", "qwen3", "gpt2")
+    return Encoder(tokenizer, task, input_limit(model, max_length), seq2seq, left_pad=decoder_only)
+
+
 def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
@@ -356,9 +366,7 @@ def train(spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None]
         model, seq2seq = load_for_task(config.model, task)
     else:
         seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
-    tokenizer = get_tokenizer(config.model, model)
-    if model.config.pad_token_id is None:
-        model.config.pad_token_id = getattr(tokenizer, "pad_token_id", 0)
+    encoder = task_encoder(config.model, model, task, config.max_length, seq2seq)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
         torch.device("cpu")
     model.to(device)
@@ -369,8 +377,6 @@ def train(spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None]
     pm = apply(model, spec) if not isinstance(model, PeftModel) else model
     if config.gradient_checkpointing:
         pm.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    decoder_only = not seq2seq and model.config.model_type in ("llama", "qwen2", "mistral", "qwen3", "gpt2")
-    encoder = Encoder(tokenizer, task, input_limit(model, config.max_length), seq2seq, left_pad=decoder_only)
 
     per_rank = config.batch_size // world
     if per_rank * world != config.batch_size:
