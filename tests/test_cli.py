@@ -65,3 +65,19 @@ def test_show_s4_is_sized_for_the_model(capsys) -> None:
     assert main(["show", "--model", "shape:t5-base", "--method", "s4", "--set", "bitfit=False", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert 0.45 < data["trainable_pct"] < 0.55
+
+
+def test_train_then_eval_agree(tmp_path, capsys) -> None:
+    import os
+    from pathlib import Path
+
+    data = Path(os.environ.get("PEFTLAB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not (data / "glue" / "RTE").is_dir():
+        pytest.skip(f"no GLUE data under {data}")
+    common = ["--model", "shape:tiny-bert", "--task", "rte", "--data-dir", str(data)]
+    assert main(["train", *common, "--method", "lora", "--k", "32", "--dev-size", "16", "--max-steps", "3",
+                 "--output", str(tmp_path / "run"), "--no-progress"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert trained["status"] == "completed"
+    assert main(["eval", *common, "--adapter", str(tmp_path / "run" / "adapter")]) == 0
+    assert json.loads(capsys.readouterr().out)["accuracy"] == trained["test"]["accuracy"]
