@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import shlex
@@ -44,7 +45,7 @@ METHODS = ("lora", "pfeiffer", "prefix", "unipelt", "bitfit", "ln", "full")
 #: RTE and MRPC have the longest inputs (a padded batch of about 126 and 76 tokens against 61 for STS-B, 36
 #: for SST-2 and 21 for CoLA), so a step costs 2-7x more there; they are also the tasks that need the most
 #: steps to clear their baselines, so they get what the budget allows.
-STEPS = {"rte": 80, "mrpc": 120, "stsb": 60, "sst2": 100, "cola": 150}
+STEPS = {"rte": 80, "mrpc": 120, "stsb": 150, "sst2": 100, "cola": 400}
 #: Learning rates used here (peftlab's per-method defaults are the papers' values, tuned for runs of several
 #: epochs on BERT-base; a hundred steps need larger steps). On MRPC, 100 steps, full fine-tuning at 1e-4
 #: beat 5e-5 on the held-out dev examples; prefix tuning at 2e-3 stayed at a constant prediction.
@@ -128,8 +129,22 @@ def run_one(run: Run, args: argparse.Namespace) -> None:
 
 
 # -- the report ------------------------------------------------------------------------------------------
-def baseline(task: str, data_dir: Path) -> tuple[float, str, dict[str, float]]:
-    """The best constant prediction on the test labels under the task's main metric: (score, what, all metrics)."""
+def noise(metric: str, base: float, n: int) -> float | None:
+    """A rough standard deviation of the main metric of a chance-level predictor on ``n`` test examples, to
+    tell a real gain from a lucky one: binomial for accuracy, 1/sqrt(n) for MCC (n·MCC² ~ chi²(1) under
+    independence), 1/sqrt(n-3) for correlations (Fisher); none for F1."""
+    if metric == "accuracy":
+        return math.sqrt(base * (1 - base) / n)
+    if metric == "mcc":
+        return 1 / math.sqrt(n)
+    if metric in ("spearman", "pearson"):
+        return 1 / math.sqrt(n - 3)
+    return None
+
+
+def baseline(task: str, data_dir: Path) -> tuple[float, str, dict[str, float], int]:
+    """The best constant prediction on the test labels under the task's main metric: (score, what, all
+    metrics, number of test examples)."""
     from peftlab import metrics
     from peftlab.tasks import get_task, load_task
 
@@ -139,13 +154,13 @@ def baseline(task: str, data_dir: Path) -> tuple[float, str, dict[str, float]]:
         train = [ex["label"] for ex in load_task(task, "train", data_dir)]
         const = sum(train) / len(train)
         scores = metrics.compute(info.metrics, [const] * len(labels), labels)
-        return scores[info.main_metric], f"constant {const:.2f} (0 by definition)", scores
+        return scores[info.main_metric], f"constant {const:.2f} (0 by definition)", scores, len(labels)
     best = None
     for cls, name in enumerate(info.label_names):
         scores = metrics.compute(info.metrics, [cls] * len(labels), labels)
         if best is None or scores[info.main_metric] > best[0]:
             share = sum(1 for y in labels if y == cls) / len(labels)
-            best = (scores[info.main_metric], f"always '{name}' ({share:.1%} of {len(labels)})", scores)
+            best = (scores[info.main_metric], f"always '{name}' ({share:.1%} of {len(labels)})", scores, len(labels))
     return best
 
 
@@ -158,7 +173,8 @@ def collect(args: argparse.Namespace, runs: list[Run]) -> list[dict]:
     rows = []
     for run in runs:
         info = get_task(run.task)
-        b_score, b_what, _ = base[run.task]
+        b_score, b_what, _, n_test = base[run.task]
+        sigma = noise(info.main_metric, b_score, n_test)
         row = {"task": run.task, "method": run.method, "metric": info.main_metric, "baseline": round(b_score, 4),
                "baseline_what": b_what, "default_lr": default_lr(methods.get(run.method)), "lr": run.lr,
                "max_steps": run.steps, "status": "missing"}
@@ -174,6 +190,7 @@ def collect(args: argparse.Namespace, runs: list[Run]) -> list[dict]:
                 "other": {k: round(v, 4) for k, v in test.items() if k != info.main_metric},
                 "above_baseline": None if score is None else score > b_score,
                 "delta": None if score is None else round(score - b_score, 4),
+                "z": None if score is None or sigma is None else round((score - b_score) / sigma, 1),
                 "dev_best": rec.get("best"), "lr": rec["config"]["lr"], "steps": rec["steps"],
                 "total_steps": rec["total_steps"],
                 "trainable_params": counts.get("trainable_params"), "trainable_pct": counts.get("trainable_pct"),
@@ -237,7 +254,8 @@ def write_report(args: argparse.Namespace, runs: list[Run], history: list[dict])
         "",
         "- produced by: " + ("; then ".join(
             f"`{h['command']}` (started {h['started']}, {h['runs']} runs to do, "
-            + (f"{h['minutes']} min)" if h.get("minutes") is not None else "interrupted)") for h in history)
+            + (f"{h['minutes']} min" if h.get("minutes") is not None else "interrupted")
+            + (f"; {h['note']}" if h.get("note") else "") + ")" for h in history)
             or "(no recorded invocation)"),
         f"- table written: {now}",
         f"- machine: {meta['cpu']}, {meta['cores']} cores, {meta['memory']} RAM, shared with other work; "
@@ -260,15 +278,15 @@ def write_report(args: argparse.Namespace, runs: list[Run], history: list[dict])
         lines += ["", f"**Partial table: {len(missing)} of {len(rows)} runs missing** ({', '.join(missing)})."]
     lines += [
         "",
-        "| task | method | metric | score | baseline | Δ | above baseline | other test metrics | lr | trainable % "
-        "| stored % | steps (best) | wall time (s) | tokens/s | peak RSS (MiB) | status |",
-        "|---|---|---|---:|---:|---:|:---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| task | method | metric | score | baseline | Δ | Δ/σ | above baseline | other test metrics | lr "
+        "| trainable % | stored % | steps (best) | wall time (s) | tokens/s | peak RSS (MiB) | status |",
+        "|---|---|---|---:|---:|---:|---:|:---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         if r["status"] == "missing":
             lr = r["lr"] if r["lr"] is not None else r["default_lr"]
             mark = "*" if lr != r["default_lr"] else ""
-            lines.append(f"| {r['task']} | {r['method']} | {r['metric']} | – | {r['baseline']:.4f} | – | – | – | "
+            lines.append(f"| {r['task']} | {r['method']} | {r['metric']} | – | {r['baseline']:.4f} | – | – | – | – | "
                          f"{lr:g}{mark} | – | – | – | – | – | – | missing |")
             continue
         other = ", ".join(f"{k} {v:.4f}" for k, v in r["other"].items()) or "–"
@@ -277,7 +295,7 @@ def write_report(args: argparse.Namespace, runs: list[Run], history: list[dict])
         lr_mark = "*" if r["lr"] != r["default_lr"] else ""
         lines.append(
             f"| {r['task']} | {r['method']} | {r['metric']} | {fmt(r.get('score'), '.4f')} | {r['baseline']:.4f} "
-            f"| {fmt(r.get('delta'), '+.4f')} | {above} | {other} | {r['lr']:g}{lr_mark} "
+            f"| {fmt(r.get('delta'), '+.4f')} | {fmt(r.get('z'), '+.1f')} | {above} | {other} | {r['lr']:g}{lr_mark} "
             f"| {fmt(r['trainable_pct'], '.3f')} | {fmt(r['stored_pct'], '.3f')} | {r['steps']} ({fmt(best_step)}) "
             f"| {r['wall_time_s']:.0f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']} | {r['status']} |")
     lines += ["", "Baselines (from the test labels):", ""]
@@ -298,7 +316,9 @@ def write_report(args: argparse.Namespace, runs: list[Run], history: list[dict])
         f"training plus the dev evaluations), {total_proc / 60:.1f} min of whole processes (start-up, loading, "
         "test evaluation and saving included).",
         "",
-        "Columns: *steps (best)* = optimiser steps run (the step whose dev score was best and whose weights "
+        "Columns: *Δ/σ* = Δ over a rough standard deviation of a chance-level score on this many test examples "
+        "(binomial for accuracy, 1/√n for MCC, 1/√(n−3) for correlations, none for F1): below about 2 the gain "
+        "is within noise; *steps (best)* = optimiser steps run (the step whose dev score was best and whose weights "
         "were evaluated on the test split); *trainable %* / *stored %* = trainable / saved parameters as a "
         "percentage of the 22.7M backbone parameters (the classifier head included); *tokens/s* = non-padding "
         "training tokens per second of training-loop wall time; *peak RSS* = the run's process maximum resident "
@@ -309,7 +329,7 @@ def write_report(args: argparse.Namespace, runs: list[Run], history: list[dict])
     args.table.parent.mkdir(parents=True, exist_ok=True)
     args.table.write_text("\n".join(lines) + "\n")
 
-    fields = ["task", "method", "metric", "score", "baseline", "delta", "above_baseline", "status", "lr",
+    fields = ["task", "method", "metric", "score", "baseline", "delta", "z", "above_baseline", "status", "lr",
               "default_lr", "trainable_params", "trainable_pct", "stored_pct", "steps", "total_steps",
               "wall_time_s", "process_wall_s", "tokens_per_s", "peak_rss_mib", "other", "command"]
     with open(args.table.with_suffix(".csv"), "w", newline="") as fh:
@@ -379,7 +399,7 @@ def main() -> None:
         log(f"{len(runs) - len(todo)} of {len(runs)} runs already done; {len(todo)} to run, {args.jobs} at a time")
         # Logged before the runs start, so an invocation that is killed still appears in the table.
         entry = {"command": command, "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "runs": len(todo),
-                 "minutes": None}
+                 "minutes": None, "steps": args.steps, "lrs": args.lrs}
         history.append(entry)
         args.output.mkdir(parents=True, exist_ok=True)
         history_path.write_text(json.dumps(history, indent=2) + "\n")
