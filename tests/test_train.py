@@ -47,9 +47,23 @@ def test_budgets_in_steps_epochs_and_fractions() -> None:
         train(methods.bitfit(), _config(max_steps=3, fraction=0.5))
 
 
+def test_group_by_length_keeps_every_example_and_pads_less() -> None:
+    from peftlab.train import _batches
+
+    lengths = [(i * 37) % 101 + 1 for i in range(1000)]
+    plain, grouped = _batches(1000, 16, 0, 0), _batches(1000, 16, 0, 0, lengths)
+    assert sorted(i for b in grouped for i in b) == list(range(1000))
+    assert grouped == _batches(1000, 16, 0, 0, lengths) and grouped != _batches(1000, 16, 0, 1, lengths)
+
+    def padded(batches: list[list[int]]) -> int:
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    assert padded(grouped) < 0.7 * padded(plain)
+
+
 def test_interrupted_and_resumed_equals_uninterrupted(tmp_path: Path) -> None:
     spec = methods.adamix()  # random expert routing: the resumed run must restore the RNG too
-    cfg = {"max_steps": 9, "eval_every": 3, "lr": 1e-2}
+    cfg = {"max_steps": 9, "eval_every": 3, "lr": 1e-2, "group_by_length": True}
     full = train(spec, _config(tmp_path / "full", **cfg))
 
     def interrupt(step: int, loss: float) -> None:

@@ -85,6 +85,7 @@ def _train_config(args: argparse.Namespace, output: str | None):
         model=args.model, task=args.task, data_dir=args.data_dir, k=args.k, data_seed=args.data_seed,
         dev_size=args.dev_size, seed=args.seed, max_steps=args.max_steps, epochs=args.epochs, fraction=args.fraction,
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length,
+        group_by_length=args.group_by_length,
         eval_every=args.eval_every, patience=args.patience, precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing, dropout=args.dropout, output=output,
         progress=not args.no_progress, train_file=args.train_file, test_file=args.test_file,
@@ -198,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--group-by-length", action="store_true",
+                   help="batch examples of similar length together (less padding, faster on long-tailed tasks)")
     p.add_argument("--lr", type=float, help="learning rate (default: the method's, from its paper)")
     p.add_argument("--eval-every", type=int, help="evaluate on the dev split every N steps (default: each epoch)")
     p.add_argument("--patience", type=int, help="stop after N evaluations without improvement")

@@ -73,6 +73,7 @@ class TrainConfig:
     warmup_ratio: float = 0.06
     max_grad_norm: float = 1.0
     max_length: int = 128
+    group_by_length: bool = False
     eval_every: int | None = None
     patience: int | None = None
     precision: str = "fp32"
@@ -223,10 +224,22 @@ def task_encoder(model_name: str, model: nn.Module, task: TaskInfo, max_length: 
     return Encoder(tokenizer, task, input_limit(model, max_length), seq2seq, left_pad=decoder_only)
 
 
-def _batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def text_length(row: Example) -> int:
+    """A tokenizer-free length proxy (characters) for grouping examples of similar length."""
+    return len(row["text"]) + len(row["text_pair"] or "")
+
+
+def _batches(n: int, batch_size: int, seed: int, epoch: int, lengths: list[int] | None = None) -> list[list[int]]:
+    """Shuffled batches; with ``lengths``, batches of similar length (as transformers' ``group_by_length``):
+    shuffle, sort within mega-batches of 50 batches, shuffle the batches. Less padding, same examples."""
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=g).tolist()
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if lengths is None:
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    mega = 50 * batch_size
+    order = [i for s in range(0, n, mega) for i in sorted(order[s : s + mega], key=lambda i: -lengths[i])]
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 # -- evaluation ------------------------------------------------------------------------------------------
@@ -235,15 +248,18 @@ def predict(pm: nn.Module, encoder: Encoder, rows: list[Example], batch_size: in
     """Predictions for ``rows``: class ids or scores; T5 ranks the label words by likelihood."""
     was_training = pm.training
     pm.eval()
-    out: list = []
+    order = sorted(range(len(rows)), key=lambda i: text_length(rows[i]))  # similar lengths pad less
+    out: list = [None] * len(rows)
     for i in range(0, len(rows), batch_size):
-        chunk = rows[i : i + batch_size]
-        batch = {k: v.to(device) for k, v in encoder(chunk).items() if k != "labels"}
+        ids = order[i : i + batch_size]
+        batch = {k: v.to(device) for k, v in encoder([rows[j] for j in ids]).items() if k != "labels"}
         if encoder.seq2seq:
-            out += _rank_labels(pm, encoder, batch)
-            continue
-        logits = pm(**batch).logits.float()
-        out += logits[:, 0].tolist() if encoder.task.is_regression else logits.argmax(-1).tolist()
+            preds = _rank_labels(pm, encoder, batch)
+        else:
+            logits = pm(**batch).logits.float()
+            preds = logits[:, 0].tolist() if encoder.task.is_regression else logits.argmax(-1).tolist()
+        for j, p in zip(ids, preds, strict=True):
+            out[j] = p
     pm.train(was_training)
     return out
 
@@ -414,9 +430,10 @@ def train(spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None]
     bar = _progress(total, step, enabled=config.progress and rank == 0)
     micro = config.batch_size * config.grad_accum
     stop = step >= total
+    lengths = [text_length(r) for r in splits.train] if config.group_by_length else None
     while not stop:
         epoch, offset = divmod(step, steps_per_epoch)
-        for group in _batches(len(splits.train), micro, config.seed, epoch)[offset:]:
+        for group in _batches(len(splits.train), micro, config.seed, epoch, lengths)[offset:]:
             opt.zero_grad(set_to_none=True)
             loss_sum = 0.0
             chunks = [group[i : i + config.batch_size] for i in range(0, len(group), config.batch_size)]
