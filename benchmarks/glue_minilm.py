@@ -99,6 +99,8 @@ class Run:
             cmd += ["--lr", f"{self.lr:g}"]
         if args.patience is not None:
             cmd += ["--patience", str(args.patience)]
+        if args.group_by_length:
+            cmd += ["--group-by-length"]
         return cmd
 
 
@@ -201,9 +203,59 @@ def collect(args: argparse.Namespace, runs: list[Run]) -> list[dict]:
                 "stored_pct": counts.get("stored_pct"), "wall_time_s": round(rec["wall_time_s"], 1),
                 "process_wall_s": bench.get("process_wall_s"), "tokens_per_s": round(rec["tokens_per_s"], 1),
                 "peak_rss_mib": round(rec["peak_memory_bytes"] / 2**20), "command": bench.get("command"),
+                "eval_every": rec["config"].get("eval_every"),
+                "group_by_length": bool(rec["config"].get("group_by_length", False)),  # absent before the option
+                "setup": {k: rec["config"].get(k) for k in ("model", "batch_size", "max_length", "dev_size", "seed",
+                                                            "k", "patience", "grad_accum", "dropout", "precision")},
             })
         rows.append(row)
     return rows
+
+
+def common_settings(rows: list[dict]) -> str:
+    """The settings every finished run shares (read from the records), as one line of the header."""
+    setups = [r["setup"] for r in rows if r.get("setup")]
+    if not setups:
+        return "every run: (no records yet)"
+    keys = list(setups[0])
+    same = {k: setups[0][k] for k in keys if all(s.get(k) == setups[0][k] for s in setups)}
+    differ = [k for k in keys if k not in same]
+    flags = [f"--model {same['model']}"] if "model" in same else []
+    flags += [f"--{k.replace('_', '-')} {same[k]}" for k in ("batch_size", "max_length", "dev_size", "seed") if k in same]
+    text = f"every run: `{' '.join(flags)}`"
+    text += " (all remaining train examples, no `--k`)" if same.get("k", 0) is None else ""
+    text += " (no early stopping)" if same.get("patience", 0) is None else ""
+    text += "; AdamW, linear schedule with 6% warm-up, gradient clipping 1.0, the backbone's dropout (0.1), fp32"
+    if differ:
+        text += f"; differing between runs: {', '.join(differ)} (see each record)"
+    return text
+
+
+def settings_table(rows: list[dict], args: argparse.Namespace) -> list[str]:
+    """One line per task: steps, epochs, evaluation interval, group-by-length and each method's lr."""
+    from peftlab.tasks import load_task
+
+    methods_ = list(dict.fromkeys(r["method"] for r in rows))
+    out = ["| task | train examples | steps | ≈ epochs | eval every | group by length | "
+           + " | ".join(f"lr {m}" for m in methods_) + " |",
+           "|---|---:|---:|---:|---:|:---:|" + "---:|" * len(methods_)]
+
+    def one(values, spec=""):
+        vals = sorted({v for v in values if v is not None}, key=str)
+        return "–" if not vals else " / ".join(format(v, spec) for v in vals)
+
+    for task in dict.fromkeys(r["task"] for r in rows):
+        done = [r for r in rows if r["task"] == task and r["status"] != "missing"]
+        if not done:
+            continue
+        n_train = len(load_task(task, "train", args.data_dir)) - done[0]["setup"]["dev_size"]
+        steps = {r["total_steps"] for r in done}
+        epochs = one([s * done[0]["setup"]["batch_size"] / n_train for s in steps], ".2f")
+        gbl = one(["yes" if r["group_by_length"] else "no" for r in done])
+        lrs = {r["method"]: r["lr"] for r in done}
+        out.append(f"| {task} | {n_train} | {one(steps)} | {epochs} | {one([r['eval_every'] for r in done])} | {gbl} | "
+                   + " | ".join(format(lrs[m], "g") if m in lrs else "–" for m in methods_) + " |")
+    return out
 
 
 def machine() -> dict[str, str]:
@@ -251,7 +303,7 @@ def write_report(args: argparse.Namespace, runs: list[Run], history: list[dict])
         "The real `all-MiniLM-L6-v2` weights (BERT, 6 layers, hidden 384, 22.7M parameters) fine-tuned with "
         "`peftlab train` on RTE, MRPC, STS-B, SST-2 and CoLA. **Score** is the task's main metric on the test "
         "split, which is the official GLUE dev set (GLUE test labels are not public); model selection uses "
-        f"{args.dev_size} examples held out from the official train set, evaluated every {args.eval_every} steps, "
+        f"{args.dev_size} examples held out from the official train set, evaluated every few steps (per task below), "
         "and the test score is that of the best dev checkpoint. **Baseline** is the best constant prediction "
         "scored on the same test labels (majority class for accuracy, always-positive for MRPC's F1, any constant "
         "gives MCC 0 on CoLA and Pearson/Spearman 0 on STS-B); *above* means strictly above it.",
@@ -266,15 +318,14 @@ def write_report(args: argparse.Namespace, runs: list[Run], history: list[dict])
         f"{args.jobs} runs in parallel, each in its own process with {args.threads} thread(s)",
         f"- versions: python {meta['python']}, torch {meta['torch']}, transformers {meta['transformers']}, "
         f"peftlab {meta['peftlab']}",
-        f"- every run: `--model {args.model} --batch-size {args.batch_size} --max-length {args.max_length} "
-        f"--dev-size {args.dev_size} --eval-every {args.eval_every} --seed {args.seed}`"
-        + (f" --k {args.k}" if args.k is not None else " (all remaining train examples, no `--k`)")
-        + (f" --patience {args.patience}" if args.patience is not None else " (no early stopping)")
-        + "; AdamW, linear schedule with 6% warm-up, gradient clipping 1.0, the backbone's dropout (0.1)",
-        "- steps (`--max-steps`) per task: " + ", ".join(f"{t} {s}" for t, s in args.steps.items()),
-        "- learning rates (`--lr`; * = differs from peftlab's per-method default, given in brackets): "
-        + ", ".join(f"{m} {lr:g}" + ("*" if lr != defaults.get(m) else "") + f" [{defaults.get(m, 0):g}]"
-                    for m, lr in args.lrs.items()),
+        "- " + common_settings(rows),
+        "- per-task settings (read from the records; *epochs* = steps × batch size / train examples, the train "
+        "examples being the official train set less the held-out dev examples):",
+        "",
+        *settings_table(rows, args),
+        "",
+        "- peftlab's per-method default lr (not used where the table's lr differs; marked *): "
+        + ", ".join(f"{m} {lr:g}" for m, lr in defaults.items()),
         "- each run's exact `peftlab train` command is in `glue_minilm/<task>/<method>/bench.json` and in "
         "`glue_minilm.csv`; the records are `glue_minilm/<task>/<method>/record.json`",
     ]
@@ -365,6 +416,9 @@ def main() -> None:
     p.add_argument("--dev-size", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=40)
     p.add_argument("--patience", type=int, default=None)
+    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
+                   help="pass --group-by-length to peftlab train: batches of similar length, less padding "
+                        "(default on; --no-group-by-length for plain shuffled batches)")
     p.add_argument("--k", type=int, default=None, help="train examples per task (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--notes", type=Path, default=None,
@@ -414,7 +468,9 @@ def main() -> None:
                 fut.result()
         entry["minutes"] = round((time.perf_counter() - start) / 60, 1)
         history_path.write_text(json.dumps(history, indent=2) + "\n")
-    write_report(args, runs, history)
+    # The table always covers every task and method (whatever --tasks/--methods ran now), from the records.
+    everything = [Run(t, m, steps[t], lrs.get(m), args.output / t / m) for t in TASKS for m in METHODS]
+    write_report(args, everything, history)
 
 
 if __name__ == "__main__":

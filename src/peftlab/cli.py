@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from peftlab import methods
 from peftlab.errors import PeftlabError
@@ -94,6 +95,96 @@ def _train_config(args: argparse.Namespace, output: str | None):
     )
 
 
+def _train_settings(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields of the training flags (what a search stores as its trials' fidelity)."""
+    from dataclasses import asdict
+
+    config = asdict(_train_config(args, None))
+    return {k: v for k, v in config.items() if k not in ("model", "task", "output", "progress", "resume")}
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from peftlab.results import export, front_table, summary
+    from peftlab.search import SearchConfig, print_trial, run_search
+
+    config = SearchConfig(
+        model=args.model, task=args.task, space=args.space, sampler=args.sampler, trials=args.trials,
+        study=args.study, storage=args.storage, output=args.output,
+        objectives=tuple(args.objectives.split(",")), budget=args.budget,
+        ref_point=_pair(args.ref_point, "--ref-point") if args.ref_point else None,
+        startup_trials=args.startup_trials, batch_size=args.bo_batch, seed=args.sampler_seed,
+        heartbeat=args.heartbeat, train=_train_settings(args))
+    study = run_search(config, workers=args.workers, on_trial=print_trial)
+    paths = export(study, Path(args.output) / "results", plots=not args.no_plots)
+    s = summary(study)
+    print(f"study '{study.study_name}' in {config.storage_url}: {s['trials']} trials {s['statuses']}")
+    print(f"hypervolume {s['hypervolume']:.5f} (reference point {s['ref_point']})")
+    print(front_table(study))
+    print(f"results: {', '.join(str(p) for p in paths)}")
+
+
+def _pair(text: str, flag: str) -> tuple[float, float]:
+    try:
+        a, b = (float(x) for x in text.split(","))
+    except ValueError:
+        raise PeftlabError(f"{flag} takes SCORE,STORED_PERCENT, e.g. 0.5,2.0; got {text!r}") from None
+    return a, b
+
+
+def _studies(args: argparse.Namespace) -> list:
+    from peftlab.search import load_study
+
+    return [load_study(args.storage, name)[0] for name in args.study]
+
+
+def cmd_pareto(args: argparse.Namespace) -> None:
+    from peftlab import results
+
+    needs_output = args.action in ("export", "plot", "retrain")
+    if needs_output and not args.output:
+        raise PeftlabError(f"pareto {args.action} needs --output FOLDER")
+    if args.action in ("spec", "retrain") and len(args.study) > 1:
+        raise PeftlabError(f"pareto {args.action} works on one study; got {len(args.study)}")
+    if args.action == "spec" and len(args.trial or []) != 1:
+        raise PeftlabError("pareto spec needs one --trial N (see `peftlab pareto show` for the front's trials)")
+    studies = _studies(args)
+    if args.action == "show":
+        for study in studies:
+            s = results.summary(study)
+            if args.json:
+                print(json.dumps(s, indent=2, default=str))
+                continue
+            print(f"study '{study.study_name}' ({s['definition']['sampler']}): {s['trials']} trials "
+                  f"{s['statuses']}, hypervolume {s['hypervolume']:.5f} (reference point {s['ref_point']})")
+            print(results.front_table(study))
+    elif args.action == "export":
+        for study in studies:
+            folder = Path(args.output) / study.study_name if len(studies) > 1 else Path(args.output)
+            for path in results.export(study, folder, plots=not args.no_plots):
+                print(path)
+    elif args.action == "plot":
+        Path(args.output).mkdir(parents=True, exist_ok=True)
+        print(results.plot_front(studies, Path(args.output) / "front.png"))
+        print(results.plot_hypervolume(studies, Path(args.output) / "hypervolume.png"))
+    elif args.action == "spec":
+        spec = results.trial_spec(studies[0], args.trial[0])
+        if args.output:
+            spec.save(args.output)
+            print(args.output)
+        else:
+            print(spec.to_json())
+    elif args.action == "retrain":
+        overrides = {k: getattr(args, k) for k in ("max_steps", "epochs", "fraction") if getattr(args, k) is not None}
+        table = results.retrain(studies[0], args.seeds, args.output, overrides, args.trial)
+        print(table)
+
+
+def cmd_dashboard(args: argparse.Namespace) -> None:
+    from peftlab.dashboard import serve
+
+    serve(args.storage, host=args.host, port=args.port)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from peftlab.train import train
 
@@ -169,27 +260,8 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
                    help="method argument, e.g. --set r=16 --set targets=all-linear (repeatable)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning lab.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("methods", help="list the method presets, one line each")
-    p.add_argument("--json", action="store_true", help="print a JSON object instead")
-    p.set_defaults(fn=cmd_methods)
-
-    p = sub.add_parser("show", help="count trainable / stored / changed parameters of a method on a model")
-    p.add_argument("--model", required=True, help="shape:<name>, minilm, smollm2-135m, a local folder or hub id")
-    _add_spec_args(p)
-    p.add_argument("--head", choices=["seq-cls", "causal-lm", "seq2seq", "base"],
-                   help="model class (default: seq-cls for encoders, causal-lm for decoders, seq2seq for T5)")
-    p.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
-    p.add_argument("--show-spec", action="store_true", help="also print the spec")
-    p.set_defaults(fn=cmd_show)
-
-    p = sub.add_parser("train", help="fine-tune a method or spec on a task; saves the adapter and a JSON record")
-    _add_model_task(p)
-    _add_spec_args(p)
-    p.add_argument("--output", required=True, help="folder for the adapter, record.json and checkpoints")
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    """The budget and optimisation flags of `peftlab train` (also the trials' fidelity in `peftlab search`)."""
     p.add_argument("--max-steps", type=int, help="budget in optimiser steps")
     p.add_argument("--epochs", type=float, default=3.0, help="the full run in epochs (default 3)")
     p.add_argument("--fraction", type=float, help="budget as a fraction of the full run (low-fidelity trials)")
@@ -215,7 +287,79 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-pair-column", help="second text of sentence-pair tasks")
     g.add_argument("--label-column", default="label")
     g.add_argument("--labels", help="label names in class order, e.g. neg,pos (default: integer labels)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning lab.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("methods", help="list the method presets, one line each")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead")
+    p.set_defaults(fn=cmd_methods)
+
+    p = sub.add_parser("show", help="count trainable / stored / changed parameters of a method on a model")
+    p.add_argument("--model", required=True, help="shape:<name>, minilm, smollm2-135m, a local folder or hub id")
+    _add_spec_args(p)
+    p.add_argument("--head", choices=["seq-cls", "causal-lm", "seq2seq", "base"],
+                   help="model class (default: seq-cls for encoders, causal-lm for decoders, seq2seq for T5)")
+    p.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
+    p.add_argument("--show-spec", action="store_true", help="also print the spec")
+    p.set_defaults(fn=cmd_show)
+
+    p = sub.add_parser("train", help="fine-tune a method or spec on a task; saves the adapter and a JSON record")
+    _add_model_task(p)
+    _add_spec_args(p)
+    p.add_argument("--output", required=True, help="folder for the adapter, record.json and checkpoints")
+    _add_train_args(p)
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("search", help="multi-objective search (dev score vs stored parameters) over a space; "
+                                      "resumable, shareable by workers on several machines")
+    _add_model_task(p)
+    p.add_argument("--space", default="autopeft", help="autopeft, s4 or a space file (default autopeft)")
+    p.add_argument("--sampler", default="tpe", help="random, tpe, nsga2, gp or autopeft (BoTorch SAAS-GP + "
+                                                   "qLogNEHVI; needs peftlab[bo]); default tpe")
+    p.add_argument("--trials", type=int, default=20, help="finished trials the study should hold (default 20)")
+    p.add_argument("--study", default="peftlab", help="study name in the storage (default peftlab)")
+    p.add_argument("--storage", help="database URL shared by workers, e.g. postgresql://user@host/db "
+                                     "(default: sqlite file OUTPUT/study.db)")
+    p.add_argument("--output", default="search", help="folder for trial runs and results (default ./search)")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    p.add_argument("--budget", type=float, help="max stored parameters, %% of the backbone: costlier points are "
+                                                "pruned untrained")
+    p.add_argument("--objectives", default="score,stored",
+                   help="score,stored plus optionally latency (ms/example) or memory (CUDA peak)")
+    p.add_argument("--ref-point", help="hypervolume reference point SCORE,STORED_PERCENT (default 0 and the "
+                                       "budget, else the space's costliest point)")
+    p.add_argument("--startup-trials", type=int, default=8, help="random trials before model-based sampling")
+    p.add_argument("--bo-batch", type=int, default=1, help="autopeft sampler: candidates chosen jointly")
+    p.add_argument("--sampler-seed", type=int, default=0)
+    p.add_argument("--heartbeat", type=int, default=10,
+                   help="seconds between a running trial's heartbeats; a trial silent 3x as long is retried")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    _add_train_args(p)
+    p.set_defaults(fn=cmd_search)
+
+    p = sub.add_parser("pareto", help="a search's results: show, export, plot, spec of a trial, retrain")
+    p.add_argument("action", choices=["show", "export", "plot", "spec", "retrain"])
+    p.add_argument("--storage", required=True, help="database URL or SQLite file of the study")
+    p.add_argument("--study", action="append", required=True,
+                   help="study name (repeat to compare studies, e.g. one per sampler, in show/export/plot)")
+    p.add_argument("--output", help="folder (export, plot, retrain) or spec file (spec)")
+    p.add_argument("--trial", type=int, nargs="*", help="trial number(s) (spec: one; retrain: default the front)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="retrain: training seeds")
+    p.add_argument("--max-steps", type=int, help="retrain budget in steps (default: the search's)")
+    p.add_argument("--epochs", type=float, help="retrain: the full run in epochs")
+    p.add_argument("--fraction", type=float, help="retrain: budget as a fraction of the full run")
+    p.add_argument("--json", action="store_true", help="show: print JSON")
+    p.add_argument("--no-plots", action="store_true", help="export: skip the PNG plots")
+    p.set_defaults(fn=cmd_pareto)
+
+    p = sub.add_parser("dashboard", help="serve a study storage in optuna-dashboard (needs peftlab[dashboard])")
+    p.add_argument("--storage", required=True, help="database URL or SQLite file")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.set_defaults(fn=cmd_dashboard)
 
     p = sub.add_parser("space", help="show a search space: its dimensions and its size")
     p.add_argument("--space", default="autopeft",

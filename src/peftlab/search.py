@@ -3,17 +3,47 @@
 A trial's parameters are the space's dimensions by name: an insertion bit or a size on a log scale is an
 integer *index* (``IntDistribution(0, n - 1)``), an S4 choice (a grouping, a set of strategies) is its
 label (``CategoricalDistribution``) so that the Optuna dashboard shows what was chosen.
+
+A trial decodes its point into a spec, counts the spec's stored parameters exactly (meta device,
+milliseconds), and, unless that breaks the parameter budget, trains it with :func:`peftlab.train.train` at
+the search's (low) fidelity. Its values are the best *dev* score (the test split is recorded, never used to
+choose) and the stored parameters as % of the backbone; optionally peak memory (CUDA) or training latency.
+Over-budget points are pruned without training; runs that diverge or raise are recorded as failed with
+their reason, and the search goes on. Everything lives in the Optuna storage (an SQLite file by default,
+PostgreSQL for workers on several machines): the study's user attributes hold the search's definition, so
+a worker that joins or a search that resumes after being killed continues the same study, and finished
+trials are never run again. Stale trials of killed workers are detected by Optuna's heartbeat and retried.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+import multiprocessing as mp
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
+import optuna
+import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
+from optuna.exceptions import ExperimentalWarning
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
 
-from peftlab.space import SearchSpace
-from peftlab.spec import SpecError
+from peftlab.errors import PeftlabError
+from peftlab.space import SearchSpace, load_space
+from peftlab.spec import Spec, SpecError
+
+#: Objectives a search can have and their directions; ``score`` and ``stored`` are always the first two.
+OBJECTIVES = {"score": "maximize", "stored": "minimize", "memory": "minimize", "latency": "minimize"}
+SAMPLERS = ("random", "tpe", "nsga2", "gp", "autopeft")
+#: Trial statuses that count as finished (a killed worker's trial has none and is retried).
+FINISHED = ("completed", "early-stopped", "over-budget", "diverged", "error")
+_SEARCH_ATTR = "peftlab_search"
 
 
 def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
@@ -38,9 +68,401 @@ def to_vector(space: SearchSpace, params: Mapping[str, Any]) -> list[int]:
     return vector
 
 
-def to_params(space: SearchSpace, vector: list[int] | list[float]) -> dict[str, Any]:
+def to_params(space: SearchSpace, vector: Sequence[int] | Sequence[float]) -> dict[str, Any]:
     """A trial's parameters from a point (the inverse of :func:`to_vector`)."""
     params: dict[str, Any] = {}
     for d, k in zip(space.dimensions(), vector, strict=True):
         params[d.name] = d.labels()[int(k)] if d.type == "categorical" else int(k)
     return params
+
+
+# -- cost ---------------------------------------------------------------------------------------------------
+class CostModel:
+    """Exact parameter counts of specs on the model built on the meta device (a few ms per spec, cached)."""
+
+    def __init__(self, model: str, num_labels: int = 2) -> None:
+        from peftlab.peft_model import apply
+        from peftlab.zoo import load_model
+
+        self._pm = apply(load_model(model, num_labels=num_labels, meta=True), Spec())
+        self._cache: dict[str, dict[str, float]] = {}
+
+    def percents(self, spec: Spec) -> dict[str, float]:
+        """``{"trainable": %, "stored": %}`` of the backbone's parameters."""
+        key = spec.to_json()
+        if key not in self._cache:
+            name = f"cost{len(self._cache)}"
+            self._pm.add_adapter(name, spec)
+            try:
+                counts = self._pm.counts(name)
+            finally:
+                self._pm.delete_adapter(name)
+            total = counts.backbone_params
+            self._cache[key] = {"trainable": 100 * counts.total.trainable / total,
+                                "stored": 100 * counts.total.stored / total}
+        return self._cache[key]
+
+    def stored(self, spec: Spec) -> float:
+        return self.percents(spec)["stored"]
+
+
+# -- configuration ------------------------------------------------------------------------------------------
+@dataclass
+class SearchConfig:
+    """A search: what is searched (model, task, space, objectives, budget, training) and how (sampler,
+    trials, storage). ``train`` holds :class:`~peftlab.train.TrainConfig` fields (the trials' fidelity)."""
+
+    model: str
+    task: str
+    space: str = "autopeft"
+    sampler: str = "tpe"
+    trials: int = 20
+    study: str = "peftlab"
+    storage: str | None = None
+    output: str = "search"
+    objectives: tuple[str, ...] = ("score", "stored")
+    budget: float | None = None
+    ref_point: tuple[float, float] | None = None
+    startup_trials: int = 8
+    batch_size: int = 1
+    seed: int = 0
+    heartbeat: int = 10
+    train: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        from peftlab.train import TrainConfig
+
+        if self.sampler not in SAMPLERS:
+            raise PeftlabError(f"unknown sampler '{self.sampler}'; samplers: {', '.join(SAMPLERS)}")
+        if tuple(self.objectives[:2]) != ("score", "stored") or len(set(self.objectives)) != len(self.objectives) \
+                or any(o not in OBJECTIVES for o in self.objectives):
+            raise PeftlabError(f"objectives are score,stored plus optionally memory or latency; got "
+                               f"{','.join(self.objectives)}")
+        if "memory" in self.objectives and not torch.cuda.is_available():
+            raise PeftlabError("the memory objective needs a CUDA GPU: on the CPU the peak RSS belongs to the "
+                               "whole worker process, not to one trial")
+        for name in ("trials", "startup_trials", "batch_size", "heartbeat"):
+            if getattr(self, name) < 1:
+                raise PeftlabError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.budget is not None and not 0 < self.budget <= 100:
+            raise PeftlabError(f"budget is a % of the backbone's parameters in (0, 100], got {self.budget}")
+        known = {f.name for f in fields(TrainConfig)} - {"model", "task", "output", "progress", "resume"}
+        unknown = sorted(set(self.train) - known)
+        if unknown:
+            raise PeftlabError(f"unknown training settings {unknown}; allowed: {', '.join(sorted(known))}")
+        TrainConfig(model=self.model, task=self.task, **self.train).check()
+
+    @property
+    def storage_url(self) -> str:
+        return storage_url(self.storage) if self.storage else f"sqlite:///{Path(self.output).resolve() / 'study.db'}"
+
+    def definition(self, space: SearchSpace) -> dict[str, Any]:
+        """What a study is (stored in it): joining workers and resumed searches must agree on all of it."""
+        return {"model": self.model, "task": self.task, "space": space.to_dict(), "space_name": self.space,
+                "objectives": list(self.objectives), "budget": self.budget, "train": self.train,
+                "ref_point": list(self.ref_point) if self.ref_point else None, "sampler": self.sampler}
+
+
+def storage_url(value: str) -> str:
+    """A storage URL from a URL or a path to an SQLite file (which must exist unless it is a URL)."""
+    if "://" in value:
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise PeftlabError(f"no study storage at '{value}': give an existing SQLite file or a database URL "
+                           "(sqlite:///file.db, postgresql://user@host/db)")
+    return f"sqlite:///{path.resolve()}"
+
+
+def open_storage(url: str, heartbeat: int | None = None) -> RDBStorage:
+    """An Optuna RDB storage; with ``heartbeat``, trials of dead workers go stale and are retried once."""
+    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
+    try:
+        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna since v2.8
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            kw: dict[str, Any] = {}
+            if heartbeat:
+                kw = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat,
+                      "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=1)}
+            return RDBStorage(url, engine_kwargs=engine, **kw)
+    except Exception as e:  # SQLAlchemy raises many kinds: a bad URL, a missing driver, a refused connection
+        raise PeftlabError(f"cannot open the study storage '{url}': {str(e).splitlines()[0]}") from None
+
+
+def load_study(storage: str, study: str) -> tuple[optuna.Study, dict[str, Any]]:
+    """An existing peftlab study and its definition."""
+    store = open_storage(storage_url(storage))
+    names = [s.study_name for s in optuna.get_all_study_summaries(store)]
+    if study not in names:
+        raise PeftlabError(f"no study '{study}' in {storage}; studies there: {', '.join(names) or 'none'}")
+    s = optuna.load_study(study_name=study, storage=store)
+    return s, definition_of(s)
+
+
+def definition_of(study: optuna.Study) -> dict[str, Any]:
+    """The search definition a peftlab study holds."""
+    if _SEARCH_ATTR not in study.user_attrs:
+        raise PeftlabError(f"study '{study.study_name}' was not made by peftlab search (it has no search definition)")
+    return study.user_attrs[_SEARCH_ATTR]
+
+
+def space_for(definition: Mapping[str, Any]) -> SearchSpace:
+    """The search space stored in a study's definition."""
+    return SearchSpace.from_dict(definition["space"], definition["model"])
+
+
+# -- samplers -----------------------------------------------------------------------------------------------
+def make_sampler(name: str, space: SearchSpace, seed: int, startup: int, cost: Callable[[list[int]], float],
+                 budget: float | None = None, batch_size: int = 1) -> optuna.samplers.BaseSampler:
+    """A sampler by name: random, tpe, nsga2, gp (Optuna's), autopeft (BoTorch SAAS-GP + qLogNEHVI)."""
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, startup))
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    if name == "autopeft":
+        from peftlab.bo import AutoPEFTSampler
+
+        return AutoPEFTSampler(space=space, cost=cost, n_startup_trials=startup, batch_size=batch_size, seed=seed,
+                               budget=budget)
+    raise PeftlabError(f"unknown sampler '{name}'; samplers: {', '.join(SAMPLERS)}")
+
+
+# -- trials -------------------------------------------------------------------------------------------------
+class TrialFailed(Exception):
+    """A trial that ended without values (diverged, or training raised); Optuna records it as failed."""
+
+
+def _status(trial: FrozenTrial) -> str | None:
+    return trial.user_attrs.get("status")
+
+
+def counted(study: optuna.Study) -> tuple[int, int]:
+    """(finished, in flight): finished trials have a status; running and waiting ones are in flight."""
+    trials = study.get_trials(deepcopy=False)
+    done = sum(1 for t in trials if t.state.is_finished() and _status(t) in FINISHED)
+    flight = sum(1 for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING))
+    return done, flight
+
+
+class Objective:
+    """One trial: decode, count, (maybe) train, report. Identical points reuse the first result."""
+
+    def __init__(self, config: SearchConfig, space: SearchSpace, cost: CostModel) -> None:
+        self.config, self.space, self.cost = config, space, cost
+        self.dists = distributions(space)
+
+    def __call__(self, trial: optuna.Trial) -> list[float]:
+        params = {}
+        for name, d in self.dists.items():
+            if isinstance(d, CategoricalDistribution):
+                params[name] = trial.suggest_categorical(name, list(d.choices))
+            else:
+                params[name] = trial.suggest_int(name, d.low, d.high)
+        try:
+            return self._run(trial, params)
+        except (TrialFailed, optuna.TrialPruned):
+            raise
+        except Exception as e:  # a bug or a resource error must not end the search: record it and go on
+            trial.set_user_attr("status", "error")
+            trial.set_user_attr("message", f"{type(e).__name__}: {e}")
+            raise
+
+    def _run(self, trial: optuna.Trial, params: dict[str, Any]) -> list[float]:
+        from peftlab.train import TrainConfig, train
+
+        spec = self.space.decode(to_vector(self.space, params))
+        pct = self.cost.percents(spec)
+        trial.set_user_attr("spec", spec.to_dict())
+        trial.set_user_attr("stored_percent", pct["stored"])
+        trial.set_user_attr("trainable_percent", pct["trainable"])
+        budget = self.config.budget
+        if budget is not None and pct["stored"] > budget:
+            trial.set_user_attr("status", "over-budget")
+            raise optuna.TrialPruned(f"stored {pct['stored']:.3f}% > budget {budget}%")
+        same = _same_point(trial, params)
+        if same is not None:  # training is deterministic for a seed: the same point gives the same result
+            for k, v in same.user_attrs.items():
+                trial.set_user_attr(k, v)
+            trial.set_user_attr("copied_from", same.number)
+            return list(same.values)
+        out = Path(self.config.output) / "trials" / f"{trial.number:05d}"
+        config = TrainConfig(model=self.config.model, task=self.config.task, output=str(out), progress=False,
+                             **self.config.train)
+        try:
+            record = train(spec, config)
+        except PeftlabError as e:
+            trial.set_user_attr("status", "error")
+            trial.set_user_attr("message", str(e))
+            raise TrialFailed(str(e)) from None
+        trial.set_user_attr("run", str(out))
+        trial.set_user_attr("wall_time_s", record.wall_time_s)
+        trial.set_user_attr("steps", record.steps)
+        if record.status == "diverged":
+            trial.set_user_attr("status", "diverged")
+            trial.set_user_attr("message", record.message)
+            raise TrialFailed(record.message or "diverged")
+        trial.set_user_attr("dev", record.best)
+        trial.set_user_attr("test", record.test)
+        trial.set_user_attr("status", record.status)
+        values = [float(record.best["score"]), pct["stored"]]
+        if "memory" in self.config.objectives:
+            values.append(record.peak_memory_bytes / 2**20)
+        if "latency" in self.config.objectives:  # ms of training per example
+            examples = record.steps * config.batch_size * config.grad_accum
+            values.append(1000 * record.wall_time_s / max(1, examples))
+        return values
+
+
+def _same_point(trial: optuna.Trial, params: Mapping[str, Any]) -> FrozenTrial | None:
+    for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if t.params == params:
+            return t
+    return None
+
+
+# -- running ------------------------------------------------------------------------------------------------
+def create_study(config: SearchConfig) -> tuple[optuna.Study, SearchSpace]:
+    """Create the study, or join the existing one after checking it is the same search."""
+    config.check()
+    space = load_space(config.space, config.model)
+    if config.storage is None:
+        Path(config.output).mkdir(parents=True, exist_ok=True)
+    storage = open_storage(config.storage_url)
+    directions = [OBJECTIVES[o] for o in config.objectives]
+    study = optuna.create_study(study_name=config.study, storage=storage, directions=directions,
+                                load_if_exists=True)
+    mine = config.definition(space)
+    theirs = study.user_attrs.get(_SEARCH_ATTR)
+    if theirs is None:
+        if study.get_trials(deepcopy=False):
+            raise PeftlabError(f"study '{config.study}' already has trials that peftlab did not make; "
+                               "choose another --study")
+        if config.ref_point is None:
+            mine["ref_point"] = default_ref_point(space, config)
+        study.set_user_attr(_SEARCH_ATTR, mine)
+    else:
+        diff = [k for k in mine if k != "ref_point" and json.dumps(mine[k], sort_keys=True)
+                != json.dumps(theirs.get(k), sort_keys=True)]
+        if diff:
+            k = diff[0]
+            raise PeftlabError(f"study '{config.study}' is a different search: its {k} is {theirs.get(k)!r}, "
+                               f"this command gives {mine[k]!r}; use the same settings or another --study")
+    return study, space
+
+
+def default_ref_point(space: SearchSpace, config: SearchConfig) -> list[float]:
+    """Score 0 (no better than chance for accuracy/F1/MCC/correlation) and the budget, else the costliest
+    corner of the space (every dimension at its last choice) plus 10%."""
+    if config.budget is not None:
+        return [0.0, float(config.budget)]
+    cost = CostModel(config.model)
+    corner = [len(d.choices) - 1 for d in space.dimensions()]
+    return [0.0, round(1.1 * cost.stored(space.decode(corner)), 4)]
+
+
+def work(config: SearchConfig, worker: int = 0, threads: int | None = None,
+         on_trial: Callable[[FrozenTrial], None] | None = None) -> None:
+    """One worker: ask, train, tell, until the study holds ``config.trials`` finished trials."""
+    if threads:
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study, space = create_study(config)
+    storage = open_storage(config.storage_url, heartbeat=config.heartbeat)
+    cost = CostModel(config.model)
+    seed = config.seed + 7919 * worker + len(study.get_trials(deepcopy=False))  # fresh draws when resumed
+    sampler = make_sampler(config.sampler, space, seed, config.startup_trials,
+                           lambda v: cost.stored(space.decode(v)), config.budget, config.batch_size)
+    study = optuna.load_study(study_name=config.study, storage=storage, sampler=sampler)
+    objective = Objective(config, space, cost)
+    callbacks = [lambda s, t: on_trial(t)] if on_trial else []
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        done, flight = counted(study)
+        if done >= config.trials:
+            return
+        if done + flight >= config.trials:  # the rest is in other workers' hands (or stale, soon retried)
+            time.sleep(min(config.heartbeat, 5))
+            continue
+        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks, gc_after_trial=True)
+
+
+def _spawned(config: SearchConfig, worker: int, threads: int) -> None:
+    work(config, worker, threads, on_trial=print_trial)
+
+
+def run_search(config: SearchConfig, workers: int = 1,
+               on_trial: Callable[[FrozenTrial], None] | None = None) -> optuna.Study:
+    """Run (or resume, or join) a search with ``workers`` local processes; returns the study."""
+    if workers < 1:
+        raise PeftlabError(f"workers must be >= 1, got {workers}")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    create_study(config)
+    if workers == 1:
+        work(config, 0, on_trial=on_trial)
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_spawned, args=(config, i, threads)) for i in range(workers)]
+        for p in procs:
+            p.start()
+        try:
+            for p in procs:
+                p.join()
+        finally:
+            for p in procs:
+                if p.is_alive():
+                    p.terminate()
+        bad = [p.exitcode for p in procs if p.exitcode]
+        if bad:
+            raise PeftlabError(f"{len(bad)} worker(s) exited with codes {bad}; finished trials are kept in the "
+                               "study: run the same command again to resume")
+    return optuna.load_study(study_name=config.study, storage=open_storage(config.storage_url))
+
+
+def print_trial(t: FrozenTrial) -> None:
+    """One line per finished trial (the CLI's progress report)."""
+    status = _status(t) or t.state.name.lower()
+    stored = t.user_attrs.get("stored_percent")
+    text = f"trial {t.number}: {status}"
+    if t.values:
+        text += f", dev score {t.values[0]:.4f}, stored {t.values[1]:.3f}%"
+    elif stored is not None:
+        text += f", stored {stored:.3f}%"
+    if "wall_time_s" in t.user_attrs:
+        text += f", {t.user_attrs['wall_time_s']:.0f} s"
+    if "message" in t.user_attrs:
+        text += f" ({t.user_attrs['message']})"
+    print(text, flush=True)
+
+
+def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """Every trial as a flat row: number, status, values, counts, dev and test scores, parameters."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        test = t.user_attrs.get("test") or {}
+        row: dict[str, Any] = {
+            "number": t.number, "state": t.state.name, "status": _status(t) or t.state.name.lower(),
+            "score": t.values[0] if t.values else None,
+            "stored_percent": t.user_attrs.get("stored_percent"),
+            "trainable_percent": t.user_attrs.get("trainable_percent"),
+            **{f"test_{k}": v for k, v in test.items()},
+            "wall_time_s": t.user_attrs.get("wall_time_s"),
+            "message": t.user_attrs.get("message"),
+        }
+        if t.values and len(t.values) > 2:
+            for name, v in zip(study.user_attrs[_SEARCH_ATTR]["objectives"][2:], t.values[2:], strict=True):
+                row[name] = v
+        rows.append(row | {f"param_{k}": v for k, v in t.params.items()})
+    return rows
+
+
+def finished_points(study: optuna.Study) -> list[tuple[float, float] | None]:
+    """Per trial in order: (score, stored %) for completed trials, None for the rest."""
+    return [(t.values[0], t.values[1]) if t.state == TrialState.COMPLETE else None
+            for t in study.get_trials(deepcopy=False)]
