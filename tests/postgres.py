@@ -29,6 +29,8 @@ import pytest
 
 USER = "peftlab"
 DATABASE = "peftlab_test"
+PREFIX = "peftlab-pg-"
+OWNER = "owner.pid"
 SKIP_REASON = (
     "PostgreSQL server binaries (initdb, pg_ctl) not found on PATH or in /usr/lib/postgresql/*/bin: "
     "install the Debian package `postgresql` (apt-get install postgresql)"
@@ -67,15 +69,19 @@ def _server_user() -> pwd.struct_passwd | None:
 class PostgresServer:
     """One PostgreSQL cluster in a temporary directory; ``start()`` then ``url``, ``stop()`` removes everything."""
 
-    def __init__(self, bin_dir: Path):
+    def __init__(self, bin_dir: Path, root: Path | None = None):
+        """A new cluster directory, or (``root``) one left behind, to stop and remove."""
         self.bin_dir = bin_dir
         self.user = _server_user()
-        self.root = Path(tempfile.mkdtemp(prefix="peftlab-pg-"))
+        self.root = root or Path(tempfile.mkdtemp(prefix=PREFIX))
         self.data = self.root / "data"
         self.sockets = self.root / "sockets"
         self.log = self.root / "server.log"
         self.port: int | None = None
+        if root is not None:
+            return
         self.sockets.mkdir()
+        self.root.joinpath(OWNER).write_text(str(os.getpid()))
         if self.user is not None:
             for path in (self.root, self.sockets):
                 os.chown(path, self.user.pw_uid, self.user.pw_gid)
@@ -91,8 +97,16 @@ class PostgresServer:
         ids = {}
         if self.user is not None:
             ids = {"user": self.user.pw_uid, "group": self.user.pw_gid, "extra_groups": []}
-        return subprocess.run([str(self.bin_dir / args[0]), *args[1:]], cwd=self.root, env=env, capture_output=True,
-                              text=True, timeout=timeout, check=False, **ids)
+        return subprocess.run(
+            [str(self.bin_dir / args[0]), *args[1:]],
+            cwd=self.root,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            **ids,
+        )
 
     def _fail(self, what: str, result: subprocess.CompletedProcess | None = None) -> None:
         output = (result.stdout + result.stderr) if result is not None else ""
@@ -100,16 +114,20 @@ class PostgresServer:
         raise RuntimeError(f"PostgreSQL {what} failed:\n{output}\n--- server log ---\n{log}")
 
     def start(self, attempts: int = 3) -> None:
-        result = self._run("initdb", "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8", "--no-locale",
-                           "--no-sync")
+        result = self._run(
+            "initdb", "-D", str(self.data), "-U", USER, "--auth=trust", "-E", "UTF8", "--no-locale", "--no-sync"
+        )
         if result.returncode != 0:
             self._fail("initdb", result)
         for attempt in range(attempts):  # the free port can be taken by someone else before the server binds it
             self.port = _free_port()
-            options = (f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sockets} -c fsync=off "
-                       "-c synchronous_commit=off -c full_page_writes=off -c max_connections=40")
-            result = self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", options,
-                               "start")
+            options = (
+                f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sockets} -c fsync=off "
+                "-c synchronous_commit=off -c full_page_writes=off -c max_connections=40"
+            )
+            result = self._run(
+                "pg_ctl", "-D", str(self.data), "-l", str(self.log), "-w", "-t", "60", "-o", options, "start"
+            )
             if result.returncode == 0:
                 break
             if attempt == attempts - 1:
@@ -134,6 +152,19 @@ class PostgresServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+def _reap_orphans(bin_dir: Path) -> None:
+    """Stop and remove servers whose test process died without cleaning up (killed by a timeout, say)."""
+    for owner in Path(tempfile.gettempdir()).glob(f"{PREFIX}*/{OWNER}"):
+        try:
+            os.kill(int(owner.read_text()), 0)
+            continue  # its test process is still running
+        except ProcessLookupError:
+            pass
+        except (OSError, ValueError):
+            continue
+        PostgresServer(bin_dir, root=owner.parent).stop()
+
+
 @contextlib.contextmanager
 def postgres_server() -> Iterator[PostgresServer]:
     """A started server, stopped and deleted on exit (and at interpreter exit, should the exit be skipped)."""
@@ -141,6 +172,7 @@ def postgres_server() -> Iterator[PostgresServer]:
     if bin_dir is None:
         pytest.skip(SKIP_REASON)
     pytest.importorskip("psycopg2", reason='PostgreSQL tests need psycopg2: pip install "peftlab[postgres]"')
+    _reap_orphans(bin_dir)
     server = PostgresServer(bin_dir)
     atexit.register(server.stop)
     try:
@@ -154,6 +186,6 @@ def postgres_server() -> Iterator[PostgresServer]:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """SQLAlchemy URL (``postgresql+psycopg2://peftlab@127.0.0.1:PORT/peftlab_test``) of an empty database on a
-    throw-away PostgreSQL server shared by the whole test session."""
+    throw-away PostgreSQL server shared by the whole test session (give each test its own study name)."""
     with postgres_server() as server:
         yield server.url

@@ -48,8 +48,12 @@ def test_two_processes_share_one_study(postgres_url, tmp_path):
     ready = tmp_path / "ready"
     ready.mkdir()
     workers = [
-        subprocess.Popen([sys.executable, "-c", WORKER, postgres_url, name, f"w{i}", str(ready), "2"],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, postgres_url, name, f"w{i}", str(ready), "2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         for i in range(2)
     ]
     for worker in workers:
@@ -66,4 +70,3 @@ def test_two_processes_share_one_study(postgres_url, tmp_path):
     # The two workers ran at the same time: their spans of trials overlap.
     spans = [(min(t.datetime_start for t in ts), max(t.datetime_complete for t in ts)) for ts in by_worker.values()]
     assert max(start for start, _ in spans) < min(end for _, end in spans)
-
