@@ -17,6 +17,7 @@ trials are never run again. Stale trials of killed workers are detected by Optun
 
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -31,12 +32,12 @@ import optuna
 import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.exceptions import ExperimentalWarning
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from peftlab.errors import PeftlabError
 from peftlab.space import SearchSpace, load_space
 from peftlab.spec import Spec, SpecError
+from peftlab.storage import open_storage, storage_url
 
 #: Objectives a search can have and their directions; ``score`` and ``stored`` are always the first two.
 OBJECTIVES = {"score": "maximize", "stored": "minimize", "memory": "minimize", "latency": "minimize"}
@@ -154,39 +155,15 @@ class SearchConfig:
 
     @property
     def storage_url(self) -> str:
-        return storage_url(self.storage) if self.storage else f"sqlite:///{Path(self.output).resolve() / 'study.db'}"
+        if self.storage:
+            return storage_url(self.storage, must_exist=False)
+        return f"sqlite:///{Path(self.output).resolve() / 'study.db'}"
 
     def definition(self, space: SearchSpace) -> dict[str, Any]:
         """What a study is (stored in it): joining workers and resumed searches must agree on all of it."""
         return {"model": self.model, "task": self.task, "space": space.to_dict(), "space_name": self.space,
                 "objectives": list(self.objectives), "budget": self.budget, "train": self.train,
                 "ref_point": list(self.ref_point) if self.ref_point else None, "sampler": self.sampler}
-
-
-def storage_url(value: str) -> str:
-    """A storage URL from a URL or a path to an SQLite file (which must exist unless it is a URL)."""
-    if "://" in value:
-        return value
-    path = Path(value)
-    if not path.is_file():
-        raise PeftlabError(f"no study storage at '{value}': give an existing SQLite file or a database URL "
-                           "(sqlite:///file.db, postgresql://user@host/db)")
-    return f"sqlite:///{path.resolve()}"
-
-
-def open_storage(url: str, heartbeat: int | None = None) -> RDBStorage:
-    """An Optuna RDB storage; with ``heartbeat``, trials of dead workers go stale and are retried once."""
-    engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
-    try:
-        with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna since v2.8
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            kw: dict[str, Any] = {}
-            if heartbeat:
-                kw = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat,
-                      "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=1)}
-            return RDBStorage(url, engine_kwargs=engine, **kw)
-    except Exception as e:  # SQLAlchemy raises many kinds: a bad URL, a missing driver, a refused connection
-        raise PeftlabError(f"cannot open the study storage '{url}': {str(e).splitlines()[0]}") from None
 
 
 def load_study(storage: str, study: str) -> tuple[optuna.Study, dict[str, Any]]:
@@ -355,13 +332,17 @@ def create_study(config: SearchConfig) -> tuple[optuna.Study, SearchSpace]:
 
 
 def default_ref_point(space: SearchSpace, config: SearchConfig) -> list[float]:
-    """Score 0 (no better than chance for accuracy/F1/MCC/correlation) and the budget, else the costliest
-    corner of the space (every dimension at its last choice) plus 10%."""
+    """Score 0 (no better than chance for accuracy/F1/MCC/correlation) and the budget, else 1.1 x the
+    costliest of the space's corner (every dimension at its last choice) and 64 random points."""
     if config.budget is not None:
         return [0.0, float(config.budget)]
     cost = CostModel(config.model)
-    corner = [len(d.choices) - 1 for d in space.dimensions()]
-    return [0.0, round(1.1 * cost.stored(space.decode(corner)), 4)]
+    points = [[len(d.choices) - 1 for d in space.dimensions()], *(space.random_vector(k) for k in range(64))]
+    costs = []
+    for v in points:
+        with contextlib.suppress(SpecError):  # points that cannot be built fail as trials, not here
+            costs.append(cost.stored(space.decode(v)))
+    return [0.0, round(1.1 * max(costs), 4) if costs else 100.0]
 
 
 def work(config: SearchConfig, worker: int = 0, threads: int | None = None,

@@ -1,0 +1,173 @@
+"""The search: studies over a space on real task slices, failures, budgets, kill-and-resume, shared workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from postgres import postgres_url  # noqa: F401  (fixture: a real throw-away PostgreSQL server)
+
+from peftlab import results
+from peftlab.cli import main
+from peftlab.errors import PeftlabError
+from peftlab.search import SearchConfig, counted, load_study, run_search, to_params, to_vector
+
+DATA = Path(os.environ.get("PEFTLAB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+pytestmark = pytest.mark.skipif(not (DATA / "glue" / "SST-2").is_dir(), reason=f"no GLUE data under {DATA}")
+TRAIN = {"data_dir": str(DATA), "k": 32, "dev_size": 16, "max_steps": 3, "batch_size": 8, "max_length": 24,
+         "eval_batch_size": 64}
+FLAGS = ["--model", "shape:tiny-bert", "--task", "sst2", "--data-dir", str(DATA), "--k", "32", "--dev-size", "16",
+         "--batch-size", "8", "--max-length", "24", "--no-plots"]
+
+
+def _config(tmp_path: Path, **kw) -> SearchConfig:
+    base = {"model": "shape:tiny-bert", "task": "sst2", "sampler": "random", "trials": 4, "output": str(tmp_path),
+            "train": TRAIN}
+    return SearchConfig(**(base | kw))
+
+
+def _finished(study: optuna.Study) -> dict[int, tuple]:
+    return {t.number: (t.params, t.values, t.user_attrs.get("status")) for t in study.get_trials()
+            if t.state.is_finished() and t.user_attrs.get("status")}
+
+
+def test_search_trains_points_and_exports_the_front(tmp_path: Path) -> None:
+    study = run_search(_config(tmp_path, sampler="tpe", startup_trials=2, trials=5))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(done) == 5
+    for t in done:
+        assert 0 <= t.values[0] <= 1 and t.values[1] == pytest.approx(t.user_attrs["stored_percent"])
+        assert (Path(t.user_attrs["run"]) / "record.json").is_file() or "copied_from" in t.user_attrs
+        assert set(t.user_attrs["test"]) == {"accuracy"}
+    curve = results.hypervolume_curve(study)
+    assert len(curve) == 5 and curve == sorted(curve) and curve[-1] > 0
+    front = results.pareto_trials(study)
+    assert front and all(not any(o.values[0] >= f.values[0] and o.values[1] < f.values[1] for o in done)
+                         for f in front)
+    paths = results.export(study, tmp_path / "out")
+    assert {p.name for p in paths} >= {"trials.csv", "pareto.json", "hypervolume.csv", "front.png", "hypervolume.png"}
+    assert json.loads((tmp_path / "out" / "pareto.json").read_text())["hypervolume"] == pytest.approx(curve[-1])
+
+
+def test_parameters_round_trip_through_the_space(tmp_path: Path) -> None:
+    from peftlab.space import load_space
+
+    space = load_space("s4", "shape:bert-base")
+    vector = space.random_vector(3)
+    assert to_vector(space, to_params(space, vector)) == vector
+
+
+def test_failed_and_diverged_trials_are_recorded_and_the_search_goes_on(tmp_path: Path) -> None:
+    # BERT has no gated FFN: points that place the module fail; the others (the head alone) train.
+    space = {"type": "layers", "modules": [{"name": "broken", "kind": "ia3", "sites": ["ffn_gate"], "choices": [0, 1]}]}
+    (tmp_path / "space.json").write_text(json.dumps(space))
+    study = run_search(_config(tmp_path, space=str(tmp_path / "space.json"), trials=6, seed=0))
+    statuses = [t.user_attrs.get("status") for t in study.trials]
+    assert len(statuses) == 6 and "completed" in statuses and "error" in statuses
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in study.trials if t.user_attrs["status"] == "error")
+    diverged = run_search(_config(tmp_path / "d", trials=2, train=TRAIN | {"lr": 1e30}))
+    assert {t.user_attrs["status"] for t in diverged.trials} == {"diverged"}
+    assert all(t.state == optuna.trial.TrialState.FAIL for t in diverged.trials)
+
+
+def test_over_budget_points_are_pruned_untrained(tmp_path: Path) -> None:
+    study = run_search(_config(tmp_path, trials=4, budget=5.0))
+    for t in study.trials:
+        if t.user_attrs["stored_percent"] > 5.0:
+            assert t.state == optuna.trial.TrialState.PRUNED and "run" not in t.user_attrs
+        else:
+            assert t.state == optuna.trial.TrialState.COMPLETE
+    assert counted(study) == (4, 0)
+
+
+def test_joining_a_study_with_other_settings_is_refused(tmp_path: Path) -> None:
+    run_search(_config(tmp_path, trials=1))
+    with pytest.raises(PeftlabError, match="different search: its task is 'sst2'"):
+        run_search(_config(tmp_path, trials=1, task="rte"))
+    with pytest.raises(PeftlabError, match="no study 'nope'"):
+        load_study(str(tmp_path / "study.db"), "nope")
+
+
+def test_killed_search_resumes_without_losing_finished_trials(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "peftlab.cli", "search", *FLAGS, "--sampler", "random", "--trials", "5",
+           "--max-steps", "12", "--output", str(tmp_path), "--heartbeat", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = tmp_path / "study.db"
+    deadline = time.time() + 240
+    before: dict[int, tuple] = {}
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        if db.is_file():
+            with open(os.devnull, "w"):
+                try:
+                    study = optuna.load_study(study_name="peftlab", storage=f"sqlite:///{db}")
+                    before = _finished(study)
+                    running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+                except Exception:  # the table may not exist yet
+                    continue
+            if len(before) >= 2 and running:
+                break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(before) >= 2, "the search did not finish two trials in time"
+    assert subprocess.run(cmd, capture_output=True, text=True, timeout=300).returncode == 0
+    study = optuna.load_study(study_name="peftlab", storage=f"sqlite:///{db}")
+    after = _finished(study)
+    assert len(after) == 5
+    for number, result in before.items():
+        assert after[number] == result  # nothing finished was lost or redone
+    killed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL and "status" not in t.user_attrs]
+    assert killed, "the killed worker's trial should be failed as stale"
+    assert any(t.system_attrs.get("failed_trial") == killed[0].number for t in study.trials)  # and retried
+
+
+def test_two_workers_on_postgresql_share_one_study(tmp_path: Path, postgres_url: str) -> None:  # noqa: F811
+    cmd = [sys.executable, "-m", "peftlab.cli", "search", *FLAGS, "--sampler", "random", "--trials", "6",
+           "--max-steps", "3", "--storage", postgres_url, "--study", "shared"]
+    workers = [subprocess.Popen([*cmd, "--output", str(tmp_path / f"w{k}"), "--sampler-seed", str(k)],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in range(2)]
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    study = optuna.load_study(study_name="shared", storage=postgres_url)
+    trials = study.get_trials()
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    assert len(_finished(study)) == 6 == len(trials)  # none lost, none extra
+    runs = [t.user_attrs["run"] for t in trials if "run" in t.user_attrs]
+    assert len(runs) == len(set(runs))  # no trial trained twice
+    assert all(any(f"trial {t.number}:" in out for out in outputs) for t in trials)  # each ran in one worker
+    assert sum(f"trial {t.number}:" in out for out in outputs for t in trials) == 6
+
+
+def test_cli_search_pareto_and_retrain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "s"
+    assert main(["search", *FLAGS, "--sampler", "random", "--trials", "3", "--max-steps", "2",
+                 "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "hypervolume" in text and "trial 2:" in text
+    db = str(out / "study.db")
+    assert main(["pareto", "show", "--storage", db, "--study", "peftlab", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["trials"] == 3 and shown["pareto"]
+    best = shown["pareto"][0]["number"]
+    assert main(["pareto", "spec", "--storage", db, "--study", "peftlab", "--trial", str(best),
+                 "--output", str(tmp_path / "spec.json")]) == 0
+    capsys.readouterr()
+    assert main(["train", "--model", "shape:tiny-bert", "--task", "rte", "--data-dir", str(DATA), "--k", "16",
+                 "--dev-size", "8", "--max-steps", "1", "--spec", str(tmp_path / "spec.json"), "--no-progress",
+                 "--output", str(tmp_path / "transfer")]) == 0  # a found spec transfers to another task
+    capsys.readouterr()
+    assert main(["pareto", "retrain", "--storage", db, "--study", "peftlab", "--seeds", "0", "1",
+                 "--max-steps", "3", "--output", str(tmp_path / "re")]) == 0
+    rows = json.loads((tmp_path / "re" / "retrain.json").read_text())["rows"]
+    assert rows and all(r["seeds"] == 2 and r["test_mean"] is not None for r in rows)
+    assert main(["pareto", "spec", "--storage", db, "--study", "peftlab", "--trial", "99"]) == 2
+    assert "no trial 99" in capsys.readouterr().err
+    assert main(["search", *FLAGS, "--sampler", "cmaes", "--output", str(tmp_path / "x")]) == 2
+    assert "unknown sampler 'cmaes'" in capsys.readouterr().err
