@@ -171,3 +171,24 @@ def test_cli_search_pareto_and_retrain(tmp_path: Path, capsys: pytest.CaptureFix
     assert "no trial 99" in capsys.readouterr().err
     assert main(["search", *FLAGS, "--sampler", "cmaes", "--output", str(tmp_path / "x")]) == 2
     assert "unknown sampler 'cmaes'" in capsys.readouterr().err
+
+
+def test_s4_refinement_fixes_one_dimension_per_stage_and_resumes(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "s4.json").write_text(json.dumps({"type": "s4", "groups": 2, "strategies": ["adapter", "bitfit"]}))
+    cmd = ["refine", *FLAGS[:-1], "--space", str(tmp_path / "s4.json"), "--samples", "1", "--max-steps", "2",
+           "--output", str(tmp_path / "r")]
+    assert main(cmd) == 0
+    text = capsys.readouterr().out
+    result = json.loads((tmp_path / "r" / "refine.json").read_text())
+    stages = [s["stage"] for s in result["stages"]]
+    assert stages == ["grouping", "allocation", "tuned", "strategies_g1", "strategies_g2"]
+    assert set(result["design"]) == set(stages) and result["spec"] and "design: " in text
+    for s in result["stages"]:
+        if len(s["candidates"]) > 1:  # a real choice: every candidate was trained and the best mean kept
+            assert all(len(c["scores"]) == 1 for c in s["candidates"])
+            assert max(c["mean"] for c in s["candidates"]) == next(
+                c["mean"] for c in s["candidates"] if c["value"] == s["chosen"])
+    trials = len(load_study(str(tmp_path / "r" / "study.db"), "refine")[0].trials)
+    assert main(cmd) == 0  # resumed: every evaluation is already in the study
+    assert len(load_study(str(tmp_path / "r" / "study.db"), "refine")[0].trials) == trials

@@ -179,6 +179,25 @@ def cmd_pareto(args: argparse.Namespace) -> None:
         print(table)
 
 
+def cmd_refine(args: argparse.Namespace) -> None:
+    from peftlab.refine import refine
+    from peftlab.search import SearchConfig, print_trial
+
+    config = SearchConfig(model=args.model, task=args.task, space=args.space, study=args.study,
+                          storage=args.storage, output=args.output, seed=args.sampler_seed,
+                          heartbeat=args.heartbeat, train=_train_settings(args))
+    stages = args.stages.split(",") if args.stages else None
+    result = refine(config, samples=args.samples, stages=stages, on_trial=print_trial)
+    for stage in result.stages:
+        shown = "  ".join(f"{c['value']}: {c['mean']:.4f}" if c["mean"] is not None else f"{c['value']}: -"
+                          for c in stage.to_dict()["candidates"])
+        print(f"{stage.name}: chose {stage.chosen}   ({shown})")
+    print("design: " + ", ".join(f"{k}={v}" for k, v in result.design.items()))
+    if result.spec is not None:
+        print(f"stored {result.stored_percent:.3f}%; spec: {Path(args.output) / 'spec.json'} "
+              f"(train it with `peftlab train --spec`)")
+
+
 def cmd_dashboard(args: argparse.Namespace) -> None:
     from peftlab.dashboard import serve
 
@@ -339,6 +358,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     _add_train_args(p)
     p.set_defaults(fn=cmd_search)
+
+    p = sub.add_parser("refine", help="S4 progressive greedy refinement of a design space (one stage per "
+                                      "dimension, candidates compared on low-fidelity runs)")
+    _add_model_task(p)
+    p.add_argument("--space", default="s4", help="s4 or an S4 space file (type s4); default s4")
+    p.add_argument("--samples", type=int, default=2, help="points trained per candidate (default 2)")
+    p.add_argument("--stages", help="comma-separated stages to run, in order (default: all; see `peftlab space`)")
+    p.add_argument("--study", default="refine", help="study name in the storage (default refine)")
+    p.add_argument("--storage", help="database URL (default: sqlite file OUTPUT/study.db)")
+    p.add_argument("--output", default="refine", help="folder for runs, refine.json and spec.json")
+    p.add_argument("--sampler-seed", type=int, default=0, help="seed of the points drawn per candidate")
+    p.add_argument("--heartbeat", type=int, default=10, help="seconds between a running trial's heartbeats")
+    _add_train_args(p)
+    p.set_defaults(fn=cmd_refine)
 
     p = sub.add_parser("pareto", help="a search's results: show, export, plot, spec of a trial, retrain")
     p.add_argument("action", choices=["show", "export", "plot", "spec", "retrain"])

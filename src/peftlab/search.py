@@ -133,7 +133,7 @@ class SearchConfig:
     def check(self) -> None:
         from peftlab.train import TrainConfig
 
-        if self.sampler not in SAMPLERS:
+        if self.sampler not in (*SAMPLERS, "s4-refine"):  # s4-refine: set by peftlab.refine, not a sampler
             raise PeftlabError(f"unknown sampler '{self.sampler}'; samplers: {', '.join(SAMPLERS)}")
         if tuple(self.objectives[:2]) != ("score", "stored") or len(set(self.objectives)) != len(self.objectives) \
                 or any(o not in OBJECTIVES for o in self.objectives):
@@ -262,8 +262,8 @@ class Objective:
             raise optuna.TrialPruned(f"stored {pct['stored']:.3f}% > budget {budget}%")
         same = _same_point(trial, params)
         if same is not None:  # training is deterministic for a seed: the same point gives the same result
-            for k, v in same.user_attrs.items():
-                trial.set_user_attr(k, v)
+            for k in ("run", "wall_time_s", "steps", "dev", "test", "status"):
+                trial.set_user_attr(k, same.user_attrs.get(k))
             trial.set_user_attr("copied_from", same.number)
             return list(same.values)
         out = Path(self.config.output) / "trials" / f"{trial.number:05d}"
