@@ -192,3 +192,9 @@ def test_s4_refinement_fixes_one_dimension_per_stage_and_resumes(tmp_path: Path,
     trials = len(load_study(str(tmp_path / "r" / "study.db"), "refine")[0].trials)
     assert main(cmd) == 0  # resumed: every evaluation is already in the study
     assert len(load_study(str(tmp_path / "r" / "study.db"), "refine")[0].trials) == trials
+
+
+def test_local_workers_share_an_sqlite_study(tmp_path: Path) -> None:
+    study = run_search(_config(tmp_path, trials=4), workers=2)
+    assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
+    assert len(_finished(study)) == 4 and counted(study) == (4, 0)
