@@ -308,6 +308,17 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--labels", help="label names in class order, e.g. neg,pos (default: integer labels)")
 
 
+def _add_study_args(p: argparse.ArgumentParser, study: str, output: str) -> None:
+    """Where a search or refinement keeps its study and runs, and how its trials are drawn and watched."""
+    p.add_argument("--study", default=study, help=f"study name in the storage (default {study})")
+    p.add_argument("--storage", help="database URL shared by workers, e.g. postgresql://user@host/db "
+                                     "(default: sqlite file OUTPUT/study.db)")
+    p.add_argument("--output", default=output, help=f"folder for trial runs and results (default ./{output})")
+    p.add_argument("--sampler-seed", type=int, default=0, help="seed of the points drawn")
+    p.add_argument("--heartbeat", type=int, default=10,
+                   help="seconds between a running trial's heartbeats; a trial silent 3x as long is retried")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning lab.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -339,10 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default="tpe", help="random, tpe, nsga2, gp or autopeft (BoTorch SAAS-GP + "
                                                    "qLogNEHVI; needs peftlab[bo]); default tpe")
     p.add_argument("--trials", type=int, default=20, help="finished trials the study should hold (default 20)")
-    p.add_argument("--study", default="peftlab", help="study name in the storage (default peftlab)")
-    p.add_argument("--storage", help="database URL shared by workers, e.g. postgresql://user@host/db "
-                                     "(default: sqlite file OUTPUT/study.db)")
-    p.add_argument("--output", default="search", help="folder for trial runs and results (default ./search)")
+    _add_study_args(p, "peftlab", "search")
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
     p.add_argument("--budget", type=float, help="max stored parameters, %% of the backbone: costlier points are "
                                                 "pruned untrained")
@@ -352,9 +360,6 @@ def build_parser() -> argparse.ArgumentParser:
                                        "budget, else the space's costliest point)")
     p.add_argument("--startup-trials", type=int, default=8, help="random trials before model-based sampling")
     p.add_argument("--bo-batch", type=int, default=1, help="autopeft sampler: candidates chosen jointly")
-    p.add_argument("--sampler-seed", type=int, default=0)
-    p.add_argument("--heartbeat", type=int, default=10,
-                   help="seconds between a running trial's heartbeats; a trial silent 3x as long is retried")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     _add_train_args(p)
     p.set_defaults(fn=cmd_search)
@@ -365,11 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", default="s4", help="s4 or an S4 space file (type s4); default s4")
     p.add_argument("--samples", type=int, default=2, help="points trained per candidate (default 2)")
     p.add_argument("--stages", help="comma-separated stages to run, in order (default: all; see `peftlab space`)")
-    p.add_argument("--study", default="refine", help="study name in the storage (default refine)")
-    p.add_argument("--storage", help="database URL (default: sqlite file OUTPUT/study.db)")
-    p.add_argument("--output", default="refine", help="folder for runs, refine.json and spec.json")
-    p.add_argument("--sampler-seed", type=int, default=0, help="seed of the points drawn per candidate")
-    p.add_argument("--heartbeat", type=int, default=10, help="seconds between a running trial's heartbeats")
+    _add_study_args(p, "refine", "refine")
     _add_train_args(p)
     p.set_defaults(fn=cmd_refine)
 

@@ -137,14 +137,7 @@ def plot_front(studies: Sequence[optuna.Study], path: str | Path) -> Path:
         ax.step([t.values[1] for t in front], [t.values[0] for t in front], where="post", color=color,
                 marker="o", label=_label(study))
     ax.set_xscale("symlog", linthresh=0.01)
-    ax.set_xlabel("stored parameters (% of the backbone)")
-    ax.set_ylabel("dev score")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _save(plt, fig, ax, path, "stored parameters (% of the backbone)", "dev score")
 
 
 def plot_hypervolume(studies: Sequence[optuna.Study], path: str | Path) -> Path:
@@ -157,8 +150,12 @@ def plot_hypervolume(studies: Sequence[optuna.Study], path: str | Path) -> Path:
     refs = {ref_point(s) for s in studies}
     ref = f"reference point (score, stored %) = {next(iter(refs))}" if len(refs) == 1 else "reference points differ"
     ax.set_title(ref, fontsize=9)
-    ax.set_xlabel("trials")
-    ax.set_ylabel("hypervolume")
+    return _save(plt, fig, ax, path, "trials", "hypervolume")
+
+
+def _save(plt, fig, ax, path: str | Path, xlabel: str, ylabel: str) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
