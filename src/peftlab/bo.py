@@ -1,0 +1,421 @@
+"""AutoPEFT's multi-objective Bayesian optimisation as an Optuna sampler (Zhou et al. 2024, §2.2).
+
+:class:`AutoPEFTSampler` searches any :class:`~peftlab.space.SearchSpace` for the Pareto front of
+(task score, cost) the way the paper does:
+
+1. the first ``n_startup_trials`` trials are drawn at random by an independent ``RandomSampler(seed)``
+   (the paper starts from 100 random configurations);
+2. then each step fits one SAAS-GP (Eriksson & Jankowiak 2021: a GP whose half-Cauchy prior on the inverse
+   lengthscales switches most dimensions off, since only a few of the layer bits and sizes matter) per
+   objective, with NUTS (BoTorch's ``SaasFullyBayesianSingleTaskGP`` and ``fit_fully_bayesian_model_nuts``);
+   an objective whose value is known exactly and cheaply (the parameter cost, ``cost=``) is not learned
+   but computed, through BoTorch's ``GenericDeterministicModel`` in a ``ModelList``;
+3. the acquisition is qLogNEHVI (the log form of the paper's noisy expected hypervolume improvement,
+   Daulton et al. 2021/2023), maximised by *local search* over the discrete space: from every point of the
+   observed Pareto set (and a few random points) move to the best neighbour (one dimension changed: a bit
+   flipped, an ordinal size ±1, a categorical value swapped for any other) until no neighbour improves; the
+   best point visited is the suggestion;
+4. ``batch_size = q`` suggestions are chosen jointly (sequential greedy: each chosen point joins the pending
+   points of the next), queued, and handed to the next ``q`` trials while no new trial completes.
+
+Points already evaluated (in any state) or running elsewhere are never suggested; running trials are the
+acquisition's pending points (``X_pending``) so parallel workers spread out. Objectives follow
+``study.directions`` (minimised ones are negated: BoTorch maximises); failed and pruned trials are not
+observations.
+
+GP inputs: every dimension is scaled to [0, 1]: an insertion bit is 0/1, an ordinal (a size on a log scale)
+is its index / (n - 1) (the log scale is already what the index measures), a categorical (an S4 grouping, a
+set of strategies) is one-hot, one input per value, since its values have no order and an index would make
+"uniform" lie between "increasing" and "decreasing"; SAAS gives each one-hot input its own relevance.
+
+NUTS runs on NumPyro (JAX) in BoTorch 0.18+: each fit compiles the sampler once (about 5-10 s on one CPU
+core, whatever the number of steps), so the step count matters less than the number of fits.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseSampler, RandomSampler
+from optuna.study import Study, StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+from peftlab import search
+from peftlab.errors import PeftlabError
+from peftlab.space import LayerSpace, SearchSpace
+
+MISSING_BOTORCH = 'the autopeft sampler needs BoTorch: pip install "peftlab[bo]"'
+
+try:
+    from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
+    from botorch.fit import fit_fully_bayesian_model_nuts
+    from botorch.models.deterministic import GenericDeterministicModel
+    from botorch.models.fully_bayesian import SaasFullyBayesianSingleTaskGP
+    from botorch.models.model import Model, ModelList
+    from botorch.models.transforms.outcome import Standardize
+    from botorch.sampling.get_sampler import get_sampler
+    from botorch.utils.multi_objective.hypervolume import infer_reference_point
+    from botorch.utils.multi_objective.pareto import is_non_dominated
+except ImportError:
+    raise PeftlabError(MISSING_BOTORCH) from None
+
+try:  # BoTorch's NUTS runs on NumPyro (its 'fully-bayesian' extra)
+    import jax  # noqa: F401
+    import numpyro  # noqa: F401
+except ImportError:
+    raise PeftlabError(MISSING_BOTORCH + " (its SAAS-GP fit needs JAX and NumPyro: "
+                       'pip install "botorch[fully-bayesian]")') from None
+
+__all__ = ["AutoPEFTSampler", "Encoder", "neighbours"]
+
+_DTYPE = torch.double
+
+
+class Encoder:
+    """Points (index vectors) to GP inputs in [0, 1] and back (see the module docstring)."""
+
+    def __init__(self, space: SearchSpace) -> None:
+        self.dims = space.dimensions()
+        self.sizes = np.array([len(d.choices) for d in self.dims])
+        self.onehot = np.array([d.type == "categorical" for d in self.dims])
+        self.offsets = []
+        width = 0
+        for d, n in zip(self.dims, self.sizes, strict=True):
+            self.offsets.append(width)
+            width += int(n) if d.type == "categorical" else 1
+        self.width = width
+
+    def encode(self, vectors: np.ndarray | Sequence[Sequence[int]]) -> torch.Tensor:
+        v = np.asarray(vectors, dtype=np.int64).reshape(-1, len(self.dims))
+        out = np.zeros((len(v), self.width))
+        for j, (n, hot, o) in enumerate(zip(self.sizes, self.onehot, self.offsets, strict=True)):
+            if hot:
+                out[np.arange(len(v)), o + v[:, j]] = 1.0
+            elif n > 1:
+                out[:, o] = v[:, j] / (n - 1)
+        return torch.from_numpy(out).to(_DTYPE)
+
+    def decode(self, X: torch.Tensor) -> np.ndarray:
+        x = X.detach().reshape(-1, self.width).cpu().numpy()
+        out = np.zeros((len(x), len(self.dims)), dtype=np.int64)
+        for j, (n, hot, o) in enumerate(zip(self.sizes, self.onehot, self.offsets, strict=True)):
+            out[:, j] = np.argmax(x[:, o:o + n], axis=1) if hot else np.rint(x[:, o] * (n - 1))
+        return out
+
+
+def neighbours(vector: Sequence[int], space_or_dims: SearchSpace | Sequence[Any]) -> np.ndarray:
+    """The points one move away: a bit flipped, an ordinal index ±1, a categorical value replaced by any other."""
+    dims = space_or_dims.dimensions() if isinstance(space_or_dims, SearchSpace) else space_or_dims
+    v = np.asarray(vector, dtype=np.int64)
+    out = []
+    for j, d in enumerate(dims):
+        n = len(d.choices)
+        if d.type == "bool":
+            values = [1 - v[j]] if n == 2 else [k for k in range(n) if k != v[j]]
+        elif d.type == "ordinal":
+            values = [k for k in (v[j] - 1, v[j] + 1) if 0 <= k < n]
+        else:
+            values = [k for k in range(n) if k != v[j]]
+        for k in values:
+            w = v.copy()
+            w[j] = k
+            out.append(w)
+    return np.array(out, dtype=np.int64).reshape(-1, len(dims))
+
+
+class AutoPEFTSampler(BaseSampler):
+    """AutoPEFT's multi-objective BO (SAAS-GP + qLogNEHVI + local search) over a search space.
+
+    Args:
+        space: the search space; trials' parameters are its dimensions as :func:`peftlab.search.distributions`
+            names them (other parameters the objective asks for are drawn at random).
+        cost: the exact value of the 2nd objective at a point (``cost(vector) -> float`` in the study's units,
+            e.g. stored parameters as % of the backbone). Given, it is computed rather than learned: no GP
+            error where the answer is known, and local search can use ``budget``. ``None``: every objective
+            gets a SAAS-GP.
+        n_startup_trials: random trials before the first BO step (the paper uses 100 with 100 BO steps; 10 is
+            Optuna's usual start for short studies). Counted in completed trials.
+        batch_size: suggestions chosen jointly per fit (q). Larger q: fewer fits (each costs seconds) and
+            parallel workers served from one fit, at some loss of sample efficiency.
+        seed: seeds the startup ``RandomSampler``, NUTS, the QMC samples and the random local-search starts;
+            the same seed and the same trials give the same suggestions.
+        warmup_steps, num_samples, thinning: NUTS settings. The paper keeps the SAAS paper's (512 warm-up
+            steps, 256 samples, thinning 16: 16 GP samples). BoTorch's NUTS is compiled by JAX per fit, which
+            takes most of a fit's time, so smaller chains save less than one would think; the defaults (128,
+            128, 8: 16 GP samples) fit 30 points of the BERT-base space in about 7 s on one busy core.
+        max_tree_depth: NUTS tree depth (BoTorch's default).
+        ref_point: hypervolume reference point in the study's objective space (score, cost[, ...]); ``None``:
+            BoTorch's ``infer_reference_point`` on the observed Pareto front (its nadir moved back by 10% of
+            each objective's range), recomputed every step.
+        budget: with ``cost``, points whose cost exceeds it are never suggested (they are left out of local
+            search); trials the random start draws are not filtered.
+        mc_samples: QMC samples of the joint posterior per acquisition value (BoTorch uses 128; with several
+            GP samples each, fewer suffice).
+        n_random_starts: random local-search starts besides the Pareto set, against a front of few points.
+        max_pareto_starts: at most this many Pareto points start a local search (evenly spread over the front).
+        max_local_steps: a local search stops after this many moves even if it still improves.
+        acq_batch: candidates per acquisition call (memory vs. overhead).
+    """
+
+    def __init__(self, *, space: SearchSpace, cost: Callable[[list[int]], float] | None = None,
+                 n_startup_trials: int = 10, batch_size: int = 1, seed: int | None = None,
+                 warmup_steps: int = 256, num_samples: int = 128, thinning: int = 16, max_tree_depth: int = 6,
+                 ref_point: Sequence[float] | None = None, budget: float | None = None, mc_samples: int = 32,
+                 n_random_starts: int = 5, max_pareto_starts: int = 20, max_local_steps: int = 30,
+                 acq_batch: int = 256) -> None:
+        if batch_size < 1:
+            raise PeftlabError(f"batch_size must be at least 1, got {batch_size}")
+        if n_startup_trials < 1:
+            raise PeftlabError(f"n_startup_trials must be at least 1 (the GP needs data), got {n_startup_trials}")
+        if budget is not None and cost is None:
+            raise PeftlabError("budget needs cost: the exact cost of a point is what it is compared with")
+        self.space = space
+        self.cost = cost
+        self.n_startup_trials = n_startup_trials
+        self.batch_size = batch_size
+        self.seed = seed
+        self.warmup_steps, self.num_samples, self.thinning = warmup_steps, num_samples, thinning
+        self.max_tree_depth = max_tree_depth
+        self.ref_point = None if ref_point is None else [float(r) for r in ref_point]
+        self.budget = budget
+        self.mc_samples = mc_samples
+        self.n_random_starts = n_random_starts
+        self.max_pareto_starts = max_pareto_starts
+        self.max_local_steps = max_local_steps
+        self.acq_batch = acq_batch
+        self.encoder = Encoder(space)
+        self._dims = space.dimensions()
+        self._distributions = search.distributions(space)
+        self._random = RandomSampler(seed=seed)
+        self._base_seed = seed if seed is not None else int(np.random.SeedSequence().entropy % 2**31)
+        self._queue: list[tuple[int, ...]] = []
+        self._queue_key: tuple[int, ...] | None = None
+        self._cost_cache: dict[tuple[int, ...], float] = {}
+        self._checked: set[int] = set()
+        self._lock = threading.RLock()
+        #: what the last BO step did (times in seconds, candidates evaluated, pending points): for logs and tests
+        self.last_step: dict[str, Any] = {}
+
+    # -- Optuna interface --------------------------------------------------------------------------------
+    def reseed_rng(self) -> None:
+        self._random.reseed_rng()
+        self._base_seed = int(np.random.SeedSequence().entropy % 2**31)
+
+    def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
+        """The space's Optuna distributions; a trial whose parameters disagree with them is an error."""
+        for t in study.get_trials(deepcopy=False):
+            if t.number in self._checked or t.state == TrialState.RUNNING:
+                continue
+            for name, dist in self._distributions.items():
+                if name in t.distributions and t.distributions[name] != dist:
+                    raise PeftlabError(f"trial {t.number}: parameter '{name}' is {t.distributions[name]}, but "
+                                       f"this sampler's space makes it {dist}: the study was made in another space")
+            missing = [n for n in self._distributions if n not in t.params]
+            if t.state == TrialState.COMPLETE and missing:
+                raise PeftlabError(f"trial {t.number} has no parameter '{missing[0]}': it was not made in this "
+                                   f"sampler's space (dimensions: {', '.join(self._distributions)})")
+            self._checked.add(t.number)
+        return dict(self._distributions)
+
+    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: BaseDistribution) -> Any:
+        return self._random.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study: Study, trial: FrozenTrial) -> None:
+        self._random.before_trial(study, trial)
+
+    def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
+        self._random.after_trial(study, trial, state, values)
+
+    def sample_relative(self, study: Study, trial: FrozenTrial,
+                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        if not search_space:
+            return {}
+        with self._lock:
+            return self._sample(study, trial)
+
+    # -- the BO step ----------------------------------------------------------------------------------------
+    def _sample(self, study: Study, trial: FrozenTrial) -> dict[str, Any]:
+        directions = study.directions
+        if len(directions) < 2:
+            raise PeftlabError("the autopeft sampler is multi-objective: make the study with 2 or 3 directions "
+                               "(score, cost[, ...])")
+        completed, blocked, pending = self._observations(study, trial)
+        if len(completed) < self.n_startup_trials:
+            return {}
+        key = tuple(t.number for t, _ in completed)
+        if key == self._queue_key:
+            while self._queue:
+                v = self._queue.pop(0)
+                if self.key(v) not in blocked:
+                    return search.to_params(self.space, list(v))
+        batch = self._step(directions, completed, blocked, pending)
+        if not batch:
+            warnings.warn("the autopeft sampler found no untried point: drawing one at random", stacklevel=3)
+            return {}
+        self._queue, self._queue_key = batch[1:], key
+        return search.to_params(self.space, list(batch[0]))
+
+    def _observations(self, study: Study, trial: FrozenTrial):
+        """(completed trials with their points, every point tried or running, the running points)."""
+        completed, blocked, pending = [], set(), []
+        for t in study.get_trials(deepcopy=False):
+            if t.number == trial.number or any(n not in t.params for n in self._distributions):
+                continue
+            v = tuple(search.to_vector(self.space, t.params))
+            if t.state == TrialState.COMPLETE:
+                if t.values is not None and all(math.isfinite(x) for x in t.values):
+                    completed.append((t, v))
+            elif t.state == TrialState.RUNNING:
+                pending.append(v)
+            elif t.state == TrialState.WAITING:
+                continue
+            blocked.add(self.key(v))
+        return completed, blocked, pending
+
+    def key(self, v: Sequence[int]) -> tuple[int, ...]:
+        """The point's identity for "already tried": in a layer space every point that places no module (no
+        layer on, or every module off) builds the same empty spec, so they are one point."""
+        v = tuple(int(k) for k in v)
+        if isinstance(self.space, LayerSpace):
+            nb = len(self.space.layers)
+            on = any(m.choices[k] for m, k in zip(self.space.modules, v[nb:], strict=True))
+            if not on or not any(v[:nb]):
+                return (0,) * len(v)
+        return v
+
+    def _cost_of(self, v: tuple[int, ...]) -> float:
+        c = self._cost_cache.get(v)
+        if c is None:
+            c = self._cost_cache[v] = float(self.cost(list(v)))
+        return c
+
+    def _allowed(self, v: tuple[int, ...]) -> bool:
+        return self.budget is None or self._cost_of(v) <= self.budget
+
+    def _seed(self, *parts: int) -> int:
+        return int(np.random.SeedSequence([self._base_seed, *parts]).generate_state(1)[0] % 2**31)
+
+    def _step(self, directions, completed, blocked, pending) -> list[tuple[int, ...]]:
+        import time
+
+        t0 = time.perf_counter()
+        n = len(completed)
+        signs = torch.tensor([1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in directions], dtype=_DTYPE)
+        vectors = np.array([v for _, v in completed], dtype=np.int64)
+        X = self.encoder.encode(vectors)
+        Y = torch.tensor([t.values for t, _ in completed], dtype=_DTYPE) * signs
+        if self.cost is not None:
+            Y[:, 1] = signs[1] * torch.tensor([self._cost_of(tuple(v)) for v in vectors], dtype=_DTYPE)
+        model = self._model(X, Y, signs, n)
+        t_fit = time.perf_counter() - t0
+        if self.ref_point is not None:
+            ref = torch.tensor(self.ref_point, dtype=_DTYPE) * signs
+        else:
+            ref = infer_reference_point(Y[is_non_dominated(Y)])
+        front = vectors[is_non_dominated(Y).numpy()]
+        rng = np.random.default_rng(self._seed(n, 1))
+        chosen: list[tuple[int, ...]] = []
+        evaluated = 0
+        for j in range(self.batch_size):
+            X_pending = self.encoder.encode(pending + chosen) if pending or chosen else None
+            acqf = qLogNoisyExpectedHypervolumeImprovement(
+                model=model, ref_point=ref.tolist(), X_baseline=X, X_pending=X_pending, prune_baseline=True,
+                sampler=get_sampler(model.posterior(X[:1]), torch.Size([self.mc_samples]), seed=self._seed(n, 2, j)))
+            taken = blocked | {self.key(c) for c in chosen}
+            best, count = self.local_search(acqf, self._starts(front, rng, taken), taken)
+            evaluated += count
+            if best is None:
+                best = self._random_point(rng, taken)
+            if best is None:
+                break
+            chosen.append(best)
+        self.last_step = {"observations": n, "fit_s": t_fit, "total_s": time.perf_counter() - t0,
+                          "evaluated": evaluated, "pending": list(pending), "chosen": list(chosen),
+                          "ref_point": (ref * signs).tolist()}
+        return chosen
+
+    def _model(self, X: torch.Tensor, Y: torch.Tensor, signs: torch.Tensor, n: int) -> Model:
+        models: list[Model] = []
+        for i in range(Y.shape[1]):
+            if self.cost is not None and i == 1:
+                sign = float(signs[1])
+                models.append(GenericDeterministicModel(lambda x, s=sign: self._cost_tensor(x) * s, num_outputs=1))
+                continue
+            gp = SaasFullyBayesianSingleTaskGP(X, Y[:, i:i + 1], outcome_transform=Standardize(m=1))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                fit_fully_bayesian_model_nuts(gp, max_tree_depth=self.max_tree_depth, warmup_steps=self.warmup_steps,
+                                              num_samples=self.num_samples, thinning=self.thinning,
+                                              disable_progbar=True, seed=self._seed(n, 0, i))
+            models.append(gp)
+        return ModelList(*models)
+
+    def _cost_tensor(self, X: torch.Tensor) -> torch.Tensor:
+        vectors = self.encoder.decode(X)
+        values = [self._cost_of(tuple(int(k) for k in v)) for v in vectors]
+        return torch.tensor(values, dtype=X.dtype).reshape(*X.shape[:-1], 1)
+
+    # -- acquisition optimisation ------------------------------------------------------------------------------
+    def _random_point(self, rng: np.random.Generator, blocked: set[tuple[int, ...]],
+                      tries: int = 1000) -> tuple[int, ...] | None:
+        for _ in range(tries):
+            v = tuple(int(rng.integers(len(d.choices))) for d in self._dims)
+            if self.key(v) not in blocked and self._allowed(v):
+                return v
+        return None
+
+    def _starts(self, front: np.ndarray, rng: np.random.Generator,
+                blocked: set[tuple[int, ...]]) -> list[tuple[int, ...]]:
+        pareto = list(dict.fromkeys(tuple(int(k) for k in v) for v in front))
+        if len(pareto) > self.max_pareto_starts:
+            keep = np.linspace(0, len(pareto) - 1, self.max_pareto_starts).round().astype(int)
+            pareto = [pareto[k] for k in keep]
+        randoms = [self._random_point(rng, blocked, tries=100) for _ in range(self.n_random_starts)]
+        return list(dict.fromkeys(pareto + [v for v in randoms if v is not None]))
+
+    def local_search(self, acqf: Callable[[torch.Tensor], torch.Tensor], starts: Sequence[Sequence[int]],
+                     blocked: set[tuple[int, ...]]) -> tuple[tuple[int, ...] | None, int]:
+        """Hill-climb the acquisition from every start at once: each moves to its best neighbour that is neither
+        blocked nor over budget while that improves. Returns the best point visited (``None`` if none was
+        allowed) and the number of acquisition values computed. ``acqf`` maps ``b x 1 x width`` to ``b``."""
+        values: dict[tuple[int, ...], float] = {}
+
+        def evaluate(points: list[tuple[int, ...]]) -> None:
+            new = [p for p in dict.fromkeys(points) if p not in values]
+            for k in range(0, len(new), self.acq_batch):
+                chunk = new[k:k + self.acq_batch]
+                with torch.no_grad():
+                    out = acqf(self.encoder.encode(chunk).unsqueeze(-2)).reshape(-1)
+                values.update(zip(chunk, out.tolist(), strict=True))
+
+        ok = [tuple(int(k) for k in s) for s in starts]
+        evaluate([s for s in ok if self.key(s) not in blocked and self._allowed(s)])
+        current = {s: values.get(s, -math.inf) for s in ok}
+        for _ in range(self.max_local_steps):
+            moves = {}
+            for s in current:
+                moves[s] = [c for c in (tuple(int(k) for k in w) for w in neighbours(s, self._dims))
+                            if self.key(c) not in blocked and self._allowed(c)]
+            evaluate([c for cs in moves.values() for c in cs])
+            nxt = {}
+            for s, val in current.items():
+                if not moves[s]:
+                    continue
+                best = max(moves[s], key=lambda c: values[c])
+                if values[best] > val and best not in nxt:
+                    nxt[best] = values[best]
+            if not nxt:
+                break
+            current = nxt
+        if not values:
+            return None, 0
+        best = max(values, key=lambda c: values[c])
+        return best, len(values)
