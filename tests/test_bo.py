@@ -116,3 +116,165 @@ def test_bo_beats_random_search_hypervolume(problem):
     hv_random, hv_bo = np.array(list(results.values())).T
     assert hv_bo.mean() > hv_random.mean()
     assert (hv_bo > hv_random).sum() > len(seeds) / 2
+
+
+# -- unit tests ------------------------------------------------------------------------------------------------
+def _random_study(problem: Problem, n: int, seed: int = 0) -> optuna.Study:
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed))
+    study.optimize(problem.objective, n_trials=n)
+    return study
+
+
+def _running(problem: Problem, study: optuna.Study) -> list[int]:
+    """A trial left RUNNING (another worker's) with all its parameters suggested."""
+    sampler = study.sampler
+    study.sampler = optuna.samplers.RandomSampler(123)
+    v = problem.suggest(study.ask())
+    study.sampler = sampler
+    return v
+
+
+@needs_bo
+def test_neighbours_and_encoding(problem):
+    from peftlab.bo import Encoder, neighbours
+
+    space = problem.space
+    v = [1] * 12 + [0, 5, 10]
+    near = neighbours(v, space)
+    assert len(near) == 12 + 1 + 2 + 1  # every bit flipped; serial 0 -> 1, parallel 5 -> 4 or 6, prefix 10 -> 9
+    assert all((np.asarray(v) != w).sum() == 1 for w in near)
+    enc = Encoder(space)
+    X = enc.encode([v])
+    assert X.shape == (1, 15) and X.min() >= 0 and X.max() <= 1 and X[0, 13] == 0.5
+    s4 = load_space("s4", problem.backbone)
+    enc = Encoder(s4)
+    dims = s4.dimensions()
+    assert enc.width == sum(len(d.choices) for d in dims)  # categorical dims are one-hot
+    points = np.array([s4.random_vector(k) for k in range(5)], dtype=int)
+    assert (enc.decode(enc.encode(points)) == points).all()
+    w = [0] * len(dims)
+    assert len(neighbours(w, s4)) == sum(len(d.choices) - 1 for d in dims)
+
+
+@needs_bo
+def test_local_search_respects_budget_and_tried_points(problem):
+    from peftlab.bo import AutoPEFTSampler
+
+    sampler = AutoPEFTSampler(space=problem.space, cost=problem.cost, budget=1.0, seed=0)
+    bigger = lambda X: X.sum(dim=(-2, -1))  # noqa: E731 - an "acquisition" preferring every module large everywhere
+    start = [(0,) * 12 + (1, 1, 0)]
+    best, count = sampler.local_search(bigger, start, blocked=set())
+    assert count > 0 and problem.cost(list(best)) <= 1.0
+    unconstrained = AutoPEFTSampler(space=problem.space, cost=problem.cost, seed=0, max_local_steps=100)
+    best_free, _ = unconstrained.local_search(bigger, start, blocked=set())
+    assert best_free == (1,) * 12 + (10, 10, 10)  # hill-climbing reaches the top without a budget
+    again, _ = unconstrained.local_search(bigger, start, blocked={best_free})
+    assert again != best_free  # a tried point is never the answer
+    # points placing no module all build the empty spec: one tried empty point blocks them all
+    assert sampler.key((1,) * 12 + (0, 0, 0)) == sampler.key((0,) * 12 + (3, 4, 5)) == (0,) * 15
+
+
+@needs_bo
+def test_queue_pending_and_refresh(problem, monkeypatch):
+    from peftlab.bo import AutoPEFTSampler
+
+    study = _random_study(problem, 3)
+    running = _running(problem, study)
+    sampler = AutoPEFTSampler(space=problem.space, cost=problem.cost, n_startup_trials=3, batch_size=3, seed=0)
+    calls = []
+    batch = [(1,) * 12 + (k, 1, 0) for k in (1, 2, 3)]
+
+    def fake_step(directions, completed, blocked, pending):
+        calls.append((len(completed), set(blocked), list(pending)))
+        return list(batch)
+
+    monkeypatch.setattr(sampler, "_step", fake_step)
+    study.sampler = sampler
+    trials = [study.ask() for _ in range(3)]
+    got = [tuple(problem.suggest(t)) for t in trials]
+    assert got == batch and len(calls) == 1  # one step, its batch handed out in order
+    n, blocked, pending = calls[0]
+    assert n == 3 and pending == [tuple(running)]  # the other worker's trial is pending...
+    evaluated = {tuple(search.to_vector(problem.space, t.params)) for t in study.trials[:3]}
+    assert {sampler.key(v) for v in evaluated | {tuple(running)}} <= blocked  # ...and never suggested
+    study.tell(trials[0], (problem.score(list(got[0])), problem.cost(list(got[0]))))
+    problem.suggest(study.ask())
+    assert len(calls) == 2 and calls[1][0] == 4  # a completed trial: a new step with it as an observation
+    assert set(calls[1][2]) == {tuple(running), got[1], got[2]}
+
+
+@needs_bo
+def test_infer_relative_search_space_checks_the_study(problem):
+    from peftlab.bo import AutoPEFTSampler
+    from peftlab.errors import PeftlabError
+
+    sampler = AutoPEFTSampler(space=problem.space, seed=0)
+    study = _random_study(problem, 2)
+    assert sampler.infer_relative_search_space(study, study.trials[0]) == search.distributions(problem.space)
+    other = optuna.create_study(directions=["maximize", "minimize"])
+    other.optimize(lambda t: (t.suggest_int("layer_0", 0, 5), 1.0), n_trials=1)
+    with pytest.raises(PeftlabError, match="another space"):
+        sampler.infer_relative_search_space(other, other.trials[0])
+    with pytest.raises(PeftlabError, match="multi-objective"):
+        single = optuna.create_study(sampler=AutoPEFTSampler(space=problem.space, n_startup_trials=1))
+        single.optimize(lambda t: float(sum(problem.suggest(t))), n_trials=2)
+
+
+@needs_bo
+def test_batch_without_cost_has_no_repeats_and_skips_running(problem):
+    """cost=None: both objectives get a SAAS-GP; a batch of 3 from one step."""
+    from peftlab.bo import AutoPEFTSampler
+
+    study = _random_study(problem, 6, seed=1)
+    running = _running(problem, study)
+    sampler = AutoPEFTSampler(space=problem.space, n_startup_trials=6, batch_size=3, seed=0, **FAST)
+    study.sampler = sampler
+    t0 = time.perf_counter()
+    got = [tuple(problem.suggest(study.ask())) for _ in range(3)]
+    print(f"\nBO step (2 SAAS-GPs, q=3, 6 points): {time.perf_counter() - t0:.1f} s; {sampler.last_step}")
+    keys = [sampler.key(v) for v in got]
+    tried = {sampler.key(search.to_vector(problem.space, t.params)) for t in study.trials[:6]}
+    assert len(set(keys)) == 3 and not set(keys) & (tried | {sampler.key(running)})
+    assert sampler.last_step["pending"] == [tuple(running)] and sampler.last_step["chosen"] == got
+
+
+@needs_bo
+def test_s4_design_space_three_objectives_with_budget(problem):
+    """Categorical dimensions (one-hot), 3 objectives (score up, exact cost down, a learned 3rd down)."""
+    from peftlab.bo import AutoPEFTSampler
+
+    s4 = load_space("s4", problem.backbone)
+    dists = search.distributions(s4)
+
+    def point(trial):
+        return search.to_vector(s4, {k: trial.suggest_categorical(k, d.choices) for k, d in dists.items()})
+
+    def cost(v):  # strategies placed, counted over the tuned groups
+        c = s4.choice(v)
+        return float(sum(len(c.strategies[g - 1]) for g in c.tuned))
+
+    def values(v):
+        c = s4.choice(v)
+        lora = sum("lora" in c.strategies[g - 1] for g in c.tuned)
+        return lora + (c.grouping == "spindle"), cost(v), float(len(c.tuned)) + 0.5 * (c.allocation == "uniform")
+
+    sampler = AutoPEFTSampler(space=s4, cost=cost, budget=4.0, n_startup_trials=5, batch_size=2, seed=0, **FAST)
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"], sampler=sampler)
+    study.optimize(lambda t: values(point(t)), n_trials=5)
+    trials = [study.ask() for _ in range(2)]
+    got = [point(t) for t in trials]
+    for t, v in zip(trials, got, strict=True):
+        study.tell(t, values(v))
+    tried = [search.to_vector(s4, t.params) for t in study.trials[:5]]
+    assert got[0] != got[1] and not any(v in tried for v in got)
+    assert all(cost(v) <= 4.0 for v in got)
+    assert len(sampler.last_step["ref_point"]) == 3
+
+
+def test_missing_botorch_error():
+    code = ("import sys; sys.modules['botorch'] = None\n"
+            "from peftlab.errors import PeftlabError\n"
+            "try:\n    import peftlab.bo\nexcept PeftlabError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == 'ERR the autopeft sampler needs BoTorch: pip install "peftlab[bo]"'

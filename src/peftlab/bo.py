@@ -198,7 +198,6 @@ class AutoPEFTSampler(BaseSampler):
         self._queue: list[tuple[int, ...]] = []
         self._queue_key: tuple[int, ...] | None = None
         self._cost_cache: dict[tuple[int, ...], float] = {}
-        self._checked: set[int] = set()
         self._lock = threading.RLock()
         #: what the last BO step did (times in seconds, candidates evaluated, pending points): for logs and tests
         self.last_step: dict[str, Any] = {}
@@ -211,7 +210,7 @@ class AutoPEFTSampler(BaseSampler):
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         """The space's Optuna distributions; a trial whose parameters disagree with them is an error."""
         for t in study.get_trials(deepcopy=False):
-            if t.number in self._checked or t.state == TrialState.RUNNING:
+            if t.state == TrialState.RUNNING:
                 continue
             for name, dist in self._distributions.items():
                 if name in t.distributions and t.distributions[name] != dist:
@@ -221,7 +220,6 @@ class AutoPEFTSampler(BaseSampler):
             if t.state == TrialState.COMPLETE and missing:
                 raise PeftlabError(f"trial {t.number} has no parameter '{missing[0]}': it was not made in this "
                                    f"sampler's space (dimensions: {', '.join(self._distributions)})")
-            self._checked.add(t.number)
         return dict(self._distributions)
 
     def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
