@@ -251,6 +251,30 @@ def test_batch_without_cost_three_objectives_no_repeats_running_pending(problem,
 
 
 @needs_bo
+def test_same_seed_same_suggestions_and_failed_fit_falls_back(problem, monkeypatch):
+    import peftlab.bo
+    from peftlab.bo import AutoPEFTSampler
+
+    monkeypatch.setattr(peftlab.bo, "fit_fully_bayesian_model_nuts", _fake_nuts)
+    study = _random_study(problem, 5, seed=2)
+    batches = []
+    for _ in range(2):
+        sampler = AutoPEFTSampler(space=problem.space, cost=problem.cost, n_startup_trials=5, batch_size=2,
+                                  seed=7, **FAST)
+        sampler.sample_relative(study, study.ask(), search.distributions(problem.space))
+        batches.append(sampler.last_step["chosen"])
+    assert batches[0] == batches[1]
+
+    def broken(model, **_):
+        raise RuntimeError("cholesky failed")
+
+    monkeypatch.setattr(peftlab.bo, "fit_fully_bayesian_model_nuts", broken)
+    study.sampler = AutoPEFTSampler(space=problem.space, n_startup_trials=5, seed=0)
+    with pytest.warns(UserWarning, match="BO step failed"):
+        assert len(problem.suggest(study.ask())) == 15  # drawn at random instead
+
+
+@needs_bo
 def test_s4_design_space_with_budget(problem):
     """Categorical dimensions (one-hot inputs), a real NUTS fit, the exact cost under a budget: two BO
     suggestions from one step, distinct, untried and within budget."""

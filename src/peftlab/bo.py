@@ -55,6 +55,7 @@ MISSING_BOTORCH = 'the autopeft sampler needs BoTorch: pip install "peftlab[bo]"
 
 try:
     from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
+    from botorch.exceptions.errors import BotorchError
     from botorch.fit import fit_fully_bayesian_model_nuts
     from botorch.models.deterministic import GenericDeterministicModel
     from botorch.models.fully_bayesian import SaasFullyBayesianSingleTaskGP
@@ -254,7 +255,14 @@ class AutoPEFTSampler(BaseSampler):
                 v = self._queue.pop(0)
                 if self.key(v) not in blocked:
                     return search.to_params(self.space, list(v))
-        batch = self._step(directions, completed, blocked, pending)
+        try:
+            batch = self._step(directions, completed, blocked, pending)
+        except PeftlabError:
+            raise
+        except (RuntimeError, ValueError, ArithmeticError, BotorchError) as e:  # a numerical failure of fit or acqf
+            warnings.warn(f"the autopeft sampler's BO step failed ({type(e).__name__}: {e}); drawing this trial "
+                          "at random", stacklevel=3)
+            return {}
         if not batch:
             warnings.warn("the autopeft sampler found no untried point: drawing one at random", stacklevel=3)
             return {}
