@@ -200,7 +200,7 @@ class AutoPEFTSampler(BaseSampler):
         self._random = RandomSampler(seed=seed)
         self._base_seed = seed if seed is not None else int(np.random.SeedSequence().entropy % 2**31)
         self._queue: list[tuple[int, ...]] = []
-        self._queue_key: tuple[int, ...] | None = None
+        self._queue_key: tuple[Any, ...] | None = None
         self._cost_cache: dict[tuple[int, ...], float] = {}
         self._lock = threading.RLock()
         #: what the last BO step did (times in seconds, candidates evaluated, pending points): for logs and tests
@@ -249,10 +249,13 @@ class AutoPEFTSampler(BaseSampler):
         if len(directions) < 2:
             raise PeftlabError("the autopeft sampler is multi-objective: make the study with 2 or 3 directions "
                                "(score, cost[, ...])")
+        if self.ref_point is not None and len(self.ref_point) != len(directions):
+            raise PeftlabError(f"ref_point has {len(self.ref_point)} values but the study has {len(directions)} "
+                               "objectives: give one per objective, in the study's own units and order")
         completed, blocked, pending = self._observations(study, trial)
         if len(completed) < self.n_startup_trials:
             return {}
-        key = tuple(t.number for t, _ in completed)
+        key = (study.study_name, *(t.number for t, _ in completed))
         if key == self._queue_key:
             while self._queue:
                 v = self._queue.pop(0)
