@@ -71,8 +71,7 @@ class Problem:
         return 80.0 + 10.0 * (1.0 - math.exp(-3.0 * layers * modules))
 
     def suggest(self, trial: optuna.Trial) -> list[int]:
-        return search.to_vector(self.space, {k: trial.suggest_int(k, d.low, d.high)
-                                             for k, d in search.distributions(self.space).items()})
+        return search.to_vector(self.space, search.suggest(trial, search.distributions(self.space)))
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
         v = self.suggest(trial)

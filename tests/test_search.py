@@ -198,3 +198,22 @@ def test_local_workers_share_an_sqlite_study(tmp_path: Path) -> None:
     study = run_search(_config(tmp_path, trials=4), workers=2)
     assert sorted(t.number for t in study.trials) == [0, 1, 2, 3]
     assert len(_finished(study)) == 4 and counted(study) == (4, 0)
+
+
+@pytest.mark.parametrize("name", ["random", "tpe", "nsga2", "gp"])
+def test_every_optuna_sampler_searches_the_real_space_encoding(name: str) -> None:
+    from peftlab.search import distributions, make_sampler, suggest
+    from peftlab.space import load_space
+
+    space = load_space("autopeft", "shape:bert-base")
+    dists = distributions(space)
+
+    def cost(v: list[int]) -> float:
+        return sum(v[:12]) * (v[12] + v[13] + v[14])
+
+    sampler = make_sampler(name, space, seed=0, startup=3, cost=cost)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    study.optimize(lambda t: (lambda v: (sum(v[8:12]) - 0.1 * v[14], cost(v)))(
+        to_vector(space, suggest(t, dists))), n_trials=6)
+    assert len(study.trials) == 6 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert all(set(t.params) == set(dists) for t in study.trials)

@@ -58,6 +58,17 @@ def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
     return out
 
 
+def suggest(trial: optuna.Trial, dists: Mapping[str, BaseDistribution]) -> dict[str, Any]:
+    """A trial's parameters, asked of its sampler one dimension at a time."""
+    params: dict[str, Any] = {}
+    for name, d in dists.items():
+        if isinstance(d, CategoricalDistribution):
+            params[name] = trial.suggest_categorical(name, list(d.choices))
+        else:
+            params[name] = trial.suggest_int(name, d.low, d.high)
+    return params
+
+
 def to_vector(space: SearchSpace, params: Mapping[str, Any]) -> list[int]:
     """The point (choice indices) of a trial's parameters."""
     vector = []
@@ -233,12 +244,7 @@ class Objective:
         self.dists = distributions(space)
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
-        params = {}
-        for name, d in self.dists.items():
-            if isinstance(d, CategoricalDistribution):
-                params[name] = trial.suggest_categorical(name, list(d.choices))
-            else:
-                params[name] = trial.suggest_int(name, d.low, d.high)
+        params = suggest(trial, self.dists)
         try:
             return self._run(trial, params)
         except (TrialFailed, optuna.TrialPruned):
