@@ -19,12 +19,14 @@ from __future__ import annotations
 import json
 import random
 import statistics
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 
 from peftlab.errors import PeftlabError
@@ -90,7 +92,9 @@ def refine(config: SearchConfig, samples: int = 2, stages: list[str] | None = No
     if unknown:
         raise PeftlabError(f"unknown stage(s) {', '.join(unknown)}; stages are: {', '.join(order)}")
     full = space
-    study = optuna.load_study(study_name=config.study, storage=open_storage(config.storage_url))
+    # Heartbeats mark a killed run's trial stale; it is not queued again: its (stage, candidate, sample) is.
+    storage = open_storage(config.storage_url, heartbeat=config.heartbeat, retry=False)
+    study = optuna.load_study(study_name=config.study, storage=storage)
     objective = Objective(config, full, CostModel(config.model))
     result = Refinement()
     for stage in stages or order:
@@ -131,6 +135,9 @@ def _evaluate(study: optuna.Study, objective: Objective, params: dict[str, Any],
     for t in study.get_trials(deepcopy=False):
         if all(t.user_attrs.get(k) == v for k, v in attrs.items()) and t.user_attrs.get("status"):
             return t
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
     callbacks = [lambda s, t: on_trial(t)] if on_trial else []
     study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)

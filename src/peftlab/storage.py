@@ -44,16 +44,18 @@ def storage_url(value: str, must_exist: bool = True) -> str:
     return value
 
 
-def open_storage(url: str, heartbeat: int | None = None) -> RDBStorage:
-    """An Optuna RDB storage; with ``heartbeat``, trials of dead workers go stale and are retried once."""
+def open_storage(url: str, heartbeat: int | None = None, retry: bool = True) -> RDBStorage:
+    """An Optuna RDB storage; with ``heartbeat``, trials of dead workers go stale (and with ``retry`` their
+    points are queued again, once)."""
     engine = {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
         with warnings.catch_warnings():  # the heartbeat is "experimental" in Optuna since v2.8
             warnings.simplefilter("ignore", ExperimentalWarning)
             kw: dict[str, Any] = {}
             if heartbeat:
-                kw = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat,
-                      "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback(max_retry=1)}
+                kw = {"heartbeat_interval": heartbeat, "grace_period": 3 * heartbeat}
+                if retry:
+                    kw["heartbeat_stale_trial_callback"] = RetryHeartbeatStaleTrialCallback(max_retry=1)
             for attempt in range(5):
                 try:
                     return RDBStorage(url, engine_kwargs=engine, **kw)
