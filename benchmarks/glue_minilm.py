@@ -10,8 +10,16 @@ set), the task's trivial baseline computed from the same test labels (the best c
 majority-class accuracy, F1 of always-positive for MRPC, MCC 0 for CoLA, Pearson/Spearman 0 for STS-B),
 whether the score is above it, trainable and stored %, steps, wall time, tokens/s and peak memory.
 
-    python benchmarks/glue_minilm.py --jobs 2          # ~60 min on 2 shared CPU cores
+    python benchmarks/glue_minilm.py --jobs 2 --threads 1          # all 35 runs with the defaults below
+    python benchmarks/glue_minilm.py --tasks mrpc --steps mrpc=400 --eval-every 100 \
+        --lr lora=2e-3 pfeiffer=2e-3 prefix=5e-3 unipelt=2e-3 bitfit=5e-3 ln=5e-3 full=1e-4   # one task, other settings
     python benchmarks/glue_minilm.py --report-only     # just rebuild the table from the records
+
+Runs pass ``--group-by-length`` (batches of similar length: less padding, fewer FLOPs per step) unless
+``--no-group-by-length``. The table always covers all tasks and methods and reads every run's settings (steps,
+lr, evaluation interval, group-by-length) from its record, so tasks run by different invocations with different
+settings are reported correctly; the invocations that produced the records are listed in its header (from
+``<output>/invocations.json``).
 """
 
 from __future__ import annotations
@@ -462,7 +470,8 @@ def main() -> None:
         history.append(entry)
         args.output.mkdir(parents=True, exist_ok=True)
         history_path.write_text(json.dumps(history, indent=2) + "\n")
-        todo.sort(key=lambda r: -r.steps * STEP_COST.get(r.task, 1.0))  # longest first: better packing
+        # Longest first (a full fine-tuning step costs about 1.7x a PEFT step): better packing.
+        todo.sort(key=lambda r: -r.steps * STEP_COST.get(r.task, 1.0) * (1.7 if r.method == "full" else 1.0))
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for fut in [pool.submit(run_one, r, args) for r in todo]:
                 fut.result()
