@@ -73,7 +73,7 @@ def check_served(storage: str, name: str) -> None:
         assert name in studies
         assert len(studies[name]["directions"]) == 2
         process.send_signal(signal.SIGINT)
-        output, _ = process.communicate(timeout=30)
+        output, _ = process.communicate(timeout=120)  # a loaded machine is slow to unwind the server
     finally:
         if process.poll() is None:
             process.kill()
