@@ -191,7 +191,8 @@ def cmd_refine(args: argparse.Namespace) -> None:
     for stage in result.stages:
         shown = "  ".join(f"{c['value']}: {c['mean']:.4f}" if c["mean"] is not None else f"{c['value']}: -"
                           for c in stage.to_dict()["candidates"])
-        print(f"{stage.name}: chose {stage.chosen}   ({shown})")
+        print(f"{stage.name}: " + (f"skipped ({stage.skipped})" if stage.skipped else
+                                   f"chose {stage.chosen}   ({shown})"))
     print("design: " + ", ".join(f"{k}={v}" for k, v in result.design.items()))
     if result.spec is not None:
         print(f"stored {result.stored_percent:.3f}%; spec: {Path(args.output) / 'spec.json'} "

@@ -44,9 +44,10 @@ class Stage:
     values: list[str]
     scores: list[list[float]]
     chosen: str
+    skipped: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.name, "chosen": self.chosen,
+        return {"stage": self.name, "chosen": self.chosen, "skipped": self.skipped,
                 "candidates": [{"value": v, "scores": s, "mean": _mean(s), "median": _median(s)}
                                for v, s in zip(self.values, self.scores, strict=True)]}
 
@@ -100,8 +101,10 @@ def refine(config: SearchConfig, samples: int = 2, stages: list[str] | None = No
     for stage in stages or order:
         candidates = space.candidates(stage)
         values = [d.labels()[0] for d in (c.dimensions()[order.index(stage)] for c in candidates)]
-        if len(candidates) == 1:  # nothing to choose (the space fixes this dimension already)
-            result.stages.append(Stage(stage, values, [[]], values[0]))
+        skip = _skip(space, stage)
+        if skip:  # fixed to its first value without training: it cannot change the model
+            result.stages.append(Stage(stage, values, [[] for _ in values], values[0], skip))
+            space = candidates[0]
             continue
         scores: list[list[float]] = []
         for k, candidate in enumerate(candidates):
@@ -118,6 +121,9 @@ def refine(config: SearchConfig, samples: int = 2, stages: list[str] | None = No
         result.stages.append(Stage(stage, values, scores, values[best]))
         space = candidates[best]
     result.design = {d.name: d.labels()[0] for d in space.dimensions() if len(d.choices) == 1}
+    for st in result.stages:
+        if st.skipped and st.skipped != "one value":
+            result.design[st.name] = f"- ({st.skipped})"
     if all(len(d.choices) == 1 for d in space.dimensions()):
         result.spec = space.decode([0] * len(space.dimensions()))
         result.stored_percent = objective.cost.stored(result.spec)
@@ -127,6 +133,17 @@ def refine(config: SearchConfig, samples: int = 2, stages: list[str] | None = No
     if result.spec is not None:
         result.spec.save(out / "spec.json")
     return result
+
+
+def _skip(space: DesignSpace, stage: str) -> str | None:
+    """Why a stage has nothing to decide: one candidate, or the strategies of a group that is not tuned."""
+    if len(space.candidates(stage)) == 1:
+        return "one value"
+    if stage.startswith("strategies_g") and len(space.tuned) == 1:
+        group = int(stage.removeprefix("strategies_g"))
+        if group not in space.tuned[0]:
+            return f"group {group} is not tuned"
+    return None
 
 
 def _evaluate(study: optuna.Study, objective: Objective, params: dict[str, Any], attrs: dict[str, Any],
