@@ -112,15 +112,19 @@ def _closest(task: str, preset: str, target: float) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> None:
-    from peftlab import methods
+    from peftlab import methods, results
     from peftlab.results import pareto_trials
     from peftlab.search import CostModel
 
     folder = RESULTS / args.task
     study = _study(args.task, args.sampler)
-    front = pareto_trials(study)
+    # The front's points that beat the reference score (the others add no hypervolume), best dev scores first.
+    ref_score = results.ref_point(study)[0]
+    front = sorted((t for t in pareto_trials(study) if t.values[0] > ref_score), key=lambda t: -t.values[0])
+    front = sorted(front[: args.max_points], key=lambda t: t.values[1])
     cmd = ["pareto", "retrain", "--storage", str(folder / "study.db"), "--study", study.study_name,
-           "--max-steps", str(args.steps), "--seeds", *map(str, args.seeds), "--output", str(folder / "retrain")]
+           "--max-steps", str(args.steps), "--seeds", *map(str, args.seeds), "--output", str(folder / "retrain"),
+           "--trial", *(str(t.number) for t in front)]
     seconds = run(cmd, folder / "retrain.log")
     _record(folder, {"phase": "retrain", "command": "peftlab " + shlex.join(cmd), "seconds": round(seconds)})
     target = statistics.median(t.values[1] for t in front)
@@ -152,10 +156,20 @@ def cmd_refine(args: argparse.Namespace) -> None:
     space = HERE / "s4_minilm.json"
     cmd = ["refine", *common(), "--task", args.task, "--space", str(space), "--samples", str(args.samples),
            "--max-steps", str(args.steps), "--eval-every", str(args.steps), "--lr", str(args.lr),
-           "--storage", str(folder / "study.db"), "--study", f"{args.task}-s4", "--output", str(folder / "refine"),
+           "--storage", str(folder / "study.db"), "--study", f"{args.task}-s4-{args.steps}steps-lr{args.lr:g}",
+           "--output", str(folder / "refine"),
            "--data-dir", args.data_dir]
     seconds = run(cmd, folder / "refine.log")
     _record(folder, {"phase": "refine", "command": "peftlab " + shlex.join(cmd), "seconds": round(seconds)})
+    for seed in args.seeds:  # the design it chose, at the re-training budget and learning rate of the presets
+        out = folder / "s4" / f"seed{seed}"
+        if (out / "record.json").is_file():
+            continue
+        cmd = ["train", *common(seed), "--task", args.task, "--spec", str(folder / "refine" / "spec.json"),
+               "--max-steps", str(args.full_steps), "--eval-every", str(args.full_steps // 4), "--lr",
+               str(args.full_lr), "--data-dir", args.data_dir, "--no-progress", "--output", str(out)]
+        seconds = run(cmd, out / "train.log")
+        _record(folder, {"phase": "s4-design", "command": "peftlab " + shlex.join(cmd), "seconds": round(seconds)})
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -178,10 +192,12 @@ def cmd_report(args: argparse.Namespace) -> None:
     commands = json.loads((folder / "commands.json").read_text()) if (folder / "commands.json").is_file() else []
     lines += ["## Commands", ""] + [f"- `{c['command']}` ({c['seconds']} s)" for c in commands] + [""]
     ref = results.ref_point(studies[0])
+    most = max(len(s.trials) for s in studies)
+    marks = [n for n in (5, 10, 15, 20, 30, 40, 60, 80, 100) if n < most] + [most]
     lines += ["## Hypervolume after N trials", "",
-              f"Reference point (dev score, stored %) = {ref}; higher is better. Plot: `hypervolume.png`; fronts: "
-              "`front.png`.", "", "| sampler | " + " | ".join(f"N={n}" for n in (5, 10, 15, 20, 30, 40)) +
-              " | trials | statuses | wall time (s) |", "|---|" + "---:|" * 9]
+              f"Reference point (dev score, stored %) = {ref}; higher is better. Plot: `{args.task}/hypervolume.png`;"
+              f" fronts: `{args.task}/front.png`.", "", "| sampler | " + " | ".join(f"N={n}" for n in marks) +
+              " | trials | statuses | training time (s) |", "|---|" + "---:|" * (len(marks) + 3)]
     for s in studies:
         curve = results.hypervolume_curve(s)
         rows = trial_rows(s)
@@ -189,7 +205,7 @@ def cmd_report(args: argparse.Namespace) -> None:
         for r in rows:
             stat[r["status"]] = stat.get(r["status"], 0) + 1
         wall = sum(r["wall_time_s"] or 0 for r in rows)
-        cells = [_fmt(curve[n - 1]) if len(curve) >= n else "" for n in (5, 10, 15, 20, 30, 40)]
+        cells = [_fmt(curve[n - 1]) if len(curve) >= n else "" for n in marks]
         name = results.definition_of(s)["sampler"]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(rows)} | {stat} | {wall:.0f} |")
     for s in studies:
@@ -211,7 +227,7 @@ def cmd_report(args: argparse.Namespace) -> None:
             rs = [json.loads(p.read_text()) for p in recs]
             metric = rs[0]["best"]["metric"]
             scores = [r["test"][metric] for r in rs if r.get("test")]
-            stored = 100 * rs[0]["counts"]["total"]["stored"] / rs[0]["counts"]["backbone_params"]
+            stored = rs[0]["counts"]["stored_pct"]
             key = PRESETS[preset][0]
             size = f"{key}={json.loads((recs[0].parent / 'preset.json').read_text())[key]}"
             std = statistics.stdev(scores) if len(scores) > 1 else 0.0
@@ -223,10 +239,22 @@ def cmd_report(args: argparse.Namespace) -> None:
         lines += ["", "## S4 refinement", "", f"Space: `{(HERE / 's4_minilm.json').read_text().strip()}`", "",
                   "| stage | chosen | candidates (mean dev score) |", "|---|---|---|"]
         for st in data["stages"]:
+            if st.get("skipped"):
+                lines.append(f"| {st['stage']} | – | skipped: {st['skipped']} |")
+                continue
             cands = ", ".join(f"{c['value']}: {_fmt(c['mean'])}" for c in st["candidates"])
             lines.append(f"| {st['stage']} | **{st['chosen']}** | {cands} |")
         lines += ["", f"Design: {data['design']}; stored {_fmt(data['stored_percent'], 3)}% "
                   "(spec: `refine/spec.json`)."]
+        recs = [json.loads(p.read_text()) for p in sorted((folder / "s4").glob("seed*/record.json"))]
+        if recs:
+            metric = recs[0]["best"]["metric"]
+            scores = [r["test"][metric] for r in recs if r.get("test")]
+            std = statistics.stdev(scores) if len(scores) > 1 else 0.0
+            lines += ["", f"Trained like the presets above ({recs[0]['config']['max_steps']} steps, lr "
+                      f"{recs[0]['config']['lr']}, {len(scores)} seeds): test {metric} "
+                      f"{_fmt(statistics.mean(scores))} ± {_fmt(std)} at "
+                      f"{recs[0]['counts']['stored_pct']:.3f}% stored."]
     (HERE / "results" / f"search_minilm_{args.task}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -243,6 +271,10 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--samples", type=int, default=2)
+    p.add_argument("--full-steps", type=int, default=200, help="refine: steps when the chosen design is trained")
+    p.add_argument("--full-lr", type=float, default=1e-3, help="refine: lr when the chosen design is trained")
+    p.add_argument("--max-points", type=int, default=3,
+                   help="retrain: the front's best-scoring points above the reference score, at most this many")
     p.add_argument("--ref-score", type=float, default=0.5)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data"))
