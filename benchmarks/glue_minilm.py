@@ -230,7 +230,8 @@ def common_settings(rows: list[dict]) -> str:
     same = {k: setups[0][k] for k in keys if all(s.get(k) == setups[0][k] for s in setups)}
     differ = [k for k in keys if k not in same]
     flags = [f"--model {same['model']}"] if "model" in same else []
-    flags += [f"--{k.replace('_', '-')} {same[k]}" for k in ("batch_size", "max_length", "dev_size", "seed") if k in same]
+    shared = ("batch_size", "max_length", "dev_size", "seed")
+    flags += [f"--{k.replace('_', '-')} {same[k]}" for k in shared if k in same]
     text = f"every run: `{' '.join(flags)}`"
     text += " (all remaining train examples, no `--k`)" if same.get("k", 0) is None else ""
     text += " (no early stopping)" if same.get("patience", 0) is None else ""
@@ -318,7 +319,8 @@ def write_report(args: argparse.Namespace, runs: list[Run], history: list[dict])
         "gives MCC 0 on CoLA and Pearson/Spearman 0 on STS-B); *above* means strictly above it.",
         "",
         "- produced by" + (", in this order (from `glue_minilm/invocations.json`; invocations whose runs were all "
-                           "deleted later are not listed, see the notes):" if history else ": (no recorded invocation)"),
+                           "deleted later are not listed, see the notes):" if history
+                           else ": (no recorded invocation)"),
         *(f"  {i}. `{h['command']}` (started {h['started']}, {h['runs']} runs to do, "
           + (f"{h['minutes']} min" if h.get("minutes") is not None else "interrupted")
           + (f"; {h['note']}" if h.get("note") else "") + ")" for i, h in enumerate(history, 1)),
