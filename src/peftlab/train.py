@@ -113,7 +113,8 @@ class TrainConfig:
 
 @dataclass
 class RunRecord:
-    """The JSON record every run writes."""
+    """The JSON record every run writes (``evaluations``: per evaluation the step, the mean training loss
+    since the previous evaluation and the dev metrics)."""
 
     config: dict[str, Any]
     spec: dict[str, Any]
@@ -431,6 +432,7 @@ def train(spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None]
     micro = config.batch_size * config.grad_accum
     stop = step >= total
     lengths = [text_length(r) for r in splits.train] if config.group_by_length else None
+    interval_loss, interval_start = 0.0, step  # checkpoints follow evaluations, so a resumed run starts afresh
     while not stop:
         epoch, offset = divmod(step, steps_per_epoch)
         for group in _batches(len(splits.train), micro, config.seed, epoch, lengths)[offset:]:
@@ -464,11 +466,14 @@ def train(spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None]
                 opt.step()
             sched.step()
             step += 1
+            interval_loss += loss_sum
             bar(step, loss_sum)
             if on_step is not None:
                 on_step(step, loss_sum)
             if step % eval_every == 0 or step == total:
-                stop = _evaluate_and_select(pm, encoder, splits.dev, config, device, step, loss_sum, record, state)
+                mean_loss = interval_loss / max(1, step - interval_start)  # the training loss since the last eval
+                interval_loss, interval_start = 0.0, step
+                stop = _evaluate_and_select(pm, encoder, splits.dev, config, device, step, mean_loss, record, state)
                 state["step"], state["elapsed"] = step, time.perf_counter() - start
                 if ckpt is not None and rank == 0:
                     _save_checkpoint(ckpt, pm, opt, sched, record, state)
