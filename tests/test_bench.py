@@ -126,12 +126,14 @@ def test_every_measurement_is_its_own_process(run) -> None:
     assert len(runs) == 7  # head: train, infer; lora: train, infer, merged; peft lora: train, infer
     pids = [r["pid"] for r in runs]
     assert len(set(pids)) == len(pids) and os.getpid() not in pids
-    # Peak memory is per process: an inference right after a training process does not inherit its peak
-    # (a reused process would report at least the training peak; the load-time peak varies, so no margin).
-    for before, after in itertools.pairwise(runs):
-        if before["job"]["kind"] == "train" and after["job"]["kind"] != "train":
-            assert before["peak_bytes"] - before["loaded_bytes"] > 32 * MB
-            assert after["peak_bytes"] < before["peak_bytes"]
+    # Peak memory is per process: an inference right after a training process does not inherit its peak (a
+    # reused process would report at least the training peak). Where both peaks are the model-loading spike they
+    # can be equal to the byte, so one pair must be strictly lower and none higher.
+    pairs = [(b, a) for b, a in itertools.pairwise(runs) if b["job"]["kind"] == "train" and a["job"]["kind"] != "train"]
+    for before, after in pairs:
+        assert before["peak_bytes"] - before["loaded_bytes"] > 32 * MB
+        assert after["peak_bytes"] <= before["peak_bytes"]
+    assert any(after["peak_bytes"] < before["peak_bytes"] for before, after in pairs)
 
 
 @pytest.mark.parametrize(
