@@ -102,11 +102,9 @@ def _study(task: str, sampler: str):
     return load_study(str(RESULTS / task / "study.db"), f"{task}-{sampler}")[0]
 
 
-def _closest(task: str, preset: str, target: float) -> int:
+def _closest(cost, preset: str, target: float) -> int:
     from peftlab import methods
-    from peftlab.search import CostModel
 
-    cost = CostModel("minilm", num_labels=1 if task == "stsb" else 2)
     key, values = PRESETS[preset]
     return min(values, key=lambda v: abs(cost.stored(methods.get(preset, **{key: v})) - target))
 
@@ -114,7 +112,7 @@ def _closest(task: str, preset: str, target: float) -> int:
 def cmd_retrain(args: argparse.Namespace) -> None:
     from peftlab import methods, results
     from peftlab.results import pareto_trials
-    from peftlab.search import CostModel
+    from peftlab.search import CostModel, SearchConfig
 
     folder = RESULTS / args.task
     study = _study(args.task, args.sampler)
@@ -128,16 +126,17 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     seconds = run(cmd, folder / "retrain.log")
     _record(folder, {"phase": "retrain", "command": "peftlab " + shlex.join(cmd), "seconds": round(seconds)})
     target = statistics.median(t.values[1] for t in front)
+    cost = CostModel.for_search(SearchConfig(model="minilm", task=args.task))
     jobs = []
     for preset in PRESETS:
         key, _ = PRESETS[preset]
-        value = _closest(args.task, preset, target)
+        value = _closest(cost, preset, target)
         for seed in args.seeds:
             out = folder / "presets" / preset / f"seed{seed}"
             if (out / "record.json").is_file():
                 continue
             out.mkdir(parents=True, exist_ok=True)
-            stored = round(CostModel("minilm").stored(methods.get(preset, **{key: value})), 4)
+            stored = round(cost.stored(methods.get(preset, **{key: value})), 4)
             (out / "preset.json").write_text(json.dumps({"preset": preset, key: value, "stored_percent": stored}))
             jobs.append(["train", *common(seed), "--task", args.task, "--method", preset, "--set",
                          f"{key}={value}", "--max-steps", str(args.steps), "--eval-every", str(args.steps // 4),

@@ -96,7 +96,7 @@ def refine(config: SearchConfig, samples: int = 2, stages: list[str] | None = No
     # Heartbeats mark a killed run's trial stale; it is not queued again: its (stage, candidate, sample) is.
     storage = open_storage(config.storage_url, heartbeat=config.heartbeat, retry=False)
     study = optuna.load_study(study_name=config.study, storage=storage)
-    objective = Objective(config, full, CostModel(config.model))
+    objective = Objective(config, full, CostModel.for_search(config))
     result = Refinement()
     for stage in stages or order:
         candidates = space.candidates(stage)

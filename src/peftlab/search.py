@@ -117,6 +117,14 @@ class CostModel:
     def stored(self, spec: Spec) -> float:
         return self.percents(spec)["stored"]
 
+    @classmethod
+    def for_search(cls, config: SearchConfig) -> CostModel:
+        """Counts on the search's model with its task's head (one output for regression tasks; user data
+        files, whose labels are read only when training, are counted with two)."""
+        from peftlab.tasks import get_task
+
+        return cls(config.model, num_labels=2 if config.train.get("train_file") else get_task(config.task).num_labels)
+
 
 # -- configuration ------------------------------------------------------------------------------------------
 @dataclass
@@ -192,11 +200,6 @@ def definition_of(study: optuna.Study) -> dict[str, Any]:
     if _SEARCH_ATTR not in study.user_attrs:
         raise PeftlabError(f"study '{study.study_name}' was not made by peftlab search (it has no search definition)")
     return study.user_attrs[_SEARCH_ATTR]
-
-
-def space_for(definition: Mapping[str, Any]) -> SearchSpace:
-    """The search space stored in a study's definition."""
-    return SearchSpace.from_dict(definition["space"], definition["model"])
 
 
 # -- samplers -----------------------------------------------------------------------------------------------
@@ -342,7 +345,7 @@ def default_ref_point(space: SearchSpace, config: SearchConfig) -> list[float]:
     costliest of the space's corner (every dimension at its last choice) and 64 random points."""
     if config.budget is not None:
         return [0.0, float(config.budget)]
-    cost = CostModel(config.model)
+    cost = CostModel.for_search(config)
     points = [[len(d.choices) - 1 for d in space.dimensions()], *(space.random_vector(k) for k in range(64))]
     costs = []
     for v in points:
@@ -359,7 +362,7 @@ def work(config: SearchConfig, worker: int = 0, threads: int | None = None,
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study, space = create_study(config)
     storage = open_storage(config.storage_url, heartbeat=config.heartbeat)
-    cost = CostModel(config.model)
+    cost = CostModel.for_search(config)
     seed = config.seed + 7919 * worker + len(study.get_trials(deepcopy=False))  # fresh draws when resumed
     sampler = make_sampler(config.sampler, space, seed, config.startup_trials,
                            lambda v: cost.stored(space.decode(v)), config.budget, config.batch_size)
