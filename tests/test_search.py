@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -95,37 +96,64 @@ def test_joining_a_study_with_other_settings_is_refused(tmp_path: Path) -> None:
         load_study(str(tmp_path / "study.db"), "nope")
 
 
+def _kill_during_a_trial(cmd: list[str], db: Path) -> tuple[dict[int, tuple], list[int]]:
+    """Start ``cmd``, kill -9 it while it trains a trial after two finished ones; (finished, killed trial numbers).
+
+    The trial seen training may end between the look and the kill; then the same command is started again
+    (which resumes) and killed again later."""
+    before: dict[int, tuple] = {}
+    killed: list[int] = []
+    for _ in range(3):
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+            try:
+                study = optuna.load_study(study_name="peftlab", storage=f"sqlite:///{db}")
+                trials = study.get_trials()
+            except Exception:  # the file or its tables may not exist yet
+                continue
+            training = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and "spec" in t.user_attrs]
+            if len(_finished(study)) >= 2 and training:
+                break
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        study = optuna.load_study(study_name="peftlab", storage=f"sqlite:///{db}")
+        before = _finished(study)
+        killed = [t.number for t in study.get_trials() if t.state == optuna.trial.TrialState.RUNNING]
+        if killed:
+            break
+    return before, killed
+
+
 def test_killed_search_resumes_without_losing_finished_trials(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "peftlab.cli", "search", *FLAGS, "--sampler", "random", "--trials", "5",
            "--max-steps", "12", "--output", str(tmp_path), "--heartbeat", "1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    db = tmp_path / "study.db"
-    deadline = time.time() + 240
-    before: dict[int, tuple] = {}
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-        if db.is_file():
-            with open(os.devnull, "w"):
-                try:
-                    study = optuna.load_study(study_name="peftlab", storage=f"sqlite:///{db}")
-                    before = _finished(study)
-                    running = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
-                except Exception:  # the table may not exist yet
-                    continue
-            if len(before) >= 2 and running:
-                break
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(before) >= 2, "the search did not finish two trials in time"
+    before, killed = _kill_during_a_trial(cmd, tmp_path / "study.db")
+    assert len(before) >= 2 and len(before) < 5, "the search was not killed after two trials and before the end"
+    assert killed, "no trial was running when the search was killed"
     assert subprocess.run(cmd, capture_output=True, text=True, timeout=300).returncode == 0
-    study = optuna.load_study(study_name="peftlab", storage=f"sqlite:///{db}")
+    study = optuna.load_study(study_name="peftlab", storage=f"sqlite:///{tmp_path / 'study.db'}")
     after = _finished(study)
     assert len(after) == 5
     for number, result in before.items():
         assert after[number] == result  # nothing finished was lost or redone
-    killed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL and "status" not in t.user_attrs]
-    assert killed, "the killed worker's trial should be failed as stale"
-    assert any(t.system_attrs.get("failed_trial") == killed[0].number for t in study.trials)  # and retried
+    states = {t.number: t.state for t in study.trials}
+    for number in killed:  # failed as stale, and its point queued again
+        assert states[number] == optuna.trial.TrialState.FAIL
+        assert any(t.system_attrs.get("failed_trial") == number for t in study.trials)
+
+
+def test_running_trial_without_heartbeat_goes_stale(tmp_path: Path) -> None:
+    """A worker killed between asking for a trial and its first heartbeat must not leave it running forever."""
+    config = _config(tmp_path, trials=1, heartbeat=1)
+    run_search(config)
+    study, _ = load_study(str(tmp_path / "study.db"), "peftlab")
+    orphan = study.ask()  # no heartbeat is ever recorded for it, as if its worker died at once
+    run_search(dataclasses.replace(config, trials=2))
+    study, _ = load_study(str(tmp_path / "study.db"), "peftlab")
+    assert study.trials[orphan.number].state == optuna.trial.TrialState.FAIL
+    assert counted(study) == (2, 0)
 
 
 def test_two_workers_on_postgresql_share_one_study(tmp_path: Path, postgres_url: str) -> None:  # noqa: F811

@@ -32,6 +32,7 @@ import optuna
 import torch
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.exceptions import ExperimentalWarning
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from peftlab.errors import PeftlabError
@@ -232,10 +233,11 @@ def _status(trial: FrozenTrial) -> str | None:
 
 
 def counted(study: optuna.Study) -> tuple[int, int]:
-    """(finished, in flight): finished trials have a status; running and waiting ones are in flight."""
+    """(finished, in flight): finished trials have a status; running ones are in flight. Waiting trials (points
+    queued again after their worker died) are not: they are work for whichever worker asks next."""
     trials = study.get_trials(deepcopy=False)
     done = sum(1 for t in trials if t.state.is_finished() and _status(t) in FINISHED)
-    flight = sum(1 for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING))
+    flight = sum(1 for t in trials if t.state == TrialState.RUNNING)
     return done, flight
 
 
@@ -369,10 +371,9 @@ def work(config: SearchConfig, worker: int = 0, threads: int | None = None,
     study = optuna.load_study(study_name=config.study, storage=storage, sampler=sampler)
     objective = Objective(config, space, cost)
     callbacks = [lambda s, t: on_trial(t)] if on_trial else []
+    adopted: set[int] = set()
     while True:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
+        fail_stale(study, storage, adopted)
         done, flight = counted(study)
         if done >= config.trials:
             return
@@ -380,6 +381,23 @@ def work(config: SearchConfig, worker: int = 0, threads: int | None = None,
             time.sleep(min(config.heartbeat, 5))
             continue
         study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks, gc_after_trial=True)
+
+
+def fail_stale(study: optuna.Study, storage: RDBStorage, adopted: set[int]) -> None:
+    """Fail (and queue again, once) the trials of dead workers.
+
+    Optuna's check skips a running trial that never recorded a heartbeat: its worker died between asking for it
+    and the heartbeat thread's first beat, and the search would wait on it forever. So each running trial this
+    worker has not seen before (``adopted``) gets one heartbeat from here: a live worker beats on, a dead one's
+    trial goes stale one grace period later.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t._trial_id not in adopted:
+            adopted.add(t._trial_id)
+            storage.record_heartbeat(t._trial_id)
 
 
 def _spawned(config: SearchConfig, worker: int, threads: int) -> None:

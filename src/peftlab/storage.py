@@ -59,12 +59,18 @@ def open_storage(url: str, heartbeat: int | None = None, retry: bool = True) -> 
             for attempt in range(5):
                 try:
                     return RDBStorage(url, engine_kwargs=engine, **kw)
-                except sqlalchemy.exc.IntegrityError:  # another worker is creating the same tables right now
-                    if attempt == 4:
+                except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as e:
+                    if attempt == 4 or not _creation_race(e):
                         raise
                     time.sleep(0.5 + attempt)
     except Exception as e:  # SQLAlchemy raises many kinds: a bad URL, a missing driver, a refused connection
         raise PeftlabError(f"cannot open the study storage {hide_password(url)}: {first_line(e)}") from None
+
+
+def _creation_race(error: Exception) -> bool:
+    """Whether ``error`` comes from another worker creating the same tables at the same moment (PostgreSQL:
+    "relation already exists", or a unique violation on its catalogue or on Optuna's version row)."""
+    return isinstance(error, sqlalchemy.exc.IntegrityError) or "already exists" in str(error)
 
 
 def open_existing(url: str) -> RDBStorage:
