@@ -76,8 +76,12 @@ def test_train_then_eval_agree(tmp_path, capsys) -> None:
         pytest.skip(f"no GLUE data under {data}")
     common = ["--model", "shape:tiny-bert", "--task", "rte", "--data-dir", str(data)]
     assert main(["train", *common, "--method", "lora", "--k", "32", "--dev-size", "16", "--max-steps", "3",
-                 "--output", str(tmp_path / "run"), "--no-progress"]) == 0
-    trained = json.loads(capsys.readouterr().out)
+                 "--output", str(tmp_path / "run"), "--no-progress", "--eval-every", "2"]) == 0
+    captured = capsys.readouterr()
+    trained = json.loads(captured.out)
+    # even without the progress bar, every evaluation is reported as it happens
+    lines = [line for line in captured.err.splitlines() if "train loss" in line]
+    assert [line.split()[2] for line in lines] == ["2/3:", "3/3:"] and "dev accuracy" in lines[0]
     assert trained["status"] == "completed"
     assert main(["eval", *common, "--adapter", str(tmp_path / "run" / "adapter")]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == trained["test"]["accuracy"]

@@ -36,6 +36,7 @@ def test_loss_goes_down_on_real_data() -> None:
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8
     assert set(record.test) == {"accuracy"}
     assert record.tokens_per_s > 0 and record.peak_memory_bytes > 0
+    assert record.device == "cpu"  # what ran it, so records from several machines can be told apart
 
 
 def test_budgets_in_steps_epochs_and_fractions() -> None:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import json
+import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from peftlab import methods
@@ -205,11 +207,28 @@ def cmd_dashboard(args: argparse.Namespace) -> None:
     serve(args.storage, host=args.host, port=args.port)
 
 
+@contextlib.contextmanager
+def _log_to_stderr(name: str) -> Iterator[None]:
+    """INFO lines of logger ``name`` on stderr while a command runs."""
+    logger = logging.getLogger(name)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def cmd_train(args: argparse.Namespace) -> None:
     from peftlab.train import train
 
     spec = spec_from_args(args)
-    record = train(spec, _train_config(args, args.output))
+    with _log_to_stderr("peftlab.train"):  # one line per evaluation, with or without the progress bar
+        record = train(spec, _train_config(args, args.output))
     summary = {"status": record.status, "steps": record.steps, "best": record.best, "test": record.test,
                "output": args.output, "wall_time_s": round(record.wall_time_s, 1),
                "tokens_per_s": round(record.tokens_per_s, 1)}

@@ -10,6 +10,7 @@ run writes a JSON record. A non-finite loss ends the run with status "diverged" 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import random
@@ -32,6 +33,8 @@ from peftlab.peft_model import PeftModel, apply
 from peftlab.spec import Spec
 from peftlab.tasks import Example, Splits, TaskInfo, get_task, load_user_data, make_splits
 from peftlab.tokenize import get_tokenizer, pad_batch
+
+log = logging.getLogger(__name__)
 
 #: Learning rates by module kind, from the papers (UniPELT's appendix B for BERT: fine-tuning 2e-5, adapter
 #: 1e-4, prefix 2e-4, UniPELT 5e-4, BitFit 1e-4, LoRA 5e-4; (IA)3 3e-3 from T-Few; prompt tuning 0.3 from
@@ -130,6 +133,7 @@ class RunRecord:
     tokens_per_s: float = 0.0
     peak_memory_bytes: int = 0
     world_size: int = 1
+    device: str = "cpu"
     message: str | None = None
 
     def save(self, path: Path) -> None:
@@ -296,6 +300,11 @@ def evaluate(pm: nn.Module, encoder: Encoder, rows: list[Example], batch_size: i
 
 
 # -- the run ------------------------------------------------------------------------------------------------
+def _device_name(device: torch.device) -> str:
+    """What ran the run, for records read later: ``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
+    return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
+
+
 def _peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -410,7 +419,7 @@ def train(spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None]
         opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
 
     record = RunRecord(config=asdict(config), spec=spec.to_dict(), counts=pm.counts().to_dict(), total_steps=total,
-                       world_size=world)
+                       world_size=world, device=_device_name(device))
     record.config["lr"] = lr
     out = Path(config.output) if config.output else None
     ckpt = out / CHECKPOINT if out else None
@@ -506,12 +515,18 @@ def _evaluate_and_select(pm, encoder, dev, config, device, step, loss, record, s
     scores = evaluate(pm, encoder, dev, config.eval_batch_size, device) if dev else {}
     main = scores.get(encoder.task.main_metric, -loss)
     record.evaluations.append({"step": step, "loss": loss, **scores})
-    if record.best is None or main > record.best["score"]:
+    better = record.best is None or main > record.best["score"]
+    if better:
         record.best = {"step": step, "score": main, "metric": encoder.task.main_metric}
         state["best_state"] = _snapshot(pm)
         state["bad_evals"] = 0
     else:
         state["bad_evals"] += 1
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return config.patience is not None and state["bad_evals"] >= config.patience
+    shown = ", ".join(f"dev {k} {v:.4f}" for k, v in scores.items())
+    log.info("step %d/%d: train loss %.4f%s%s", step, record.total_steps, loss, f", {shown}" if shown else "",
+             " (best so far)" if better else "")
     return config.patience is not None and state["bad_evals"] >= config.patience
 
 
