@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import multiprocessing.synchronize
 import subprocess
 import sys
 
 import optuna
 import sqlalchemy
-
-from peftlab.errors import PeftlabError
-from peftlab.storage import open_storage
 
 #: The postgres_url fixture (a throw-away PostgreSQL server) from tests/postgres.py.
 pytest_plugins = ["postgres"]
@@ -78,7 +73,16 @@ def test_two_processes_share_one_study(postgres_url, tmp_path):
 
 
 
-def _open_at_once(url: str, barrier: multiprocessing.synchronize.Barrier, results: multiprocessing.Queue) -> None:
+#: Rounds of ``n`` workers forked at once, each opening peftlab's storage on the same fresh database; prints one
+#: line of outcomes per round. It runs in a fresh interpreter: forking the test process itself could deadlock once
+#: other tests have started threads (JAX's, for one).
+RACE = r"""
+import multiprocessing, sys
+import sqlalchemy
+from peftlab.errors import PeftlabError
+from peftlab.storage import open_storage
+
+def opener(url, barrier, results):
     barrier.wait()
     try:
         open_storage(url, heartbeat=5).engine.dispose()
@@ -86,31 +90,32 @@ def _open_at_once(url: str, barrier: multiprocessing.synchronize.Barrier, result
     except PeftlabError as e:
         results.put(str(e))
 
+server, rounds, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ctx = multiprocessing.get_context("fork")
+engine = sqlalchemy.create_engine(server + "/postgres", isolation_level="AUTOCOMMIT")
+for k in range(rounds):
+    with engine.connect() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE DATABASE race_{k}"))
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [ctx.Process(target=opener, args=(f"{server}/race_{k}", barrier, results)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    print(sorted(results.get(timeout=120) for _ in procs), flush=True)
+    for p in procs:
+        p.join(timeout=60)
+engine.dispose()
+"""
+
 
 def test_workers_creating_the_tables_at_once_all_start(postgres_url):
     """Concurrent table creation races in PostgreSQL ("relation already exists", unique violations in its
-    catalogue); every worker must still open the storage. Workers are forked (cheap: peftlab is imported) and
-    start together at a barrier; twelve fresh databases, since one round seldom hits the race (before the fix
-    it showed within 5 to 8 rounds)."""
-    engine = sqlalchemy.create_engine(postgres_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
-    ctx = multiprocessing.get_context("fork")
-    n = 8
-    try:
-        for round_ in range(12):
-            database = f"race_{round_}"
-            with engine.connect() as connection:
-                connection.execute(sqlalchemy.text(f"CREATE DATABASE {database}"))
-            url = postgres_url.rsplit("/", 1)[0] + "/" + database
-            barrier, results = ctx.Barrier(n), ctx.Queue()
-            procs = [ctx.Process(target=_open_at_once, args=(url, barrier, results)) for _ in range(n)]
-            for p in procs:
-                p.start()
-            outcomes = [results.get(timeout=120) for _ in procs]
-            for p in procs:
-                p.join(timeout=60)
-            assert outcomes == ["ok"] * n
-            storage = optuna.storages.RDBStorage(url)
-            assert optuna.get_all_study_summaries(storage) == []
-            storage.engine.dispose()
-    finally:
-        engine.dispose()
+    catalogue); every worker must still open the storage. Eight workers start together at a barrier on each of
+    twelve fresh databases, since one round seldom hits the race (before the fix it showed within 5 to 8 rounds)."""
+    server = postgres_url.rsplit("/", 1)[0]
+    result = subprocess.run([sys.executable, "-c", RACE, server, "12", "8"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines() == [str(["ok"] * 8)] * 12
+    storage = optuna.storages.RDBStorage(f"{server}/race_0")
+    assert optuna.get_all_study_summaries(storage) == []  # the tables exist, and hold nothing
+    storage.engine.dispose()
