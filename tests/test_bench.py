@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import peftlab
-from peftlab import bench, methods
+from peftlab import bench, interop, methods
 from peftlab.cli import main
 
 MB = 2**20
@@ -46,7 +46,7 @@ def test_peft_equivalent_trains_the_same_parameters(method: str) -> None:
     from peft import get_peft_config, get_peft_model
 
     pm = peftlab.apply(peftlab.load_model("shape:tiny-bert", head="seq-cls", meta=True), methods.get(method))
-    config, note = bench.peft_equivalent(pm)
+    config, note = interop.peft_equivalent(pm)
     assert note is None and config["task_type"] == "SEQ_CLS"
     pp = get_peft_model(peftlab.load_model("shape:tiny-bert", head="seq-cls"), get_peft_config(dict(config)))
     assert sum(p.numel() for p in pp.parameters() if p.requires_grad) == pm.counts().trainable_params
@@ -60,7 +60,7 @@ def test_peft_equivalent_trains_the_same_parameters(method: str) -> None:
 @pytest.mark.parametrize("method", ["full", "head", "pfeiffer", "unipelt"])
 def test_methods_peft_lacks_have_no_equivalent(method: str) -> None:
     pm = peftlab.apply(peftlab.load_model("shape:tiny-bert", head="seq-cls", meta=True), methods.get(method))
-    config, note = bench.peft_equivalent(pm)
+    config, note = interop.peft_equivalent(pm)
     assert config is None and "no equivalent" in note
 
 

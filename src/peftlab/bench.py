@@ -36,11 +36,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab import methods
+from peftlab import interop, methods
 from peftlab.errors import PeftlabError
 
 #: peftlab module kind -> the peft library's peft_type for the same method
-PEFT_TYPES = {"lora": "LORA", "ia3": "IA3", "prefix": "PREFIX_TUNING", "prompt": "PROMPT_TUNING", "ln": "LN_TUNING"}
 KINDS = ("train", "infer", "merged", "score")
 MB = 2**20
 
@@ -292,46 +291,6 @@ def run_worker(job: Job) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-# -- the peft library's equivalent ---------------------------------------------------------------------------
-def peft_equivalent(pm: Any) -> tuple[dict[str, Any] | None, str | None]:
-    """The peft config (as ``get_peft_config`` takes it) of the active adapter's method, or None and why.
-
-    Built from the adapter as placed on this model, so target module names come from the anatomy."""
-    from peftlab import interop
-    from peftlab.modules.linear import LoraSettings
-    from peftlab.modules.prefix import PrefixSettings
-
-    adapter = pm.adapters[pm.active_adapter]
-    spec = adapter.spec
-    kinds = spec.kinds()
-    kind = next(iter(kinds)) if len(kinds) == 1 else None
-    if spec.full or spec.gates or spec.train_embeddings or kind not in PEFT_TYPES:
-        return None, "the peft library has no equivalent"
-    base = pm.base_model
-    placed = interop._placed(pm, adapter)
-    names = interop._module_names(base)
-    if kind in ("lora", "ia3"):
-        try:
-            config, _ = interop._EXPORTERS[kind](pm, adapter, placed, names)
-        except PeftlabError as e:
-            return None, str(e)
-        if any(isinstance(s, LoraSettings) and s.dora for s in placed.values()):
-            config["use_dora"] = True
-    elif kind == "prefix":
-        settings = [s for s in placed.values() if isinstance(s, PrefixSettings)]
-        if base.config.is_encoder_decoder or len(settings) != len(pm.blocks) or len(set(map(repr, settings))) > 1:
-            return None, "peft puts one prefix in every layer of a decoder or encoder only"
-        s = settings[0]
-        config = {"num_virtual_tokens": s.length, "prefix_projection": s.reparam, "encoder_hidden_size": s.hidden}
-    elif kind == "prompt":
-        config = {"num_virtual_tokens": spec.model["input"].length, "prompt_tuning_init": "RANDOM"}
-    else:  # ln: the norms whose weights peftlab's deltas change
-        params = {id(p): n for n, p in base.named_parameters()}
-        hosts = {params[id(t)].rpartition(".")[0] for _, m in adapter.peft_modules() for t, _ in m._targets()}
-        config = {"target_modules": sorted(hosts)}
-    return {"peft_type": PEFT_TYPES[kind], "task_type": interop._task_type(base), **config}, None
-
-
 # -- the run ----------------------------------------------------------------------------------------------------
 @dataclass
 class BenchConfig:
@@ -433,7 +392,7 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
         mergeable = any(m.mergeable for _, m in pm.adapters[pm.active_adapter].peft_modules())
         p = MethodPlan(counts=pm.counts().to_dict(), mergeable=mergeable)
         if config.compare_peft:
-            p.peft_config, p.peft_note = peft_equivalent(pm)
+            p.peft_config, p.peft_note = interop.peft_equivalent(pm)
         for kind in ("train", "infer", "merged"):
             if kind == "merged" and not mergeable:
                 continue

@@ -42,6 +42,8 @@ EXPORTABLE = ("LoRA (without DoRA or gates), (IA)3, prefix tuning in every layer
 #: peft_type -> the peftlab kind it becomes
 IMPORTABLE = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
 _PEFT_TYPES = {kind: peft_type for peft_type, kind in IMPORTABLE.items()}
+#: peftlab kind -> the peft_type of the peft library's equivalent method (for side-by-side benchmarks)
+_EQUIVALENT = _PEFT_TYPES | {"ln": "LN_TUNING"}
 _LORA_WEIGHT = "{}.lora_A.weight", "{}.lora_B.weight"
 _TASKS = (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
           ("ForQuestionAnswering", "QUESTION_ANS"), ("ForCausalLM", "CAUSAL_LM"),
@@ -543,3 +545,41 @@ def _import_prompt(base: nn.Module, blocks: list[Block], config: dict[str, Any],
 
 _IMPORTERS = {"LORA": _import_lora, "IA3": _import_ia3, "PREFIX_TUNING": _import_prefix,
               "PROMPT_TUNING": _import_prompt}
+
+
+def peft_equivalent(pm: Any) -> tuple[dict[str, Any] | None, str | None]:
+    """The peft config (as ``get_peft_config`` takes it) of the active adapter's method, or None and why.
+
+    Built from the adapter as placed on this model, so target module names come from the anatomy."""
+    from peftlab.modules.linear import LoraSettings
+    from peftlab.modules.prefix import PrefixSettings
+
+    adapter = pm.adapters[pm.active_adapter]
+    spec = adapter.spec
+    kinds = spec.kinds()
+    kind = next(iter(kinds)) if len(kinds) == 1 else None
+    if spec.full or spec.gates or spec.train_embeddings or kind not in _EQUIVALENT:
+        return None, "the peft library has no equivalent"
+    base = pm.base_model
+    placed = _placed(pm, adapter)
+    names = _module_names(base)
+    if kind in ("lora", "ia3"):
+        try:
+            config, _ = _EXPORTERS[kind](pm, adapter, placed, names)
+        except PeftlabError as e:
+            return None, str(e)
+        if any(isinstance(s, LoraSettings) and s.dora for s in placed.values()):
+            config["use_dora"] = True
+    elif kind == "prefix":
+        settings = [s for s in placed.values() if isinstance(s, PrefixSettings)]
+        if base.config.is_encoder_decoder or len(settings) != len(pm.blocks) or len(set(map(repr, settings))) > 1:
+            return None, "peft puts one prefix in every layer of a decoder or encoder only"
+        s = settings[0]
+        config = {"num_virtual_tokens": s.length, "prefix_projection": s.reparam, "encoder_hidden_size": s.hidden}
+    elif kind == "prompt":
+        config = {"num_virtual_tokens": spec.model["input"].length, "prompt_tuning_init": "RANDOM"}
+    else:  # ln: the norms whose weights peftlab's deltas change
+        params = {id(p): n for n, p in base.named_parameters()}
+        hosts = {params[id(t)].rpartition(".")[0] for _, m in adapter.peft_modules() for t, _ in m._targets()}
+        config = {"target_modules": sorted(hosts)}
+    return {"peft_type": _EQUIVALENT[kind], "task_type": _task_type(base), **config}, None
