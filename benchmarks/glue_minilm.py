@@ -479,6 +479,11 @@ def main() -> None:
             for fut in [pool.submit(run_one, r, args) for r in todo]:
                 fut.result()
         entry["minutes"] = round((time.perf_counter() - start) / 60, 1)
+        # Re-read: another invocation (other tasks, same output) may have logged itself meanwhile.
+        history = json.loads(history_path.read_text())
+        for h in history:
+            if (h["command"], h["started"]) == (entry["command"], entry["started"]):
+                h["minutes"] = entry["minutes"]
         history_path.write_text(json.dumps(history, indent=2) + "\n")
     # The table always covers every task and method (whatever --tasks/--methods ran now), from the records.
     everything = [Run(t, m, steps[t], lrs.get(m), args.output / t / m) for t in TASKS for m in METHODS]
