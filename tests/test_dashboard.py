@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -162,3 +163,46 @@ def test_dashboard_not_installed(tmp_path, monkeypatch):
     with pytest.raises(PeftlabError) as error:
         serve(str(tmp_path / "search.db"))
     assert str(error.value) == 'the dashboard needs optuna-dashboard: pip install "peftlab[dashboard]"'
+
+
+#: A server whose one page takes 2 s, served the way ``peftlab dashboard`` serves optuna-dashboard.
+SLOW_SERVER = r"""
+import sys, time
+from wsgiref.simple_server import WSGIServer, make_server
+from peftlab.dashboard import _QuietHandler, _serve_until_interrupted
+
+def app(environ, start_response):
+    print("in request", flush=True)
+    time.sleep(2)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [b"done"]
+
+server = make_server("127.0.0.1", int(sys.argv[1]), app, server_class=WSGIServer, handler_class=_QuietHandler)
+print("serving", flush=True)
+_serve_until_interrupted(server)
+print("stopped", flush=True)
+"""
+
+
+def test_ctrl_c_during_a_request_stops_the_server():
+    """wsgiref catches a KeyboardInterrupt raised inside a request and serves on; Ctrl-C must stop it anyway,
+    after answering the request in hand."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(port)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        assert process.stdout.readline().strip() == "serving"
+        answers: list[bytes] = []
+        client = threading.Thread(target=lambda: answers.append(
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read()))
+        client.start()
+        assert process.stdout.readline().strip() == "in request"
+        process.send_signal(signal.SIGINT)
+        client.join(timeout=30)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert answers == [b"done"]
+    assert process.returncode == 0 and output.strip() == "stopped", output

@@ -8,10 +8,13 @@ processes); ``peftlab dashboard`` shows it live in the browser. optuna-dashboard
 from __future__ import annotations
 
 import errno
+import signal
 import socket
+import threading
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from peftlab.errors import PeftlabError
-from peftlab.storage import open_existing, storage_url
+from peftlab.storage import hide_password, open_existing, storage_url
 
 
 def serve(storage: str, host: str = "127.0.0.1", port: int = 8080) -> None:
@@ -22,25 +25,51 @@ def serve(storage: str, host: str = "127.0.0.1", port: int = 8080) -> None:
     normally, so the CLI exits without a traceback.
     """
     try:
-        _serve(storage, host, port)
-    except KeyboardInterrupt:
-        return
-
-
-def _serve(storage: str, host: str, port: int) -> None:
-    try:
         import optuna_dashboard
     except ImportError:
         raise PeftlabError('the dashboard needs optuna-dashboard: pip install "peftlab[dashboard]"') from None
     url = storage_url(storage)
     _check_port(host, port)
-    opened = open_existing(url)
+    app = optuna_dashboard.wsgi(open_existing(url))
     try:
-        optuna_dashboard.run_server(opened, host=host, port=port)
-    except OSError as e:  # lost the race for the port between the check and the server's bind
+        server = make_server(host, port, app, server_class=_V6Server if ":" in host else WSGIServer,
+                             handler_class=_QuietHandler)
+    except OSError as e:  # lost the race for the port between the check and the bind
         if e.errno == errno.EADDRINUSE:
             raise PeftlabError(_port_in_use(host, port)) from None
         raise
+    print(f"optuna-dashboard for {hide_password(url)} on http://{_bracketed(host)}:{port}/ (Ctrl-C to stop)",
+          flush=True)
+    _serve_until_interrupted(server)
+
+
+def _serve_until_interrupted(server: WSGIServer) -> None:
+    """Serve until SIGINT, then finish the request in hand and stop.
+
+    A KeyboardInterrupt raised inside a request would be caught by wsgiref's error handler, which prints it and
+    serves on; so Ctrl-C asks the serving loop to stop (``shutdown`` must be called from another thread).
+    """
+    previous = signal.signal(signal.SIGINT, lambda *_: threading.Thread(target=server.shutdown, daemon=True).start())
+    try:
+        server.serve_forever()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        server.server_close()
+
+
+class _V6Server(WSGIServer):
+    address_family = socket.AF_INET6
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log: the dashboard polls every few seconds and would flood the terminal."""
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _check_port(host: str, port: int) -> None:
