@@ -251,7 +251,7 @@ def settings_table(rows: list[dict], args: argparse.Namespace) -> list[str]:
            "|---|---:|---:|---:|---:|:---:|" + "---:|" * len(methods_)]
 
     def one(values, spec=""):
-        vals = sorted({v for v in values if v is not None}, key=str)
+        vals = sorted({v for v in values if v is not None}, key=_numbers_first)
         return "–" if not vals else " / ".join(format(v, spec) for v in vals)
 
     for task in dict.fromkeys(r["task"] for r in rows):
@@ -266,6 +266,11 @@ def settings_table(rows: list[dict], args: argparse.Namespace) -> list[str]:
         out.append(f"| {task} | {n_train} | {one(steps)} | {epochs} | {one([r['eval_every'] for r in done])} | {gbl} | "
                    + " | ".join(format(lrs[m], "g") if m in lrs else "–" for m in methods_) + " |")
     return out
+
+
+def _numbers_first(value) -> tuple:
+    """Sort key: numbers in numeric order (400 before 2000), then strings."""
+    return (isinstance(value, str), 0 if isinstance(value, str) else value, str(value))
 
 
 def machine() -> dict[str, str]:
