@@ -19,18 +19,17 @@ from __future__ import annotations
 import json
 import random
 import statistics
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.exceptions import ExperimentalWarning
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from peftlab.errors import PeftlabError
-from peftlab.search import CostModel, Objective, SearchConfig, create_study, to_params
+from peftlab.search import CostModel, Objective, SearchConfig, create_study, fail_stale, to_params
 from peftlab.space import DesignSpace
 from peftlab.spec import Spec
 from peftlab.storage import open_storage
@@ -96,6 +95,7 @@ def refine(config: SearchConfig, samples: int = 2, stages: list[str] | None = No
     # Heartbeats mark a killed run's trial stale; it is not queued again: its (stage, candidate, sample) is.
     storage = open_storage(config.storage_url, heartbeat=config.heartbeat, retry=False)
     study = optuna.load_study(study_name=config.study, storage=storage)
+    adopted: set[int] = set()  # running trials given a heartbeat (see search.fail_stale)
     objective = Objective(config, full, CostModel.for_search(config))
     result = Refinement()
     for stage in stages or order:
@@ -113,7 +113,7 @@ def refine(config: SearchConfig, samples: int = 2, stages: list[str] | None = No
             got = []
             for n, point in enumerate(points):
                 attrs = {"stage": stage, "candidate": values[k], "sample": n}
-                trial = _evaluate(study, objective, to_params(candidate, point), attrs, on_trial)
+                trial = _evaluate(study, storage, adopted, objective, to_params(candidate, point), attrs, on_trial)
                 if trial.state == TrialState.COMPLETE:
                     got.append(trial.values[0])
             scores.append(got)
@@ -146,15 +146,14 @@ def _skip(space: DesignSpace, stage: str) -> str | None:
     return None
 
 
-def _evaluate(study: optuna.Study, objective: Objective, params: dict[str, Any], attrs: dict[str, Any],
+def _evaluate(study: optuna.Study, storage: RDBStorage, adopted: set[int], objective: Objective,
+              params: dict[str, Any], attrs: dict[str, Any],
               on_trial: Callable[[FrozenTrial], None] | None) -> FrozenTrial:
     """The finished trial of this (stage, candidate, sample), run now if the study does not hold it yet."""
     for t in study.get_trials(deepcopy=False):
         if all(t.user_attrs.get(k) == v for k, v in attrs.items()) and t.user_attrs.get("status"):
             return t
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    fail_stale(study, storage, adopted)
     study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
     callbacks = [lambda s, t: on_trial(t)] if on_trial else []
     study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=callbacks)
