@@ -522,11 +522,10 @@ def _evaluate_and_select(pm, encoder, dev, config, device, step, loss, record, s
         state["bad_evals"] = 0
     else:
         state["bad_evals"] += 1
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return config.patience is not None and state["bad_evals"] >= config.patience
-    shown = ", ".join(f"dev {k} {v:.4f}" for k, v in scores.items())
-    log.info("step %d/%d: train loss %.4f%s%s", step, record.total_steps, loss, f", {shown}" if shown else "",
-             " (best so far)" if better else "")
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        shown = ", ".join(f"dev {k} {v:.4f}" for k, v in scores.items())
+        log.info("step %d/%d: train loss %.4f%s%s", step, record.total_steps, loss, f", {shown}" if shown else "",
+                 " (best so far)" if better else "")
     return config.patience is not None and state["bad_evals"] >= config.patience
 
 
