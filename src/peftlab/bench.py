@@ -39,7 +39,6 @@ from torch import nn
 from peftlab import interop, methods
 from peftlab.errors import PeftlabError
 
-#: peftlab module kind -> the peft library's peft_type for the same method
 KINDS = ("train", "infer", "merged", "score")
 MB = 2**20
 
