@@ -7,6 +7,7 @@ import csv
 import itertools
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,19 @@ def test_methods_peft_lacks_have_no_equivalent(method: str) -> None:
     pm = peftlab.apply(peftlab.load_model("shape:tiny-bert", head="seq-cls", meta=True), methods.get(method))
     config, note = interop.peft_equivalent(pm)
     assert config is None and "no equivalent" in note
+
+
+def test_s4_is_sized_for_the_benchmarked_model() -> None:
+    """s4 needs the model's depth and dims: bench plans and measures it like any preset."""
+    config = bench.BenchConfig(model="shape:minilm", methods=["s4"], output="unused")
+    config.check()
+    _, plans = bench.plan(config)
+    expected = peftlab.apply(peftlab.load_model("shape:minilm", head="seq-cls", meta=True),
+                             methods.for_model("s4", "shape:minilm")).counts().to_dict()
+    assert plans["s4"].counts == expected and expected["trainable_params"] > 0
+    train = next(j for j in plans["s4"].jobs if j.kind == "train")
+    result = bench.measure(replace(train, batch=2, seq=16, repeats=1, warmup=0))
+    assert result["step_s"] and all(t > 0 for t in result["step_s"])
 
 
 @pytest.mark.real

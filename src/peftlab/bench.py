@@ -142,7 +142,7 @@ def _build(job: Job, device: torch.device) -> nn.Module:
 
         model = get_peft_model(model, get_peft_config(dict(job.peft_config)))
     else:
-        model = apply(model, methods.get(job.method))
+        model = apply(model, methods.for_model(job.method, model))
     return model.to(device)
 
 
@@ -252,7 +252,7 @@ def _score(job: Job) -> dict[str, Any]:
     config = TrainConfig(model=job.model, task=job.task, data_dir=job.data_dir, max_steps=job.score_steps,
                          batch_size=job.batch, max_length=job.seq, seed=job.seed, progress=False,
                          precision="bf16" if job.dtype == "bf16" and job.device == "cuda" else "fp32")
-    record = train(methods.get(job.method), config)
+    record = train(methods.for_model(job.method, job.model), config)
     main = get_task(job.task).main_metric
     return {"pid": os.getpid(), "job": asdict(job), "status": record.status, "steps": record.steps,
             "metric": main, "score": (record.test or {}).get(main), "test": record.test,
@@ -314,9 +314,11 @@ class BenchConfig:
 
     def check(self) -> None:
         if not self.methods:
-            raise PeftlabError(f"give at least one method (one of: {', '.join(methods.METHODS)})")
+            every = [*methods.METHODS, *methods.MODEL_METHODS]
+            raise PeftlabError(f"give at least one method (one of: {', '.join(every)})")
         for m in self.methods:
-            methods.get(m)  # unknown names fail here, with the list of methods
+            if m not in methods.MODEL_METHODS:
+                methods.get(m)  # unknown names fail here, with the list of methods
         if len(set(self.methods)) != len(self.methods):
             raise PeftlabError(f"a method is listed twice in {','.join(self.methods)}")
         for name, low in (("batch", 1), ("seq", 2), ("repeats", 1), ("warmup", 0), ("rounds", 1), ("threads", 1)):
@@ -381,7 +383,8 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
                 seed=config.seed)
     plans: dict[str, MethodPlan] = {}
     for name in config.methods:
-        pm = apply(load_model(config.model, head=head, meta=True), methods.get(name))
+        probe_model = load_model(config.model, head=head, meta=True)
+        pm = apply(probe_model, methods.for_model(name, probe_model))
         spec = pm.adapters[pm.active_adapter].spec
         prompt = spec.model.get("input")
         extra = prompt.length if isinstance(prompt, PromptSettings) else 0

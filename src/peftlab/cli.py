@@ -42,12 +42,7 @@ def spec_from_args(args: argparse.Namespace) -> Spec:
         return Spec.load(args.spec)
     if not args.method:
         raise PeftlabError(f"give --method NAME (one of: {', '.join(methods.METHODS)}) or --spec FILE")
-    if args.method in methods.MODEL_METHODS:  # designs sized for the model (s4) need its depth and dims
-        from peftlab.space import Backbone
-
-        backbone = Backbone.of(args.model)
-        return methods.MODEL_METHODS[args.method].make(backbone.num_layers, backbone, **_kwargs(args.set))
-    return methods.get(args.method, **_kwargs(args.set))
+    return methods.for_model(args.method, args.model, **_kwargs(args.set))
 
 
 def cmd_methods(args: argparse.Namespace) -> None:

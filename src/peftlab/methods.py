@@ -257,10 +257,24 @@ def head() -> Spec:
 def get(name: str, **kwargs) -> Spec:
     """The spec of a method by name, with a clear error for unknown names or arguments."""
     if name in MODEL_METHODS:
-        raise SpecError(f"method '{name}' is sized for a model: call methods.{name}(num_layers, model)")
+        raise SpecError(f"method '{name}' is sized for a model: call methods.for_model('{name}', model)")
     if name not in METHODS:
         raise SpecError(f"unknown method '{name}'; methods are: {', '.join([*METHODS, *MODEL_METHODS])}")
     try:
         return METHODS[name].make(**kwargs)
+    except TypeError as e:
+        raise SpecError(f"method '{name}': {e}") from None
+
+
+def for_model(name: str, model: str | nn.Module | Backbone, **kwargs) -> Spec:
+    """The spec of any method by name, sized for ``model`` where the method needs it (s4): the one entry
+    point for callers that know the model (the CLI, ``peftlab bench``)."""
+    if name not in MODEL_METHODS:
+        return get(name, **kwargs)
+    from peftlab.space import Backbone
+
+    backbone = Backbone.of(model)
+    try:
+        return MODEL_METHODS[name].make(backbone.num_layers, backbone, **kwargs)
     except TypeError as e:
         raise SpecError(f"method '{name}': {e}") from None
