@@ -18,7 +18,7 @@ from postgres import postgres_url  # noqa: F401  (fixture: a real throw-away Pos
 from peftlab import results
 from peftlab.cli import main
 from peftlab.errors import PeftlabError
-from peftlab.search import SearchConfig, counted, load_study, run_search, to_params, to_vector
+from peftlab.search import SearchConfig, counted, create_study, load_study, run_search, to_params, to_vector
 
 DATA = Path(os.environ.get("PEFTLAB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 pytestmark = pytest.mark.skipif(not (DATA / "glue" / "SST-2").is_dir(), reason=f"no GLUE data under {DATA}")
@@ -92,6 +92,10 @@ def test_joining_a_study_with_other_settings_is_refused(tmp_path: Path) -> None:
     run_search(_config(tmp_path, trials=1))
     with pytest.raises(PeftlabError, match="different search: its task is 'sst2'"):
         run_search(_config(tmp_path, trials=1, task="rte"))
+    # Settings left out are their defaults: a study made before a setting existed is still the same search.
+    create_study(_config(tmp_path, trials=1, train=TRAIN | {"seed": 0, "consistency": None}))
+    with pytest.raises(PeftlabError, match="different search: its train is"):
+        create_study(_config(tmp_path, trials=1, train=TRAIN | {"seed": 1}))
     with pytest.raises(PeftlabError, match="no study 'nope'"):
         load_study(str(tmp_path / "study.db"), "nope")
 

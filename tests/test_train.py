@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from peftlab import methods
 from peftlab.errors import PeftlabError
-from peftlab.train import TrainConfig, train
+from peftlab.train import TrainConfig, _batch_loss, consistency_loss, train
 
 DATA = Path(os.environ.get("PEFTLAB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 pytestmark = pytest.mark.skipif(not (DATA / "glue" / "SST-2").is_dir(), reason=f"no GLUE data under {DATA}")
@@ -155,3 +155,46 @@ def test_user_csv_and_jsonl_data(tmp_path: Path) -> None:
     with pytest.raises(PeftlabError, match="missing column"):
         train(methods.lora(), TrainConfig(model="shape:tiny-bert", task="x", train_file=str(train_csv),
                                           text_column="text", label_column="sentiment", max_steps=1))
+
+
+def test_consistency_loss_is_the_symmetrised_kl() -> None:
+    from scipy.special import rel_entr, softmax
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    p, q = softmax(a.numpy(), -1), softmax(b.numpy(), -1)
+    expected = (rel_entr(p, q).sum(-1) + rel_entr(q, p).sum(-1)).mean() / 2
+    assert consistency_loss(a, b).item() == pytest.approx(expected, rel=1e-5)
+    assert consistency_loss(a, a).item() == pytest.approx(0, abs=1e-7)
+    assert consistency_loss(a[:, :1], b[:, :1]).item() == pytest.approx(((a[:, 0] - b[:, 0]) ** 2).mean().item())
+    tokens_a, tokens_b = torch.randn(2, 4, 7, generator=g), torch.randn(2, 4, 7, generator=g)
+    labels = torch.tensor([[1, 2, -100, -100], [3, -100, -100, -100]])  # text-to-text: only labelled tokens
+    kept = labels != -100
+    assert consistency_loss(tokens_a, tokens_b, labels).item() == pytest.approx(
+        consistency_loss(tokens_a[kept], tokens_b[kept]).item(), rel=1e-6)
+
+
+def test_adamix_trains_with_two_routed_passes_and_the_consistency_term() -> None:
+    from peftlab.peft_model import apply
+    from peftlab.zoo import load_model
+
+    assert train(methods.adamix(), _config(max_steps=2)).config["consistency"] == 1.0  # on by default for AdaMix
+    assert train(methods.lora(), _config(max_steps=2)).config["consistency"] == 0.0
+    assert train(methods.adamix(), _config(max_steps=2, consistency=0)).config["consistency"] == 0.0
+    pm = apply(load_model("shape:tiny-bert", head="seq-cls", seed=0), methods.adamix())
+    pm.train()
+    batch = {"input_ids": torch.randint(3, 128, (4, 10), generator=torch.Generator().manual_seed(1)),
+             "labels": torch.tensor([0, 1, 1, 0])}
+    torch.manual_seed(5)
+    first, second = pm(**batch), pm(**batch)  # each pass draws its own experts (and dropout masks)
+    assert not torch.allclose(first.logits, second.logits)
+    expected = (first.loss + second.loss) / 2 + 0.5 * consistency_loss(first.logits, second.logits)
+    torch.manual_seed(5)
+    assert _batch_loss(pm, batch, 0.5).item() == pytest.approx(expected.item(), rel=1e-6)
+    torch.manual_seed(5)
+    assert _batch_loss(pm, batch, 0.0).item() == pytest.approx(first.loss.item(), rel=1e-6)
+
+
+def test_a_negative_consistency_weight_is_refused() -> None:
+    with pytest.raises(PeftlabError, match="consistency must be a number >= 0"):
+        train(methods.adamix(), _config(max_steps=2, consistency=-1.0))

@@ -85,7 +85,8 @@ def _train_config(args: argparse.Namespace, output: str | None):
         batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length,
         group_by_length=args.group_by_length,
         eval_every=args.eval_every, patience=args.patience, precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing, dropout=args.dropout, output=output,
+        gradient_checkpointing=args.gradient_checkpointing, dropout=args.dropout, consistency=args.consistency,
+        output=output,
         progress=not args.no_progress, train_file=args.train_file, test_file=args.test_file,
         text_column=args.text_column, text_pair_column=args.text_pair_column, label_column=args.label_column,
         label_names=args.labels.split(",") if args.labels else None,
@@ -96,8 +97,10 @@ def _train_settings(args: argparse.Namespace) -> dict:
     """The TrainConfig fields of the training flags (what a search stores as its trials' fidelity)."""
     from dataclasses import asdict
 
+    from peftlab.train import RUN_FIELDS
+
     config = asdict(_train_config(args, None))
-    return {k: v for k, v in config.items() if k not in ("model", "task", "output", "progress", "resume")}
+    return {k: v for k, v in config.items() if k not in RUN_FIELDS}
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -313,6 +316,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="bf16/fp16 need a GPU")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--dropout", type=float, help="override the backbone's dropout probability (e.g. 0)")
+    p.add_argument("--consistency", type=float, metavar="W",
+                   help="weight of AdaMix's consistency loss between two randomly routed passes (default: 1 for "
+                        "specs with AdaMix modules, else 0; 0 turns it off)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("your own data (CSV, TSV or JSONL; --task then just names it)")
     g.add_argument("--train-file", help="training examples; dev is held out from them")

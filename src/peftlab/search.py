@@ -24,7 +24,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +151,7 @@ class SearchConfig:
     train: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
-        from peftlab.train import TrainConfig
+        from peftlab.train import RUN_FIELDS, TrainConfig
 
         if self.sampler not in (*SAMPLERS, "s4-refine"):  # s4-refine: set by peftlab.refine, not a sampler
             raise PeftlabError(f"unknown sampler '{self.sampler}'; samplers: {', '.join(SAMPLERS)}")
@@ -167,7 +167,7 @@ class SearchConfig:
                 raise PeftlabError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.budget is not None and not 0 < self.budget <= 100:
             raise PeftlabError(f"budget is a % of the backbone's parameters in (0, 100], got {self.budget}")
-        known = {f.name for f in fields(TrainConfig)} - {"model", "task", "output", "progress", "resume"}
+        known = {f.name for f in fields(TrainConfig)} - set(RUN_FIELDS)
         unknown = sorted(set(self.train) - known)
         if unknown:
             raise PeftlabError(f"unknown training settings {unknown}; allowed: {', '.join(sorted(known))}")
@@ -333,6 +333,10 @@ def create_study(config: SearchConfig) -> tuple[optuna.Study, SearchSpace]:
             mine["ref_point"] = default_ref_point(space, config)
         study.set_user_attr(_SEARCH_ATTR, mine)
     else:
+        # Training settings compare with the defaults filled in: a study made before a setting existed, or by
+        # the API with only some settings, is the same search when its omitted settings have the default value.
+        mine, theirs = {**mine, "train": _with_defaults(mine["train"])}, \
+            {**theirs, "train": _with_defaults(theirs.get("train") or {})}
         diff = [k for k in mine if k != "ref_point" and json.dumps(mine[k], sort_keys=True)
                 != json.dumps(theirs.get(k), sort_keys=True)]
         if diff:
@@ -340,6 +344,14 @@ def create_study(config: SearchConfig) -> tuple[optuna.Study, SearchSpace]:
             raise PeftlabError(f"study '{config.study}' is a different search: its {k} is {theirs.get(k)!r}, "
                                f"this command gives {mine[k]!r}; use the same settings or another --study")
     return study, space
+
+
+def _with_defaults(train: dict[str, Any]) -> dict[str, Any]:
+    """Training settings with every omitted TrainConfig field at its default."""
+    from peftlab.train import RUN_FIELDS, TrainConfig
+
+    defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
+    return {k: v for k, v in defaults.items() if k not in RUN_FIELDS} | train
 
 
 def default_ref_point(space: SearchSpace, config: SearchConfig) -> list[float]:

@@ -44,6 +44,8 @@ LEARNING_RATES = {
     "ia3": 3e-3, "bitfit": 1e-4, "ln": 1e-3, "prompt": 3e-1, "head": 1e-3, "gated": 5e-4,
 }
 CHECKPOINT = "checkpoint"
+#: TrainConfig fields that name one run rather than say how it trains (a search's trials share the rest)
+RUN_FIELDS = ("model", "task", "output", "progress", "resume")
 
 
 def default_lr(spec: Spec) -> float:
@@ -82,6 +84,9 @@ class TrainConfig:
     precision: str = "fp32"
     gradient_checkpointing: bool = False
     dropout: float | None = None
+    #: AdaMix's consistency regularisation: the weight of the symmetrised KL divergence between two forward
+    #: passes through different random experts (None: 1 for a spec with AdaMix modules, 0 otherwise)
+    consistency: float | None = None
     output: str | None = None
     resume: bool = True
     progress: bool = True
@@ -106,6 +111,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise PeftlabError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.consistency is not None and not (math.isfinite(self.consistency) and self.consistency >= 0):
+            raise PeftlabError(f"consistency must be a number >= 0 (0 turns it off), got {self.consistency}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise PeftlabError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.precision not in ("fp32", "bf16", "fp16"):
@@ -300,6 +307,30 @@ def evaluate(pm: nn.Module, encoder: Encoder, rows: list[Example], batch_size: i
 
 
 # -- the run ------------------------------------------------------------------------------------------------
+def consistency_loss(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """AdaMix's consistency term between two passes' logits: the symmetrised KL divergence of their
+    distributions (the mean of KL(p||q) and KL(q||p)); a regression head's single output compares by squared
+    difference; text-to-text logits (batch, tokens, vocabulary) count only the tokens with a label."""
+    a, b = a.float(), b.float()
+    if a.shape[-1] == 1:
+        return torch.nn.functional.mse_loss(a, b)
+    la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    kl = 0.5 * ((la.exp() * (la - lb)).sum(-1) + (lb.exp() * (lb - la)).sum(-1))
+    if kl.dim() > 1 and labels is not None and labels.shape == kl.shape:
+        return kl[labels != -100].mean()
+    return kl.mean()
+
+
+def _batch_loss(pm: nn.Module, batch: dict[str, torch.Tensor], consistency: float) -> torch.Tensor:
+    """The training loss of one batch; with a consistency weight, two passes (each draws its own experts)."""
+    out = pm(**batch)
+    if not consistency:
+        return out.loss
+    again = pm(**batch)
+    term = consistency_loss(out.logits, again.logits, batch.get("labels"))
+    return (out.loss + again.loss) / 2 + consistency * term
+
+
 def _device_name(device: torch.device) -> str:
     """What ran the run, for records read later: ``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
     return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
@@ -421,6 +452,8 @@ def train(spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None]
     record = RunRecord(config=asdict(config), spec=spec.to_dict(), counts=pm.counts().to_dict(), total_steps=total,
                        world_size=world, device=_device_name(device))
     record.config["lr"] = lr
+    consistency = config.consistency if config.consistency is not None else float("adamix" in spec.kinds())
+    record.config["consistency"] = consistency
     out = Path(config.output) if config.output else None
     ckpt = out / CHECKPOINT if out else None
     state = {"step": 0, "best_state": None, "bad_evals": 0, "tokens": 0, "elapsed": 0.0}
@@ -455,7 +488,7 @@ def train(spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None]
                 batch = {k: v.to(device) for k, v in encoder([splits.train[i] for i in mine]).items()}
                 state["tokens"] += int(batch["attention_mask"].sum())
                 with autocast:
-                    loss = pm(**batch).loss * (len(mine) / len(group))
+                    loss = _batch_loss(pm, batch, consistency) * (len(mine) / len(group))
                 (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.detach().item()
             loss_sum = _all_reduce(params, loss_sum, world)
