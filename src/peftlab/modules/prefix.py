@@ -187,6 +187,11 @@ def use_prefix_attention(model: nn.Module, on: bool) -> None:
             cfg._attn_implementation_internal = getattr(cfg, _ORIGINAL_ATTR, "sdpa")
 
 
+#: The forward argument that carries the key/value cache: ``past_key_values`` up to transformers 5.23, ``cache``
+#: from 5.24 on.
+CACHE_ARGS = ("cache", "past_key_values")
+
+
 @register
 @dataclass
 class PromptSettings(Settings):
@@ -263,7 +268,7 @@ class Prompt(PeftModule):
         kw["inputs_embeds"] = embeds
         kw.pop("position_ids", None)  # the model derives positions from the (longer) sequence
         kw.pop("cache_position", None)
-        past = kw.get("past_key_values")
+        past = next((kw[k] for k in CACHE_ARGS if kw.get(k) is not None), None)
         past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
         batch, length = embeds.shape[:2]
         n = self.prompt.shape[0]
