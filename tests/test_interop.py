@@ -47,6 +47,23 @@ def _randomise(params: Iterable[nn.Parameter], seed: int = 1) -> None:
             p.normal_(0.0, 0.3)
 
 
+def _peft_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits of a peft model; skips (naming both versions) where peft itself cannot run the adapter.
+
+    peft 0.21 gives BERT its prefixes only through a ``past_key_values`` argument of the forward, which
+    transformers 5.24 renamed ``cache``; peft then refuses prefix tuning on BERT before anything of peftlab's runs.
+    """
+    try:
+        return logits(model, batch)
+    except ValueError as err:
+        if "does not support past key values" not in str(err):
+            raise
+        import transformers
+
+        pytest.skip(f"peft {peft.__version__} cannot run prefix tuning on this model with transformers "
+                    f"{transformers.__version__}: {err}")
+
+
 def _per_site_lora() -> Spec:
     """LoRA on every linear site, with r, alpha and rsLoRA changed at some (peft's rank/alpha_pattern)."""
     common = LoraSettings(r=4, alpha=8.0)
@@ -82,7 +99,7 @@ def test_export_runs_in_peft_with_the_same_outputs(case: str, tmp_path: Path) ->
         pm.save(tmp_path, format="peft")
     assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     loaded = peft.PeftModel.from_pretrained(_base(name, absolute_prefix), tmp_path)
-    torch.testing.assert_close(logits(loaded, batch), expected, atol=ATOL, rtol=0)
+    torch.testing.assert_close(_peft_logits(loaded, batch), expected, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
@@ -125,7 +142,7 @@ def test_peft_adapter_runs_in_peftlab_with_the_same_outputs(case: str, tmp_path:
     made = peft.get_peft_model(_base(name, absolute_prefix), make())
     _randomise(p for p in made.parameters() if p.requires_grad)
     batch = make_batch(made)
-    expected = logits(made, batch)
+    expected = _peft_logits(made, batch)
     made.save_pretrained(tmp_path)
     warns = pytest.warns(UserWarning, match="absolute position") if absolute_prefix else nullcontext()
     with warns:
