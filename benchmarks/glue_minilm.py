@@ -330,10 +330,11 @@ def write_report(args: argparse.Namespace, runs: list[Run], history: list[dict])
           + (f"{h['minutes']} min" if h.get("minutes") is not None else "interrupted")
           + (f"; {h['note']}" if h.get("note") else "") + ")" for i, h in enumerate(history, 1)),
         f"- table written: {now}",
-        f"- machine: {meta['cpu']}, {meta['cores']} cores, {meta['memory']} RAM, shared with other work; "
-        f"{args.jobs} runs in parallel, each in its own process with {args.threads} thread(s)",
-        f"- versions: python {meta['python']}, torch {meta['torch']}, transformers {meta['transformers']}, "
-        f"peftlab {meta['peftlab']}",
+        f"- machine: {meta['cpu']}, {meta['cores']} cores, {meta['memory']} RAM, shared with other work; each "
+        "run in its own process (the runs in parallel and the threads per run are in each invocation's command)",
+        "- versions of the environment that wrote this table (records written since 2026-12-02 hold their run's "
+        f"own, under `versions`): python {meta['python']}, torch {meta['torch']}, "
+        f"transformers {meta['transformers']}, peftlab {meta['peftlab']}",
         "- " + common_settings(rows),
         "- per-task settings (read from the records; *epochs* = steps × batch size / train examples, the train "
         "examples being the official train set less the held-out dev examples):",

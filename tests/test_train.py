@@ -37,6 +37,8 @@ def test_loss_goes_down_on_real_data() -> None:
     assert set(record.test) == {"accuracy"}
     assert record.tokens_per_s > 0 and record.peak_memory_bytes > 0
     assert record.device == "cpu"  # what ran it, so records from several machines can be told apart
+    assert record.versions["torch"] == torch.__version__ and set(record.versions) == {
+        "python", "torch", "transformers", "peftlab"}
 
 
 def test_budgets_in_steps_epochs_and_fractions() -> None:

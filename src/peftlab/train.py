@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import platform
 import random
 import resource
 import shutil
@@ -141,6 +142,8 @@ class RunRecord:
     peak_memory_bytes: int = 0
     world_size: int = 1
     device: str = "cpu"
+    #: python, torch, transformers and peftlab versions: records written months apart stay comparable
+    versions: dict[str, str] = field(default_factory=dict)
     message: str | None = None
 
     def save(self, path: Path) -> None:
@@ -331,6 +334,15 @@ def _batch_loss(pm: nn.Module, batch: dict[str, torch.Tensor], consistency: floa
     return (out.loss + again.loss) / 2 + consistency * term
 
 
+def _versions() -> dict[str, str]:
+    import transformers
+
+    import peftlab
+
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peftlab": peftlab.__version__}
+
+
 def _device_name(device: torch.device) -> str:
     """What ran the run, for records read later: ``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
     return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
@@ -450,7 +462,7 @@ def train(spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None]
         opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
 
     record = RunRecord(config=asdict(config), spec=spec.to_dict(), counts=pm.counts().to_dict(), total_steps=total,
-                       world_size=world, device=_device_name(device))
+                       world_size=world, device=_device_name(device), versions=_versions())
     record.config["lr"] = lr
     consistency = config.consistency if config.consistency is not None else float("adamix" in spec.kinds())
     record.config["consistency"] = consistency
