@@ -111,6 +111,30 @@ def test_early_stopping_restores_the_best_state() -> None:
         assert record.steps < 40
 
 
+@pytest.mark.parametrize("method", ["lora", "prefix", "pfeiffer"])
+@pytest.mark.parametrize("model", ["shape:tiny-bert", "shape:tiny-llama"])
+def test_gradient_checkpointing_trains_the_same_adapter(model: str, method: str, tmp_path: Path) -> None:
+    """Activations recomputed in the backward pass (the adapters' hooks included) give the same training."""
+    from peftlab.zoo import load_model
+
+    cfg = {"model": model, "max_steps": 3, "lr": 1e-2, "dropout": 0.0}
+    runs = {}
+    for name, checkpointing in (("plain", False), ("ckpt", True)):
+        backbone = load_model(model, head="seq-cls")
+        # A linear inside the first block: checkpointing runs it again in the backward pass.
+        first = next(m for n, m in backbone.named_modules() if isinstance(m, torch.nn.Linear) and ".0." in n)
+        calls = [0]
+        first.register_forward_hook(lambda *_, calls=calls: calls.__setitem__(0, calls[0] + 1))
+        train(methods.get(method), _config(tmp_path / name, gradient_checkpointing=checkpointing, **cfg),
+              model=backbone)
+        runs[name] = (calls[0], load_file(tmp_path / name / "adapter" / "adapter.safetensors"))
+    (plain_calls, a), (ckpt_calls, b) = runs["plain"], runs["ckpt"]
+    assert ckpt_calls > plain_calls
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize(("model", "task"), [("shape:tiny-t5", "rte"), ("shape:tiny-llama", "stsb")])
 def test_text_to_text_and_decoder_classifiers(model: str, task: str) -> None:
     record = train(methods.lora(), _config(model=model, task=task, max_steps=4))

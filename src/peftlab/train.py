@@ -334,6 +334,15 @@ def _batch_loss(pm: nn.Module, batch: dict[str, torch.Tensor], consistency: floa
     return (out.loss + again.loss) / 2 + consistency * term
 
 
+def _enable_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward pass; non-reentrant, so gradients reach adapters of a frozen backbone.
+    transformers 5.24 renamed the method (``gradient_`` to ``activation_checkpointing_enable``)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def _versions() -> dict[str, str]:
     import transformers
 
@@ -445,7 +454,7 @@ def train(spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None]
                 m.p = config.dropout
     pm = apply(model, spec) if not isinstance(model, PeftModel) else model
     if config.gradient_checkpointing:
-        pm.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_checkpointing(pm.base_model)
 
     per_rank = config.batch_size // world
     if per_rank * world != config.batch_size:
