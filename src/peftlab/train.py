@@ -1,7 +1,7 @@
 """Fine-tuning a spec on a task: the loop behind ``peftlab train`` and the search's trials.
 
 AdamW with per-method learning-rate defaults, a linear schedule with warm-up, gradient accumulation and
-clipping, dynamic padding, optional bf16/fp16 autocast and gradient checkpointing on a GPU; a budget in
+clipping, dynamic padding, optional bf16/fp16 autocast on a GPU and gradient checkpointing; a budget in
 steps, epochs or a fraction of the full run; evaluation every N steps with early stopping and best-state
 selection; checkpoints to resume from; data parallelism under ``torchrun`` / ``accelerate launch``. Every
 run writes a JSON record. A non-finite loss ends the run with status "diverged" instead of a crash.
