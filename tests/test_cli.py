@@ -46,6 +46,8 @@ def test_show_reads_a_spec_file(tmp_path, capsys) -> None:
         (["show", "--model", "shape:tiny-bert"], "give --method NAME"),
         (["show", "--model", "shape:tiny-bert", "--spec", "/nonexistent.json"], "does not exist"),
         (["show", "--model", "shape:tiny-t5", "--method", "bitfit"], "bitfit needs bias terms"),
+        (["train", "--model", "shape:tiny-bert", "--task", "rte", "--method", "lora", "--output", "/nonexistent/x",
+          "--lr", "-1"], "lr must be a number > 0"),
     ],
 )
 def test_user_mistakes_are_one_line_without_traceback(argv: list[str], message: str) -> None:

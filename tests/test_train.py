@@ -50,6 +50,18 @@ def test_budgets_in_steps_epochs_and_fractions() -> None:
         train(methods.bitfit(), _config(max_steps=3, fraction=0.5))
 
 
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"lr": -1.0}, "lr must be a number > 0"), ({"lr": float("nan")}, "lr must be a number > 0"),
+    ({"eval_every": 0}, "eval_every must be >= 1"), ({"patience": 0}, "patience must be >= 1"),
+    ({"warmup_ratio": 1.0}, "warmup_ratio must be in"), ({"weight_decay": -0.1}, "weight_decay must be"),
+    ({"max_grad_norm": float("inf")}, "max_grad_norm must be"), ({"batch_size": 0}, "batch_size must be >= 1"),
+])
+def test_bad_settings_are_refused_before_anything_runs(setting: dict, message: str, tmp_path: Path) -> None:
+    with pytest.raises(PeftlabError, match=message):
+        train(methods.lora(), _config(tmp_path / "run", max_steps=1, **setting))
+    assert not (tmp_path / "run").exists()
+
+
 def test_group_by_length_keeps_every_example_and_pads_less() -> None:
     from peftlab.train import _batches
 

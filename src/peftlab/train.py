@@ -109,9 +109,18 @@ class TrainConfig:
             raise PeftlabError(f"fraction must be in (0, 1], got {self.fraction}")
         if self.epochs <= 0:
             raise PeftlabError(f"epochs must be > 0, got {self.epochs}")
-        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise PeftlabError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "eval_every", "patience"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise PeftlabError(f"{name} must be >= 1, got {value}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise PeftlabError(f"lr must be a number > 0 (or omitted for the method's default), got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise PeftlabError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise PeftlabError(f"{name} must be a number >= 0 (max_grad_norm 0: no clipping), got {value}")
         if self.consistency is not None and not (math.isfinite(self.consistency) and self.consistency >= 0):
             raise PeftlabError(f"consistency must be a number >= 0 (0 turns it off), got {self.consistency}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
