@@ -48,6 +48,8 @@ def test_show_reads_a_spec_file(tmp_path, capsys) -> None:
         (["show", "--model", "shape:tiny-t5", "--method", "bitfit"], "bitfit needs bias terms"),
         (["train", "--model", "shape:tiny-bert", "--task", "rte", "--method", "lora", "--output", "/nonexistent/x",
           "--lr", "-1"], "lr must be a number > 0"),
+        (["eval", "--model", "shape:tiny-bert", "--task", "rte", "--adapter", "/nonexistent", "--batch-size", "0"],
+         "--batch-size must be >= 1"),
     ],
 )
 def test_user_mistakes_are_one_line_without_traceback(argv: list[str], message: str) -> None:
@@ -87,3 +89,7 @@ def test_train_then_eval_agree(tmp_path, capsys) -> None:
     assert trained["status"] == "completed"
     assert main(["eval", *common, "--adapter", str(tmp_path / "run" / "adapter")]) == 0
     assert json.loads(capsys.readouterr().out)["accuracy"] == trained["test"]["accuracy"]
+    # an adapter of another task: its head does not fit, and the error says which task it was trained on
+    other = ["--model", "shape:tiny-bert", "--task", "stsb", "--data-dir", str(data)]
+    assert main(["eval", *other, "--adapter", str(tmp_path / "run" / "adapter")]) == 2
+    assert "it was trained on glue/rte, not glue/stsb" in capsys.readouterr().err

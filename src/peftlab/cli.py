@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from peftlab import methods
-from peftlab.errors import PeftlabError
+from peftlab.errors import AdapterLoadError, PeftlabError
 from peftlab.spec import Spec
 
 
@@ -240,13 +240,34 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from peftlab.tasks import get_task, make_splits
     from peftlab.train import evaluate, load_for_task, task_encoder
 
+    if args.batch_size < 1:
+        raise PeftlabError(f"--batch-size must be >= 1, got {args.batch_size}")
     task = get_task(args.task)
     model, seq2seq = load_for_task(args.model, task)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
     encoder = task_encoder(args.model, model, task, args.max_length, seq2seq)
-    pm = load(model, args.adapter)
+    try:
+        pm = load(model, args.adapter)
+    except AdapterLoadError as err:
+        trained = _trained_task(Path(args.adapter))
+        if trained is None or trained == task.name:
+            raise
+        raise AdapterLoadError(f"{err}; it was trained on {trained}, not {task.name}") from None
     rows = make_splits(task.name, args.data_dir, dev_size=0).test
-    scores = evaluate(pm, encoder, rows, args.batch_size, torch.device("cpu"))
+    scores = evaluate(pm, encoder, rows, args.batch_size, device)
     print(json.dumps({"task": task.name, "examples": len(rows), **scores}, indent=2))
+
+
+def _trained_task(adapter: Path) -> str | None:
+    """The task in the run record beside an adapter folder written by ``peftlab train`` (None if there is none)."""
+    from peftlab.tasks import get_task
+
+    try:
+        name = json.loads((adapter.parent / "record.json").read_text())["config"]["task"]
+        return get_task(name).name
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
