@@ -274,10 +274,7 @@ def _numbers_first(value) -> tuple:
 
 
 def machine() -> dict[str, str]:
-    import torch
-    import transformers
-
-    import peftlab
+    from peftlab.train import library_versions
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -294,8 +291,7 @@ def machine() -> dict[str, str]:
     except (OSError, StopIteration):
         mem = "?"
     return {"cpu": cpu, "cores": f"{os.cpu_count()} logical, {len(os.sched_getaffinity(0))} usable", "memory": mem,
-            "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peftlab": peftlab.__version__}
+            "os": platform.platform(), **library_versions()}
 
 
 def fmt(x, spec: str = "", missing: str = "–") -> str:

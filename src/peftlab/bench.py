@@ -558,17 +558,14 @@ def cpu_model() -> str:
 
 def environment(config: BenchConfig) -> dict[str, str]:
     """The machine and library versions a reader needs to compare numbers across runs."""
-    import transformers
-
-    import peftlab
+    from peftlab.train import library_versions
 
     try:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         usable = os.cpu_count() or 1
     env = {"CPU": cpu_model(), "cores": f"{os.cpu_count()} logical, {usable} usable; torch threads = {config.threads}",
-           "CPU capability": torch.backends.cpu.get_cpu_capability(), "python": platform.python_version(),
-           "torch": torch.__version__, "transformers": transformers.__version__, "peftlab": peftlab.__version__}
+           "CPU capability": torch.backends.cpu.get_cpu_capability(), **library_versions()}
     try:
         import peft
 

@@ -234,17 +234,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    import torch
 
     from peftlab.saving import load
     from peftlab.tasks import get_task, make_splits
-    from peftlab.train import evaluate, load_for_task, task_encoder
+    from peftlab.train import default_device, evaluate, load_for_task, task_encoder
 
     if args.batch_size < 1:
         raise PeftlabError(f"--batch-size must be >= 1, got {args.batch_size}")
     task = get_task(args.task)
     model, seq2seq = load_for_task(args.model, task)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model.to(device)
     encoder = task_encoder(args.model, model, task, args.max_length, seq2seq)
     try:

@@ -352,13 +352,21 @@ def _enable_checkpointing(model: nn.Module) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _versions() -> dict[str, str]:
+def library_versions() -> dict[str, str]:
+    """python, torch, transformers and peftlab versions: what a reader needs to compare records and benchmarks."""
     import transformers
 
     import peftlab
 
     return {"python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "peftlab": peftlab.__version__}
+
+
+def default_device() -> torch.device:
+    """This process's GPU (``LOCAL_RANK`` under torchrun) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def _device_name(device: torch.device) -> str:
@@ -454,8 +462,7 @@ def train(spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None]
     else:
         seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
     encoder = task_encoder(config.model, model, task, config.max_length, seq2seq)
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
-        torch.device("cpu")
+    device = default_device()
     model.to(device)
     if config.dropout is not None:  # the backbone's dropout, e.g. 0 for runs that must be reproducible
         for m in model.modules():
@@ -480,7 +487,7 @@ def train(spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None]
         opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
 
     record = RunRecord(config=asdict(config), spec=spec.to_dict(), counts=pm.counts().to_dict(), total_steps=total,
-                       world_size=world, device=_device_name(device), versions=_versions())
+                       world_size=world, device=_device_name(device), versions=library_versions())
     record.config["lr"] = lr
     consistency = config.consistency if config.consistency is not None else float("adamix" in spec.kinds())
     record.config["consistency"] = consistency
