@@ -97,10 +97,31 @@ class Run:
     def command(self, args: argparse.Namespace) -> list[str]:
         """The ``peftlab train`` command, with paths relative to the repository root (where it runs)."""
         cmd = [
-            "peftlab", "train", "--model", args.model, "--task", self.task, "--method", self.method,
-            "--data-dir", rel(args.data_dir), "--output", rel(self.out), "--max-steps", str(self.steps),
-            "--dev-size", str(args.dev_size), "--eval-every", str(args.eval_every), "--batch-size",
-            str(args.batch_size), "--max-length", str(args.max_length), "--seed", str(args.seed), "--no-progress",
+            "peftlab",
+            "train",
+            "--model",
+            args.model,
+            "--task",
+            self.task,
+            "--method",
+            self.method,
+            "--data-dir",
+            rel(args.data_dir),
+            "--output",
+            rel(self.out),
+            "--max-steps",
+            str(self.steps),
+            "--dev-size",
+            str(args.dev_size),
+            "--eval-every",
+            str(args.eval_every),
+            "--batch-size",
+            str(args.batch_size),
+            "--max-length",
+            str(args.max_length),
+            "--seed",
+            str(args.seed),
+            "--no-progress",
         ]
         if args.k is not None:
             cmd += ["--k", str(args.k)]
@@ -129,8 +150,13 @@ def run_one(run: Run, args: argparse.Namespace) -> None:
     with open(run.out / "train.log", "a") as fh:
         proc = subprocess.run(argv, env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
     elapsed = time.perf_counter() - t0
-    info = {"command": shlex.join(cmd), "env": {"OMP_NUM_THREADS": str(args.threads)}, "returncode": proc.returncode,
-            "process_wall_s": round(elapsed, 1), "started": started.isoformat(timespec="seconds")}
+    info = {
+        "command": shlex.join(cmd),
+        "env": {"OMP_NUM_THREADS": str(args.threads)},
+        "returncode": proc.returncode,
+        "process_wall_s": round(elapsed, 1),
+        "started": started.isoformat(timespec="seconds"),
+    }
     (run.out / "bench.json").write_text(json.dumps(info, indent=2) + "\n")
     status = "ok" if proc.returncode == 0 and (run.out / "record.json").is_file() else f"FAILED rc={proc.returncode}"
     score = ""
@@ -172,8 +198,13 @@ def baseline(task: str, data_dir: Path) -> tuple[float, str, dict[str, float], i
         scores = metrics.compute(info.metrics, [cls] * len(labels), labels)
         share = sum(1 for y in labels if y == cls) / len(labels)
         if best is None or (scores[info.main_metric], share) > (best[0], best[4]):  # ties: the majority class
-            best = (scores[info.main_metric], f"always '{name}' ({share:.1%} of {len(labels)})", scores, len(labels),
-                    share)
+            best = (
+                scores[info.main_metric],
+                f"always '{name}' ({share:.1%} of {len(labels)})",
+                scores,
+                len(labels),
+                share,
+            )
     if info.main_metric == "mcc":
         best = (best[0], f"any constant prediction, e.g. {best[1]}: 0 by definition", *best[2:])
     return best[:4]
@@ -190,9 +221,17 @@ def collect(args: argparse.Namespace, runs: list[Run]) -> list[dict]:
         info = get_task(run.task)
         b_score, b_what, _, n_test = base[run.task]
         sigma = noise(info.main_metric, b_score, n_test)
-        row = {"task": run.task, "method": run.method, "metric": info.main_metric, "baseline": round(b_score, 4),
-               "baseline_what": b_what, "default_lr": default_lr(methods.get(run.method)), "lr": run.lr,
-               "max_steps": run.steps, "status": "missing"}
+        row = {
+            "task": run.task,
+            "method": run.method,
+            "metric": info.main_metric,
+            "baseline": round(b_score, 4),
+            "baseline_what": b_what,
+            "default_lr": default_lr(methods.get(run.method)),
+            "lr": run.lr,
+            "max_steps": run.steps,
+            "status": "missing",
+        }
         rec_path = run.out / "record.json"
         if rec_path.is_file():
             rec = json.loads(rec_path.read_text())
@@ -200,23 +239,45 @@ def collect(args: argparse.Namespace, runs: list[Run]) -> list[dict]:
             test = rec.get("test") or {}
             counts = rec.get("counts") or {}
             score = test.get(info.main_metric)
-            row.update({
-                "status": rec["status"], "score": None if score is None else round(score, 4),
-                "other": {k: round(v, 4) for k, v in test.items() if k != info.main_metric},
-                "above_baseline": None if score is None else score > b_score,
-                "delta": None if score is None else round(score - b_score, 4),
-                "z": None if score is None or sigma is None else round((score - b_score) / sigma, 1),
-                "dev_best": rec.get("best"), "lr": rec["config"]["lr"], "steps": rec["steps"],
-                "total_steps": rec["total_steps"],
-                "trainable_params": counts.get("trainable_params"), "trainable_pct": counts.get("trainable_pct"),
-                "stored_pct": counts.get("stored_pct"), "wall_time_s": round(rec["wall_time_s"], 1),
-                "process_wall_s": bench.get("process_wall_s"), "tokens_per_s": round(rec["tokens_per_s"], 1),
-                "peak_rss_mib": round(rec["peak_memory_bytes"] / 2**20), "command": bench.get("command"),
-                "eval_every": rec["config"].get("eval_every"),
-                "group_by_length": bool(rec["config"].get("group_by_length", False)),  # absent before the option
-                "setup": {k: rec["config"].get(k) for k in ("model", "batch_size", "max_length", "dev_size", "seed",
-                                                            "k", "patience", "grad_accum", "dropout", "precision")},
-            })
+            row.update(
+                {
+                    "status": rec["status"],
+                    "score": None if score is None else round(score, 4),
+                    "other": {k: round(v, 4) for k, v in test.items() if k != info.main_metric},
+                    "above_baseline": None if score is None else score > b_score,
+                    "delta": None if score is None else round(score - b_score, 4),
+                    "z": None if score is None or sigma is None else round((score - b_score) / sigma, 1),
+                    "dev_best": rec.get("best"),
+                    "lr": rec["config"]["lr"],
+                    "steps": rec["steps"],
+                    "total_steps": rec["total_steps"],
+                    "trainable_params": counts.get("trainable_params"),
+                    "trainable_pct": counts.get("trainable_pct"),
+                    "stored_pct": counts.get("stored_pct"),
+                    "wall_time_s": round(rec["wall_time_s"], 1),
+                    "process_wall_s": bench.get("process_wall_s"),
+                    "tokens_per_s": round(rec["tokens_per_s"], 1),
+                    "peak_rss_mib": round(rec["peak_memory_bytes"] / 2**20),
+                    "command": bench.get("command"),
+                    "eval_every": rec["config"].get("eval_every"),
+                    "group_by_length": bool(rec["config"].get("group_by_length", False)),  # absent before the option
+                    "setup": {
+                        k: rec["config"].get(k)
+                        for k in (
+                            "model",
+                            "batch_size",
+                            "max_length",
+                            "dev_size",
+                            "seed",
+                            "k",
+                            "patience",
+                            "grad_accum",
+                            "dropout",
+                            "precision",
+                        )
+                    },
+                }
+            )
         rows.append(row)
     return rows
 
@@ -246,9 +307,12 @@ def settings_table(rows: list[dict], args: argparse.Namespace) -> list[str]:
     from peftlab.tasks import load_task
 
     methods_ = list(dict.fromkeys(r["method"] for r in rows))
-    out = ["| task | train examples | steps | ≈ epochs | eval every | group by length | "
-           + " | ".join(f"lr {m}" for m in methods_) + " |",
-           "|---|---:|---:|---:|---:|:---:|" + "---:|" * len(methods_)]
+    out = [
+        "| task | train examples | steps | ≈ epochs | eval every | group by length | "
+        + " | ".join(f"lr {m}" for m in methods_)
+        + " |",
+        "|---|---:|---:|---:|---:|:---:|" + "---:|" * len(methods_),
+    ]
 
     def one(values, spec=""):
         vals = sorted({v for v in values if v is not None}, key=_numbers_first)
@@ -263,8 +327,11 @@ def settings_table(rows: list[dict], args: argparse.Namespace) -> list[str]:
         epochs = one([s * done[0]["setup"]["batch_size"] / n_train for s in steps], ".2f")
         gbl = one(["yes" if r["group_by_length"] else "no" for r in done])
         lrs = {r["method"]: r["lr"] for r in done}
-        out.append(f"| {task} | {n_train} | {one(steps)} | {epochs} | {one([r['eval_every'] for r in done])} | {gbl} | "
-                   + " | ".join(format(lrs[m], "g") if m in lrs else "–" for m in methods_) + " |")
+        out.append(
+            f"| {task} | {n_train} | {one(steps)} | {epochs} | {one([r['eval_every'] for r in done])} | {gbl} | "
+            + " | ".join(format(lrs[m], "g") if m in lrs else "–" for m in methods_)
+            + " |"
+        )
     return out
 
 
@@ -285,13 +352,19 @@ def machine() -> dict[str, str]:
     except OSError:
         pass
     try:
-        mem_kb = next(int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines()
-                      if x.startswith("MemTotal"))
+        mem_kb = next(
+            int(x.split()[1]) for x in Path("/proc/meminfo").read_text().splitlines() if x.startswith("MemTotal")
+        )
         mem = f"{mem_kb / 2**20:.0f} GiB"
     except (OSError, StopIteration):
         mem = "?"
-    return {"cpu": cpu, "cores": f"{os.cpu_count()} logical, {len(os.sched_getaffinity(0))} usable", "memory": mem,
-            "os": platform.platform(), **library_versions()}
+    return {
+        "cpu": cpu,
+        "cores": f"{os.cpu_count()} logical, {len(os.sched_getaffinity(0))} usable",
+        "memory": mem,
+        "os": platform.platform(),
+        **library_versions(),
+    }
 
 
 def fmt(x, spec: str = "", missing: str = "–") -> str:
@@ -319,12 +392,20 @@ def write_report(args: argparse.Namespace, runs: list[Run], history: list[dict])
         "scored on the same test labels (majority class for accuracy, always-positive for MRPC's F1, any constant "
         "gives MCC 0 on CoLA and Pearson/Spearman 0 on STS-B); *above* means strictly above it.",
         "",
-        "- produced by" + (", in this order (from `glue_minilm/invocations.json`; invocations whose runs were all "
-                           "deleted later are not listed, see the notes):" if history
-                           else ": (no recorded invocation)"),
-        *(f"  {i}. `{h['command']}` (started {h['started']}, {h['runs']} runs to do, "
-          + (f"{h['minutes']} min" if h.get("minutes") is not None else "interrupted")
-          + (f"; {h['note']}" if h.get("note") else "") + ")" for i, h in enumerate(history, 1)),
+        "- produced by"
+        + (
+            ", in this order (from `glue_minilm/invocations.json`; invocations whose runs were all "
+            "deleted later are not listed, see the notes):"
+            if history
+            else ": (no recorded invocation)"
+        ),
+        *(
+            f"  {i}. `{h['command']}` (started {h['started']}, {h['runs']} runs to do, "
+            + (f"{h['minutes']} min" if h.get("minutes") is not None else "interrupted")
+            + (f"; {h['note']}" if h.get("note") else "")
+            + ")"
+            for i, h in enumerate(history, 1)
+        ),
         f"- table written: {now}",
         f"- machine: {meta['cpu']}, {meta['cores']} cores, {meta['memory']} RAM, shared with other work; each "
         "run in its own process (the runs in parallel and the threads per run are in each invocation's command)",
@@ -354,8 +435,10 @@ def write_report(args: argparse.Namespace, runs: list[Run], history: list[dict])
         if r["status"] == "missing":
             lr = r["lr"] if r["lr"] is not None else r["default_lr"]
             mark = "*" if lr != r["default_lr"] else ""
-            lines.append(f"| {r['task']} | {r['method']} | {r['metric']} | – | {r['baseline']:.4f} | – | – | – | – | "
-                         f"{lr:g}{mark} | – | – | – | – | – | – | missing |")
+            lines.append(
+                f"| {r['task']} | {r['method']} | {r['metric']} | – | {r['baseline']:.4f} | – | – | – | – | "
+                f"{lr:g}{mark} | – | – | – | – | – | – | missing |"
+            )
             continue
         other = ", ".join(f"{k} {v:.4f}" for k, v in r["other"].items()) or "–"
         above = {True: "yes", False: "**no**", None: "–"}[r["above_baseline"]]
@@ -365,14 +448,16 @@ def write_report(args: argparse.Namespace, runs: list[Run], history: list[dict])
             f"| {r['task']} | {r['method']} | {r['metric']} | {fmt(r.get('score'), '.4f')} | {r['baseline']:.4f} "
             f"| {fmt(r.get('delta'), '+.4f')} | {fmt(r.get('z'), '+.1f')} | {above} | {other} | {r['lr']:g}{lr_mark} "
             f"| {fmt(r['trainable_pct'], '.3f')} | {fmt(r['stored_pct'], '.3f')} | {r['steps']} ({fmt(best_step)}) "
-            f"| {r['wall_time_s']:.0f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']} | {r['status']} |")
+            f"| {r['wall_time_s']:.0f} | {r['tokens_per_s']:.0f} | {r['peak_rss_mib']} | {r['status']} |"
+        )
     lines += ["", "Baselines (from the test labels):", ""]
     seen = set()
     for r in rows:
         if r["task"] not in seen:
             seen.add(r["task"])
-            lines.append(f"- {r['task']} ({get_task(r['task']).main_metric}): {r['baseline']:.4f} = "
-                         f"{r['baseline_what']}")
+            lines.append(
+                f"- {r['task']} ({get_task(r['task']).main_metric}): {r['baseline']:.4f} = {r['baseline_what']}"
+            )
     below = [f"{r['task']}/{r['method']}" for r in done if r.get("above_baseline") is False]
     total_train = sum(r.get("wall_time_s") or 0 for r in done)
     total_proc = sum(r.get("process_wall_s") or 0 for r in done)
@@ -397,16 +482,38 @@ def write_report(args: argparse.Namespace, runs: list[Run], history: list[dict])
     args.table.parent.mkdir(parents=True, exist_ok=True)
     args.table.write_text("\n".join(lines) + "\n")
 
-    fields = ["task", "method", "metric", "score", "baseline", "delta", "z", "above_baseline", "status", "lr",
-              "default_lr", "trainable_params", "trainable_pct", "stored_pct", "steps", "total_steps",
-              "wall_time_s", "process_wall_s", "tokens_per_s", "peak_rss_mib", "other", "command"]
+    fields = [
+        "task",
+        "method",
+        "metric",
+        "score",
+        "baseline",
+        "delta",
+        "z",
+        "above_baseline",
+        "status",
+        "lr",
+        "default_lr",
+        "trainable_params",
+        "trainable_pct",
+        "stored_pct",
+        "steps",
+        "total_steps",
+        "wall_time_s",
+        "process_wall_s",
+        "tokens_per_s",
+        "peak_rss_mib",
+        "other",
+        "command",
+    ]
     with open(args.table.with_suffix(".csv"), "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: json.dumps(r[k]) if isinstance(r.get(k), dict) else r.get(k) for k in fields})
-    args.table.with_suffix(".json").write_text(json.dumps(
-        {"invocations": history, "date": now, "machine": meta, "rows": rows}, indent=2, default=str) + "\n")
+    args.table.with_suffix(".json").write_text(
+        json.dumps({"invocations": history, "date": now, "machine": meta, "rows": rows}, indent=2, default=str) + "\n"
+    )
     log(f"wrote {args.table} ({len(done)} of {len(rows)} runs)")
 
 
@@ -417,25 +524,39 @@ def main() -> None:
     p.add_argument("--jobs", type=int, default=2, help="runs in parallel (default 2)")
     p.add_argument("--threads", type=int, default=1, help="OMP threads per run (default 1)")
     p.add_argument("--model", default="minilm")
-    p.add_argument("--data-dir", type=Path,
-                   default=Path(os.environ.get("PEFTLAB_DATA_DIR", REPO.parent / "shared" / "data")))
+    p.add_argument(
+        "--data-dir", type=Path, default=Path(os.environ.get("PEFTLAB_DATA_DIR", REPO.parent / "shared" / "data"))
+    )
     p.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="folder for the per-run folders")
     p.add_argument("--table", type=Path, default=DEFAULT_TABLE, help="Markdown summary (.csv and .json beside it)")
     p.add_argument("--steps", nargs="*", default=[], metavar="TASK=N", help="override the steps of a task")
-    p.add_argument("--lr", nargs="*", default=[], metavar="METHOD=LR",
-                   help="override a method's learning rate ('default' = peftlab's per-method default)")
+    p.add_argument(
+        "--lr",
+        nargs="*",
+        default=[],
+        metavar="METHOD=LR",
+        help="override a method's learning rate ('default' = peftlab's per-method default)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--dev-size", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=40)
     p.add_argument("--patience", type=int, default=None)
-    p.add_argument("--group-by-length", action=argparse.BooleanOptionalAction, default=True,
-                   help="pass --group-by-length to peftlab train: batches of similar length, less padding "
-                        "(default on; --no-group-by-length for plain shuffled batches)")
+    p.add_argument(
+        "--group-by-length",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="pass --group-by-length to peftlab train: batches of similar length, less padding "
+        "(default on; --no-group-by-length for plain shuffled batches)",
+    )
     p.add_argument("--k", type=int, default=None, help="train examples per task (default: all)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--notes", type=Path, default=None,
-                   help="Markdown appended to the table (default: <output>/NOTES.md when it exists)")
+    p.add_argument(
+        "--notes",
+        type=Path,
+        default=None,
+        help="Markdown appended to the table (default: <output>/NOTES.md when it exists)",
+    )
     p.add_argument("--report-only", action="store_true", help="write the table from existing records only")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
     args = p.parse_args()
@@ -470,8 +591,14 @@ def main() -> None:
         log(f"{len(runs) - len(todo)} of {len(runs)} runs already done; {len(todo)} to run, {args.jobs} at a time")
     if todo:
         # Logged before the runs start, so an invocation that is killed still appears in the table.
-        entry = {"command": command, "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "runs": len(todo),
-                 "minutes": None, "steps": args.steps, "lrs": args.lrs}
+        entry = {
+            "command": command,
+            "started": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "runs": len(todo),
+            "minutes": None,
+            "steps": args.steps,
+            "lrs": args.lrs,
+        }
         history.append(entry)
         args.output.mkdir(parents=True, exist_ok=True)
         history_path.write_text(json.dumps(history, indent=2) + "\n")

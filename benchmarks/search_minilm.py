@@ -42,8 +42,19 @@ PRESETS = {  # preset -> (setting that sizes it, candidate values)
 
 def common(seed: int = 0) -> list[str]:
     """Flags every run shares (the trials' and the re-training runs' data, batch and seed)."""
-    return ["--model", "minilm", "--batch-size", "16", "--max-length", "128", "--dev-size", "200", "--seed",
-            str(seed), "--group-by-length"]
+    return [
+        "--model",
+        "minilm",
+        "--batch-size",
+        "16",
+        "--max-length",
+        "128",
+        "--dev-size",
+        "200",
+        "--seed",
+        str(seed),
+        "--group-by-length",
+    ]
 
 
 def _env() -> dict[str, str]:
@@ -83,14 +94,46 @@ def cmd_search(args: argparse.Namespace) -> None:
     ref = _ref_point(args.task, args.ref_score)
 
     def one(sampler: str) -> None:
-        cmd = ["search", *common(), "--task", args.task, "--space", "autopeft", "--sampler", sampler,
-               "--study", f"{args.task}-{sampler}", "--storage", str(folder / "study.db"),
-               "--output", str(folder / sampler), "--trials", str(args.trials), "--max-steps", str(args.steps),
-               "--eval-every", str(args.steps // 2), "--startup-trials", str(args.startup), "--ref-point", ref,
-               "--lr", str(args.lr), "--data-dir", args.data_dir]
+        cmd = [
+            "search",
+            *common(),
+            "--task",
+            args.task,
+            "--space",
+            "autopeft",
+            "--sampler",
+            sampler,
+            "--study",
+            f"{args.task}-{sampler}",
+            "--storage",
+            str(folder / "study.db"),
+            "--output",
+            str(folder / sampler),
+            "--trials",
+            str(args.trials),
+            "--max-steps",
+            str(args.steps),
+            "--eval-every",
+            str(args.steps // 2),
+            "--startup-trials",
+            str(args.startup),
+            "--ref-point",
+            ref,
+            "--lr",
+            str(args.lr),
+            "--data-dir",
+            args.data_dir,
+        ]
         seconds = run(cmd, folder / f"search-{sampler}.log")
-        _record(folder, {"phase": "search", "command": "peftlab " + shlex.join(cmd), "seconds": round(seconds),
-                         "finished": datetime.now(UTC).isoformat(timespec="minutes")})
+        _record(
+            folder,
+            {
+                "phase": "search",
+                "command": "peftlab " + shlex.join(cmd),
+                "seconds": round(seconds),
+                "finished": datetime.now(UTC).isoformat(timespec="minutes"),
+            },
+        )
 
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(one, args.samplers))
@@ -120,9 +163,22 @@ def cmd_retrain(args: argparse.Namespace) -> None:
     ref_score = results.ref_point(study)[0]
     front = sorted((t for t in pareto_trials(study) if t.values[0] > ref_score), key=lambda t: -t.values[0])
     front = sorted(front[: args.max_points], key=lambda t: t.values[1])
-    cmd = ["pareto", "retrain", "--storage", str(folder / "study.db"), "--study", study.study_name,
-           "--max-steps", str(args.steps), "--seeds", *map(str, args.seeds), "--output", str(folder / "retrain"),
-           "--trial", *(str(t.number) for t in front)]
+    cmd = [
+        "pareto",
+        "retrain",
+        "--storage",
+        str(folder / "study.db"),
+        "--study",
+        study.study_name,
+        "--max-steps",
+        str(args.steps),
+        "--seeds",
+        *map(str, args.seeds),
+        "--output",
+        str(folder / "retrain"),
+        "--trial",
+        *(str(t.number) for t in front),
+    ]
     seconds = run(cmd, folder / "retrain.log")
     _record(folder, {"phase": "retrain", "command": "peftlab " + shlex.join(cmd), "seconds": round(seconds)})
     target = statistics.median(t.values[1] for t in front)
@@ -138,9 +194,29 @@ def cmd_retrain(args: argparse.Namespace) -> None:
             out.mkdir(parents=True, exist_ok=True)
             stored = round(cost.stored(methods.get(preset, **{key: value})), 4)
             (out / "preset.json").write_text(json.dumps({"preset": preset, key: value, "stored_percent": stored}))
-            jobs.append(["train", *common(seed), "--task", args.task, "--method", preset, "--set",
-                         f"{key}={value}", "--max-steps", str(args.steps), "--eval-every", str(args.steps // 4),
-                         "--lr", str(args.lr), "--data-dir", args.data_dir, "--no-progress", "--output", str(out)])
+            jobs.append(
+                [
+                    "train",
+                    *common(seed),
+                    "--task",
+                    args.task,
+                    "--method",
+                    preset,
+                    "--set",
+                    f"{key}={value}",
+                    "--max-steps",
+                    str(args.steps),
+                    "--eval-every",
+                    str(args.steps // 4),
+                    "--lr",
+                    str(args.lr),
+                    "--data-dir",
+                    args.data_dir,
+                    "--no-progress",
+                    "--output",
+                    str(out),
+                ]
+            )
 
     def one(cmd: list[str]) -> None:
         seconds = run(cmd, Path(cmd[-1]) / "train.log")
@@ -153,20 +229,55 @@ def cmd_retrain(args: argparse.Namespace) -> None:
 def cmd_refine(args: argparse.Namespace) -> None:
     folder = RESULTS / args.task
     space = HERE / "s4_minilm.json"
-    cmd = ["refine", *common(), "--task", args.task, "--space", str(space), "--samples", str(args.samples),
-           "--max-steps", str(args.steps), "--eval-every", str(args.steps), "--lr", str(args.lr),
-           "--storage", str(folder / "study.db"), "--study", f"{args.task}-s4-{args.steps}steps-lr{args.lr:g}",
-           "--output", str(folder / "refine"),
-           "--data-dir", args.data_dir]
+    cmd = [
+        "refine",
+        *common(),
+        "--task",
+        args.task,
+        "--space",
+        str(space),
+        "--samples",
+        str(args.samples),
+        "--max-steps",
+        str(args.steps),
+        "--eval-every",
+        str(args.steps),
+        "--lr",
+        str(args.lr),
+        "--storage",
+        str(folder / "study.db"),
+        "--study",
+        f"{args.task}-s4-{args.steps}steps-lr{args.lr:g}",
+        "--output",
+        str(folder / "refine"),
+        "--data-dir",
+        args.data_dir,
+    ]
     seconds = run(cmd, folder / "refine.log")
     _record(folder, {"phase": "refine", "command": "peftlab " + shlex.join(cmd), "seconds": round(seconds)})
     for seed in args.seeds:  # the design it chose, at the re-training budget and learning rate of the presets
         out = folder / "s4" / f"seed{seed}"
         if (out / "record.json").is_file():
             continue
-        cmd = ["train", *common(seed), "--task", args.task, "--spec", str(folder / "refine" / "spec.json"),
-               "--max-steps", str(args.full_steps), "--eval-every", str(args.full_steps // 4), "--lr",
-               str(args.full_lr), "--data-dir", args.data_dir, "--no-progress", "--output", str(out)]
+        cmd = [
+            "train",
+            *common(seed),
+            "--task",
+            args.task,
+            "--spec",
+            str(folder / "refine" / "spec.json"),
+            "--max-steps",
+            str(args.full_steps),
+            "--eval-every",
+            str(args.full_steps // 4),
+            "--lr",
+            str(args.full_lr),
+            "--data-dir",
+            args.data_dir,
+            "--no-progress",
+            "--output",
+            str(out),
+        ]
         seconds = run(cmd, out / "train.log")
         _record(folder, {"phase": "s4-design", "command": "peftlab " + shlex.join(cmd), "seconds": round(seconds)})
 
@@ -185,18 +296,27 @@ def cmd_report(args: argparse.Namespace) -> None:
         results.export(s, folder / "exports" / s.study_name)
     results.plot_front(studies, folder / "front.png")
     results.plot_hypervolume(studies, folder / "hypervolume.png")
-    lines = [f"# Search on MiniLM + {args.task.upper()}: {' vs '.join(args.samplers)}", "",
-             f"- table written {datetime.now(UTC).isoformat(timespec='minutes')} on {platform.processor() or 'cpu'}"
-             f" ({os.cpu_count()} cores, shared); python {platform.python_version()}", ""]
+    lines = [
+        f"# Search on MiniLM + {args.task.upper()}: {' vs '.join(args.samplers)}",
+        "",
+        f"- table written {datetime.now(UTC).isoformat(timespec='minutes')} on {platform.processor() or 'cpu'}"
+        f" ({os.cpu_count()} cores, shared); python {platform.python_version()}",
+        "",
+    ]
     commands = json.loads((folder / "commands.json").read_text()) if (folder / "commands.json").is_file() else []
     lines += ["## Commands", ""] + [f"- `{c['command']}` ({c['seconds']} s)" for c in commands] + [""]
     ref = results.ref_point(studies[0])
     most = max(len(s.trials) for s in studies)
     marks = [n for n in (5, 10, 15, 20, 30, 40, 60, 80, 100) if n < most] + [most]
-    lines += ["## Hypervolume after N trials", "",
-              f"Reference point (dev score, stored %) = {ref}; higher is better. Plot: `{args.task}/hypervolume.png`;"
-              f" fronts: `{args.task}/front.png`.", "", "| sampler | " + " | ".join(f"N={n}" for n in marks) +
-              " | trials | statuses | training time (s) |", "|---|" + "---:|" * (len(marks) + 3)]
+    lines += [
+        "## Hypervolume after N trials",
+        "",
+        f"Reference point (dev score, stored %) = {ref}; higher is better. Plot: `{args.task}/hypervolume.png`;"
+        f" fronts: `{args.task}/front.png`.",
+        "",
+        "| sampler | " + " | ".join(f"N={n}" for n in marks) + " | trials | statuses | training time (s) |",
+        "|---|" + "---:|" * (len(marks) + 3),
+    ]
     for s in studies:
         curve = results.hypervolume_curve(s)
         rows = trial_rows(s)
@@ -212,13 +332,20 @@ def cmd_report(args: argparse.Namespace) -> None:
     retrain = folder / "retrain" / "retrain.json"
     if retrain.is_file():
         data = json.loads(retrain.read_text())
-        lines += ["", f"## Re-trained at full budget ({data['settings'].get('max_steps')} steps, seeds "
-                  f"{data['seeds']}) against presets of similar size", "",
-                  "| configuration | stored % | test (mean ± std) | seeds |", "|---|---:|---|---:|"]
+        lines += [
+            "",
+            f"## Re-trained at full budget ({data['settings'].get('max_steps')} steps, seeds "
+            f"{data['seeds']}) against presets of similar size",
+            "",
+            "| configuration | stored % | test (mean ± std) | seeds |",
+            "|---|---:|---|---:|",
+        ]
         for r in data["rows"]:
             params = " ".join(f"{k}={v}" for k, v in r["params"].items())
-            lines.append(f"| trial {r['trial']} ({params}) | {r['stored_percent']:.3f} | "
-                         f"{_fmt(r['test_mean'])} ± {_fmt(r['test_std'])} | {r['seeds']} |")
+            lines.append(
+                f"| trial {r['trial']} ({params}) | {r['stored_percent']:.3f} | "
+                f"{_fmt(r['test_mean'])} ± {_fmt(r['test_std'])} | {r['seeds']} |"
+            )
         for preset in PRESETS:
             recs = sorted((folder / "presets" / preset).glob("seed*/record.json"))
             if not recs:
@@ -230,30 +357,43 @@ def cmd_report(args: argparse.Namespace) -> None:
             key = PRESETS[preset][0]
             size = f"{key}={json.loads((recs[0].parent / 'preset.json').read_text())[key]}"
             std = statistics.stdev(scores) if len(scores) > 1 else 0.0
-            lines.append(f"| {preset} ({size}) | {stored:.3f} | {_fmt(statistics.mean(scores))} ± {_fmt(std)} | "
-                         f"{len(scores)} |")
+            lines.append(
+                f"| {preset} ({size}) | {stored:.3f} | {_fmt(statistics.mean(scores))} ± {_fmt(std)} | {len(scores)} |"
+            )
     refine = folder / "refine" / "refine.json"
     if refine.is_file():
         data = json.loads(refine.read_text())
-        lines += ["", "## S4 refinement", "", f"Space: `{(HERE / 's4_minilm.json').read_text().strip()}`", "",
-                  "| stage | chosen | candidates (mean dev score) |", "|---|---|---|"]
+        lines += [
+            "",
+            "## S4 refinement",
+            "",
+            f"Space: `{(HERE / 's4_minilm.json').read_text().strip()}`",
+            "",
+            "| stage | chosen | candidates (mean dev score) |",
+            "|---|---|---|",
+        ]
         for st in data["stages"]:
             if st.get("skipped"):
                 lines.append(f"| {st['stage']} | – | skipped: {st['skipped']} |")
                 continue
             cands = ", ".join(f"{c['value']}: {_fmt(c['mean'])}" for c in st["candidates"])
             lines.append(f"| {st['stage']} | **{st['chosen']}** | {cands} |")
-        lines += ["", f"Design: {data['design']}; stored {_fmt(data['stored_percent'], 3)}% "
-                  "(spec: `refine/spec.json`)."]
+        lines += [
+            "",
+            f"Design: {data['design']}; stored {_fmt(data['stored_percent'], 3)}% (spec: `refine/spec.json`).",
+        ]
         recs = [json.loads(p.read_text()) for p in sorted((folder / "s4").glob("seed*/record.json"))]
         if recs:
             metric = recs[0]["best"]["metric"]
             scores = [r["test"][metric] for r in recs if r.get("test")]
             std = statistics.stdev(scores) if len(scores) > 1 else 0.0
-            lines += ["", f"Trained like the presets above ({recs[0]['config']['max_steps']} steps, lr "
-                      f"{recs[0]['config']['lr']}, {len(scores)} seeds): test {metric} "
-                      f"{_fmt(statistics.mean(scores))} ± {_fmt(std)} at "
-                      f"{recs[0]['counts']['stored_pct']:.3f}% stored."]
+            lines += [
+                "",
+                f"Trained like the presets above ({recs[0]['config']['max_steps']} steps, lr "
+                f"{recs[0]['config']['lr']}, {len(scores)} seeds): test {metric} "
+                f"{_fmt(statistics.mean(scores))} ± {_fmt(std)} at "
+                f"{recs[0]['counts']['stored_pct']:.3f}% stored.",
+            ]
     (HERE / "results" / f"search_minilm_{args.task}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -272,8 +412,12 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=2)
     p.add_argument("--full-steps", type=int, default=200, help="refine: steps when the chosen design is trained")
     p.add_argument("--full-lr", type=float, default=1e-3, help="refine: lr when the chosen design is trained")
-    p.add_argument("--max-points", type=int, default=3,
-                   help="retrain: the front's best-scoring points above the reference score, at most this many")
+    p.add_argument(
+        "--max-points",
+        type=int,
+        default=3,
+        help="retrain: the front's best-scoring points above the reference score, at most this many",
+    )
     p.add_argument("--ref-score", type=float, default=0.5)
     p.add_argument("--jobs", type=int, default=2)
     p.add_argument("--data-dir", default=str(HERE.parent.parent / "shared" / "data"))

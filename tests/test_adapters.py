@@ -139,13 +139,18 @@ def test_transformers_trainer_trains_only_the_adapter(tiny_bert, tmp_path) -> No
 
     pm = peftlab.apply(tiny_bert, methods.lora())
     g = torch.Generator().manual_seed(0)
-    rows = [
-        {"input_ids": torch.randint(3, 128, (8,), generator=g).tolist(), "labels": i % 2} for i in range(16)
-    ]
+    rows = [{"input_ids": torch.randint(3, 128, (8,), generator=g).tolist(), "labels": i % 2} for i in range(16)]
     frozen = {k: v.clone() for k, v in tiny_bert.state_dict().items()}
     start = {k: v.clone() for k, v in pm.adapters["default"].state_dict().items()}
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
-                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+    )
     Trainer(model=pm, args=args, train_dataset=rows).train()
     for k, v in tiny_bert.state_dict().items():
         torch.testing.assert_close(v, frozen[k])
@@ -153,8 +158,9 @@ def test_transformers_trainer_trains_only_the_adapter(tiny_bert, tmp_path) -> No
     assert any("lora_B" in k for k in changed)
 
 
-@pytest.mark.parametrize(("shape", "head"), [("tiny-llama", "causal-lm"), ("tiny-gpt2", "causal-lm"),
-                                             ("tiny-t5", "seq2seq")])
+@pytest.mark.parametrize(
+    ("shape", "head"), [("tiny-llama", "causal-lm"), ("tiny-gpt2", "causal-lm"), ("tiny-t5", "seq2seq")]
+)
 @pytest.mark.parametrize("name", ["lora", "prefix", "prompt", "unipelt"])
 def test_generation_with_cache_matches_without(shape: str, head: str, name: str) -> None:
     """Prefixes and prompts must be seen exactly once whether or not generate() reuses a cache."""

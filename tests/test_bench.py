@@ -35,11 +35,17 @@ def test_count_tokens_counts_non_padding_only() -> None:
 
 def test_summarize_gives_median_and_quartiles_of_known_numbers() -> None:
     assert bench.summarize([9, 1, 8, 2, 7, 3, 6, 4, 5]) == {
-        "median": 5, "q25": 3, "q75": 7, "iqr": 4, "min": 1, "max": 9, "n": 9}
+        "median": 5,
+        "q25": 3,
+        "q75": 7,
+        "iqr": 4,
+        "min": 1,
+        "max": 9,
+        "n": 9,
+    }
     s = bench.summarize([10.0, 20.0, 30.0, 40.0])
     assert (s["q25"], s["median"], s["q75"], s["iqr"]) == (17.5, 25.0, 32.5, 15.0)
-    assert bench.summarize([4.0]) == {"median": 4.0, "q25": 4.0, "q75": 4.0, "iqr": 0.0, "min": 4.0, "max": 4.0,
-                                      "n": 1}
+    assert bench.summarize([4.0]) == {"median": 4.0, "q25": 4.0, "q75": 4.0, "iqr": 0.0, "min": 4.0, "max": 4.0, "n": 1}
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3", "prefix", "prompt", "ln"])
@@ -70,8 +76,13 @@ def test_s4_is_sized_for_the_benchmarked_model() -> None:
     config = bench.BenchConfig(model="shape:minilm", methods=["s4"], output="unused")
     config.check()
     _, plans = bench.plan(config)
-    expected = peftlab.apply(peftlab.load_model("shape:minilm", head="seq-cls", meta=True),
-                             methods.for_model("s4", "shape:minilm")).counts().to_dict()
+    expected = (
+        peftlab.apply(
+            peftlab.load_model("shape:minilm", head="seq-cls", meta=True), methods.for_model("s4", "shape:minilm")
+        )
+        .counts()
+        .to_dict()
+    )
     assert plans["s4"].counts == expected and expected["trainable_params"] > 0
     train = next(j for j in plans["s4"].jobs if j.kind == "train")
     result = bench.measure(replace(train, batch=2, seq=16, repeats=1, warmup=0))
@@ -81,9 +92,24 @@ def test_s4_is_sized_for_the_benchmarked_model() -> None:
 @pytest.mark.real
 @pytest.mark.skipif(not (DATA / "glue" / "RTE").is_dir(), reason=f"no GLUE data under {DATA}")
 def test_score_is_the_test_metric_of_a_short_training_run() -> None:
-    job = bench.Job(kind="score", impl="peftlab", method="lora", model="shape:tiny-bert", head="seq-cls", batch=8,
-                    seq=64, repeats=1, warmup=0, threads=1, device="cpu", dtype="fp32", seed=0, task="rte",
-                    data_dir=str(DATA), score_steps=2)
+    job = bench.Job(
+        kind="score",
+        impl="peftlab",
+        method="lora",
+        model="shape:tiny-bert",
+        head="seq-cls",
+        batch=8,
+        seq=64,
+        repeats=1,
+        warmup=0,
+        threads=1,
+        device="cpu",
+        dtype="fp32",
+        seed=0,
+        task="rte",
+        data_dir=str(DATA),
+        score_steps=2,
+    )
     result = bench.measure(job)
     assert (result["status"], result["steps"], result["metric"]) == ("completed", 2, "accuracy")
     assert 0 <= result["score"] <= 1
@@ -93,8 +119,24 @@ def test_score_is_the_test_metric_of_a_short_training_run() -> None:
 def run(tmp_path_factory) -> tuple:
     """One run: head and lora, with peft's LoRA; a large batch so that training clearly needs more memory."""
     out = tmp_path_factory.mktemp("bench")
-    argv = ["bench", "--model", "shape:tiny-bert", "--methods", "head,lora", "--compare-peft", "--output", str(out),
-            "--batch", "256", "--seq", "64", "--repeats", "2", "--warmup", "1"]
+    argv = [
+        "bench",
+        "--model",
+        "shape:tiny-bert",
+        "--methods",
+        "head,lora",
+        "--compare-peft",
+        "--output",
+        str(out),
+        "--batch",
+        "256",
+        "--seq",
+        "64",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+    ]
     assert main(argv) == 0
     return out, json.loads((out / "bench.json").read_text())
 

@@ -53,13 +53,19 @@ class Problem:
         self.space = load_space("autopeft", self.backbone)
         self.nb = len(self.space.layers)
         # cost[layer][module][index]: parameters of that module at that size there (0 for size 0)
-        self.table = [[[self.backbone.strategy_cost(layer, m.strategy, c) if c else 0 for c in m.choices]
-                       for m in self.space.modules] for layer in self.space.layers]
+        self.table = [
+            [
+                [self.backbone.strategy_cost(layer, m.strategy, c) if c else 0 for c in m.choices]
+                for m in self.space.modules
+            ]
+            for layer in self.space.layers
+        ]
 
     def cost(self, v: list[int]) -> float:
         """Trainable parameters of the point, as % of the backbone's."""
-        total = sum(self.table[i][j][v[self.nb + j]] for i in range(self.nb) if v[i]
-                    for j in range(len(self.space.modules)))
+        total = sum(
+            self.table[i][j][v[self.nb + j]] for i in range(self.nb) if v[i] for j in range(len(self.space.modules))
+        )
         return 100.0 * total / self.backbone.params
 
     def score(self, v: list[int]) -> float:
@@ -105,13 +111,16 @@ def test_bo_beats_random_search_hypervolume(problem):
     t0 = time.perf_counter()
     for seed in seeds:
         random_points = _run(problem, optuna.samplers.RandomSampler(seed=seed), startup, batch)
-        sampler = AutoPEFTSampler(space=problem.space, cost=problem.cost, n_startup_trials=startup,
-                                  batch_size=batch, seed=seed, **FAST)
+        sampler = AutoPEFTSampler(
+            space=problem.space, cost=problem.cost, n_startup_trials=startup, batch_size=batch, seed=seed, **FAST
+        )
         bo_points = _run(problem, sampler, startup, batch)
         assert bo_points[:startup] == random_points[:startup]  # the same RandomSampler(seed) start
         results[seed] = (hypervolume(random_points, REF), hypervolume(bo_points, REF))
-    print(f"\nhypervolume at {REF} after {startup + batch} trials (random, BO): {results} "
-          f"in {time.perf_counter() - t0:.1f} s")
+    print(
+        f"\nhypervolume at {REF} after {startup + batch} trials (random, BO): {results} "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
     hv_random, hv_bo = np.array(list(results.values())).T
     assert hv_bo.mean() > hv_random.mean()
     assert (hv_bo > hv_random).sum() > len(seeds) / 2
@@ -235,8 +244,9 @@ def test_batch_without_cost_three_objectives_no_repeats_running_pending(problem,
     from peftlab.bo import AutoPEFTSampler
 
     monkeypatch.setattr(peftlab.bo, "fit_fully_bayesian_model_nuts", _fake_nuts)
-    study = optuna.create_study(directions=["maximize", "minimize", "maximize"],
-                                sampler=optuna.samplers.RandomSampler(1))
+    study = optuna.create_study(
+        directions=["maximize", "minimize", "maximize"], sampler=optuna.samplers.RandomSampler(1)
+    )
     study.optimize(lambda t: (*problem.objective(t), float(t.params["layer_3"])), n_trials=6)
     running = _running(problem, study)
     sampler = AutoPEFTSampler(space=problem.space, n_startup_trials=6, batch_size=3, seed=0, **FAST)
@@ -258,8 +268,9 @@ def test_same_seed_same_suggestions_and_failed_fit_falls_back(problem, monkeypat
     study = _random_study(problem, 5, seed=2)
     batches = []
     for _ in range(2):
-        sampler = AutoPEFTSampler(space=problem.space, cost=problem.cost, n_startup_trials=5, batch_size=2,
-                                  seed=7, **FAST)
+        sampler = AutoPEFTSampler(
+            space=problem.space, cost=problem.cost, n_startup_trials=5, batch_size=2, seed=7, **FAST
+        )
         sampler.sample_relative(study, study.ask(), search.distributions(problem.space))
         batches.append(sampler.last_step["chosen"])
     assert batches[0] == batches[1]
@@ -300,9 +311,11 @@ def test_s4_design_space_with_budget(problem):
     t0 = time.perf_counter()
     trials = [study.ask() for _ in range(2)]
     got = [point(t) for t in trials]
-    print(f"\nS4 BO step (1 SAAS-GP on {sampler.encoder.width} one-hot inputs, q=2): "
-          f"{time.perf_counter() - t0:.1f} s; fit {sampler.last_step['fit_s']:.1f} s, "
-          f"{sampler.last_step['evaluated']} candidates")
+    print(
+        f"\nS4 BO step (1 SAAS-GP on {sampler.encoder.width} one-hot inputs, q=2): "
+        f"{time.perf_counter() - t0:.1f} s; fit {sampler.last_step['fit_s']:.1f} s, "
+        f"{sampler.last_step['evaluated']} candidates"
+    )
     for t, v in zip(trials, got, strict=True):
         study.tell(t, values(v))
     tried = [search.to_vector(s4, t.params) for t in study.trials[:5]]

@@ -46,10 +46,26 @@ def test_show_reads_a_spec_file(tmp_path, capsys) -> None:
         (["show", "--model", "shape:tiny-bert"], "give --method NAME"),
         (["show", "--model", "shape:tiny-bert", "--spec", "/nonexistent.json"], "does not exist"),
         (["show", "--model", "shape:tiny-t5", "--method", "bitfit"], "bitfit needs bias terms"),
-        (["train", "--model", "shape:tiny-bert", "--task", "rte", "--method", "lora", "--output", "/nonexistent/x",
-          "--lr", "-1"], "lr must be a number > 0"),
-        (["eval", "--model", "shape:tiny-bert", "--task", "rte", "--adapter", "/nonexistent", "--batch-size", "0"],
-         "--batch-size must be >= 1"),
+        (
+            [
+                "train",
+                "--model",
+                "shape:tiny-bert",
+                "--task",
+                "rte",
+                "--method",
+                "lora",
+                "--output",
+                "/nonexistent/x",
+                "--lr",
+                "-1",
+            ],
+            "lr must be a number > 0",
+        ),
+        (
+            ["eval", "--model", "shape:tiny-bert", "--task", "rte", "--adapter", "/nonexistent", "--batch-size", "0"],
+            "--batch-size must be >= 1",
+        ),
     ],
 )
 def test_user_mistakes_are_one_line_without_traceback(argv: list[str], message: str) -> None:
@@ -79,8 +95,28 @@ def test_train_then_eval_agree(tmp_path, capsys) -> None:
     if not (data / "glue" / "RTE").is_dir():
         pytest.skip(f"no GLUE data under {data}")
     common = ["--model", "shape:tiny-bert", "--task", "rte", "--data-dir", str(data)]
-    assert main(["train", *common, "--method", "lora", "--k", "32", "--dev-size", "16", "--max-steps", "3",
-                 "--output", str(tmp_path / "run"), "--no-progress", "--eval-every", "2"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                *common,
+                "--method",
+                "lora",
+                "--k",
+                "32",
+                "--dev-size",
+                "16",
+                "--max-steps",
+                "3",
+                "--output",
+                str(tmp_path / "run"),
+                "--no-progress",
+                "--eval-every",
+                "2",
+            ]
+        )
+        == 0
+    )
     captured = capsys.readouterr()
     trained = json.loads(captured.out)
     # even without the progress bar, every evaluation is reported as it happens

@@ -80,7 +80,10 @@ def test_per_layer_and_per_kind_rows_sum_to_the_totals() -> None:
 def test_show_json_on_a_7b_shape_without_its_weights() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "peftlab.cli", "show", "--model", "shape:llama-7b", "--method", "lora", "--json"],
-        capture_output=True, text=True, check=True, timeout=300,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
     )
     data = json.loads(out.stdout)
     assert data["backbone_params"] == 6_738_415_616

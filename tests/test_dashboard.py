@@ -188,13 +188,15 @@ def test_ctrl_c_during_a_request_stops_the_server():
     """wsgiref catches a KeyboardInterrupt raised inside a request and serves on; Ctrl-C must stop it anyway,
     after answering the request in hand."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-c", SLOW_SERVER, str(port)], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_SERVER, str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         assert process.stdout.readline().strip() == "serving"
         answers: list[bytes] = []
-        client = threading.Thread(target=lambda: answers.append(
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read()))
+        client = threading.Thread(
+            target=lambda: answers.append(urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30).read())
+        )
         client.start()
         assert process.stdout.readline().strip() == "in request"
         process.send_signal(signal.SIGINT)

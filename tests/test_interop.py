@@ -60,8 +60,10 @@ def _peft_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
             raise
         import transformers
 
-        pytest.skip(f"peft {peft.__version__} cannot run prefix tuning on this model with transformers "
-                    f"{transformers.__version__}: {err}")
+        pytest.skip(
+            f"peft {peft.__version__} cannot run prefix tuning on this model with transformers "
+            f"{transformers.__version__}: {err}"
+        )
 
 
 def _per_site_lora() -> Spec:
@@ -115,21 +117,40 @@ def test_lora_export_loads_with_transformers_load_adapter(name: str, tmp_path: P
 
 
 IMPORTS: dict[str, tuple[str, Callable[[], object]]] = {
-    "bert-lora": ("tiny-bert", lambda: peft.LoraConfig(
-        task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value", "intermediate.dense"],
-        rank_pattern={r"layer\.1\.attention\.self\.query": 2}, alpha_pattern={"value": 3})),
+    "bert-lora": (
+        "tiny-bert",
+        lambda: peft.LoraConfig(
+            task_type="SEQ_CLS",
+            r=4,
+            lora_alpha=8,
+            target_modules=["query", "value", "intermediate.dense"],
+            rank_pattern={r"layer\.1\.attention\.self\.query": 2},
+            alpha_pattern={"value": 3},
+        ),
+    ),
     # A regular expression for targets; feedforward (input-scaled) modules are the FFN output projections.
-    "bert-ia3": ("tiny-bert", lambda: peft.IA3Config(
-        task_type="SEQ_CLS", target_modules=r".*\.(key|value|\d+\.output\.dense)",
-        feedforward_modules=r".*\.\d+\.output\.dense")),
+    "bert-ia3": (
+        "tiny-bert",
+        lambda: peft.IA3Config(
+            task_type="SEQ_CLS",
+            target_modules=r".*\.(key|value|\d+\.output\.dense)",
+            feedforward_modules=r".*\.\d+\.output\.dense",
+        ),
+    ),
     "bert-prefix": ("tiny-bert", lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)),
     "bert-prompt": ("tiny-bert", lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)),
-    "llama-lora": ("tiny-llama", lambda: peft.LoraConfig(
-        task_type="CAUSAL_LM", r=4, target_modules=["q_proj", "v_proj", "down_proj"],
-        layers_to_transform=[1], use_rslora=True)),
+    "llama-lora": (
+        "tiny-llama",
+        lambda: peft.LoraConfig(
+            task_type="CAUSAL_LM",
+            r=4,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            layers_to_transform=[1],
+            use_rslora=True,
+        ),
+    ),
     "llama-ia3": ("tiny-llama", lambda: peft.IA3Config(task_type="CAUSAL_LM")),
-    "llama-prefix": ("tiny-llama", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM",
-                                                                  num_virtual_tokens=3)),
+    "llama-prefix": ("tiny-llama", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
     # "q" and "v" name the self- and the cross-attention projections of both stacks.
     "t5-lora": ("tiny-t5", lambda: peft.LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, target_modules=["q", "v"])),
 }
@@ -153,13 +174,15 @@ def test_peft_adapter_runs_in_peftlab_with_the_same_outputs(case: str, tmp_path:
 
 
 REFUSED_EXPORTS: dict[str, tuple[str, Callable[[], Spec], str]] = {
-    "houlsby": ("tiny-bert", lambda: peftlab.methods.houlsby(size=4),
-                r"'adapter' modules \(at after_attn, after_ffn\).*holds LoRA"),
+    "houlsby": (
+        "tiny-bert",
+        lambda: peftlab.methods.houlsby(size=4),
+        r"'adapter' modules \(at after_attn, after_ffn\).*holds LoRA",
+    ),
     "dora": ("tiny-bert", lambda: peftlab.methods.dora(r=2), "DoRA"),
     "unipelt": ("tiny-bert", lambda: peftlab.methods.unipelt(size=4, prefix_length=2, r=2), "gates"),
     "prefix-some-layers": ("tiny-bert", lambda: peftlab.methods.prefix(length=2, layers=[0]), "every layer"),
-    "gpt2-fused-qv": ("tiny-gpt2", lambda: peftlab.methods.lora(r=2),
-                      "fused projection 'transformer.h.0.attn.c_attn'"),
+    "gpt2-fused-qv": ("tiny-gpt2", lambda: peftlab.methods.lora(r=2), "fused projection 'transformer.h.0.attn.c_attn'"),
 }
 
 

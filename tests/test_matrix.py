@@ -69,7 +69,7 @@ def test_method_contract(shape: str, head: str, name: str, tmp_path) -> None:
     tuned = logits(pm, batch)
     if name != "full":
         # Decoder LMs with a soft prompt also return logits for the prompt positions (as peft does).
-        comparable = tuned[:, -base_out.shape[1]:] if tuned.dim() == 3 else tuned
+        comparable = tuned[:, -base_out.shape[1] :] if tuned.dim() == 3 else tuned
         assert not torch.allclose(comparable, base_out, atol=1e-4), "perturbed adapter should change the output"
 
     # Merged outputs equal unmerged ones; unmerge restores the backbone exactly (up to float error).

@@ -72,7 +72,6 @@ def test_two_processes_share_one_study(postgres_url, tmp_path):
     assert max(start for start, _ in spans) < min(end for _, end in spans)
 
 
-
 #: Rounds of ``n`` workers forked at once, each opening peftlab's storage on the same fresh database; prints one
 #: line of outcomes per round. It runs in a fresh interpreter: forking the test process itself could deadlock once
 #: other tests have started threads (JAX's, for one).
@@ -112,8 +111,9 @@ def test_workers_creating_the_tables_at_once_all_start(postgres_url):
     catalogue); every worker must still open the storage. Eight workers start together at a barrier on each of
     twelve fresh databases, since one round seldom hits the race (before the fix it showed within 5 to 8 rounds)."""
     server = postgres_url.rsplit("/", 1)[0]
-    result = subprocess.run([sys.executable, "-c", RACE, server, "12", "8"], capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", RACE, server, "12", "8"], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines() == [str(["ok"] * 8)] * 12
     storage = optuna.storages.RDBStorage(f"{server}/race_0")

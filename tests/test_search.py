@@ -22,21 +22,52 @@ from peftlab.search import SearchConfig, counted, create_study, load_study, run_
 
 DATA = Path(os.environ.get("PEFTLAB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 pytestmark = pytest.mark.skipif(not (DATA / "glue" / "SST-2").is_dir(), reason=f"no GLUE data under {DATA}")
-TRAIN = {"data_dir": str(DATA), "k": 32, "dev_size": 16, "max_steps": 3, "batch_size": 8, "max_length": 24,
-         "eval_batch_size": 64}
-FLAGS = ["--model", "shape:tiny-bert", "--task", "sst2", "--data-dir", str(DATA), "--k", "32", "--dev-size", "16",
-         "--batch-size", "8", "--max-length", "24", "--no-plots"]
+TRAIN = {
+    "data_dir": str(DATA),
+    "k": 32,
+    "dev_size": 16,
+    "max_steps": 3,
+    "batch_size": 8,
+    "max_length": 24,
+    "eval_batch_size": 64,
+}
+FLAGS = [
+    "--model",
+    "shape:tiny-bert",
+    "--task",
+    "sst2",
+    "--data-dir",
+    str(DATA),
+    "--k",
+    "32",
+    "--dev-size",
+    "16",
+    "--batch-size",
+    "8",
+    "--max-length",
+    "24",
+    "--no-plots",
+]
 
 
 def _config(tmp_path: Path, **kw) -> SearchConfig:
-    base = {"model": "shape:tiny-bert", "task": "sst2", "sampler": "random", "trials": 4, "output": str(tmp_path),
-            "train": TRAIN}
+    base = {
+        "model": "shape:tiny-bert",
+        "task": "sst2",
+        "sampler": "random",
+        "trials": 4,
+        "output": str(tmp_path),
+        "train": TRAIN,
+    }
     return SearchConfig(**(base | kw))
 
 
 def _finished(study: optuna.Study) -> dict[int, tuple]:
-    return {t.number: (t.params, t.values, t.user_attrs.get("status")) for t in study.get_trials()
-            if t.state.is_finished() and t.user_attrs.get("status")}
+    return {
+        t.number: (t.params, t.values, t.user_attrs.get("status"))
+        for t in study.get_trials()
+        if t.state.is_finished() and t.user_attrs.get("status")
+    }
 
 
 def test_search_trains_points_and_exports_the_front(tmp_path: Path) -> None:
@@ -50,8 +81,7 @@ def test_search_trains_points_and_exports_the_front(tmp_path: Path) -> None:
     curve = results.hypervolume_curve(study)
     assert len(curve) == 5 and curve == sorted(curve) and curve[-1] > 0
     front = results.pareto_trials(study)
-    assert front and all(not any(o.values[0] >= f.values[0] and o.values[1] < f.values[1] for o in done)
-                         for f in front)
+    assert front and all(not any(o.values[0] >= f.values[0] and o.values[1] < f.values[1] for o in done) for f in front)
     paths = results.export(study, tmp_path / "out")
     assert {p.name for p in paths} >= {"trials.csv", "pareto.json", "hypervolume.csv", "front.png", "hypervolume.png"}
     assert json.loads((tmp_path / "out" / "pareto.json").read_text())["hypervolume"] == pytest.approx(curve[-1])
@@ -131,8 +161,23 @@ def _kill_during_a_trial(cmd: list[str], db: Path) -> tuple[dict[int, tuple], li
 
 
 def test_killed_search_resumes_without_losing_finished_trials(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "peftlab.cli", "search", *FLAGS, "--sampler", "random", "--trials", "5",
-           "--max-steps", "12", "--output", str(tmp_path), "--heartbeat", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "peftlab.cli",
+        "search",
+        *FLAGS,
+        "--sampler",
+        "random",
+        "--trials",
+        "5",
+        "--max-steps",
+        "12",
+        "--output",
+        str(tmp_path),
+        "--heartbeat",
+        "1",
+    ]
     before, killed = _kill_during_a_trial(cmd, tmp_path / "study.db")
     assert len(before) >= 2 and len(before) < 5, "the search was not killed after two trials and before the end"
     assert killed, "no trial was running when the search was killed"
@@ -161,10 +206,32 @@ def test_running_trial_without_heartbeat_goes_stale(tmp_path: Path) -> None:
 
 
 def test_two_workers_on_postgresql_share_one_study(tmp_path: Path, postgres_url: str) -> None:  # noqa: F811
-    cmd = [sys.executable, "-m", "peftlab.cli", "search", *FLAGS, "--sampler", "random", "--trials", "6",
-           "--max-steps", "3", "--storage", postgres_url, "--study", "shared"]
-    workers = [subprocess.Popen([*cmd, "--output", str(tmp_path / f"w{k}"), "--sampler-seed", str(k)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in range(2)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "peftlab.cli",
+        "search",
+        *FLAGS,
+        "--sampler",
+        "random",
+        "--trials",
+        "6",
+        "--max-steps",
+        "3",
+        "--storage",
+        postgres_url,
+        "--study",
+        "shared",
+    ]
+    workers = [
+        subprocess.Popen(
+            [*cmd, "--output", str(tmp_path / f"w{k}"), "--sampler-seed", str(k)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for k in range(2)
+    ]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs
     study = optuna.load_study(study_name="shared", storage=postgres_url)
@@ -179,8 +246,9 @@ def test_two_workers_on_postgresql_share_one_study(tmp_path: Path, postgres_url:
 
 def test_cli_search_pareto_and_retrain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "s"
-    assert main(["search", *FLAGS, "--sampler", "random", "--trials", "3", "--max-steps", "2",
-                 "--output", str(out)]) == 0
+    assert (
+        main(["search", *FLAGS, "--sampler", "random", "--trials", "3", "--max-steps", "2", "--output", str(out)]) == 0
+    )
     text = capsys.readouterr().out
     assert "hypervolume" in text and "trial 2:" in text
     db = str(out / "study.db")
@@ -188,15 +256,70 @@ def test_cli_search_pareto_and_retrain(tmp_path: Path, capsys: pytest.CaptureFix
     shown = json.loads(capsys.readouterr().out)
     assert shown["trials"] == 3 and shown["pareto"]
     best = shown["pareto"][0]["number"]
-    assert main(["pareto", "spec", "--storage", db, "--study", "peftlab", "--trial", str(best),
-                 "--output", str(tmp_path / "spec.json")]) == 0
+    assert (
+        main(
+            [
+                "pareto",
+                "spec",
+                "--storage",
+                db,
+                "--study",
+                "peftlab",
+                "--trial",
+                str(best),
+                "--output",
+                str(tmp_path / "spec.json"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["train", "--model", "shape:tiny-bert", "--task", "rte", "--data-dir", str(DATA), "--k", "16",
-                 "--dev-size", "8", "--max-steps", "1", "--spec", str(tmp_path / "spec.json"), "--no-progress",
-                 "--output", str(tmp_path / "transfer")]) == 0  # a found spec transfers to another task
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "shape:tiny-bert",
+                "--task",
+                "rte",
+                "--data-dir",
+                str(DATA),
+                "--k",
+                "16",
+                "--dev-size",
+                "8",
+                "--max-steps",
+                "1",
+                "--spec",
+                str(tmp_path / "spec.json"),
+                "--no-progress",
+                "--output",
+                str(tmp_path / "transfer"),
+            ]
+        )
+        == 0
+    )  # a found spec transfers to another task
     capsys.readouterr()
-    assert main(["pareto", "retrain", "--storage", db, "--study", "peftlab", "--seeds", "0", "1",
-                 "--max-steps", "3", "--output", str(tmp_path / "re")]) == 0
+    assert (
+        main(
+            [
+                "pareto",
+                "retrain",
+                "--storage",
+                db,
+                "--study",
+                "peftlab",
+                "--seeds",
+                "0",
+                "1",
+                "--max-steps",
+                "3",
+                "--output",
+                str(tmp_path / "re"),
+            ]
+        )
+        == 0
+    )
     rows = json.loads((tmp_path / "re" / "retrain.json").read_text())["rows"]
     assert rows and all(r["seeds"] == 2 and r["test_mean"] is not None for r in rows)
     assert main(["pareto", "spec", "--storage", db, "--study", "peftlab", "--trial", "99"]) == 2
@@ -205,11 +328,22 @@ def test_cli_search_pareto_and_retrain(tmp_path: Path, capsys: pytest.CaptureFix
     assert "unknown sampler 'cmaes'" in capsys.readouterr().err
 
 
-def test_s4_refinement_fixes_one_dimension_per_stage_and_resumes(tmp_path: Path,
-                                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_s4_refinement_fixes_one_dimension_per_stage_and_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     (tmp_path / "s4.json").write_text(json.dumps({"type": "s4", "groups": 2, "strategies": ["adapter", "bitfit"]}))
-    cmd = ["refine", *FLAGS[:-1], "--space", str(tmp_path / "s4.json"), "--samples", "1", "--max-steps", "2",
-           "--output", str(tmp_path / "r")]
+    cmd = [
+        "refine",
+        *FLAGS[:-1],
+        "--space",
+        str(tmp_path / "s4.json"),
+        "--samples",
+        "1",
+        "--max-steps",
+        "2",
+        "--output",
+        str(tmp_path / "r"),
+    ]
     assert main(cmd) == 0
     text = capsys.readouterr().out
     result = json.loads((tmp_path / "r" / "refine.json").read_text())
@@ -220,7 +354,8 @@ def test_s4_refinement_fixes_one_dimension_per_stage_and_resumes(tmp_path: Path,
         if not s["skipped"]:  # a real choice: every candidate was trained and the best mean kept
             assert all(len(c["scores"]) == 1 for c in s["candidates"])
             assert max(c["mean"] for c in s["candidates"]) == next(
-                c["mean"] for c in s["candidates"] if c["value"] == s["chosen"])
+                c["mean"] for c in s["candidates"] if c["value"] == s["chosen"]
+            )
     trials = len(load_study(str(tmp_path / "r" / "study.db"), "refine")[0].trials)
     assert main(cmd) == 0  # resumed: every evaluation is already in the study
     assert len(load_study(str(tmp_path / "r" / "study.db"), "refine")[0].trials) == trials
@@ -245,7 +380,8 @@ def test_every_optuna_sampler_searches_the_real_space_encoding(name: str) -> Non
 
     sampler = make_sampler(name, space, seed=0, startup=3, cost=cost)
     study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
-    study.optimize(lambda t: (lambda v: (sum(v[8:12]) - 0.1 * v[14], cost(v)))(
-        to_vector(space, suggest(t, dists))), n_trials=6)
+    study.optimize(
+        lambda t: (lambda v: (sum(v[8:12]) - 0.1 * v[14], cost(v)))(to_vector(space, suggest(t, dists))), n_trials=6
+    )
     assert len(study.trials) == 6 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
     assert all(set(t.params) == set(dists) for t in study.trials)

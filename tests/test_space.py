@@ -106,18 +106,20 @@ def _trainable(spec: Spec, model: str = "shape:bert-base"):
 
 CHOICES = [
     S4_CHOICE,
-    DesignChoice("increasing", "increasing", (2, 4), (("adapter",), ("lora", "bitfit"), ("prefix",),
-                                                      ("prefix", "bitfit", "lora"))),
+    DesignChoice(
+        "increasing",
+        "increasing",
+        (2, 4),
+        (("adapter",), ("lora", "bitfit"), ("prefix",), ("prefix", "bitfit", "lora")),
+    ),
     DesignChoice("bottleneck", "decreasing", (1, 3), (("lora",), ("adapter",), ("adapter", "prefix"), ("lora",))),
-    DesignChoice("uniform", "uniform", (1, 2, 3, 4), (("parallel",), ("ia3", "adapter"), ("ln", "prefix"),
-                                                      ("lora",))),
+    DesignChoice("uniform", "uniform", (1, 2, 3, 4), (("parallel",), ("ia3", "adapter"), ("ln", "prefix"), ("lora",))),
 ]
 
 
 @pytest.mark.parametrize("choice", CHOICES, ids=lambda c: f"{c.grouping}-{c.allocation}")
 @pytest.mark.parametrize("budget", [0.005, 0.02])
-def test_allocation_meets_the_budget_by_real_counting(bert_base: Backbone, choice: DesignChoice,
-                                                      budget: float) -> None:
+def test_allocation_meets_the_budget_by_real_counting(bert_base: Backbone, choice: DesignChoice, budget: float) -> None:
     spec = design_spec(choice, bert_base, budget)
     trainable, backbone = _trainable(spec)
     assert backbone == bert_base.params
@@ -144,15 +146,38 @@ def test_increasing_allocation_grows_with_depth(bert_base: Backbone) -> None:
 def _tiny(family: str):
     """Small random models with 10 blocks, the fewest that every grouping pattern fits."""
     if family == "bert":
-        config = BertConfig(num_hidden_layers=10, hidden_size=32, num_attention_heads=4, intermediate_size=64,
-                            vocab_size=128, max_position_embeddings=64)
+        config = BertConfig(
+            num_hidden_layers=10,
+            hidden_size=32,
+            num_attention_heads=4,
+            intermediate_size=64,
+            vocab_size=128,
+            max_position_embeddings=64,
+        )
         return AutoModelForSequenceClassification.from_config(config, attn_implementation="sdpa").eval()
     if family == "llama":
-        config = LlamaConfig(num_hidden_layers=10, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                             intermediate_size=64, vocab_size=128, max_position_embeddings=64, pad_token_id=0)
+        config = LlamaConfig(
+            num_hidden_layers=10,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            vocab_size=128,
+            max_position_embeddings=64,
+            pad_token_id=0,
+        )
         return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
-    config = T5Config(num_layers=5, num_decoder_layers=5, d_model=32, num_heads=4, d_kv=8, d_ff=64, vocab_size=128,
-                      decoder_start_token_id=0, pad_token_id=0)
+    config = T5Config(
+        num_layers=5,
+        num_decoder_layers=5,
+        d_model=32,
+        num_heads=4,
+        d_kv=8,
+        d_ff=64,
+        vocab_size=128,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+    )
     return AutoModelForSeq2SeqLM.from_config(config, attn_implementation="sdpa").eval()
 
 
@@ -189,8 +214,15 @@ def test_design_space_json_round_trip_and_stages(bert_base: Backbone) -> None:
     assert space.size == 5 * 3 * 15 * 15**4 == space.size
     again = SearchSpace.from_dict(json.loads(space.to_json()), bert_base)
     assert again == space and again.to_dict() == space.to_dict()
-    assert space.stages() == ["grouping", "allocation", "tuned", "strategies_g1", "strategies_g2",
-                              "strategies_g3", "strategies_g4"]
+    assert space.stages() == [
+        "grouping",
+        "allocation",
+        "tuned",
+        "strategies_g1",
+        "strategies_g2",
+        "strategies_g3",
+        "strategies_g4",
+    ]
     for stage in space.stages():
         candidates = space.candidates(stage)
         assert sum(c.size for c in candidates) == space.size
@@ -210,9 +242,15 @@ def test_design_choice_encoding(bert_base: Backbone) -> None:
     vector = space.encode(S4_CHOICE)
     assert space.choice(vector) == S4_CHOICE
     assert space.decode(vector) == design_spec(S4_CHOICE, bert_base)
-    config = {"grouping": "spindle", "allocation": "uniform", "tuned": [4, 3, 2, 1], "strategies_g1": "lora+adapter",
-              "strategies_g2": ["adapter", "prefix"], "strategies_g3": "adapter+prefix+bitfit",
-              "strategies_g4": "prefix+bitfit+lora"}
+    config = {
+        "grouping": "spindle",
+        "allocation": "uniform",
+        "tuned": [4, 3, 2, 1],
+        "strategies_g1": "lora+adapter",
+        "strategies_g2": ["adapter", "prefix"],
+        "strategies_g3": "adapter+prefix+bitfit",
+        "strategies_g4": "prefix+bitfit+lora",
+    }
     assert space.encode(config) == vector
     with pytest.raises(SpecError, match="grouping: 'hourglass' is not a choice"):
         space.encode(config | {"grouping": "hourglass"})
@@ -230,8 +268,11 @@ def test_s4_preset_hits_half_a_percent() -> None:
     assert 0.00495 <= trainable / backbone <= 0.00505
     per_layer = spec.resolve(12, ["layers"] * 12)
     assert [sorted(s.kind for s in per_layer[i].values()) for i in (0, 2, 6, 10)] == [
-        ["adapter", "lora", "lora"], ["adapter", "prefix"], ["adapter", "bitfit", "prefix"],
-        ["bitfit", "lora", "lora", "prefix"]]
+        ["adapter", "lora", "lora"],
+        ["adapter", "prefix"],
+        ["adapter", "bitfit", "prefix"],
+        ["bitfit", "lora", "lora", "prefix"],
+    ]
     assert Spec.from_json(spec.to_json()) == spec
     assert methods.MODEL_METHODS["s4"].make(12, "shape:bert-base") == spec
 
@@ -293,8 +334,14 @@ USER_SPACE = {
     "type": "layers",
     "layers": [0, 1],
     "modules": [
-        {"name": "lora", "kind": "lora", "sites": ["q", "v"], "size": "r", "choices": [0, 4, 8],
-         "settings": {"alpha": 8.0}},
+        {
+            "name": "lora",
+            "kind": "lora",
+            "sites": ["q", "v"],
+            "size": "r",
+            "choices": [0, 4, 8],
+            "settings": {"alpha": 8.0},
+        },
         {"name": "adapter", "kind": "adapter", "sites": ["after_ffn"], "size": "size", "choices": [0, 16]},
         {"name": "bitfit", "kind": "bitfit", "sites": ["bias"], "choices": [0, 1]},
     ],
@@ -308,8 +355,12 @@ def test_user_space_file_loads(tmp_path) -> None:
     space = SearchSpace.from_file(path, model)
     assert isinstance(space, LayerSpace) and space.num_layers == 2
     assert [(d.name, d.type, len(d.choices)) for d in space.dimensions()] == [
-        ("layer_0", "bool", 2), ("layer_1", "bool", 2), ("lora", "ordinal", 3), ("adapter", "ordinal", 2),
-        ("bitfit", "ordinal", 2)]
+        ("layer_0", "bool", 2),
+        ("layer_1", "bool", 2),
+        ("lora", "ordinal", 3),
+        ("adapter", "ordinal", 2),
+        ("bitfit", "ordinal", 2),
+    ]
     assert space.size == 2 * 2 * 3 * 2 * 2
     spec = space.decode([1, 1, 2, 0, 1])
     assert spec.layers["0-1"]["q"].r == 8 and spec.layers["0-1"]["q"].alpha == 8.0 and "bias" in spec.layers["0-1"]
@@ -376,8 +427,9 @@ def test_space_file_problems_outside_the_content(tmp_path) -> None:
 
 def test_custom_strategy_in_an_s4_space(bert_base: Backbone) -> None:
     dora = {"name": "dora", "kind": "lora", "sites": ["q", "v"], "size": "r", "settings": {"dora": True}}
-    space = SearchSpace.from_dict({"type": "s4", "strategies": ["adapter", dora], "allocations": ["uniform"]},
-                                  bert_base)
+    space = SearchSpace.from_dict(
+        {"type": "s4", "strategies": ["adapter", dora], "allocations": ["uniform"]}, bert_base
+    )
     assert isinstance(space, DesignSpace) and space.to_dict()["strategies"][1] == dora
     assert [len(d.choices) for d in space.dimensions()] == [5, 1, 15, 3, 3, 3, 3]
     for spec in space.sample(3, rng=0):

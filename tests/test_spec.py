@@ -19,13 +19,15 @@ def test_json_round_trip(name: str) -> None:
 
 
 def test_selectors_resolve_in_order() -> None:
-    spec = Spec.from_dict({
-        "layers": {
-            "*": {"q": {"kind": "lora", "r": 4}},
-            "1-2": {"q": {"kind": "lora", "r": 8}, "after_ffn": "adapter"},
-            "2": {"q": None},
+    spec = Spec.from_dict(
+        {
+            "layers": {
+                "*": {"q": {"kind": "lora", "r": 4}},
+                "1-2": {"q": {"kind": "lora", "r": 8}, "after_ffn": "adapter"},
+                "2": {"q": None},
+            }
         }
-    })
+    )
     per_layer = spec.resolve(4, ["layers"] * 4)
     assert per_layer[0]["q"].r == 4 and "after_ffn" not in per_layer[0]
     assert per_layer[1]["q"].r == 8 and per_layer[1]["after_ffn"].size == 48
@@ -47,8 +49,10 @@ def test_stack_selectors_on_t5() -> None:
         ({"layers": {"*": {"q": {"kind": "lora", "r": 0}}}}, r"lora r must be an integer in \[1, 4096\], got 0"),
         ({"layers": {"*": {"q": {"kind": "lora", "rank": 4}}}}, "'lora' has no setting 'rank'; its settings are"),
         ({"layers": {"*": {"q": "adapter"}}}, "a 'adapter' module cannot sit at site 'q'; it fits at: after_attn"),
-        ({"layers": {"*": {"after_ffn": {"kind": "adapter", "activation": "elu"}}}},
-         "activation must be one of relu, gelu, silu, tanh"),
+        (
+            {"layers": {"*": {"after_ffn": {"kind": "adapter", "activation": "elu"}}}},
+            "activation must be one of relu, gelu, silu, tanh",
+        ),
         ({"layers": {"first": {"q": "lora"}}}, "layer selector 'first' is not valid"),
         ({"gates": "yes"}, "gates must be true or false"),
         ({"extra": 1}, "unknown spec field"),

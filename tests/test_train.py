@@ -21,8 +21,17 @@ pytestmark = pytest.mark.skipif(not (DATA / "glue" / "SST-2").is_dir(), reason=f
 
 
 def _config(tmp_path: Path | None = None, **kw) -> TrainConfig:
-    base = {"model": "shape:tiny-bert", "task": "sst2", "data_dir": str(DATA), "k": 64, "dev_size": 32,
-            "batch_size": 8, "max_length": 32, "progress": False, "eval_batch_size": 64}
+    base = {
+        "model": "shape:tiny-bert",
+        "task": "sst2",
+        "data_dir": str(DATA),
+        "k": 64,
+        "dev_size": 32,
+        "batch_size": 8,
+        "max_length": 32,
+        "progress": False,
+        "eval_batch_size": 64,
+    }
     if tmp_path is not None:
         base["output"] = str(tmp_path)
     return TrainConfig(**(base | kw))
@@ -30,15 +39,20 @@ def _config(tmp_path: Path | None = None, **kw) -> TrainConfig:
 
 def test_loss_goes_down_on_real_data() -> None:
     losses: list[float] = []
-    record = train(methods.lora(r=4), _config(max_steps=40, lr=5e-3, eval_every=40),
-                   on_step=lambda step, loss: losses.append(loss))
+    record = train(
+        methods.lora(r=4), _config(max_steps=40, lr=5e-3, eval_every=40), on_step=lambda step, loss: losses.append(loss)
+    )
     assert record.status == "completed" and record.steps == 40
     assert sum(losses[-8:]) / 8 < sum(losses[:8]) / 8
     assert set(record.test) == {"accuracy"}
     assert record.tokens_per_s > 0 and record.peak_memory_bytes > 0
     assert record.device == "cpu"  # what ran it, so records from several machines can be told apart
     assert record.versions["torch"] == torch.__version__ and set(record.versions) == {
-        "python", "torch", "transformers", "peftlab"}
+        "python",
+        "torch",
+        "transformers",
+        "peftlab",
+    }
 
 
 def test_budgets_in_steps_epochs_and_fractions() -> None:
@@ -50,12 +64,19 @@ def test_budgets_in_steps_epochs_and_fractions() -> None:
         train(methods.bitfit(), _config(max_steps=3, fraction=0.5))
 
 
-@pytest.mark.parametrize(("setting", "message"), [
-    ({"lr": -1.0}, "lr must be a number > 0"), ({"lr": float("nan")}, "lr must be a number > 0"),
-    ({"eval_every": 0}, "eval_every must be >= 1"), ({"patience": 0}, "patience must be >= 1"),
-    ({"warmup_ratio": 1.0}, "warmup_ratio must be in"), ({"weight_decay": -0.1}, "weight_decay must be"),
-    ({"max_grad_norm": float("inf")}, "max_grad_norm must be"), ({"batch_size": 0}, "batch_size must be >= 1"),
-])
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"lr": -1.0}, "lr must be a number > 0"),
+        ({"lr": float("nan")}, "lr must be a number > 0"),
+        ({"eval_every": 0}, "eval_every must be >= 1"),
+        ({"patience": 0}, "patience must be >= 1"),
+        ({"warmup_ratio": 1.0}, "warmup_ratio must be in"),
+        ({"weight_decay": -0.1}, "weight_decay must be"),
+        ({"max_grad_norm": float("inf")}, "max_grad_norm must be"),
+        ({"batch_size": 0}, "batch_size must be >= 1"),
+    ],
+)
 def test_bad_settings_are_refused_before_anything_runs(setting: dict, message: str, tmp_path: Path) -> None:
     with pytest.raises(PeftlabError, match=message):
         train(methods.lora(), _config(tmp_path / "run", max_steps=1, **setting))
@@ -137,8 +158,9 @@ def test_gradient_checkpointing_trains_the_same_adapter(model: str, method: str,
         first = next(m for n, m in backbone.named_modules() if isinstance(m, torch.nn.Linear) and ".0." in n)
         calls = [0]
         first.register_forward_hook(lambda *_, calls=calls: calls.__setitem__(0, calls[0] + 1))
-        train(methods.get(method), _config(tmp_path / name, gradient_checkpointing=checkpointing, **cfg),
-              model=backbone)
+        train(
+            methods.get(method), _config(tmp_path / name, gradient_checkpointing=checkpointing, **cfg), model=backbone
+        )
         runs[name] = (calls[0], load_file(tmp_path / name / "adapter" / "adapter.safetensors"))
     (plain_calls, a), (ckpt_calls, b) = runs["plain"], runs["ckpt"]
     assert ckpt_calls > plain_calls
@@ -167,8 +189,20 @@ def test_two_process_data_parallel_matches_one_process(tmp_path: Path) -> None:
     )
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, str(script), str(tmp_path / "one")], check=True, env=env, timeout=300)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-                    str(script), str(tmp_path / "two")], check=True, env=env, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29533",
+            str(script),
+            str(tmp_path / "two"),
+        ],
+        check=True,
+        env=env,
+        timeout=300,
+    )
     one = json.loads((tmp_path / "one" / "record.json").read_text())
     two = json.loads((tmp_path / "two" / "record.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1
@@ -185,14 +219,34 @@ def test_user_csv_and_jsonl_data(tmp_path: Path) -> None:
     train_csv.write_text("review,sentiment\n" + "".join(f"{t},{y}\n" for t, y in rows))
     test_jsonl = tmp_path / "test.jsonl"
     test_jsonl.write_text("".join(json.dumps({"review": t, "sentiment": y}) + "\n" for t, y in rows[:4]))
-    record = train(methods.lora(), TrainConfig(
-        model="shape:tiny-bert", task="reviews", train_file=str(train_csv), test_file=str(test_jsonl),
-        text_column="review", label_column="sentiment", label_names=["neg", "pos"], max_steps=3, progress=False))
+    record = train(
+        methods.lora(),
+        TrainConfig(
+            model="shape:tiny-bert",
+            task="reviews",
+            train_file=str(train_csv),
+            test_file=str(test_jsonl),
+            text_column="review",
+            label_column="sentiment",
+            label_names=["neg", "pos"],
+            max_steps=3,
+            progress=False,
+        ),
+    )
     assert record.status == "completed"
     assert set(record.test) == {"accuracy", "f1"}
     with pytest.raises(PeftlabError, match="missing column"):
-        train(methods.lora(), TrainConfig(model="shape:tiny-bert", task="x", train_file=str(train_csv),
-                                          text_column="text", label_column="sentiment", max_steps=1))
+        train(
+            methods.lora(),
+            TrainConfig(
+                model="shape:tiny-bert",
+                task="x",
+                train_file=str(train_csv),
+                text_column="text",
+                label_column="sentiment",
+                max_steps=1,
+            ),
+        )
 
 
 def test_consistency_loss_is_the_symmetrised_kl() -> None:
@@ -209,7 +263,8 @@ def test_consistency_loss_is_the_symmetrised_kl() -> None:
     labels = torch.tensor([[1, 2, -100, -100], [3, -100, -100, -100]])  # text-to-text: only labelled tokens
     kept = labels != -100
     assert consistency_loss(tokens_a, tokens_b, labels).item() == pytest.approx(
-        consistency_loss(tokens_a[kept], tokens_b[kept]).item(), rel=1e-6)
+        consistency_loss(tokens_a[kept], tokens_b[kept]).item(), rel=1e-6
+    )
 
 
 def test_adamix_trains_with_two_routed_passes_and_the_consistency_term() -> None:
@@ -221,8 +276,10 @@ def test_adamix_trains_with_two_routed_passes_and_the_consistency_term() -> None
     assert train(methods.adamix(), _config(max_steps=2, consistency=0)).config["consistency"] == 0.0
     pm = apply(load_model("shape:tiny-bert", head="seq-cls", seed=0), methods.adamix())
     pm.train()
-    batch = {"input_ids": torch.randint(3, 128, (4, 10), generator=torch.Generator().manual_seed(1)),
-             "labels": torch.tensor([0, 1, 1, 0])}
+    batch = {
+        "input_ids": torch.randint(3, 128, (4, 10), generator=torch.Generator().manual_seed(1)),
+        "labels": torch.tensor([0, 1, 1, 0]),
+    }
     torch.manual_seed(5)
     first, second = pm(**batch), pm(**batch)  # each pass draws its own experts (and dropout masks)
     assert not torch.allclose(first.logits, second.logits)

@@ -152,8 +152,9 @@ def _memory(device: torch.device) -> dict[str, int]:
     return {"current": current_rss(), "peak": peak_rss()}
 
 
-def _time_rounds(calls: dict[str, Callable[[], float | None]], job: Job, device: torch.device
-                 ) -> dict[str, list[float]]:
+def _time_rounds(
+    calls: dict[str, Callable[[], float | None]], job: Job, device: torch.device
+) -> dict[str, list[float]]:
     """Time each call once per iteration, alternating their order; warm-up iterations are dropped.
 
     A call may return a time of its own (a part of it); those go under ``<name>_part``."""
@@ -186,9 +187,13 @@ def measure(job: Job) -> dict[str, Any]:
     device = torch.device(job.device)
     model = _build(job, device)
     batch = {k: v.to(device) for k, v in padded_batch(model.config, job.batch, job.seq, job.seed + 1).items()}
-    out: dict[str, Any] = {"pid": os.getpid(), "job": asdict(job), "tokens": count_tokens(batch),
-                           "padded_tokens": batch["attention_mask"].numel(),
-                           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    out: dict[str, Any] = {
+        "pid": os.getpid(),
+        "job": asdict(job),
+        "tokens": count_tokens(batch),
+        "padded_tokens": batch["attention_mask"].numel(),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
     if job.kind == "train":
         out |= _train(model, batch, job, device)
     else:
@@ -222,8 +227,14 @@ def _train(model: nn.Module, batch: dict[str, torch.Tensor], job: Job, device: t
 
     times = _time_rounds({"step": step, "forward": forward}, job, device)
     end = _memory(device)
-    return {"step_s": times["step"], "fwd_bwd_s": times["step_part"], "forward_s": times["forward"],
-            "loaded_bytes": loaded["current"], "load_peak_bytes": loaded["peak"], "peak_bytes": end["peak"]}
+    return {
+        "step_s": times["step"],
+        "fwd_bwd_s": times["step_part"],
+        "forward_s": times["forward"],
+        "loaded_bytes": loaded["current"],
+        "load_peak_bytes": loaded["peak"],
+        "peak_bytes": end["peak"],
+    }
 
 
 def _infer(model: nn.Module, batch: dict[str, torch.Tensor], job: Job, device: torch.device) -> dict[str, Any]:
@@ -240,8 +251,12 @@ def _infer(model: nn.Module, batch: dict[str, torch.Tensor], job: Job, device: t
             model(**batch)
 
     times = _time_rounds({"forward": forward}, job, device)
-    return {"forward_s": times["forward"], "loaded_bytes": loaded["current"], "load_peak_bytes": loaded["peak"],
-            "peak_bytes": _memory(device)["peak"]}
+    return {
+        "forward_s": times["forward"],
+        "loaded_bytes": loaded["current"],
+        "load_peak_bytes": loaded["peak"],
+        "peak_bytes": _memory(device)["peak"],
+    }
 
 
 def _score(job: Job) -> dict[str, Any]:
@@ -249,14 +264,29 @@ def _score(job: Job) -> dict[str, Any]:
     from peftlab.tasks import get_task
     from peftlab.train import TrainConfig, train
 
-    config = TrainConfig(model=job.model, task=job.task, data_dir=job.data_dir, max_steps=job.score_steps,
-                         batch_size=job.batch, max_length=job.seq, seed=job.seed, progress=False,
-                         precision="bf16" if job.dtype == "bf16" and job.device == "cuda" else "fp32")
+    config = TrainConfig(
+        model=job.model,
+        task=job.task,
+        data_dir=job.data_dir,
+        max_steps=job.score_steps,
+        batch_size=job.batch,
+        max_length=job.seq,
+        seed=job.seed,
+        progress=False,
+        precision="bf16" if job.dtype == "bf16" and job.device == "cuda" else "fp32",
+    )
     record = train(methods.for_model(job.method, job.model), config)
     main = get_task(job.task).main_metric
-    return {"pid": os.getpid(), "job": asdict(job), "status": record.status, "steps": record.steps,
-            "metric": main, "score": (record.test or {}).get(main), "test": record.test,
-            "wall_time_s": record.wall_time_s}
+    return {
+        "pid": os.getpid(),
+        "job": asdict(job),
+        "status": record.status,
+        "steps": record.steps,
+        "metric": main,
+        "score": (record.test or {}).get(main),
+        "test": record.test,
+        "wall_time_s": record.wall_time_s,
+    }
 
 
 def worker_main(argv: list[str]) -> int:
@@ -276,12 +306,21 @@ def worker_main(argv: list[str]) -> int:
 
 def run_worker(job: Job) -> dict[str, Any]:
     """Run ``job`` in a fresh Python process; a failure comes back as ``{"error": last stderr line}``."""
-    env = os.environ | {"OMP_NUM_THREADS": str(job.threads), "MKL_NUM_THREADS": str(job.threads),
-                        "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+    env = os.environ | {
+        "OMP_NUM_THREADS": str(job.threads),
+        "MKL_NUM_THREADS": str(job.threads),
+        "TRANSFORMERS_VERBOSITY": "error",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
     if job.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # the score run's training loop would otherwise pick a GPU
-    proc = subprocess.run([sys.executable, "-m", "peftlab.bench", "--worker", json.dumps(asdict(job))],
-                          capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "peftlab.bench", "--worker", json.dumps(asdict(job))],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
         err = [line for line in proc.stderr.strip().splitlines() if line.strip()]
@@ -345,8 +384,16 @@ class BenchConfig:
 
     def command(self) -> str:
         """The exact command line that reproduces this run."""
-        parts = ["peftlab", "bench", "--model", self.model, "--methods", ",".join(self.methods),
-                 "--output", self.output]
+        parts = [
+            "peftlab",
+            "bench",
+            "--model",
+            self.model,
+            "--methods",
+            ",".join(self.methods),
+            "--output",
+            self.output,
+        ]
         for f in ("batch", "seq", "repeats", "warmup", "rounds", "threads", "device", "dtype", "seed"):
             parts += [f"--{f}", str(getattr(self, f))]
         for f in ("score_steps", "task", "data_dir"):
@@ -378,9 +425,18 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
     probe = load_model(config.model, meta=True)
     head = "seq2seq" if probe.config.is_encoder_decoder else "seq-cls"
     limit = input_limit(probe, sys.maxsize)  # the position table, or no limit
-    base = dict(model=config.model, head=head, batch=config.batch, seq=config.seq, repeats=config.repeats,
-                warmup=config.warmup, threads=config.threads, device=config.device, dtype=config.dtype,
-                seed=config.seed)
+    base = dict(
+        model=config.model,
+        head=head,
+        batch=config.batch,
+        seq=config.seq,
+        repeats=config.repeats,
+        warmup=config.warmup,
+        threads=config.threads,
+        device=config.device,
+        dtype=config.dtype,
+        seed=config.seed,
+    )
     plans: dict[str, MethodPlan] = {}
     for name in config.methods:
         probe_model = load_model(config.model, head=head, meta=True)
@@ -389,8 +445,10 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
         prompt = spec.model.get("input")
         extra = prompt.length if isinstance(prompt, PromptSettings) else 0
         if config.seq + extra > limit:
-            raise PeftlabError(f"--seq {config.seq}{f' plus the {extra} prompt tokens' if extra else ''} exceeds "
-                               f"the {limit} positions of {config.model}; use a smaller --seq")
+            raise PeftlabError(
+                f"--seq {config.seq}{f' plus the {extra} prompt tokens' if extra else ''} exceeds "
+                f"the {limit} positions of {config.model}; use a smaller --seq"
+            )
         mergeable = any(m.mergeable for _, m in pm.adapters[pm.active_adapter].peft_modules())
         p = MethodPlan(counts=pm.counts().to_dict(), mergeable=mergeable)
         if config.compare_peft:
@@ -402,11 +460,17 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
             if p.peft_config is not None and kind != "merged":
                 p.jobs.append(Job(kind=kind, impl="peft", method=name, peft_config=p.peft_config, **base))
         plans[name] = p
-    facts = {"model_class": type(probe).__name__, "head": head,
-             "backbone_params": next(iter(plans.values())).counts["backbone_params"]}
+    facts = {
+        "model_class": type(probe).__name__,
+        "head": head,
+        "backbone_params": next(iter(plans.values())).counts["backbone_params"],
+    }
     batch = padded_batch(probe.config, config.batch, config.seq, config.seed + 1)
-    facts |= {"tokens": count_tokens(batch), "padded_tokens": batch["attention_mask"].numel(),
-              "lengths": batch["attention_mask"].sum(1).tolist()}
+    facts |= {
+        "tokens": count_tokens(batch),
+        "padded_tokens": batch["attention_mask"].numel(),
+        "lengths": batch["attention_mask"].sum(1).tolist(),
+    }
     return facts, plans
 
 
@@ -418,30 +482,52 @@ def run(config: BenchConfig, log: Callable[[str], None] | None = None) -> dict[s
     started = datetime.now(UTC)
     facts, plans = plan(config)
     jobs = [j for p in plans.values() for j in p.jobs]
-    queue = [Job(**{**asdict(j), "round": r}) for r in range(config.rounds)
-             for j in (jobs if r % 2 == 0 else jobs[::-1])]
+    queue = [
+        Job(**{**asdict(j), "round": r}) for r in range(config.rounds) for j in (jobs if r % 2 == 0 else jobs[::-1])
+    ]
     if config.score_steps is not None:  # first: missing task data shows at once, not after the timings
-        queue[:0] = [Job(**{**asdict(jobs[0]), "kind": "score", "method": m, "task": config.task,
-                            "data_dir": config.data_dir, "score_steps": config.score_steps}) for m in config.methods]
+        queue[:0] = [
+            Job(
+                **{
+                    **asdict(jobs[0]),
+                    "kind": "score",
+                    "method": m,
+                    "task": config.task,
+                    "data_dir": config.data_dir,
+                    "score_steps": config.score_steps,
+                }
+            )
+            for m in config.methods
+        ]
     t0 = time.perf_counter()
     runs = []
     for i, job in enumerate(queue, 1):
         result = run_worker(job)
         runs.append(result)
-        log(f"[{i}/{len(queue)}] {job.label}" + (f" (round {job.round + 1})" if config.rounds > 1 else "")
-            + f": {_brief(result)}")
-    report = {"command": config.command(), "date": started.strftime("%Y-%m-%d %H:%M UTC"),
-              "wall_time_s": round(time.perf_counter() - t0, 1), "environment": environment(config),
-              "config": asdict(config), "setup": facts,
-              "methods": {m: {k: v for k, v in asdict(p).items() if k != "jobs"} for m, p in plans.items()},
-              "runs": runs}
+        log(
+            f"[{i}/{len(queue)}] {job.label}"
+            + (f" (round {job.round + 1})" if config.rounds > 1 else "")
+            + f": {_brief(result)}"
+        )
+    report = {
+        "command": config.command(),
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "wall_time_s": round(time.perf_counter() - t0, 1),
+        "environment": environment(config),
+        "config": asdict(config),
+        "setup": facts,
+        "methods": {m: {k: v for k, v in asdict(p).items() if k != "jobs"} for m, p in plans.items()},
+        "runs": runs,
+    }
     report["rows"] = rows(report)
     report["ratios"] = ratios(report["rows"]) if config.compare_peft else {}
     report["failures"] = [f"{Job(**r['job']).label}: {r['error']}" for r in runs if "error" in r]
     write_outputs(report, Path(config.output))
     if report["failures"]:
-        raise PeftlabError(f"{len(report['failures'])} of {len(runs)} measurements failed (first: "
-                           f"{report['failures'][0]}); the others are in {config.output}/bench.md")
+        raise PeftlabError(
+            f"{len(report['failures'])} of {len(runs)} measurements failed (first: "
+            f"{report['failures'][0]}); the others are in {config.output}/bench.md"
+        )
     return report
 
 
@@ -483,14 +569,20 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     for method, info in report["methods"].items():
         counts = info["counts"]
         for impl in ("peftlab", "peft"):
-            mine = {k: [r for r in ok if r["job"]["method"] == method and r["job"]["impl"] == impl
-                        and r["job"]["kind"] == k] for k in KINDS}
+            mine = {
+                k: [
+                    r for r in ok if r["job"]["method"] == method and r["job"]["impl"] == impl and r["job"]["kind"] == k
+                ]
+                for k in KINDS
+            }
             if impl == "peft" and info["peft_config"] is None:
                 continue
             measured = next((r["trainable_params"] for k in ("train", "infer") for r in mine[k]), None)
             trainable = counts["trainable_params"] if impl == "peftlab" else measured
             row: dict[str, Any] = {
-                "method": method, "impl": impl, "trainable_params": trainable,
+                "method": method,
+                "impl": impl,
+                "trainable_params": trainable,
                 "trainable_pct": 100.0 * trainable / backbone if trainable is not None else None,
                 "stored_params": counts["stored_params"] if impl == "peftlab" else None,
                 "changed_params": counts["changed_params"] if impl == "peftlab" else None,
@@ -530,14 +622,17 @@ def ratios(table: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
         ref = by.get((method, "peft"))
         if impl != "peftlab" or ref is None:
             continue
-        entry: dict[str, Any] = {"trainable_peftlab": lab["trainable_params"],
-                                 "trainable_peft": ref["trainable_params"]}
+        entry: dict[str, Any] = {
+            "trainable_peftlab": lab["trainable_params"],
+            "trainable_peft": ref["trainable_params"],
+        }
         for col in ("train_tok_s", "infer_tok_s"):
             a, b = lab[col], ref[col]
             ok = a is not None and b is not None
             entry[col] = a / b if ok else None
-            entry[f"{col}_range"] = [lab[f"{col}_q25"] / ref[f"{col}_q75"], lab[f"{col}_q75"] / ref[f"{col}_q25"]] \
-                if ok else None
+            entry[f"{col}_range"] = (
+                [lab[f"{col}_q25"] / ref[f"{col}_q75"], lab[f"{col}_q75"] / ref[f"{col}_q25"]] if ok else None
+            )
         for col in ("peak_mb", "increase_mb"):
             a, b = lab[col], ref[col]
             entry[col] = a / b if a is not None and b else None
@@ -564,8 +659,12 @@ def environment(config: BenchConfig) -> dict[str, str]:
         usable = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         usable = os.cpu_count() or 1
-    env = {"CPU": cpu_model(), "cores": f"{os.cpu_count()} logical, {usable} usable; torch threads = {config.threads}",
-           "CPU capability": torch.backends.cpu.get_cpu_capability(), **library_versions()}
+    env = {
+        "CPU": cpu_model(),
+        "cores": f"{os.cpu_count()} logical, {usable} usable; torch threads = {config.threads}",
+        "CPU capability": torch.backends.cpu.get_cpu_capability(),
+        **library_versions(),
+    }
     try:
         import peft
 
@@ -614,19 +713,35 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for r in report["rows"]:
         name = r["method"] + (" (peft)" if r["impl"] == "peft" else "")
-        cells = [name, _num(r["trainable_params"]), _num(r["trainable_pct"], ".4f"), _num(r["stored_params"]),
-                 _num(r["changed_params"]), _num(r["peak_mb"]), _num(r["increase_mb"]), _spread(r, "train_tok_s"),
-                 _num(r["train_pct_of_full"], ".1f"), _spread(r, "step_over_forward", ".2f"),
-                 _spread(r, "fwd_bwd_over_forward", ".2f"), _spread(r, "infer_tok_s"), _spread(r, "merged_tok_s"),
-                 _num(r["infer_pct_of_full"], ".1f")]
+        cells = [
+            name,
+            _num(r["trainable_params"]),
+            _num(r["trainable_pct"], ".4f"),
+            _num(r["stored_params"]),
+            _num(r["changed_params"]),
+            _num(r["peak_mb"]),
+            _num(r["increase_mb"]),
+            _spread(r, "train_tok_s"),
+            _num(r["train_pct_of_full"], ".1f"),
+            _spread(r, "step_over_forward", ".2f"),
+            _spread(r, "fwd_bwd_over_forward", ".2f"),
+            _spread(r, "infer_tok_s"),
+            _spread(r, "merged_tok_s"),
+            _num(r["infer_pct_of_full"], ".1f"),
+        ]
         if cfg["score_steps"]:
             score = r["score"]
             cells.append(f"{r['score_metric']} {score:.4f}" if score is not None else r["score_status"] or "–")
         lines.append("| " + " | ".join(cells) + " |")
     if report["ratios"]:
-        lines += ["", "## peftlab / peft", "",
-                  "| method | peft config | trainable (peftlab / peft) | train tok/s | infer tok/s | "
-                  f"{mem} | Δ over loaded |", "|---|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "## peftlab / peft",
+            "",
+            "| method | peft config | trainable (peftlab / peft) | train tok/s | infer tok/s | "
+            f"{mem} | Δ over loaded |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
         for method, e in report["ratios"].items():
             cfg_peft = report["methods"][method]["peft_config"]
             shown = {k: v for k, v in cfg_peft.items() if k not in ("task_type",) and v not in (None, {}, [])}
@@ -696,10 +811,19 @@ def plot(report: dict[str, Any], path: Path) -> None:
     for r in lab:
         if r["train_tok_s"] is not None and r["trainable_pct"]:
             ax.scatter(r["trainable_pct"], r["train_tok_s"], color="tab:blue")
-            ax.annotate(r["method"], (r["trainable_pct"], r["train_tok_s"]), fontsize=8, xytext=(3, 3),
-                        textcoords="offset points")
-    ax.set(xscale="log", xlabel="trainable % of backbone", ylabel="train tokens/s",
-           title="training throughput vs trainable parameters")
+            ax.annotate(
+                r["method"],
+                (r["trainable_pct"], r["train_tok_s"]),
+                fontsize=8,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set(
+        xscale="log",
+        xlabel="trainable % of backbone",
+        ylabel="train tokens/s",
+        title="training throughput vs trainable parameters",
+    )
 
     def bars(ax: Any, cols: list[tuple[str, str]], title: str, xlabel: str) -> None:
         h = 0.8 / len(cols)
@@ -709,8 +833,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
             vals = [r.get(key) or 0.0 for r in source]
             err = None
             if f"{key}_q25" in lab[0]:
-                err = [[max(0.0, (r.get(key) or 0) - (r.get(f"{key}_q25") or 0)) for r in source],
-                       [max(0.0, (r.get(f"{key}_q75") or 0) - (r.get(key) or 0)) for r in source]]
+                err = [
+                    [max(0.0, (r.get(key) or 0) - (r.get(f"{key}_q25") or 0)) for r in source],
+                    [max(0.0, (r.get(f"{key}_q75") or 0) - (r.get(key) or 0)) for r in source],
+                ]
             ax.barh([i + k * h for i in y], vals, height=h, xerr=err, label=label, capsize=2)
         ax.set_yticks([i + 0.4 - h / 2 for i in y], names)
         ax.invert_yaxis()
@@ -718,14 +844,30 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.legend(fontsize=7, framealpha=0.6)
 
     with_peft = bool(peft)
-    bars(axes[0][1], [("train_tok_s", "peftlab")] + ([("peft:train_tok_s", "peft")] if with_peft else []),
-         "training throughput", "tokens/s")
-    bars(axes[1][0], [("infer_tok_s", "unmerged"), ("merged_tok_s", "merged")]
-         + ([("peft:infer_tok_s", "peft unmerged")] if with_peft else []), "inference throughput", "tokens/s")
-    bars(axes[1][1], [("increase_mb", "peftlab")] + ([("peft:increase_mb", "peft")] if with_peft else []),
-         "training memory over the loaded model", "MB")
-    fig.suptitle(f"{report['config']['model']}: batch {report['config']['batch']} x {report['config']['seq']}, "
-                 f"{report['config']['device']} {report['config']['dtype']}", fontsize=10)
+    bars(
+        axes[0][1],
+        [("train_tok_s", "peftlab")] + ([("peft:train_tok_s", "peft")] if with_peft else []),
+        "training throughput",
+        "tokens/s",
+    )
+    bars(
+        axes[1][0],
+        [("infer_tok_s", "unmerged"), ("merged_tok_s", "merged")]
+        + ([("peft:infer_tok_s", "peft unmerged")] if with_peft else []),
+        "inference throughput",
+        "tokens/s",
+    )
+    bars(
+        axes[1][1],
+        [("increase_mb", "peftlab")] + ([("peft:increase_mb", "peft")] if with_peft else []),
+        "training memory over the loaded model",
+        "MB",
+    )
+    fig.suptitle(
+        f"{report['config']['model']}: batch {report['config']['batch']} x {report['config']['seq']}, "
+        f"{report['config']['device']} {report['config']['dtype']}",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -74,8 +74,9 @@ try:  # BoTorch's NUTS runs on NumPyro (its 'fully-bayesian' extra)
     import jax  # noqa: F401
     import numpyro  # noqa: F401
 except ImportError:
-    raise PeftlabError(MISSING_BOTORCH + " (its SAAS-GP fit needs JAX and NumPyro: "
-                       'pip install "botorch[fully-bayesian]")') from None
+    raise PeftlabError(
+        MISSING_BOTORCH + ' (its SAAS-GP fit needs JAX and NumPyro: pip install "botorch[fully-bayesian]")'
+    ) from None
 
 __all__ = ["AutoPEFTSampler", "Encoder", "neighbours"]
 
@@ -110,7 +111,7 @@ class Encoder:
         x = X.detach().reshape(-1, self.width).cpu().numpy()
         out = np.zeros((len(x), len(self.dims)), dtype=np.int64)
         for j, (n, hot, o) in enumerate(zip(self.sizes, self.onehot, self.offsets, strict=True)):
-            out[:, j] = np.argmax(x[:, o:o + n], axis=1) if hot else np.rint(x[:, o] * (n - 1))
+            out[:, j] = np.argmax(x[:, o : o + n], axis=1) if hot else np.rint(x[:, o] * (n - 1))
         return out
 
 
@@ -168,12 +169,26 @@ class AutoPEFTSampler(BaseSampler):
         acq_batch: candidates per acquisition call (memory vs. overhead).
     """
 
-    def __init__(self, *, space: SearchSpace, cost: Callable[[list[int]], float] | None = None,
-                 n_startup_trials: int = 10, batch_size: int = 1, seed: int | None = None,
-                 warmup_steps: int = 256, num_samples: int = 128, thinning: int = 16, max_tree_depth: int = 6,
-                 ref_point: Sequence[float] | None = None, budget: float | None = None, mc_samples: int = 32,
-                 n_random_starts: int = 5, max_pareto_starts: int = 20, max_local_steps: int = 30,
-                 acq_batch: int = 256) -> None:
+    def __init__(
+        self,
+        *,
+        space: SearchSpace,
+        cost: Callable[[list[int]], float] | None = None,
+        n_startup_trials: int = 10,
+        batch_size: int = 1,
+        seed: int | None = None,
+        warmup_steps: int = 256,
+        num_samples: int = 128,
+        thinning: int = 16,
+        max_tree_depth: int = 6,
+        ref_point: Sequence[float] | None = None,
+        budget: float | None = None,
+        mc_samples: int = 32,
+        n_random_starts: int = 5,
+        max_pareto_starts: int = 20,
+        max_local_steps: int = 30,
+        acq_batch: int = 256,
+    ) -> None:
         if batch_size < 1:
             raise PeftlabError(f"batch_size must be at least 1, got {batch_size}")
         if n_startup_trials < 1:
@@ -218,16 +233,21 @@ class AutoPEFTSampler(BaseSampler):
                 continue
             for name, dist in self._distributions.items():
                 if name in t.distributions and t.distributions[name] != dist:
-                    raise PeftlabError(f"trial {t.number}: parameter '{name}' is {t.distributions[name]}, but "
-                                       f"this sampler's space makes it {dist}: the study was made in another space")
+                    raise PeftlabError(
+                        f"trial {t.number}: parameter '{name}' is {t.distributions[name]}, but "
+                        f"this sampler's space makes it {dist}: the study was made in another space"
+                    )
             missing = [n for n in self._distributions if n not in t.params]
             if t.state == TrialState.COMPLETE and missing:
-                raise PeftlabError(f"trial {t.number} has no parameter '{missing[0]}': it was not made in this "
-                                   f"sampler's space (dimensions: {', '.join(self._distributions)})")
+                raise PeftlabError(
+                    f"trial {t.number} has no parameter '{missing[0]}': it was not made in this "
+                    f"sampler's space (dimensions: {', '.join(self._distributions)})"
+                )
         return dict(self._distributions)
 
-    def sample_independent(self, study: Study, trial: FrozenTrial, param_name: str,
-                           param_distribution: BaseDistribution) -> Any:
+    def sample_independent(
+        self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
+    ) -> Any:
         return self._random.sample_independent(study, trial, param_name, param_distribution)
 
     def before_trial(self, study: Study, trial: FrozenTrial) -> None:
@@ -236,8 +256,9 @@ class AutoPEFTSampler(BaseSampler):
     def after_trial(self, study: Study, trial: FrozenTrial, state: TrialState, values: Sequence[float] | None) -> None:
         self._random.after_trial(study, trial, state, values)
 
-    def sample_relative(self, study: Study, trial: FrozenTrial,
-                        search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+    def sample_relative(
+        self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
+    ) -> dict[str, Any]:
         if not search_space:
             return {}
         with self._lock:
@@ -247,11 +268,14 @@ class AutoPEFTSampler(BaseSampler):
     def _sample(self, study: Study, trial: FrozenTrial) -> dict[str, Any]:
         directions = study.directions
         if len(directions) < 2:
-            raise PeftlabError("the autopeft sampler is multi-objective: make the study with 2 or 3 directions "
-                               "(score, cost[, ...])")
+            raise PeftlabError(
+                "the autopeft sampler is multi-objective: make the study with 2 or 3 directions (score, cost[, ...])"
+            )
         if self.ref_point is not None and len(self.ref_point) != len(directions):
-            raise PeftlabError(f"ref_point has {len(self.ref_point)} values but the study has {len(directions)} "
-                               "objectives: give one per objective, in the study's own units and order")
+            raise PeftlabError(
+                f"ref_point has {len(self.ref_point)} values but the study has {len(directions)} "
+                "objectives: give one per objective, in the study's own units and order"
+            )
         completed, blocked, pending = self._observations(study, trial)
         if len(completed) < self.n_startup_trials:
             return {}
@@ -266,8 +290,10 @@ class AutoPEFTSampler(BaseSampler):
         except PeftlabError:
             raise
         except (RuntimeError, ValueError, ArithmeticError, BotorchError) as e:  # a numerical failure of fit or acqf
-            warnings.warn(f"the autopeft sampler's BO step failed ({type(e).__name__}: {e}); drawing this trial "
-                          "at random", stacklevel=3)
+            warnings.warn(
+                f"the autopeft sampler's BO step failed ({type(e).__name__}: {e}); drawing this trial at random",
+                stacklevel=3,
+            )
             return {}
         if not batch:
             warnings.warn("the autopeft sampler found no untried point: drawing one at random", stacklevel=3)
@@ -339,8 +365,13 @@ class AutoPEFTSampler(BaseSampler):
         for j in range(self.batch_size):
             X_pending = self.encoder.encode(pending + chosen) if pending or chosen else None
             acqf = qLogNoisyExpectedHypervolumeImprovement(
-                model=model, ref_point=ref.tolist(), X_baseline=X, X_pending=X_pending, prune_baseline=True,
-                sampler=get_sampler(model.posterior(X[:1]), torch.Size([self.mc_samples]), seed=self._seed(n, 2, j)))
+                model=model,
+                ref_point=ref.tolist(),
+                X_baseline=X,
+                X_pending=X_pending,
+                prune_baseline=True,
+                sampler=get_sampler(model.posterior(X[:1]), torch.Size([self.mc_samples]), seed=self._seed(n, 2, j)),
+            )
             taken = blocked | {self.key(c) for c in chosen}
             best, count = self.local_search(acqf, self._starts(front, rng, taken), taken)
             evaluated += count
@@ -349,9 +380,15 @@ class AutoPEFTSampler(BaseSampler):
             if best is None:
                 break
             chosen.append(best)
-        self.last_step = {"observations": n, "fit_s": t_fit, "total_s": time.perf_counter() - t0,
-                          "evaluated": evaluated, "pending": list(pending), "chosen": list(chosen),
-                          "ref_point": (ref * signs).tolist()}
+        self.last_step = {
+            "observations": n,
+            "fit_s": t_fit,
+            "total_s": time.perf_counter() - t0,
+            "evaluated": evaluated,
+            "pending": list(pending),
+            "chosen": list(chosen),
+            "ref_point": (ref * signs).tolist(),
+        }
         return chosen
 
     def _model(self, X: torch.Tensor, Y: torch.Tensor, signs: torch.Tensor, n: int) -> Model:
@@ -361,12 +398,18 @@ class AutoPEFTSampler(BaseSampler):
                 sign = float(signs[1])
                 models.append(GenericDeterministicModel(lambda x, s=sign: self._cost_tensor(x) * s, num_outputs=1))
                 continue
-            gp = SaasFullyBayesianSingleTaskGP(X, Y[:, i:i + 1], outcome_transform=Standardize(m=1))
+            gp = SaasFullyBayesianSingleTaskGP(X, Y[:, i : i + 1], outcome_transform=Standardize(m=1))
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                fit_fully_bayesian_model_nuts(gp, max_tree_depth=self.max_tree_depth, warmup_steps=self.warmup_steps,
-                                              num_samples=self.num_samples, thinning=self.thinning,
-                                              disable_progbar=True, seed=self._seed(n, 0, i))
+                fit_fully_bayesian_model_nuts(
+                    gp,
+                    max_tree_depth=self.max_tree_depth,
+                    warmup_steps=self.warmup_steps,
+                    num_samples=self.num_samples,
+                    thinning=self.thinning,
+                    disable_progbar=True,
+                    seed=self._seed(n, 0, i),
+                )
             models.append(gp)
         return ModelList(*models)
 
@@ -376,16 +419,18 @@ class AutoPEFTSampler(BaseSampler):
         return torch.tensor(values, dtype=X.dtype).reshape(*X.shape[:-1], 1)
 
     # -- acquisition optimisation ------------------------------------------------------------------------------
-    def _random_point(self, rng: np.random.Generator, blocked: set[tuple[int, ...]],
-                      tries: int = 1000) -> tuple[int, ...] | None:
+    def _random_point(
+        self, rng: np.random.Generator, blocked: set[tuple[int, ...]], tries: int = 1000
+    ) -> tuple[int, ...] | None:
         for _ in range(tries):
             v = tuple(int(rng.integers(len(d.choices))) for d in self._dims)
             if self.key(v) not in blocked and self._allowed(v):
                 return v
         return None
 
-    def _starts(self, front: np.ndarray, rng: np.random.Generator,
-                blocked: set[tuple[int, ...]]) -> list[tuple[int, ...]]:
+    def _starts(
+        self, front: np.ndarray, rng: np.random.Generator, blocked: set[tuple[int, ...]]
+    ) -> list[tuple[int, ...]]:
         pareto = list(dict.fromkeys(tuple(int(k) for k in v) for v in front))
         if len(pareto) > self.max_pareto_starts:
             keep = np.linspace(0, len(pareto) - 1, self.max_pareto_starts).round().astype(int)
@@ -393,8 +438,12 @@ class AutoPEFTSampler(BaseSampler):
         randoms = [self._random_point(rng, blocked, tries=100) for _ in range(self.n_random_starts)]
         return list(dict.fromkeys(pareto + [v for v in randoms if v is not None]))
 
-    def local_search(self, acqf: Callable[[torch.Tensor], torch.Tensor], starts: Sequence[Sequence[int]],
-                     blocked: set[tuple[int, ...]]) -> tuple[tuple[int, ...] | None, int]:
+    def local_search(
+        self,
+        acqf: Callable[[torch.Tensor], torch.Tensor],
+        starts: Sequence[Sequence[int]],
+        blocked: set[tuple[int, ...]],
+    ) -> tuple[tuple[int, ...] | None, int]:
         """Hill-climb the acquisition from every start at once: each moves to its best neighbour that is neither
         blocked nor over budget while that improves. Returns the best point visited (``None`` if none was
         allowed) and the number of acquisition values computed. ``acqf`` maps ``b x 1 x width`` to ``b``."""
@@ -403,7 +452,7 @@ class AutoPEFTSampler(BaseSampler):
         def evaluate(points: list[tuple[int, ...]]) -> None:
             new = [p for p in dict.fromkeys(points) if p not in values]
             for k in range(0, len(new), self.acq_batch):
-                chunk = new[k:k + self.acq_batch]
+                chunk = new[k : k + self.acq_batch]
                 with torch.no_grad():
                     out = acqf(self.encoder.encode(chunk).unsqueeze(-2)).reshape(-1)
                 values.update(zip(chunk, out.tolist(), strict=True))
@@ -414,8 +463,11 @@ class AutoPEFTSampler(BaseSampler):
         for _ in range(self.max_local_steps):
             moves = {}
             for s in current:
-                moves[s] = [c for c in (tuple(int(k) for k in w) for w in neighbours(s, self._dims))
-                            if self.key(c) not in blocked and self._allowed(c)]
+                moves[s] = [
+                    c
+                    for c in (tuple(int(k) for k in w) for w in neighbours(s, self._dims))
+                    if self.key(c) not in blocked and self._allowed(c)
+                ]
             evaluate([c for cs in moves.values() for c in cs])
             nxt = {}
             for s, val in current.items():

@@ -80,15 +80,34 @@ def _train_config(args: argparse.Namespace, output: str | None):
     from peftlab.train import TrainConfig
 
     return TrainConfig(
-        model=args.model, task=args.task, data_dir=args.data_dir, k=args.k, data_seed=args.data_seed,
-        dev_size=args.dev_size, seed=args.seed, max_steps=args.max_steps, epochs=args.epochs, fraction=args.fraction,
-        batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr, max_length=args.max_length,
+        model=args.model,
+        task=args.task,
+        data_dir=args.data_dir,
+        k=args.k,
+        data_seed=args.data_seed,
+        dev_size=args.dev_size,
+        seed=args.seed,
+        max_steps=args.max_steps,
+        epochs=args.epochs,
+        fraction=args.fraction,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        max_length=args.max_length,
         group_by_length=args.group_by_length,
-        eval_every=args.eval_every, patience=args.patience, precision=args.precision,
-        gradient_checkpointing=args.gradient_checkpointing, dropout=args.dropout, consistency=args.consistency,
+        eval_every=args.eval_every,
+        patience=args.patience,
+        precision=args.precision,
+        gradient_checkpointing=args.gradient_checkpointing,
+        dropout=args.dropout,
+        consistency=args.consistency,
         output=output,
-        progress=not args.no_progress, train_file=args.train_file, test_file=args.test_file,
-        text_column=args.text_column, text_pair_column=args.text_pair_column, label_column=args.label_column,
+        progress=not args.no_progress,
+        train_file=args.train_file,
+        test_file=args.test_file,
+        text_column=args.text_column,
+        text_pair_column=args.text_pair_column,
+        label_column=args.label_column,
         label_names=args.labels.split(",") if args.labels else None,
     )
 
@@ -108,12 +127,23 @@ def cmd_search(args: argparse.Namespace) -> None:
     from peftlab.search import SearchConfig, print_trial, run_search
 
     config = SearchConfig(
-        model=args.model, task=args.task, space=args.space, sampler=args.sampler, trials=args.trials,
-        study=args.study, storage=args.storage, output=args.output,
-        objectives=tuple(args.objectives.split(",")), budget=args.budget,
+        model=args.model,
+        task=args.task,
+        space=args.space,
+        sampler=args.sampler,
+        trials=args.trials,
+        study=args.study,
+        storage=args.storage,
+        output=args.output,
+        objectives=tuple(args.objectives.split(",")),
+        budget=args.budget,
         ref_point=_pair(args.ref_point, "--ref-point") if args.ref_point else None,
-        startup_trials=args.startup_trials, batch_size=args.bo_batch, seed=args.sampler_seed,
-        heartbeat=args.heartbeat, train=_train_settings(args))
+        startup_trials=args.startup_trials,
+        batch_size=args.bo_batch,
+        seed=args.sampler_seed,
+        heartbeat=args.heartbeat,
+        train=_train_settings(args),
+    )
     study = run_search(config, workers=args.workers, on_trial=print_trial)
     paths = export(study, Path(args.output) / "results", plots=not args.no_plots)
     s = summary(study)
@@ -154,8 +184,10 @@ def cmd_pareto(args: argparse.Namespace) -> None:
             if args.json:
                 print(json.dumps(s, indent=2, default=str))
                 continue
-            print(f"study '{study.study_name}' ({s['definition']['sampler']}): {s['trials']} trials "
-                  f"{s['statuses']}, hypervolume {s['hypervolume']:.5f} (reference point {s['ref_point']})")
+            print(
+                f"study '{study.study_name}' ({s['definition']['sampler']}): {s['trials']} trials "
+                f"{s['statuses']}, hypervolume {s['hypervolume']:.5f} (reference point {s['ref_point']})"
+            )
             print(results.front_table(study))
     elif args.action == "export":
         for study in studies:
@@ -183,20 +215,33 @@ def cmd_refine(args: argparse.Namespace) -> None:
     from peftlab.refine import refine
     from peftlab.search import SearchConfig, print_trial
 
-    config = SearchConfig(model=args.model, task=args.task, space=args.space, study=args.study,
-                          storage=args.storage, output=args.output, seed=args.sampler_seed,
-                          heartbeat=args.heartbeat, train=_train_settings(args))
+    config = SearchConfig(
+        model=args.model,
+        task=args.task,
+        space=args.space,
+        study=args.study,
+        storage=args.storage,
+        output=args.output,
+        seed=args.sampler_seed,
+        heartbeat=args.heartbeat,
+        train=_train_settings(args),
+    )
     stages = args.stages.split(",") if args.stages else None
     result = refine(config, samples=args.samples, stages=stages, on_trial=print_trial)
     for stage in result.stages:
-        shown = "  ".join(f"{c['value']}: {c['mean']:.4f}" if c["mean"] is not None else f"{c['value']}: -"
-                          for c in stage.to_dict()["candidates"])
-        print(f"{stage.name}: " + (f"skipped ({stage.skipped})" if stage.skipped else
-                                   f"chose {stage.chosen}   ({shown})"))
+        shown = "  ".join(
+            f"{c['value']}: {c['mean']:.4f}" if c["mean"] is not None else f"{c['value']}: -"
+            for c in stage.to_dict()["candidates"]
+        )
+        print(
+            f"{stage.name}: " + (f"skipped ({stage.skipped})" if stage.skipped else f"chose {stage.chosen}   ({shown})")
+        )
     print("design: " + ", ".join(f"{k}={v}" for k, v in result.design.items()))
     if result.spec is not None:
-        print(f"stored {result.stored_percent:.3f}%; spec: {Path(args.output) / 'spec.json'} "
-              f"(train it with `peftlab train --spec`)")
+        print(
+            f"stored {result.stored_percent:.3f}%; spec: {Path(args.output) / 'spec.json'} "
+            f"(train it with `peftlab train --spec`)"
+        )
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
@@ -227,9 +272,15 @@ def cmd_train(args: argparse.Namespace) -> None:
     spec = spec_from_args(args)
     with _log_to_stderr("peftlab.train"):  # one line per evaluation, with or without the progress bar
         record = train(spec, _train_config(args, args.output))
-    summary = {"status": record.status, "steps": record.steps, "best": record.best, "test": record.test,
-               "output": args.output, "wall_time_s": round(record.wall_time_s, 1),
-               "tokens_per_s": round(record.tokens_per_s, 1)}
+    summary = {
+        "status": record.status,
+        "steps": record.steps,
+        "best": record.best,
+        "test": record.test,
+        "output": args.output,
+        "wall_time_s": round(record.wall_time_s, 1),
+        "tokens_per_s": round(record.tokens_per_s, 1),
+    }
     print(json.dumps(summary, indent=2))
 
 
@@ -273,10 +324,22 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from peftlab.bench import BenchConfig, markdown, run
 
     config = BenchConfig(
-        model=args.model, methods=[m.strip() for m in args.methods.split(",") if m.strip()], output=args.output,
-        batch=args.batch, seq=args.seq, repeats=args.repeats, warmup=args.warmup, rounds=args.rounds,
-        threads=args.threads, device=args.device, dtype=args.dtype, compare_peft=args.compare_peft,
-        score_steps=args.score_steps, task=args.task, data_dir=args.data_dir, seed=args.seed,
+        model=args.model,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        output=args.output,
+        batch=args.batch,
+        seq=args.seq,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        rounds=args.rounds,
+        threads=args.threads,
+        device=args.device,
+        dtype=args.dtype,
+        compare_peft=args.compare_peft,
+        score_steps=args.score_steps,
+        task=args.task,
+        data_dir=args.data_dir,
+        seed=args.seed,
     )
     print(markdown(run(config)))
     print(f"written to {args.output}/bench.md, bench.csv, bench.json, bench.png", file=sys.stderr)
@@ -288,8 +351,14 @@ def cmd_space(args: argparse.Namespace) -> None:
     space = load_space(args.space, args.model)
     dims = space.dimensions()
     if args.json:
-        out = {"space": args.space, "model": args.model, "type": space.type, "size": space.size,
-               "dimensions": [d.to_dict() for d in dims], "definition": space.to_dict()}
+        out = {
+            "space": args.space,
+            "model": args.model,
+            "type": space.type,
+            "size": space.size,
+            "dimensions": [d.to_dict() for d in dims],
+            "definition": space.to_dict(),
+        }
         print(json.dumps(out, indent=2))
         return
     print(f"space: {args.space} ({space.type})" + (f"   model: {args.model}" if args.model else ""))
@@ -305,16 +374,24 @@ def cmd_space(args: argparse.Namespace) -> None:
 def _add_model_task(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="shape:<name>, minilm, smollm2-135m, a local folder or hub id")
     p.add_argument("--task", required=True, help="a GLUE / SuperGLUE task, e.g. rte, sst2, superglue/cb")
-    p.add_argument("--data-dir", default=None,
-                   help="folder with glue/ and superglue/ task files (default: $PEFTLAB_DATA_DIR, else the hub)")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder with glue/ and superglue/ task files (default: $PEFTLAB_DATA_DIR, else the hub)",
+    )
     p.add_argument("--max-length", type=int, default=128, help="truncate inputs to this many tokens")
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", help="a method preset (see `peftlab methods`)")
     p.add_argument("--spec", help="a spec JSON file instead of --method")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="method argument, e.g. --set r=16 --set targets=all-linear (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="method argument, e.g. --set r=16 --set targets=all-linear (repeatable)",
+    )
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -328,17 +405,24 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--group-by-length", action="store_true",
-                   help="batch examples of similar length together (less padding, faster on long-tailed tasks)")
+    p.add_argument(
+        "--group-by-length",
+        action="store_true",
+        help="batch examples of similar length together (less padding, faster on long-tailed tasks)",
+    )
     p.add_argument("--lr", type=float, help="learning rate (default: the method's, from its paper)")
     p.add_argument("--eval-every", type=int, help="evaluate on the dev split every N steps (default: each epoch)")
     p.add_argument("--patience", type=int, help="stop after N evaluations without improvement")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="bf16/fp16 need a GPU")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--dropout", type=float, help="override the backbone's dropout probability (e.g. 0)")
-    p.add_argument("--consistency", type=float, metavar="W",
-                   help="weight of AdaMix's consistency loss between two randomly routed passes (default: 1 for "
-                        "specs with AdaMix modules, else 0; 0 turns it off)")
+    p.add_argument(
+        "--consistency",
+        type=float,
+        metavar="W",
+        help="weight of AdaMix's consistency loss between two randomly routed passes (default: 1 for "
+        "specs with AdaMix modules, else 0; 0 turns it off)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("your own data (CSV, TSV or JSONL; --task then just names it)")
     g.add_argument("--train-file", help="training examples; dev is held out from them")
@@ -352,12 +436,18 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 def _add_study_args(p: argparse.ArgumentParser, study: str, output: str) -> None:
     """Where a search or refinement keeps its study and runs, and how its trials are drawn and watched."""
     p.add_argument("--study", default=study, help=f"study name in the storage (default {study})")
-    p.add_argument("--storage", help="database URL shared by workers, e.g. postgresql://user@host/db "
-                                     "(default: sqlite file OUTPUT/study.db)")
+    p.add_argument(
+        "--storage",
+        help="database URL shared by workers, e.g. postgresql://user@host/db (default: sqlite file OUTPUT/study.db)",
+    )
     p.add_argument("--output", default=output, help=f"folder for trial runs and results (default ./{output})")
     p.add_argument("--sampler-seed", type=int, default=0, help="seed of the points drawn")
-    p.add_argument("--heartbeat", type=int, default=10,
-                   help="seconds between a running trial's heartbeats; a trial silent 3x as long is retried")
+    p.add_argument(
+        "--heartbeat",
+        type=int,
+        default=10,
+        help="seconds between a running trial's heartbeats; a trial silent 3x as long is retried",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,8 +461,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="count trainable / stored / changed parameters of a method on a model")
     p.add_argument("--model", required=True, help="shape:<name>, minilm, smollm2-135m, a local folder or hub id")
     _add_spec_args(p)
-    p.add_argument("--head", choices=["seq-cls", "causal-lm", "seq2seq", "base"],
-                   help="model class (default: seq-cls for encoders, causal-lm for decoders, seq2seq for T5)")
+    p.add_argument(
+        "--head",
+        choices=["seq-cls", "causal-lm", "seq2seq", "base"],
+        help="model class (default: seq-cls for encoders, causal-lm for decoders, seq2seq for T5)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
     p.add_argument("--show-spec", action="store_true", help="also print the spec")
     p.set_defaults(fn=cmd_show)
@@ -384,29 +477,45 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(fn=cmd_train)
 
-    p = sub.add_parser("search", help="multi-objective search (dev score vs stored parameters) over a space; "
-                                      "resumable, shareable by workers on several machines")
+    p = sub.add_parser(
+        "search",
+        help="multi-objective search (dev score vs stored parameters) over a space; "
+        "resumable, shareable by workers on several machines",
+    )
     _add_model_task(p)
     p.add_argument("--space", default="autopeft", help="autopeft, s4 or a space file (default autopeft)")
-    p.add_argument("--sampler", default="tpe", help="random, tpe, nsga2, gp or autopeft (BoTorch SAAS-GP + "
-                                                   "qLogNEHVI; needs peftlab[bo]); default tpe")
+    p.add_argument(
+        "--sampler",
+        default="tpe",
+        help="random, tpe, nsga2, gp or autopeft (BoTorch SAAS-GP + qLogNEHVI; needs peftlab[bo]); default tpe",
+    )
     p.add_argument("--trials", type=int, default=20, help="finished trials the study should hold (default 20)")
     _add_study_args(p, "peftlab", "search")
     p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
-    p.add_argument("--budget", type=float, help="max stored parameters, %% of the backbone: costlier points are "
-                                                "pruned untrained")
-    p.add_argument("--objectives", default="score,stored",
-                   help="score,stored plus optionally latency (ms/example) or memory (CUDA peak)")
-    p.add_argument("--ref-point", help="hypervolume reference point SCORE,STORED_PERCENT (default 0 and the "
-                                       "budget, else the space's costliest point)")
+    p.add_argument(
+        "--budget", type=float, help="max stored parameters, %% of the backbone: costlier points are pruned untrained"
+    )
+    p.add_argument(
+        "--objectives",
+        default="score,stored",
+        help="score,stored plus optionally latency (ms/example) or memory (CUDA peak)",
+    )
+    p.add_argument(
+        "--ref-point",
+        help="hypervolume reference point SCORE,STORED_PERCENT (default 0 and the "
+        "budget, else the space's costliest point)",
+    )
     p.add_argument("--startup-trials", type=int, default=8, help="random trials before model-based sampling")
     p.add_argument("--bo-batch", type=int, default=1, help="autopeft sampler: candidates chosen jointly")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     _add_train_args(p)
     p.set_defaults(fn=cmd_search)
 
-    p = sub.add_parser("refine", help="S4 progressive greedy refinement of a design space (one stage per "
-                                      "dimension, candidates compared on low-fidelity runs)")
+    p = sub.add_parser(
+        "refine",
+        help="S4 progressive greedy refinement of a design space (one stage per "
+        "dimension, candidates compared on low-fidelity runs)",
+    )
     _add_model_task(p)
     p.add_argument("--space", default="s4", help="s4 or an S4 space file (type s4); default s4")
     p.add_argument("--samples", type=int, default=2, help="points trained per candidate (default 2)")
@@ -418,8 +527,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pareto", help="a search's results: show, export, plot, spec of a trial, retrain")
     p.add_argument("action", choices=["show", "export", "plot", "spec", "retrain"])
     p.add_argument("--storage", required=True, help="database URL or SQLite file of the study")
-    p.add_argument("--study", action="append", required=True,
-                   help="study name (repeat to compare studies, e.g. one per sampler, in show/export/plot)")
+    p.add_argument(
+        "--study",
+        action="append",
+        required=True,
+        help="study name (repeat to compare studies, e.g. one per sampler, in show/export/plot)",
+    )
     p.add_argument("--output", help="folder (export, plot, retrain) or spec file (spec)")
     p.add_argument("--trial", type=int, nargs="*", help="trial number(s) (spec: one; retrain: default the front)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="retrain: training seeds")
@@ -437,10 +550,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_dashboard)
 
     p = sub.add_parser("space", help="show a search space: its dimensions and its size")
-    p.add_argument("--space", default="autopeft",
-                   help="a built-in space (autopeft, s4) or a space file (JSON; YAML with PyYAML); default autopeft")
-    p.add_argument("--model", help="shape:<name>, minilm, smollm2-135m, a folder or hub id (the built-in spaces "
-                                   "need it; a file may give num_layers instead)")
+    p.add_argument(
+        "--space",
+        default="autopeft",
+        help="a built-in space (autopeft, s4) or a space file (JSON; YAML with PyYAML); default autopeft",
+    )
+    p.add_argument(
+        "--model",
+        help="shape:<name>, minilm, smollm2-135m, a folder or hub id (the built-in spaces "
+        "need it; a file may give num_layers instead)",
+    )
     p.add_argument("--json", action="store_true", help="print a JSON object (size, dimensions, definition)")
     p.set_defaults(fn=cmd_space)
 
@@ -450,8 +569,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(fn=cmd_eval)
 
-    p = sub.add_parser("bench", help="parameters, peak memory and train / inference throughput of methods, "
-                                     "each measured in a fresh process")
+    p = sub.add_parser(
+        "bench",
+        help="parameters, peak memory and train / inference throughput of methods, each measured in a fresh process",
+    )
     p.add_argument("--model", required=True, help="shape:<name>, minilm, smollm2-135m, a local folder or hub id")
     p.add_argument("--methods", required=True, help="comma-separated presets, e.g. full,head,lora,pfeiffer")
     p.add_argument("--output", required=True, help="folder for bench.md, bench.csv, bench.json and bench.png")
@@ -459,15 +580,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=128, help="padded length; rows get random lengths up to it")
     p.add_argument("--repeats", type=int, default=10, help="timed iterations per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations before them")
-    p.add_argument("--rounds", type=int, default=1,
-                   help="run every measurement this many times, each in a fresh process, reversing the order "
-                        "every other round (peftlab and peft alternate going first)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads per process (1: robust on a shared machine, see benchmarks/README.md)")
-    p.add_argument("--compare-peft", action="store_true",
-                   help="also measure the peft library's equivalents (LoRA, DoRA, (IA)3, prefix, prompt, LN)")
-    p.add_argument("--score-steps", type=int, help="also train each method this many steps on --task (batch "
-                                                   "--batch, length --seq) and report its test score")
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run every measurement this many times, each in a fresh process, reversing the order "
+        "every other round (peftlab and peft alternate going first)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per process (1: robust on a shared machine, see benchmarks/README.md)",
+    )
+    p.add_argument(
+        "--compare-peft",
+        action="store_true",
+        help="also measure the peft library's equivalents (LoRA, DoRA, (IA)3, prefix, prompt, LN)",
+    )
+    p.add_argument(
+        "--score-steps",
+        type=int,
+        help="also train each method this many steps on --task (batch --batch, length --seq) and report its test score",
+    )
     p.add_argument("--task", help="the task of --score-steps, e.g. sst2")
     p.add_argument("--data-dir", default=None, help="task data folder (default: $PEFTLAB_DATA_DIR, else the hub)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")

@@ -32,14 +32,16 @@ def serve(storage: str, host: str = "127.0.0.1", port: int = 8080) -> None:
     _check_port(host, port)
     app = optuna_dashboard.wsgi(open_existing(url))
     try:
-        server = make_server(host, port, app, server_class=_V6Server if ":" in host else WSGIServer,
-                             handler_class=_QuietHandler)
+        server = make_server(
+            host, port, app, server_class=_V6Server if ":" in host else WSGIServer, handler_class=_QuietHandler
+        )
     except OSError as e:  # lost the race for the port between the check and the bind
         if e.errno == errno.EADDRINUSE:
             raise PeftlabError(_port_in_use(host, port)) from None
         raise
-    print(f"optuna-dashboard for {hide_password(url)} on http://{_bracketed(host)}:{port}/ (Ctrl-C to stop)",
-          flush=True)
+    print(
+        f"optuna-dashboard for {hide_password(url)} on http://{_bracketed(host)}:{port}/ (Ctrl-C to stop)", flush=True
+    )
     _serve_until_interrupted(server)
 
 
@@ -98,5 +100,3 @@ def _check_port(host: str, port: int) -> None:
 
 def _port_in_use(host: str, port: int) -> str:
     return f"port {port} is already in use on {host}: stop what is using it or choose another port (--port)"
-
-

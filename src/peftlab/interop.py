@@ -37,33 +37,77 @@ from peftlab.spec import Spec
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
-EXPORTABLE = ("LoRA (without DoRA or gates), (IA)3, prefix tuning in every layer or prompt tuning, "
-              "each with its trained task head")
+EXPORTABLE = (
+    "LoRA (without DoRA or gates), (IA)3, prefix tuning in every layer or prompt tuning, "
+    "each with its trained task head"
+)
 #: peft_type -> the peftlab kind it becomes
 IMPORTABLE = {"LORA": "lora", "IA3": "ia3", "PREFIX_TUNING": "prefix", "PROMPT_TUNING": "prompt"}
 _PEFT_TYPES = {kind: peft_type for peft_type, kind in IMPORTABLE.items()}
 #: peftlab kind -> the peft_type of the peft library's equivalent method (for side-by-side benchmarks)
 _EQUIVALENT = _PEFT_TYPES | {"ln": "LN_TUNING"}
 _LORA_WEIGHT = "{}.lora_A.weight", "{}.lora_B.weight"
-_TASKS = (("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
-          ("ForQuestionAnswering", "QUESTION_ANS"), ("ForCausalLM", "CAUSAL_LM"),
-          ("LMHeadModel", "CAUSAL_LM"))
+_TASKS = (
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("LMHeadModel", "CAUSAL_LM"),
+)
 #: config fields peftlab reads, per peft_type
 _FIELDS = {
-    "LORA": ("r", "lora_alpha", "lora_dropout", "use_rslora", "target_modules", "exclude_modules",
-             "layers_to_transform", "layers_pattern", "rank_pattern", "alpha_pattern"),
+    "LORA": (
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "use_rslora",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+    ),
     "IA3": ("target_modules", "exclude_modules", "feedforward_modules"),
-    "PREFIX_TUNING": ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers",
-                      "num_transformer_submodules"),
+    "PREFIX_TUNING": (
+        "num_virtual_tokens",
+        "token_dim",
+        "num_attention_heads",
+        "num_layers",
+        "num_transformer_submodules",
+    ),
     "PROMPT_TUNING": ("num_virtual_tokens", "token_dim", "num_transformer_submodules"),
 }
 #: fields that describe the file, only matter for merging or only mattered when peft initialised the adapter
-_IGNORED = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
-            "inference_mode", "modules_to_save", "fan_in_fan_out", "init_lora_weights", "megatron_core",
-            "qalora_group_size", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
-            "ensure_weight_tying", "init_ia3_weights", "init_weights", "encoder_hidden_size",
-            "prefix_projection", "num_attention_heads", "num_layers", "prompt_tuning_init",
-            "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"}
+_IGNORED = {
+    "peft_type",
+    "task_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "modules_to_save",
+    "fan_in_fan_out",
+    "init_lora_weights",
+    "megatron_core",
+    "qalora_group_size",
+    "loftq_config",
+    "eva_config",
+    "corda_config",
+    "lora_ga_config",
+    "ensure_weight_tying",
+    "init_ia3_weights",
+    "init_weights",
+    "encoder_hidden_size",
+    "prefix_projection",
+    "num_attention_heads",
+    "num_layers",
+    "prompt_tuning_init",
+    "prompt_tuning_init_text",
+    "tokenizer_name_or_path",
+    "tokenizer_kwargs",
+}
 
 Tensors = dict[str, torch.Tensor]
 Placed = dict[tuple[int | None, str], Settings]
@@ -103,8 +147,10 @@ def _rope_shift(model: nn.Module, kv: torch.Tensor, steps: int) -> torch.Tensor:
     inv_freq = rotary.inv_freq.to(kv.device, torch.float64)
     head_dim = kv.shape[-1]
     if 2 * inv_freq.numel() != head_dim:
-        raise PeftlabError(f"prefix tuning with partial rotary embeddings ({2 * inv_freq.numel()} of "
-                           f"{head_dim} dimensions) cannot be converted between peftlab and peft")
+        raise PeftlabError(
+            f"prefix tuning with partial rotary embeddings ({2 * inv_freq.numel()} of "
+            f"{head_dim} dimensions) cannot be converted between peftlab and peft"
+        )
     angles = steps * torch.cat([inv_freq, inv_freq])
     keys = kv[:, 0].to(torch.float64)
     half = head_dim // 2
@@ -160,8 +206,9 @@ def _placed(pm: PeftModel, adapter: nn.Module) -> Placed:
     """Which settings sit at which (layer, site) of the adapter as built (a spec may name sites that some
     blocks lack); model-level sites have layer None."""
     stacks = [stack_name(b.stack.path) for b in pm.blocks]
-    wanted = {(i, site): s for i, sites in adapter.spec.resolve(len(pm.blocks), stacks).items()
-              for site, s in sites.items()}
+    wanted = {
+        (i, site): s for i, sites in adapter.spec.resolve(len(pm.blocks), stacks).items() for site, s in sites.items()
+    }
     wanted |= {(None, site): s for site, s in adapter.spec.model.items()}
     return {key: s for key, s in wanted.items() if module_key(*key) in adapter.layers}
 
@@ -171,21 +218,29 @@ def _exportable_kind(name: str, spec: Spec, placed: Placed) -> str:
     sites: dict[str, set[str]] = {}
     for (_, site), s in placed.items():
         sites.setdefault(s.kind, set()).add(site)
-    problems = [what for flag, what in ((spec.full, "full fine-tuning"), (spec.gates, "UniPELT gates"),
-                                        (spec.train_embeddings, "trained input embeddings")) if flag]
+    problems = [
+        what
+        for flag, what in (
+            (spec.full, "full fine-tuning"),
+            (spec.gates, "UniPELT gates"),
+            (spec.train_embeddings, "trained input embeddings"),
+        )
+        if flag
+    ]
     if any(isinstance(s, LoraSettings) and s.dora for s in placed.values()):
         problems.append("DoRA")
-    problems += [f"'{k}' modules (at {', '.join(sorted(sites[k]))})"
-                 for k in sorted(set(sites) - set(_EXPORTERS))]
+    problems += [f"'{k}' modules (at {', '.join(sorted(sites[k]))})" for k in sorted(set(sites) - set(_EXPORTERS))]
     kinds = sorted(set(sites) & set(_EXPORTERS))
     if len(kinds) > 1:
         problems.append(f"several kinds at once ({', '.join(kinds)}) where a peft adapter holds one")
     if not sites and not problems:
         problems.append("no modules besides the task head")
     if problems:
-        raise PeftlabError(f"adapter '{name}' cannot be exported to the peft format: it has "
-                           f"{'; '.join(problems)}. The peft format holds {EXPORTABLE}; save it with "
-                           "format='peftlab' instead")
+        raise PeftlabError(
+            f"adapter '{name}' cannot be exported to the peft format: it has "
+            f"{'; '.join(problems)}. The peft format holds {EXPORTABLE}; save it with "
+            "format='peftlab' instead"
+        )
     return kinds[0]
 
 
@@ -200,8 +255,9 @@ def _host_name(ref: LinearRef, names: dict[int, str], kind: str, where: str) -> 
     return name
 
 
-def _linear_modules(adapter: nn.Module, placed: Placed, names: dict[int, str], cls: type, kind: str
-                    ) -> list[tuple[str, Settings, nn.Module]]:
+def _linear_modules(
+    adapter: nn.Module, placed: Placed, names: dict[int, str], cls: type, kind: str
+) -> list[tuple[str, Settings, nn.Module]]:
     """(host module name, settings, peftlab module) of every site of the given kind, in layer order."""
     found = []
     for (i, site), s in sorted((key, s) for key, s in placed.items() if isinstance(s, cls)):
@@ -215,13 +271,16 @@ def _fan_in_fan_out(modules: list[tuple[str, Settings, nn.Module]]) -> bool:
     return any(m.ref.transposed for _, _, m in modules)
 
 
-def _export_lora(pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
-                 ) -> tuple[dict[str, Any], Tensors]:
+def _export_lora(
+    pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
+) -> tuple[dict[str, Any], Tensors]:
     modules = _linear_modules(adapter, placed, names, LoraSettings, "LoRA")
     dropouts = sorted({s.dropout for _, s, _ in modules})
     if len(dropouts) > 1:
-        raise PeftlabError(f"cannot export to the peft format: peft has one lora_dropout for all modules, "
-                           f"this adapter uses {', '.join(map(str, dropouts))} at different sites")
+        raise PeftlabError(
+            f"cannot export to the peft format: peft has one lora_dropout for all modules, "
+            f"this adapter uses {', '.join(map(str, dropouts))} at different sites"
+        )
     # The most common (r, alpha, rslora) is the default; other sites go to rank_pattern / alpha_pattern.
     # A site whose rslora differs from the default gets the alpha that gives its scaling under the default.
     r0, alpha0, rslora0 = Counter((s.r, s.alpha, s.rslora) for _, s, _ in modules).most_common(1)[0][0]
@@ -236,33 +295,47 @@ def _export_lora(pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[
             alpha_pattern[re.escape(name)] = alpha
         a_key, b_key = (_key_root(False) + k.format(name) for k in _LORA_WEIGHT)
         tensors[a_key], tensors[b_key] = module.lora_A, module.lora_B
-    config = {"r": r0, "lora_alpha": alpha0, "use_rslora": rslora0, "lora_dropout": dropouts[0],
-              "target_modules": [name for name, _, _ in modules], "rank_pattern": rank_pattern,
-              "alpha_pattern": alpha_pattern, "bias": "none", "fan_in_fan_out": _fan_in_fan_out(modules)}
+    config = {
+        "r": r0,
+        "lora_alpha": alpha0,
+        "use_rslora": rslora0,
+        "lora_dropout": dropouts[0],
+        "target_modules": [name for name, _, _ in modules],
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "bias": "none",
+        "fan_in_fan_out": _fan_in_fan_out(modules),
+    }
     return config, tensors
 
 
-def _export_ia3(pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
-                ) -> tuple[dict[str, Any], Tensors]:
+def _export_ia3(
+    pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
+) -> tuple[dict[str, Any], Tensors]:
     modules = _linear_modules(adapter, placed, names, IA3Settings, "(IA)3")
     tensors: Tensors = {}
     for name, _, module in modules:
         # peft's shapes: (1, in) scales a feedforward module's input, (out, 1) a module's output.
         vector = module.ia3_l
         tensors[f"{_key_root(False)}{name}.ia3_l"] = vector[None, :] if module.on_input else vector[:, None]
-    config = {"target_modules": [name for name, _, _ in modules],
-              "feedforward_modules": [name for name, _, m in modules if m.on_input],
-              "fan_in_fan_out": _fan_in_fan_out(modules)}
+    config = {
+        "target_modules": [name for name, _, _ in modules],
+        "feedforward_modules": [name for name, _, m in modules if m.on_input],
+        "fan_in_fan_out": _fan_in_fan_out(modules),
+    }
     return config, tensors
 
 
-def _export_prefix(pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
-                   ) -> tuple[dict[str, Any], Tensors]:
+def _export_prefix(
+    pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
+) -> tuple[dict[str, Any], Tensors]:
     base = pm.base_model
     if getattr(base.config, "is_encoder_decoder", False):
-        raise PeftlabError("cannot export prefix tuning of an encoder-decoder model to the peft format: "
-                           "peft puts prefixes in the decoder's self- and cross-attention, peftlab in each "
-                           "stack's self-attention")
+        raise PeftlabError(
+            "cannot export prefix tuning of an encoder-decoder model to the peft format: "
+            "peft puts prefixes in the decoder's self- and cross-attention, peftlab in each "
+            "stack's self-attention"
+        )
     n_layers = len(pm.blocks)
     missing = [i for i in range(n_layers) if module_key(i, "attn") not in adapter.layers]
     lengths = sorted({s.length for s in placed.values() if isinstance(s, PrefixSettings)})
@@ -278,20 +351,32 @@ def _export_prefix(pm: PeftModel, adapter: nn.Module, placed: Placed, names: dic
     kv = _rope_shift(base, kv, length)
     # peft views the table as (tokens, layers * 2, heads, head_dim): layer l's keys, then its values.
     table = kv.permute(3, 0, 1, 2, 4).reshape(length, -1)
-    config = {"num_virtual_tokens": length, "token_dim": dims.kv_dim, "num_attention_heads": dims.kv_heads,
-              "num_layers": n_layers, "num_transformer_submodules": 1, "encoder_hidden_size": dims.kv_dim,
-              "prefix_projection": False}
+    config = {
+        "num_virtual_tokens": length,
+        "token_dim": dims.kv_dim,
+        "num_attention_heads": dims.kv_heads,
+        "num_layers": n_layers,
+        "num_transformer_submodules": 1,
+        "encoder_hidden_size": dims.kv_dim,
+        "prefix_projection": False,
+    }
     return config, {"prompt_embeddings": table}
 
 
-def _export_prompt(pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
-                   ) -> tuple[dict[str, Any], Tensors]:
+def _export_prompt(
+    pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
+) -> tuple[dict[str, Any], Tensors]:
     prompt = adapter.layers[module_key(None, "input")].prompt
     dims = pm.dims
     # One submodule: peft prepends the table to the encoder input (of an encoder-decoder model too).
-    config = {"num_virtual_tokens": prompt.shape[0], "token_dim": dims.hidden,
-              "num_attention_heads": dims.heads, "num_layers": dims.num_layers,
-              "num_transformer_submodules": 1, "prompt_tuning_init": "RANDOM"}
+    config = {
+        "num_virtual_tokens": prompt.shape[0],
+        "token_dim": dims.hidden,
+        "num_attention_heads": dims.heads,
+        "num_layers": dims.num_layers,
+        "num_transformer_submodules": 1,
+        "prompt_tuning_init": "RANDOM",
+    }
     return config, {"prompt_embeddings": prompt}
 
 
@@ -299,19 +384,23 @@ _EXPORTERS = {"lora": _export_lora, "ia3": _export_ia3, "prefix": _export_prefix
 
 
 # -- import -------------------------------------------------------------------------------------------------
-def load_peft(model: nn.Module, directory: str | Path, adapter_name: str | None = None,
-              activate: bool = True) -> PeftModel:
+def load_peft(
+    model: nn.Module, directory: str | Path, adapter_name: str | None = None, activate: bool = True
+) -> PeftModel:
     """Load a peft adapter folder onto ``model`` (a transformers model or a PeftModel) as peftlab modules."""
     directory = Path(directory)
     config = _read_config(directory)
     peft_type = config.get("peft_type")
     if peft_type not in IMPORTABLE:
-        raise AdapterLoadError(f"'{directory}': peft_type {peft_type!r} cannot be imported; peftlab imports "
-                               f"{', '.join(IMPORTABLE)}")
+        raise AdapterLoadError(
+            f"'{directory}': peft_type {peft_type!r} cannot be imported; peftlab imports {', '.join(IMPORTABLE)}"
+        )
     _check_fields(config, peft_type, directory)
     if not (directory / WEIGHTS).is_file():
-        raise AdapterLoadError(f"'{directory}' has no {WEIGHTS}; peftlab reads safetensors only (it never "
-                               "unpickles), re-save the adapter with safe_serialization=True")
+        raise AdapterLoadError(
+            f"'{directory}' has no {WEIGHTS}; peftlab reads safetensors only (it never "
+            "unpickles), re-save the adapter with safe_serialization=True"
+        )
     state = load_file(str(directory / WEIGHTS))
     base = model.base_model if isinstance(model, PeftModel) else model
     blocks = find_blocks(base, anatomy_for(base.config.model_type))
@@ -352,8 +441,10 @@ def _check_fields(config: dict[str, Any], peft_type: str, directory: Path) -> No
     used = {k: v for k, v in config.items() if k not in known and v not in (None, False, "none", "", [], {})}
     if used:
         listed = ", ".join(f"{k}={v!r}" for k, v in sorted(used.items()))
-        raise AdapterLoadError(f"'{directory}': peftlab cannot import this {peft_type} adapter: it uses "
-                               f"{listed}; peftlab reads {', '.join(_FIELDS[peft_type])}")
+        raise AdapterLoadError(
+            f"'{directory}': peftlab cannot import this {peft_type} adapter: it uses "
+            f"{listed}; peftlab reads {', '.join(_FIELDS[peft_type])}"
+        )
 
 
 def _take_head(base: nn.Module, state: Tensors, prefix: str) -> Tensors:
@@ -420,25 +511,32 @@ def _pattern_value(patterns: dict[str, Any], key: str, default: Any) -> Any:
     return default
 
 
-def _targets(base: nn.Module, blocks: list[Block], config: dict[str, Any], method: str, directory: Path
-             ) -> list[tuple[str, int, str]]:
+def _targets(
+    base: nn.Module, blocks: list[Block], config: dict[str, Any], method: str, directory: Path
+) -> list[tuple[str, int, str]]:
     """(module name, layer, site) of every module the config targets; all must be peftlab linear sites."""
     targets = config.get("target_modules")
     if not targets or targets == "all-linear":
-        raise AdapterLoadError(f"'{directory}': target_modules is {targets!r}; peftlab needs module names "
-                               "or a regular expression (peft writes them when it saves)")
+        raise AdapterLoadError(
+            f"'{directory}': target_modules is {targets!r}; peftlab needs module names "
+            "or a regular expression (peft writes them when it saves)"
+        )
     sites, fused = _linear_sites(base, blocks)
     found = []
     for name, _ in base.named_modules():
         if not name or not _is_target(config, name):
             continue
         if name in fused:
-            raise AdapterLoadError(f"'{directory}': {method} on '{name}' changes a fused q/k/v projection "
-                                   "as one matrix; peftlab places modules on its q, k and v slices "
-                                   "separately")
+            raise AdapterLoadError(
+                f"'{directory}': {method} on '{name}' changes a fused q/k/v projection "
+                "as one matrix; peftlab places modules on its q, k and v slices "
+                "separately"
+            )
         if name not in sites:
-            raise AdapterLoadError(f"'{directory}': {method} on '{name}' cannot be imported: peftlab places "
-                                   "modules only at the linear sites of transformer blocks")
+            raise AdapterLoadError(
+                f"'{directory}': {method} on '{name}' cannot be imported: peftlab places "
+                "modules only at the linear sites of transformer blocks"
+            )
         found.append((name, *sites[name]))
     if not found:
         raise AdapterLoadError(f"'{directory}': target_modules {targets!r} match no module of this model")
@@ -459,15 +557,20 @@ def _pop(state: Tensors, key: str, directory: Path) -> torch.Tensor:
     return state.pop(key)
 
 
-def _import_lora(base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors,
-                 directory: Path) -> tuple[Spec, Tensors]:
+def _import_lora(
+    base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
+) -> tuple[Spec, Tensors]:
     placed: dict[tuple[int, str], Settings] = {}
     tensors: Tensors = {}
     for name, i, site in _targets(base, blocks, config, "LoRA", directory):
         r = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8))
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
-        settings = LoraSettings(r=r, alpha=float(alpha), rslora=bool(config.get("use_rslora")),
-                                dropout=float(config.get("lora_dropout") or 0.0))
+        settings = LoraSettings(
+            r=r,
+            alpha=float(alpha),
+            rslora=bool(config.get("use_rslora")),
+            dropout=float(config.get("lora_dropout") or 0.0),
+        )
         settings.check_at(f"'{directory}' module '{name}'")
         placed[(i, site)] = settings
         a_key, b_key = (_key_root(False) + k.format(name) for k in _LORA_WEIGHT)
@@ -476,15 +579,19 @@ def _import_lora(base: nn.Module, blocks: list[Block], config: dict[str, Any], s
     return _layer_spec(placed), tensors
 
 
-def _import_ia3(base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors,
-                directory: Path) -> tuple[Spec, Tensors]:
+def _import_ia3(
+    base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
+) -> tuple[Spec, Tensors]:
     feedforward = config.get("feedforward_modules") or []
     placed: dict[tuple[int, str], Settings] = {}
     tensors: Tensors = {}
     for name, i, site in _targets(base, blocks, config, "(IA)3", directory):
         # peft's rule (IA3Model._check_target_module_feedforward): a bare suffix, not a dotted one.
-        on_input = (re.fullmatch(feedforward, name) is not None if isinstance(feedforward, str)
-                    else any(name.endswith(f) for f in feedforward))
+        on_input = (
+            re.fullmatch(feedforward, name) is not None
+            if isinstance(feedforward, str)
+            else any(name.endswith(f) for f in feedforward)
+        )
         if on_input != (site == "ffn_out"):
             where = "input" if on_input else "output"
             raise AdapterLoadError(
@@ -493,24 +600,29 @@ def _import_ia3(base: nn.Module, blocks: list[Block], config: dict[str, Any], st
                 "must be exactly the FFN output projections"
             )
         placed[(i, site)] = IA3Settings()
-        tensors[f"layers.{module_key(i, site)}.ia3_l"] = _pop(state, f"{_key_root(False)}{name}.ia3_l",
-                                                              directory).reshape(-1)
+        tensors[f"layers.{module_key(i, site)}.ia3_l"] = _pop(
+            state, f"{_key_root(False)}{name}.ia3_l", directory
+        ).reshape(-1)
     return _layer_spec(placed), tensors
 
 
 def _expect(config: dict[str, Any], field: str, expected: int, what: str, directory: Path) -> None:
     if config.get(field) != expected:
-        raise AdapterLoadError(f"'{directory}' was made for a model with {field}={config.get(field)!r}; "
-                               f"this model has {expected} {what}")
+        raise AdapterLoadError(
+            f"'{directory}' was made for a model with {field}={config.get(field)!r}; this model has {expected} {what}"
+        )
 
 
-def _import_prefix(base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors,
-                   directory: Path) -> tuple[Spec, Tensors]:
+def _import_prefix(
+    base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
+) -> tuple[Spec, Tensors]:
     submodules = config.get("num_transformer_submodules") or 1
     if getattr(base.config, "is_encoder_decoder", False) or submodules != 1:
-        raise AdapterLoadError(f"'{directory}': peft's prefix tuning of encoder-decoder models prefixes the "
-                               "decoder's self- and cross-attention; peftlab prefixes each stack's "
-                               "self-attention")
+        raise AdapterLoadError(
+            f"'{directory}': peft's prefix tuning of encoder-decoder models prefixes the "
+            "decoder's self- and cross-attention; peftlab prefixes each stack's "
+            "self-attention"
+        )
     dims = model_dims(base.config, len(blocks))
     _expect(config, "num_layers", len(blocks), "layers", directory)
     _expect(config, "num_attention_heads", dims.kv_heads, "key/value heads", directory)
@@ -518,8 +630,10 @@ def _import_prefix(base: nn.Module, blocks: list[Block], config: dict[str, Any],
     length = config.get("num_virtual_tokens")
     table = _pop(state, "prompt_embeddings", directory)
     if not isinstance(length, int) or table.shape != (length, len(blocks) * 2 * dims.kv_dim):
-        raise AdapterLoadError(f"'{directory}': prompt_embeddings has shape {tuple(table.shape)}, expected "
-                               f"({length}, {len(blocks) * 2 * dims.kv_dim})")
+        raise AdapterLoadError(
+            f"'{directory}': prompt_embeddings has shape {tuple(table.shape)}, expected "
+            f"({length}, {len(blocks) * 2 * dims.kv_dim})"
+        )
     kv = table.reshape(length, len(blocks), 2, dims.kv_heads, dims.head_dim).permute(1, 2, 3, 0, 4)
     _warn_positions(base, length)
     kv = _rope_shift(base, kv, -length)
@@ -528,23 +642,28 @@ def _import_prefix(base: nn.Module, blocks: list[Block], config: dict[str, Any],
     return spec, {f"layers.{module_key(i, 'attn')}.kv": kv[i] for i in range(len(blocks))}
 
 
-def _import_prompt(base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors,
-                   directory: Path) -> tuple[Spec, Tensors]:
+def _import_prompt(
+    base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
+) -> tuple[Spec, Tensors]:
     dims = model_dims(base.config, len(blocks))
     _expect(config, "token_dim", dims.hidden, "hidden features", directory)
     length = config.get("num_virtual_tokens")
     table = _pop(state, "prompt_embeddings", directory)
-    if (not isinstance(length, int) or table.dim() != 2 or table.shape[0] < length
-            or table.shape[1] != dims.hidden):
-        raise AdapterLoadError(f"'{directory}': prompt_embeddings has shape {tuple(table.shape)}, expected "
-                               f"({length}, {dims.hidden})")
+    if not isinstance(length, int) or table.dim() != 2 or table.shape[0] < length or table.shape[1] != dims.hidden:
+        raise AdapterLoadError(
+            f"'{directory}': prompt_embeddings has shape {tuple(table.shape)}, expected ({length}, {dims.hidden})"
+        )
     # With two submodules (encoder-decoder) peft stores twice the rows but prompts the encoder with the first.
     spec = Spec(model={"input": PromptSettings(length=length, init="random")})
     return spec, {f"layers.{module_key(None, 'input')}.prompt": table[:length]}
 
 
-_IMPORTERS = {"LORA": _import_lora, "IA3": _import_ia3, "PREFIX_TUNING": _import_prefix,
-              "PROMPT_TUNING": _import_prompt}
+_IMPORTERS = {
+    "LORA": _import_lora,
+    "IA3": _import_ia3,
+    "PREFIX_TUNING": _import_prefix,
+    "PROMPT_TUNING": _import_prompt,
+}
 
 
 def peft_equivalent(pm: Any) -> tuple[dict[str, Any] | None, str | None]:

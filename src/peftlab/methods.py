@@ -78,8 +78,9 @@ def _every_layer(sites: dict) -> dict:
 
 
 @method("lora", "low-rank update W + (alpha/r)·B·A on chosen linears", "Hu et al. 2022")
-def lora(r: int = 8, alpha: float = 16.0, targets: str | list[str] = "qv", rslora: bool = False,
-         dropout: float = 0.0) -> Spec:
+def lora(
+    r: int = 8, alpha: float = 16.0, targets: str | list[str] = "qv", rslora: bool = False, dropout: float = 0.0
+) -> Spec:
     """LoRA on ``targets`` of every layer (r=8 on query and value by default, scaling alpha/r = 2)."""
     s = LoraSettings(r=r, alpha=alpha, rslora=rslora, dropout=dropout)
     s.check_at()
@@ -189,13 +190,15 @@ def adamix(size: int = 16, experts: int = 4) -> Spec:
 
 @method("mam", "parallel adapter beside the FFN + prefix tuning", "He et al. 2022")
 def mam(size: int = 512, scaling: float = 4.0, prefix_length: int = 30, prefix_hidden: int = 512) -> Spec:
-    return Spec(layers=_every_layer({"beside_ffn": _adapter(size, scaling=scaling),
-                                     "attn": _prefix(prefix_length, prefix_hidden)}))
+    return Spec(
+        layers=_every_layer(
+            {"beside_ffn": _adapter(size, scaling=scaling), "attn": _prefix(prefix_length, prefix_hidden)}
+        )
+    )
 
 
 @method("unipelt", "gated adapter + prefix + LoRA", "Mao et al. 2022")
-def unipelt(size: int = 48, prefix_length: int = 10, prefix_hidden: int = 512, r: int = 8,
-            alpha: float = 16.0) -> Spec:
+def unipelt(size: int = 48, prefix_length: int = 10, prefix_hidden: int = 512, r: int = 8, alpha: float = 16.0) -> Spec:
     """Each submodule gated per layer; the LoRA gate replaces its fixed scaling."""
     lo = LoraSettings(r=r, alpha=alpha)
     lo.check_at()
@@ -227,11 +230,15 @@ def s4(num_layers: int, model: str | nn.Module | Backbone, budget: float = 0.005
 
     backbone = Backbone.of(model)
     if num_layers != backbone.num_layers:
-        raise SpecError(f"s4: num_layers={num_layers} but the model has {backbone.num_layers} blocks "
-                        "(encoder and decoder blocks count together); pass its depth")
+        raise SpecError(
+            f"s4: num_layers={num_layers} but the model has {backbone.num_layers} blocks "
+            "(encoder and decoder blocks count together); pass its depth"
+        )
     if bitfit and not backbone.blocks[0].biases():
-        raise SpecError("s4: this model's blocks have no biases (T5 and Llama are bias-free), so BitFit in G3 "
-                        "and G4 cannot apply; pass bitfit=False to drop it")
+        raise SpecError(
+            "s4: this model's blocks have no biases (T5 and Llama are bias-free), so BitFit in G3 "
+            "and G4 cannot apply; pass bitfit=False to drop it"
+        )
     choice = S4_CHOICE
     if not bitfit:
         choice = replace(choice, strategies=tuple(tuple(n for n in g if n != "bitfit") for g in choice.strategies))
@@ -240,8 +247,9 @@ def s4(num_layers: int, model: str | nn.Module | Backbone, budget: float = 0.005
     return spec
 
 
-MODEL_METHODS["s4"] = Method("s4", s4, "S4 design: spindle groups; G1 A+L, G2 A+P, G3 A+P+B, G4 P+B+L",
-                             "Chen et al. 2023")
+MODEL_METHODS["s4"] = Method(
+    "s4", s4, "S4 design: spindle groups; G1 A+L, G2 A+P, G3 A+P+B, G4 P+B+L", "Chen et al. 2023"
+)
 
 
 @method("full", "full fine-tuning (baseline)", "")

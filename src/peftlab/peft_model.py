@@ -137,16 +137,29 @@ class PeftModel(nn.Module):
 
     def _context(self, adapter: Adapter, site: str, **kw: Any) -> BuildContext:
         p = self._param()
-        return BuildContext(site=site, adapter_name=adapter.name, dims=self.dims, hooks=self.hooks,
-                            shared=adapter.shared, gated=False, device=p.device, dtype=p.dtype,
-                            model=self.base_model, **kw)
+        return BuildContext(
+            site=site,
+            adapter_name=adapter.name,
+            dims=self.dims,
+            hooks=self.hooks,
+            shared=adapter.shared,
+            gated=False,
+            device=p.device,
+            dtype=p.dtype,
+            model=self.base_model,
+            **kw,
+        )
 
     def _build(self, adapter: Adapter, spec: Spec) -> None:
         stacks = [stack_name(b.stack.path) for b in self._blocks]
         per_layer = spec.resolve(len(self._blocks), stacks)
         lengths = [s.length for sites in per_layer.values() for s in sites.values() if isinstance(s, PrefixSettings)]
-        hiddens = {(s.hidden, s.reparam) for sites in per_layer.values() for s in sites.values()
-                   if isinstance(s, PrefixSettings)}
+        hiddens = {
+            (s.hidden, s.reparam)
+            for sites in per_layer.values()
+            for s in sites.values()
+            if isinstance(s, PrefixSettings)
+        }
         if len(hiddens) > 1:
             raise SpecError("all prefix sites of one adapter must share 'hidden' and 'reparam' (one shared MLP)")
         placed: set[str] = set()
@@ -156,8 +169,13 @@ class PeftModel(nn.Module):
                 if not block.has_site(site):
                     continue  # optional sites (gate projection, cross-attention) exist in some blocks only
                 placed.add(site)
-                ctx = self._context(adapter, site, block=block, linear=block.linear(site),
-                                    extra={"prefix_max_length": max(lengths, default=0)})
+                ctx = self._context(
+                    adapter,
+                    site,
+                    block=block,
+                    linear=block.linear(site),
+                    extra={"prefix_max_length": max(lengths, default=0)},
+                )
                 ctx.gated = spec.gates and settings.gateable
                 self._add_module(adapter, module_key(i, site), settings, ctx, f"layer {i} site '{site}'")
         wanted = {site for sites in per_layer.values() for site in sites}
@@ -190,8 +208,11 @@ class PeftModel(nn.Module):
             inside = {id(m) for b in self._blocks for m in b.module.modules()}
             found = find_head(self.base_model, self.anatomy)
             inside |= {id(m) for m in found[1].modules()} if found else set()
-            return [(n, m) for n, m in self.base_model.named_modules()
-                    if id(m) not in inside and isinstance(getattr(m, "bias", None), nn.Parameter)]
+            return [
+                (n, m)
+                for n, m in self.base_model.named_modules()
+                if id(m) not in inside and isinstance(getattr(m, "bias", None), nn.Parameter)
+            ]
         return None
 
     @staticmethod
@@ -296,13 +317,15 @@ class PeftModel(nn.Module):
     def summary(self, adapter: str | None = None) -> str:
         return self.counts(adapter).table()
 
-    def save(self, directory: str | Path, format: str = "peftlab", adapter: str | None = None,
-             overwrite: bool = False) -> Path:
+    def save(
+        self, directory: str | Path, format: str = "peftlab", adapter: str | None = None, overwrite: bool = False
+    ) -> Path:
         """Save the active (or named) adapter as a folder; ``format="peft"`` writes the peft layout."""
         from peftlab import saving
 
-        return saving.save(self, Path(directory), format=format, adapter=adapter or self.active_adapter,
-                           overwrite=overwrite)
+        return saving.save(
+            self, Path(directory), format=format, adapter=adapter or self.active_adapter, overwrite=overwrite
+        )
 
 
 def _call(model: nn.Module, *args: Any, **kwargs: Any) -> Any:

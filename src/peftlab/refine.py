@@ -46,9 +46,15 @@ class Stage:
     skipped: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stage": self.name, "chosen": self.chosen, "skipped": self.skipped,
-                "candidates": [{"value": v, "scores": s, "mean": _mean(s), "median": _median(s)}
-                               for v, s in zip(self.values, self.scores, strict=True)]}
+        return {
+            "stage": self.name,
+            "chosen": self.chosen,
+            "skipped": self.skipped,
+            "candidates": [
+                {"value": v, "scores": s, "mean": _mean(s), "median": _median(s)}
+                for v, s in zip(self.values, self.scores, strict=True)
+            ],
+        }
 
 
 @dataclass
@@ -61,8 +67,12 @@ class Refinement:
     stored_percent: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"stages": [s.to_dict() for s in self.stages], "design": self.design,
-                "stored_percent": self.stored_percent, "spec": self.spec.to_dict() if self.spec else None}
+        return {
+            "stages": [s.to_dict() for s in self.stages],
+            "design": self.design,
+            "stored_percent": self.stored_percent,
+            "spec": self.spec.to_dict() if self.spec else None,
+        }
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -77,8 +87,12 @@ def _key(scores: list[float]) -> tuple[float, float]:
     return (statistics.mean(scores), statistics.median(scores)) if scores else (float("-inf"), float("-inf"))
 
 
-def refine(config: SearchConfig, samples: int = 2, stages: list[str] | None = None,
-           on_trial: Callable[[FrozenTrial], None] | None = None) -> Refinement:
+def refine(
+    config: SearchConfig,
+    samples: int = 2,
+    stages: list[str] | None = None,
+    on_trial: Callable[[FrozenTrial], None] | None = None,
+) -> Refinement:
     """Refine ``config.space`` (an S4 design space) stage by stage; ``config.sampler`` is ignored."""
     if samples < 1:
         raise PeftlabError(f"samples must be >= 1, got {samples}")
@@ -146,9 +160,15 @@ def _skip(space: DesignSpace, stage: str) -> str | None:
     return None
 
 
-def _evaluate(study: optuna.Study, storage: RDBStorage, adopted: set[int], objective: Objective,
-              params: dict[str, Any], attrs: dict[str, Any],
-              on_trial: Callable[[FrozenTrial], None] | None) -> FrozenTrial:
+def _evaluate(
+    study: optuna.Study,
+    storage: RDBStorage,
+    adopted: set[int],
+    objective: Objective,
+    params: dict[str, Any],
+    attrs: dict[str, Any],
+    on_trial: Callable[[FrozenTrial], None] | None,
+) -> FrozenTrial:
     """The finished trial of this (stage, candidate, sample), run now if the study does not hold it yet."""
     for t in study.get_trials(deepcopy=False):
         if all(t.user_attrs.get(k) == v for k, v in attrs.items()) and t.user_attrs.get("status"):

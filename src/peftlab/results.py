@@ -47,16 +47,26 @@ def summary(study: optuna.Study) -> dict[str, Any]:
     curve = hypervolume_curve(study)
     front = pareto_trials(study)
     return {
-        "study": study.study_name, "definition": definition_of(study), "trials": len(rows), "statuses": statuses,
-        "ref_point": list(ref_point(study)), "hypervolume": curve[-1] if curve else 0.0,
+        "study": study.study_name,
+        "definition": definition_of(study),
+        "trials": len(rows),
+        "statuses": statuses,
+        "ref_point": list(ref_point(study)),
+        "hypervolume": curve[-1] if curve else 0.0,
         "pareto": [_front_row(t) for t in front],
     }
 
 
 def _front_row(t: FrozenTrial) -> dict[str, Any]:
-    return {"number": t.number, "score": t.values[0], "stored_percent": t.values[1],
-            "trainable_percent": t.user_attrs.get("trainable_percent"), "test": t.user_attrs.get("test"),
-            "params": t.params, "spec": t.user_attrs.get("spec")}
+    return {
+        "number": t.number,
+        "score": t.values[0],
+        "stored_percent": t.values[1],
+        "trainable_percent": t.user_attrs.get("trainable_percent"),
+        "test": t.user_attrs.get("test"),
+        "params": t.params,
+        "spec": t.user_attrs.get("spec"),
+    }
 
 
 def front_table(study: optuna.Study) -> str:
@@ -83,10 +93,15 @@ def export(study: optuna.Study, folder: str | Path, plots: bool = True) -> list[
         _write_csv(out / "trials.csv", rows),
         _write_json(out / "trials.json", rows),
         _write_json(out / "pareto.json", s),
-        _write_csv(out / "pareto.csv", [{k: v for k, v in r.items() if k not in ("spec", "params", "test")}
-                                        | {f"param_{k}": v for k, v in r["params"].items()}
-                                        | {f"test_{k}": v for k, v in (r["test"] or {}).items()}
-                                        for r in s["pareto"]]),
+        _write_csv(
+            out / "pareto.csv",
+            [
+                {k: v for k, v in r.items() if k not in ("spec", "params", "test")}
+                | {f"param_{k}": v for k, v in r["params"].items()}
+                | {f"test_{k}": v for k, v in (r["test"] or {}).items()}
+                for r in s["pareto"]
+            ],
+        ),
         _write_csv(out / "hypervolume.csv", [{"trial": i, "hypervolume": h} for i, h in enumerate(curve)]),
     ]
     if plots:
@@ -134,8 +149,14 @@ def plot_front(studies: Sequence[optuna.Study], path: str | Path) -> Path:
         pts = [p for p in finished_points(study) if p is not None]
         ax.scatter([p[1] for p in pts], [p[0] for p in pts], s=14, alpha=0.5, color=color)
         front = pareto_trials(study)
-        ax.step([t.values[1] for t in front], [t.values[0] for t in front], where="post", color=color,
-                marker="o", label=_label(study))
+        ax.step(
+            [t.values[1] for t in front],
+            [t.values[0] for t in front],
+            where="post",
+            color=color,
+            marker="o",
+            label=_label(study),
+        )
     ax.set_xscale("symlog", linthresh=0.01)
     return _save(plt, fig, ax, path, "stored parameters (% of the backbone)", "dev score")
 
@@ -171,8 +192,9 @@ def trial_spec(study: optuna.Study, number: int):
     trials = study.get_trials(deepcopy=False)
     if not 0 <= number < len(trials) or "spec" not in trials[number].user_attrs:
         done = [t.number for t in trials if "spec" in t.user_attrs]
-        raise PeftlabError(f"study '{study.study_name}' has no trial {number} with a spec; trials with one: "
-                           f"{_ranges(done)}")
+        raise PeftlabError(
+            f"study '{study.study_name}' has no trial {number} with a spec; trials with one: {_ranges(done)}"
+        )
     return Spec.from_dict(trials[number].user_attrs["spec"])
 
 
@@ -180,8 +202,13 @@ def _ranges(numbers: Sequence[int]) -> str:
     return ", ".join(str(n) for n in numbers[:20]) + (" ..." if len(numbers) > 20 else "") or "none"
 
 
-def retrain(study: optuna.Study, seeds: Sequence[int], output: str | Path, overrides: dict[str, Any],
-            numbers: Sequence[int] | None = None) -> str:
+def retrain(
+    study: optuna.Study,
+    seeds: Sequence[int],
+    output: str | Path,
+    overrides: dict[str, Any],
+    numbers: Sequence[int] | None = None,
+) -> str:
     """Re-train the Pareto set (or the given trials) at a full budget over several seeds. Each run writes its
     own folder (an existing finished one is reused, never overwritten); returns the Markdown table, also
     written with JSON and CSV as ``retrain.{md,json,csv}`` in ``output``."""
@@ -210,8 +237,13 @@ def retrain(study: optuna.Study, seeds: Sequence[int], output: str | Path, overr
             if (run / "record.json").is_file():
                 record = RunRecord(**json.loads((run / "record.json").read_text()))
             else:
-                config = TrainConfig(model=definition["model"], task=definition["task"], output=str(run),
-                                     progress=False, **(settings | {"seed": seed}))
+                config = TrainConfig(
+                    model=definition["model"],
+                    task=definition["task"],
+                    output=str(run),
+                    progress=False,
+                    **(settings | {"seed": seed}),
+                )
                 record = train(spec, config)
             if record.status == "diverged" or not record.test:
                 continue
@@ -219,17 +251,25 @@ def retrain(study: optuna.Study, seeds: Sequence[int], output: str | Path, overr
             scores.append(record.test[metric])
             devs.append(record.best["score"])
             times.append(record.wall_time_s)
-        rows.append({
-            "trial": t.number, "stored_percent": t.values[1] if t.values else t.user_attrs.get("stored_percent"),
-            "search_dev": t.values[0] if t.values else None, "metric": metric, "seeds": len(scores),
-            "test_mean": statistics.mean(scores) if scores else None,
-            "test_std": statistics.stdev(scores) if len(scores) > 1 else 0.0 if scores else None,
-            "dev_mean": statistics.mean(devs) if devs else None, "test_scores": scores,
-            "wall_time_s": sum(times), "params": t.params,
-        })
+        rows.append(
+            {
+                "trial": t.number,
+                "stored_percent": t.values[1] if t.values else t.user_attrs.get("stored_percent"),
+                "search_dev": t.values[0] if t.values else None,
+                "metric": metric,
+                "seeds": len(scores),
+                "test_mean": statistics.mean(scores) if scores else None,
+                "test_std": statistics.stdev(scores) if len(scores) > 1 else 0.0 if scores else None,
+                "dev_mean": statistics.mean(devs) if devs else None,
+                "test_scores": scores,
+                "wall_time_s": sum(times),
+                "params": t.params,
+            }
+        )
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "retrain.json", {"study": study.study_name, "settings": settings, "seeds": list(seeds),
-                                       "rows": rows})
+    _write_json(
+        out / "retrain.json", {"study": study.study_name, "settings": settings, "seeds": list(seeds), "rows": rows}
+    )
     _write_csv(out / "retrain.csv", [{k: v for k, v in r.items() if k not in ("params", "test_scores")} for r in rows])
     lines = ["| trial | stored % | search dev | test (mean ± std) | seeds | params |", "|---:|---:|---:|---|---:|---|"]
     for r in rows:

@@ -27,8 +27,18 @@ from peftlab.spec import Spec
 WEIGHTS = "adapter.safetensors"
 META = "peftlab_adapter.json"
 FORMAT_VERSION = 1
-_CONFIG_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "vocab_size", "num_key_value_heads", "d_ff", "num_layers", "num_decoder_layers")
+_CONFIG_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+    "vocab_size",
+    "num_key_value_heads",
+    "d_ff",
+    "num_layers",
+    "num_decoder_layers",
+)
 _SAMPLE = 4096
 
 
@@ -136,10 +146,13 @@ def save(pm, directory: Path, format: str, adapter: str, overwrite: bool) -> Pat
         "spec": _storage_spec(spec).to_dict(),
     }
     state = _contiguous(adapter_state(pm, adapter))
-    _write_atomically(directory, {
-        WEIGHTS: lambda p: save_file(state, str(p), metadata={"format": "pt"}),
-        META: lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"),
-    })
+    _write_atomically(
+        directory,
+        {
+            WEIGHTS: lambda p: save_file(state, str(p), metadata={"format": "pt"}),
+            META: lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"),
+        },
+    )
     return directory
 
 
@@ -175,8 +188,13 @@ def read_meta(directory: Path) -> dict[str, Any]:
     return meta
 
 
-def load(model: nn.Module, directory: str | Path, adapter_name: str | None = None, check_base: bool = True,
-         activate: bool = True):
+def load(
+    model: nn.Module,
+    directory: str | Path,
+    adapter_name: str | None = None,
+    check_base: bool = True,
+    activate: bool = True,
+):
     """Load a saved adapter (peftlab or peft format) onto ``model`` (a transformers model or a PeftModel)."""
     from peftlab.peft_model import PeftModel, apply
 
@@ -232,7 +250,7 @@ def load_adapter_state(pm, name: str, state: dict[str, torch.Tensor], where: Pat
     with torch.no_grad():
         for k, t in targets.items():
             if t.shape != state[k].shape:
-                raise AdapterLoadError(f"adapter '{where}': tensor {k} has shape {tuple(state[k].shape)}, "
-                                       f"expected {tuple(t.shape)}")
+                raise AdapterLoadError(
+                    f"adapter '{where}': tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(t.shape)}"
+                )
             t.copy_(state[k].to(t.dtype))
-

@@ -111,8 +111,10 @@ class CostModel:
             finally:
                 self._pm.delete_adapter(name)
             total = counts.backbone_params
-            self._cache[key] = {"trainable": 100 * counts.total.trainable / total,
-                                "stored": 100 * counts.total.stored / total}
+            self._cache[key] = {
+                "trainable": 100 * counts.total.trainable / total,
+                "stored": 100 * counts.total.stored / total,
+            }
         return self._cache[key]
 
     def stored(self, spec: Spec) -> float:
@@ -155,13 +157,19 @@ class SearchConfig:
 
         if self.sampler not in (*SAMPLERS, "s4-refine"):  # s4-refine: set by peftlab.refine, not a sampler
             raise PeftlabError(f"unknown sampler '{self.sampler}'; samplers: {', '.join(SAMPLERS)}")
-        if tuple(self.objectives[:2]) != ("score", "stored") or len(set(self.objectives)) != len(self.objectives) \
-                or any(o not in OBJECTIVES for o in self.objectives):
-            raise PeftlabError(f"objectives are score,stored plus optionally memory or latency; got "
-                               f"{','.join(self.objectives)}")
+        if (
+            tuple(self.objectives[:2]) != ("score", "stored")
+            or len(set(self.objectives)) != len(self.objectives)
+            or any(o not in OBJECTIVES for o in self.objectives)
+        ):
+            raise PeftlabError(
+                f"objectives are score,stored plus optionally memory or latency; got {','.join(self.objectives)}"
+            )
         if "memory" in self.objectives and not torch.cuda.is_available():
-            raise PeftlabError("the memory objective needs a CUDA GPU: on the CPU the peak RSS belongs to the "
-                               "whole worker process, not to one trial")
+            raise PeftlabError(
+                "the memory objective needs a CUDA GPU: on the CPU the peak RSS belongs to the "
+                "whole worker process, not to one trial"
+            )
         for name in ("trials", "startup_trials", "batch_size", "heartbeat"):
             if getattr(self, name) < 1:
                 raise PeftlabError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -181,9 +189,17 @@ class SearchConfig:
 
     def definition(self, space: SearchSpace) -> dict[str, Any]:
         """What a study is (stored in it): joining workers and resumed searches must agree on all of it."""
-        return {"model": self.model, "task": self.task, "space": space.to_dict(), "space_name": self.space,
-                "objectives": list(self.objectives), "budget": self.budget, "train": self.train,
-                "ref_point": list(self.ref_point) if self.ref_point else None, "sampler": self.sampler}
+        return {
+            "model": self.model,
+            "task": self.task,
+            "space": space.to_dict(),
+            "space_name": self.space,
+            "objectives": list(self.objectives),
+            "budget": self.budget,
+            "train": self.train,
+            "ref_point": list(self.ref_point) if self.ref_point else None,
+            "sampler": self.sampler,
+        }
 
 
 def load_study(storage: str, study: str) -> tuple[optuna.Study, dict[str, Any]]:
@@ -204,8 +220,15 @@ def definition_of(study: optuna.Study) -> dict[str, Any]:
 
 
 # -- samplers -----------------------------------------------------------------------------------------------
-def make_sampler(name: str, space: SearchSpace, seed: int, startup: int, cost: Callable[[list[int]], float],
-                 budget: float | None = None, batch_size: int = 1) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    name: str,
+    space: SearchSpace,
+    seed: int,
+    startup: int,
+    cost: Callable[[list[int]], float],
+    budget: float | None = None,
+    batch_size: int = 1,
+) -> optuna.samplers.BaseSampler:
     """A sampler by name: random, tpe, nsga2, gp (Optuna's), autopeft (BoTorch SAAS-GP + qLogNEHVI)."""
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
@@ -218,8 +241,9 @@ def make_sampler(name: str, space: SearchSpace, seed: int, startup: int, cost: C
     if name == "autopeft":
         from peftlab.bo import AutoPEFTSampler
 
-        return AutoPEFTSampler(space=space, cost=cost, n_startup_trials=startup, batch_size=batch_size, seed=seed,
-                               budget=budget)
+        return AutoPEFTSampler(
+            space=space, cost=cost, n_startup_trials=startup, batch_size=batch_size, seed=seed, budget=budget
+        )
     raise PeftlabError(f"unknown sampler '{name}'; samplers: {', '.join(SAMPLERS)}")
 
 
@@ -278,8 +302,9 @@ class Objective:
             trial.set_user_attr("copied_from", same.number)
             return list(same.values)
         out = Path(self.config.output) / "trials" / f"{trial.number:05d}"
-        config = TrainConfig(model=self.config.model, task=self.config.task, output=str(out), progress=False,
-                             **self.config.train)
+        config = TrainConfig(
+            model=self.config.model, task=self.config.task, output=str(out), progress=False, **self.config.train
+        )
         try:
             record = train(spec, config)
         except PeftlabError as e:
@@ -321,28 +346,35 @@ def create_study(config: SearchConfig) -> tuple[optuna.Study, SearchSpace]:
         Path(config.output).mkdir(parents=True, exist_ok=True)
     storage = open_storage(config.storage_url)
     directions = [OBJECTIVES[o] for o in config.objectives]
-    study = optuna.create_study(study_name=config.study, storage=storage, directions=directions,
-                                load_if_exists=True)
+    study = optuna.create_study(study_name=config.study, storage=storage, directions=directions, load_if_exists=True)
     mine = config.definition(space)
     theirs = study.user_attrs.get(_SEARCH_ATTR)
     if theirs is None:
         if study.get_trials(deepcopy=False):
-            raise PeftlabError(f"study '{config.study}' already has trials that peftlab did not make; "
-                               "choose another --study")
+            raise PeftlabError(
+                f"study '{config.study}' already has trials that peftlab did not make; choose another --study"
+            )
         if config.ref_point is None:
             mine["ref_point"] = default_ref_point(space, config)
         study.set_user_attr(_SEARCH_ATTR, mine)
     else:
         # Training settings compare with the defaults filled in: a study made before a setting existed, or by
         # the API with only some settings, is the same search when its omitted settings have the default value.
-        mine, theirs = {**mine, "train": _with_defaults(mine["train"])}, \
-            {**theirs, "train": _with_defaults(theirs.get("train") or {})}
-        diff = [k for k in mine if k != "ref_point" and json.dumps(mine[k], sort_keys=True)
-                != json.dumps(theirs.get(k), sort_keys=True)]
+        mine, theirs = (
+            {**mine, "train": _with_defaults(mine["train"])},
+            {**theirs, "train": _with_defaults(theirs.get("train") or {})},
+        )
+        diff = [
+            k
+            for k in mine
+            if k != "ref_point" and json.dumps(mine[k], sort_keys=True) != json.dumps(theirs.get(k), sort_keys=True)
+        ]
         if diff:
             k = diff[0]
-            raise PeftlabError(f"study '{config.study}' is a different search: its {k} is {theirs.get(k)!r}, "
-                               f"this command gives {mine[k]!r}; use the same settings or another --study")
+            raise PeftlabError(
+                f"study '{config.study}' is a different search: its {k} is {theirs.get(k)!r}, "
+                f"this command gives {mine[k]!r}; use the same settings or another --study"
+            )
     return study, space
 
 
@@ -368,8 +400,12 @@ def default_ref_point(space: SearchSpace, config: SearchConfig) -> list[float]:
     return [0.0, round(1.1 * max(costs), 4) if costs else 100.0]
 
 
-def work(config: SearchConfig, worker: int = 0, threads: int | None = None,
-         on_trial: Callable[[FrozenTrial], None] | None = None) -> None:
+def work(
+    config: SearchConfig,
+    worker: int = 0,
+    threads: int | None = None,
+    on_trial: Callable[[FrozenTrial], None] | None = None,
+) -> None:
     """One worker: ask, train, tell, until the study holds ``config.trials`` finished trials."""
     if threads:
         torch.set_num_threads(threads)
@@ -378,8 +414,15 @@ def work(config: SearchConfig, worker: int = 0, threads: int | None = None,
     storage = open_storage(config.storage_url, heartbeat=config.heartbeat)
     cost = CostModel.for_search(config)
     seed = config.seed + 7919 * worker + len(study.get_trials(deepcopy=False))  # fresh draws when resumed
-    sampler = make_sampler(config.sampler, space, seed, config.startup_trials,
-                           lambda v: cost.stored(space.decode(v)), config.budget, config.batch_size)
+    sampler = make_sampler(
+        config.sampler,
+        space,
+        seed,
+        config.startup_trials,
+        lambda v: cost.stored(space.decode(v)),
+        config.budget,
+        config.batch_size,
+    )
     study = optuna.load_study(study_name=config.study, storage=storage, sampler=sampler)
     objective = Objective(config, space, cost)
     callbacks = [lambda s, t: on_trial(t)] if on_trial else []
@@ -416,8 +459,9 @@ def _spawned(config: SearchConfig, worker: int, threads: int) -> None:
     work(config, worker, threads, on_trial=print_trial)
 
 
-def run_search(config: SearchConfig, workers: int = 1,
-               on_trial: Callable[[FrozenTrial], None] | None = None) -> optuna.Study:
+def run_search(
+    config: SearchConfig, workers: int = 1, on_trial: Callable[[FrozenTrial], None] | None = None
+) -> optuna.Study:
     """Run (or resume, or join) a search with ``workers`` local processes; returns the study."""
     if workers < 1:
         raise PeftlabError(f"workers must be >= 1, got {workers}")
@@ -440,8 +484,10 @@ def run_search(config: SearchConfig, workers: int = 1,
                     p.terminate()
         bad = [p.exitcode for p in procs if p.exitcode]
         if bad:
-            raise PeftlabError(f"{len(bad)} worker(s) exited with codes {bad}; finished trials are kept in the "
-                               "study: run the same command again to resume")
+            raise PeftlabError(
+                f"{len(bad)} worker(s) exited with codes {bad}; finished trials are kept in the "
+                "study: run the same command again to resume"
+            )
     return optuna.load_study(study_name=config.study, storage=open_storage(config.storage_url))
 
 
@@ -467,7 +513,9 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     for t in study.get_trials(deepcopy=False):
         test = t.user_attrs.get("test") or {}
         row: dict[str, Any] = {
-            "number": t.number, "state": t.state.name, "status": _status(t) or t.state.name.lower(),
+            "number": t.number,
+            "state": t.state.name,
+            "status": _status(t) or t.state.name.lower(),
             "score": t.values[0] if t.values else None,
             "stored_percent": t.user_attrs.get("stored_percent"),
             "trainable_percent": t.user_attrs.get("trainable_percent"),
@@ -484,5 +532,6 @@ def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
 
 def finished_points(study: optuna.Study) -> list[tuple[float, float] | None]:
     """Per trial in order: (score, stored %) for completed trials, None for the rest."""
-    return [(t.values[0], t.values[1]) if t.state == TrialState.COMPLETE else None
-            for t in study.get_trials(deepcopy=False)]
+    return [
+        (t.values[0], t.values[1]) if t.state == TrialState.COMPLETE else None for t in study.get_trials(deepcopy=False)
+    ]

@@ -173,12 +173,14 @@ class Strategy:
                 raise SpecError(f"{where}: unknown site '{site}'; sites are: {', '.join(SITE_ROLES)}")
             if SITE_ROLES[site] not in cls.roles:
                 fits = sorted(s for s, r in SITE_ROLES.items() if r in cls.roles)
-                raise SpecError(f"{where}: a '{self.kind}' module cannot sit at '{site}'; "
-                                f"it fits at: {', '.join(fits)}")
+                raise SpecError(
+                    f"{where}: a '{self.kind}' module cannot sit at '{site}'; it fits at: {', '.join(fits)}"
+                )
         ints = [f.name for f in fields(cls) if f.type in ("int", int)]
         if self.size is not None and self.size not in ints:
-            raise SpecError(f"{where}: '{self.kind}' has no integer setting '{self.size}'; "
-                            f"it has: {', '.join(ints) or '(none)'}")
+            raise SpecError(
+                f"{where}: '{self.kind}' has no integer setting '{self.size}'; it has: {', '.join(ints) or '(none)'}"
+            )
         if not isinstance(self.settings, dict) or "kind" in self.settings:
             raise SpecError(f"{where}: 'settings' must be an object of the kind's settings (without 'kind')")
         if not isinstance(self.step, int) or self.step < 1:
@@ -191,8 +193,13 @@ class Strategy:
         return Settings.from_dict(data, f"strategy '{self.name}'")
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"name": self.name, "kind": self.kind, "sites": list(self.sites), "size": self.size,
-               "settings": dict(self.settings)}
+        out = {
+            "name": self.name,
+            "kind": self.kind,
+            "sites": list(self.sites),
+            "size": self.size,
+            "settings": dict(self.settings),
+        }
         return out | ({"step": self.step} if self.step != 1 else {})
 
     @classmethod
@@ -208,15 +215,18 @@ class Strategy:
 
 
 #: Built-in strategies. S4's four are adapter (serial, after the FFN), prefix, bitfit and lora (q and v).
-STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
-    Strategy("adapter", "adapter", ("after_ffn",), "size"),
-    Strategy("prefix", "prefix", ("attn",), "length", {"reparam": False}),
-    Strategy("bitfit", "bitfit", ("bias",)),
-    Strategy("lora", "lora", ("q", "v"), "r"),
-    Strategy("parallel", "adapter", ("beside_ffn",), "size", {"scaling": 4.0}),
-    Strategy("ln", "ln", ("norm",)),
-    Strategy("ia3", "ia3", ("k", "v", "ffn_out")),
-)}
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in (
+        Strategy("adapter", "adapter", ("after_ffn",), "size"),
+        Strategy("prefix", "prefix", ("attn",), "length", {"reparam": False}),
+        Strategy("bitfit", "bitfit", ("bias",)),
+        Strategy("lora", "lora", ("q", "v"), "r"),
+        Strategy("parallel", "adapter", ("beside_ffn",), "size", {"scaling": 4.0}),
+        Strategy("ln", "ln", ("norm",)),
+        Strategy("ia3", "ia3", ("k", "v", "ffn_out")),
+    )
+}
 S4_STRATEGIES = ("adapter", "prefix", "bitfit", "lora")
 
 
@@ -260,10 +270,20 @@ class Backbone:
             return 0
         key = (block.stack.path, site, json.dumps(settings.to_dict(), sort_keys=True))
         if key not in self._costs:
-            ctx = BuildContext(site=site, adapter_name="cost", dims=self.dims, hooks=HookRegistry(),
-                               shared=nn.ModuleDict(), gated=False, device=torch.device("meta"),
-                               dtype=torch.float32, block=block, linear=block.linear(site), model=self.model,
-                               extra={"prefix_max_length": getattr(settings, "length", 0)})
+            ctx = BuildContext(
+                site=site,
+                adapter_name="cost",
+                dims=self.dims,
+                hooks=HookRegistry(),
+                shared=nn.ModuleDict(),
+                gated=False,
+                device=torch.device("meta"),
+                dtype=torch.float32,
+                block=block,
+                linear=block.linear(site),
+                model=self.model,
+                extra={"prefix_max_length": getattr(settings, "length", 0)},
+            )
             self._costs[key] = settings.build(ctx).own_numel()
         return self._costs[key]
 
@@ -285,13 +305,22 @@ class DesignChoice:
 
 #: The configuration S4 found on T5-base (Chen et al. 2023): G1 adapter + LoRA, G2 adapter + prefix,
 #: G3 adapter + prefix + BitFit, G4 prefix + BitFit + LoRA; spindle groups, uniform allocation, all tuned.
-S4_CHOICE = DesignChoice("spindle", "uniform", (1, 2, 3, 4), (
-    ("adapter", "lora"), ("adapter", "prefix"), ("adapter", "prefix", "bitfit"), ("prefix", "bitfit", "lora"),
-))
+S4_CHOICE = DesignChoice(
+    "spindle",
+    "uniform",
+    (1, 2, 3, 4),
+    (
+        ("adapter", "lora"),
+        ("adapter", "prefix"),
+        ("adapter", "prefix", "bitfit"),
+        ("prefix", "bitfit", "lora"),
+    ),
+)
 
 
-def allocate(choice: DesignChoice, backbone: Backbone, budget: float = 0.005,
-             strategies: Mapping[str, Strategy] = STRATEGIES) -> dict[int, dict[str, Settings]]:
+def allocate(
+    choice: DesignChoice, backbone: Backbone, budget: float = 0.005, strategies: Mapping[str, Strategy] = STRATEGIES
+) -> dict[int, dict[str, Settings]]:
     """Per-layer module settings of a design choice, sized to ``budget`` of the backbone's parameters."""
     groups = group_layers(backbone.num_layers, choice.grouping, len(choice.strategies))
     weights = allocation_weights(backbone.num_layers, choice.allocation)
@@ -327,8 +356,9 @@ def allocate(choice: DesignChoice, backbone: Backbone, budget: float = 0.005,
     return out
 
 
-def design_spec(choice: DesignChoice, backbone: Backbone, budget: float = 0.005,
-                strategies: Mapping[str, Strategy] = STRATEGIES) -> Spec:
+def design_spec(
+    choice: DesignChoice, backbone: Backbone, budget: float = 0.005, strategies: Mapping[str, Strategy] = STRATEGIES
+) -> Spec:
     """The spec of one design choice on this backbone, with explicit layer selectors ("0-1", "2-5" ...)."""
     return Spec(layers=_selectors(allocate(choice, backbone, budget, strategies)))
 
@@ -441,8 +471,10 @@ class SearchSpace:
         unknown = sorted(set(config) - set(names))
         missing = [n for n in names if n not in config]
         if unknown or missing:
-            raise SpecError(f"a configuration names every dimension once; unknown: {', '.join(unknown) or '-'}, "
-                            f"missing: {', '.join(missing) or '-'}")
+            raise SpecError(
+                f"a configuration names every dimension once; unknown: {', '.join(unknown) or '-'}, "
+                f"missing: {', '.join(missing) or '-'}"
+            )
         out = []
         for d in dims:
             labels = d.labels()
@@ -483,8 +515,9 @@ class SearchSpace:
                 try:
                     import yaml
                 except ImportError:
-                    raise PeftlabError(f"space file '{p}': reading YAML needs PyYAML (pip install pyyaml); "
-                                       "or write the space as JSON") from None
+                    raise PeftlabError(
+                        f"space file '{p}': reading YAML needs PyYAML (pip install pyyaml); or write the space as JSON"
+                    ) from None
                 try:
                     data = yaml.safe_load(text)
                 except yaml.YAMLError as e:
@@ -595,11 +628,14 @@ class LayerSpace(SearchSpace):
     def autopeft(cls, num_layers: int, hidden: int) -> LayerSpace:
         """The AutoPEFT space (Zhou et al. 2024): serial adapter, parallel adapter, prefix; log2 sizes."""
         choices = log2_choices(hidden)
-        return cls(num_layers=num_layers, modules=(
-            LayerModule(Strategy("serial", "adapter", ("after_ffn",), "size"), choices),
-            LayerModule(Strategy("parallel", "adapter", ("beside_ffn",), "size", {"scaling": 4.0}), choices),
-            LayerModule(Strategy("prefix", "prefix", ("attn",), "length"), choices),
-        ))
+        return cls(
+            num_layers=num_layers,
+            modules=(
+                LayerModule(Strategy("serial", "adapter", ("after_ffn",), "size"), choices),
+                LayerModule(Strategy("parallel", "adapter", ("beside_ffn",), "size", {"scaling": 4.0}), choices),
+                LayerModule(Strategy("prefix", "prefix", ("attn",), "length"), choices),
+            ),
+        )
 
     def dimensions(self) -> list[Dimension]:
         bits = [Dimension(f"layer_{i}", "bool", (0, 1)) for i in self.layers]
@@ -607,7 +643,7 @@ class LayerSpace(SearchSpace):
 
     def decode(self, vector: Sequence[float]) -> Spec:
         idx = self._indices(vector)
-        bits, values = idx[:len(self.layers)], idx[len(self.layers):]
+        bits, values = idx[: len(self.layers)], idx[len(self.layers) :]
         on = [i for i, k in zip(self.layers, bits, strict=True) if k]
         sites: dict[str, Settings] = {}
         for m, k in zip(self.modules, values, strict=True):
@@ -637,17 +673,25 @@ class LayerSpace(SearchSpace):
         near = back.resolve(self.num_layers, stacks)
         mismatch = next((i for i in range(self.num_layers) if near[i] != resolved[i]), None)
         if mismatch is not None:
-            raise SpecError(f"spec is not in this space: layer {mismatch} holds {_describe(resolved[mismatch])}; "
-                            f"the nearest point holds {_describe(near[mismatch])}")
+            raise SpecError(
+                f"spec is not in this space: layer {mismatch} holds {_describe(resolved[mismatch])}; "
+                f"the nearest point holds {_describe(near[mismatch])}"
+            )
         globals_ = ("model", "train_head", "train_embeddings", "full", "gates")
         if any(getattr(point, g) != getattr(back, g) for g in globals_):
-            raise SpecError("spec is not in this space: it sets model-level modules, full tuning, gates, "
-                            "embeddings or the head, which a layer space does not")
+            raise SpecError(
+                "spec is not in this space: it sets model-level modules, full tuning, gates, "
+                "embeddings or the head, which a layer space does not"
+            )
         return vector
 
     def to_dict(self) -> dict[str, Any]:
-        return {"type": self.type, "num_layers": self.num_layers, "layers": list(self.layers),
-                "modules": [m.to_dict() for m in self.modules]}
+        return {
+            "type": self.type,
+            "num_layers": self.num_layers,
+            "layers": list(self.layers),
+            "modules": [m.to_dict() for m in self.modules],
+        }
 
     @classmethod
     def _parse(cls, data: dict[str, Any], model: str | nn.Module | Backbone | None) -> LayerSpace:
@@ -657,7 +701,7 @@ class LayerSpace(SearchSpace):
         if layers == "all":
             layers = None
         elif not isinstance(layers, list):
-            raise SpecError(f"layers must be \"all\" or a list of layer indices, got {layers!r}")
+            raise SpecError(f'layers must be "all" or a list of layer indices, got {layers!r}')
         modules_in = data.get("modules")
         if not isinstance(modules_in, list) or not modules_in:
             raise SpecError("'modules' must be a non-empty list of modules")
@@ -757,8 +801,9 @@ class DesignSpace(SearchSpace):
         names = _names(names, where)
         unknown = [n for n in names if n not in order]
         if unknown or not names or len(set(names)) != len(names):
-            raise SpecError(f"{where}: {'+'.join(names)!r} is not a set of strategies; strategies are: "
-                            f"{', '.join(order)}")
+            raise SpecError(
+                f"{where}: {'+'.join(names)!r} is not a set of strategies; strategies are: {', '.join(order)}"
+            )
         return tuple(sorted(names, key=order.index))
 
     @classmethod
@@ -807,8 +852,12 @@ class DesignSpace(SearchSpace):
         if isinstance(point, Spec):
             raise SpecError("an S4 space encodes design choices, not specs")
         if isinstance(point, DesignChoice):
-            point = {"grouping": point.grouping, "allocation": point.allocation, "tuned": point.tuned,
-                     **{f"strategies_g{k + 1}": s for k, s in enumerate(point.strategies)}}
+            point = {
+                "grouping": point.grouping,
+                "allocation": point.allocation,
+                "tuned": point.tuned,
+                **{f"strategies_g{k + 1}": s for k, s in enumerate(point.strategies)},
+            }
         config = dict(point)
         for k in range(self.groups):
             name = f"strategies_g{k + 1}"
@@ -831,15 +880,19 @@ class DesignSpace(SearchSpace):
         for value in dims[stage].choices:
             if stage.startswith("strategies_g"):
                 k = int(stage.removeprefix("strategies_g")) - 1
-                out.append(replace(self, assignments=(*self.assignments[:k], (value,), *self.assignments[k + 1:])))
+                out.append(replace(self, assignments=(*self.assignments[:k], (value,), *self.assignments[k + 1 :])))
             else:
                 out.append(replace(self, **{_STAGE_FIELDS[stage]: (value,)}))
         return out
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "type": self.type, "num_layers": self.num_layers, "groups": self.groups, "budget": self.budget,
-            "groupings": list(self.groupings), "allocations": list(self.allocations),
+            "type": self.type,
+            "num_layers": self.num_layers,
+            "groups": self.groups,
+            "budget": self.budget,
+            "groupings": list(self.groupings),
+            "allocations": list(self.allocations),
             "tuned": [list(t) for t in self.tuned],
             "strategies": [s.name if STRATEGIES.get(s.name) == s else s.to_dict() for s in self.strategies],
             "assignments": [["+".join(c) for c in group] for group in self.assignments],
@@ -847,8 +900,17 @@ class DesignSpace(SearchSpace):
 
     @classmethod
     def _parse(cls, data: dict[str, Any], model: str | nn.Module | Backbone | None) -> DesignSpace:
-        allowed = {"type", "num_layers", "groups", "budget", "groupings", "allocations", "tuned", "strategies",
-                   "assignments"}
+        allowed = {
+            "type",
+            "num_layers",
+            "groups",
+            "budget",
+            "groupings",
+            "allocations",
+            "tuned",
+            "strategies",
+            "assignments",
+        }
         data = _object(data, "space", allowed)
         data.pop("type", None)
         backbone = None if model is None else Backbone.of(model)
@@ -859,13 +921,15 @@ class DesignSpace(SearchSpace):
         if "strategies" in data:
             data["strategies"] = tuple(
                 _builtin_strategy(s) if isinstance(s, str) else Strategy.from_dict(s, f"strategies[{k}]")
-                for k, s in enumerate(data["strategies"]))
+                for k, s in enumerate(data["strategies"])
+            )
         if "tuned" in data:
             data["tuned"] = tuple(tuple(t) if isinstance(t, list) else t for t in data["tuned"])
         if "assignments" in data:
             data["assignments"] = tuple(
                 tuple(_names(c, f"assignments[{k}]") for c in g) if isinstance(g, list) else g
-                for k, g in enumerate(data["assignments"]))
+                for k, g in enumerate(data["assignments"])
+            )
         if "strategies" not in data and backbone is not None:
             return cls.for_model(backbone, **{k: v for k, v in data.items() if k != "num_layers"})
         return cls(backbone=backbone, **data)
@@ -876,8 +940,10 @@ _STAGE_FIELDS = {"grouping": "groupings", "allocation": "allocations", "tuned": 
 
 def _builtin_strategy(name: str) -> Strategy:
     if name not in STRATEGIES:
-        raise SpecError(f"unknown strategy '{name}'; built-in strategies: {', '.join(STRATEGIES)} "
-                        "(or define one as an object with name, kind, sites, size)")
+        raise SpecError(
+            f"unknown strategy '{name}'; built-in strategies: {', '.join(STRATEGIES)} "
+            "(or define one as an object with name, kind, sites, size)"
+        )
     return STRATEGIES[name]
 
 
@@ -902,6 +968,8 @@ def load_space(name_or_path: str | Path, model: str | nn.Module | Backbone | Non
         return DesignSpace.for_model(backbone)
     path = Path(name_or_path)
     if not path.is_file():
-        raise PeftlabError(f"no space '{name_or_path}': built-in spaces are {', '.join(BUILTIN_SPACES)}, "
-                           "else give a JSON (or YAML) file")
+        raise PeftlabError(
+            f"no space '{name_or_path}': built-in spaces are {', '.join(BUILTIN_SPACES)}, "
+            "else give a JSON (or YAML) file"
+        )
     return SearchSpace.from_file(path, model)

@@ -144,8 +144,9 @@ class Spec:
             if not isinstance(sites, dict):
                 raise SpecError(f"layers['{key}'] must be an object mapping sites to module settings")
             layers[key] = {
-                site: None if v is None else Settings.from_dict(_settings(v, f"layers['{key}'].{site}"),
-                                                                f"layers['{key}'].{site}")
+                site: None
+                if v is None
+                else Settings.from_dict(_settings(v, f"layers['{key}'].{site}"), f"layers['{key}'].{site}")
                 for site, v in sites.items()
             }
         model_in = data.pop("model", {}) or {}

@@ -259,9 +259,7 @@ def get_task(name: str) -> TaskInfo:
     key = name.strip().lower()
     if key not in _LOOKUP:
         aliases = sorted(k for k in _LOOKUP if "/" not in k)
-        raise PeftlabError(
-            f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (aliases: {', '.join(aliases)})"
-        )
+        raise PeftlabError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} (aliases: {', '.join(aliases)})")
     return TASKS[_LOOKUP[key]]
 
 
@@ -360,9 +358,7 @@ def _load(info: TaskInfo, split: str, data_dir: str | os.PathLike[str] | None) -
         found = next((p for p in candidates if p.is_file()), None)
         if found is not None:
             if found != candidates[0]:
-                logger.warning(
-                    "%s: %s not found, using %s as the %s split", info.name, candidates[0], found, split
-                )
+                logger.warning("%s: %s not found, using %s as the %s split", info.name, candidates[0], found, split)
             return _read_local(info, found), str(found)
         local = "local file(s) not found: " + ", ".join(str(p) for p in candidates)
 
@@ -480,9 +476,7 @@ def load_user_data(
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in {".csv", ".tsv", ".jsonl"}:
-        raise TaskDataError(
-            f"unsupported file type {suffix or '(none)'!r} for {path}; use .csv, .tsv or .jsonl"
-        )
+        raise TaskDataError(f"unsupported file type {suffix or '(none)'!r} for {path}; use .csv, .tsv or .jsonl")
     if not path.is_file():
         raise TaskDataError(f"user data file not found: {path}")
     rows = _read_jsonl(path) if suffix == ".jsonl" else _read_csv(path, "\t" if suffix == ".tsv" else ",")
@@ -491,9 +485,7 @@ def load_user_data(
     for line, row in rows:
         missing = [c for c in columns if c not in row]
         if missing:
-            raise TaskDataError(
-                f"{path}:{line}: missing column(s) {missing}; columns present: {sorted(map(str, row))}"
-            )
+            raise TaskDataError(f"{path}:{line}: missing column(s) {missing}; columns present: {sorted(map(str, row))}")
         texts = [row[text_column], row[text_pair_column] if text_pair_column else ""]
         if not all(isinstance(t, str) for t in texts):
             raise TaskDataError(f"{path}:{line}: text columns must hold strings, got {texts!r}")

@@ -40,8 +40,14 @@ class HashTokenizer:
             out.append(3 + int.from_bytes(digest, "little") % (self.vocab_size - 3))
         return out
 
-    def __call__(self, text: list[str], text_pair: list[str | None] | None = None, truncation: bool = True,
-                 max_length: int = 128, **_: Any) -> dict[str, list[list[int]]]:
+    def __call__(
+        self,
+        text: list[str],
+        text_pair: list[str | None] | None = None,
+        truncation: bool = True,
+        max_length: int = 128,
+        **_: Any,
+    ) -> dict[str, list[list[int]]]:
         pairs = text_pair or [None] * len(text)
         ids, types = [], []
         for a, b in zip(text, pairs, strict=True):

@@ -41,8 +41,19 @@ log = logging.getLogger(__name__)
 #: 1e-4, prefix 2e-4, UniPELT 5e-4, BitFit 1e-4, LoRA 5e-4; (IA)3 3e-3 from T-Few; prompt tuning 0.3 from
 #: Lester et al.). A spec mixing kinds takes the largest; a gated spec (UniPELT) takes 5e-4.
 LEARNING_RATES = {
-    "full": 2e-5, "adapter": 1e-4, "compacter": 1e-3, "adamix": 1e-4, "prefix": 2e-4, "lora": 5e-4, "krona": 5e-4,
-    "ia3": 3e-3, "bitfit": 1e-4, "ln": 1e-3, "prompt": 3e-1, "head": 1e-3, "gated": 5e-4,
+    "full": 2e-5,
+    "adapter": 1e-4,
+    "compacter": 1e-3,
+    "adamix": 1e-4,
+    "prefix": 2e-4,
+    "lora": 5e-4,
+    "krona": 5e-4,
+    "ia3": 3e-3,
+    "bitfit": 1e-4,
+    "ln": 1e-3,
+    "prompt": 3e-1,
+    "head": 1e-3,
+    "gated": 5e-4,
 }
 CHECKPOINT = "checkpoint"
 #: TrainConfig fields that name one run rather than say how it trains (a search's trials share the rest)
@@ -311,8 +322,9 @@ def _rank_labels(pm: nn.Module, encoder: Encoder, batch: dict[str, torch.Tensor]
     return torch.stack(scores, -1).argmax(-1).tolist()
 
 
-def evaluate(pm: nn.Module, encoder: Encoder, rows: list[Example], batch_size: int,
-             device: torch.device) -> dict[str, float]:
+def evaluate(
+    pm: nn.Module, encoder: Encoder, rows: list[Example], batch_size: int, device: torch.device
+) -> dict[str, float]:
     preds = predict(pm, encoder, rows, batch_size, device)
     labels = [r["label"] for r in rows]
     return metric_fns.compute(encoder.task.metrics, preds, labels)
@@ -358,8 +370,12 @@ def library_versions() -> dict[str, str]:
 
     import peftlab
 
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peftlab": peftlab.__version__}
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peftlab": peftlab.__version__,
+    }
 
 
 def default_device() -> torch.device:
@@ -399,9 +415,11 @@ def user_task(config: TrainConfig) -> tuple[TaskInfo, Splits]:
     """A task made of the user's own CSV / TSV / JSONL files: classification when the labels are integers
     or named, regression when they are floats; dev is held out from the train file, test is ``test_file``
     (or, without one, the dev split)."""
+
     def read(path: str) -> list[Example]:
-        return load_user_data(path, config.text_column, config.label_column, config.text_pair_column,
-                              config.label_names)
+        return load_user_data(
+            path, config.text_column, config.label_column, config.text_pair_column, config.label_names
+        )
 
     pool = read(config.train_file)
     regression = isinstance(pool[0]["label"], float)
@@ -413,9 +431,18 @@ def user_task(config: TrainConfig) -> tuple[TaskInfo, Splits]:
         names = tuple(str(i) for i in range(int(max(ex["label"] for ex in pool)) + 1))
     binary = names is not None and len(names) == 2
     metrics = ("pearson", "spearman") if regression else ("accuracy", "f1" if binary else "macro_f1")
-    info = TaskInfo(name=f"user/{config.task}", text_fields=("text",), label_names=names, metrics=metrics,
-                    main_metric=metrics[0 if not regression else 1], local_dir="", local_files={}, hub_id="",
-                    hub_config="", hub_splits={})
+    info = TaskInfo(
+        name=f"user/{config.task}",
+        text_fields=("text",),
+        label_names=names,
+        metrics=metrics,
+        main_metric=metrics[0 if not regression else 1],
+        local_dir="",
+        local_files={},
+        hub_id="",
+        hub_config="",
+        hub_splits={},
+    )
     n_dev = min(1000, len(pool) // 5) if config.dev_size is None else config.dev_size
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.data_seed)).tolist()
     dev = [pool[i] for i in order[:n_dev]]
@@ -444,8 +471,9 @@ def load_for_task(model_name: str, task: TaskInfo, meta: bool = False) -> tuple[
     return model, seq2seq
 
 
-def train(spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None] | None = None,
-          model: nn.Module | None = None) -> RunRecord:
+def train(
+    spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None] | None = None, model: nn.Module | None = None
+) -> RunRecord:
     """Train ``spec`` on ``config.task``; returns (and writes, under ``config.output``) the run record."""
     config.check()
     rank, world = _dist_setup()
@@ -484,10 +512,18 @@ def train(spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
     warmup = int(config.warmup_ratio * total)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)))
+        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
 
-    record = RunRecord(config=asdict(config), spec=spec.to_dict(), counts=pm.counts().to_dict(), total_steps=total,
-                       world_size=world, device=_device_name(device), versions=library_versions())
+    record = RunRecord(
+        config=asdict(config),
+        spec=spec.to_dict(),
+        counts=pm.counts().to_dict(),
+        total_steps=total,
+        world_size=world,
+        device=_device_name(device),
+        versions=library_versions(),
+    )
     record.config["lr"] = lr
     consistency = config.consistency if config.consistency is not None else float("adamix" in spec.kinds())
     record.config["consistency"] = consistency
@@ -501,8 +537,11 @@ def train(spec: Spec, config: TrainConfig, on_step: Callable[[int, float], None]
     if out is not None and rank == 0:
         out.mkdir(parents=True, exist_ok=True)
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16) \
-        if config.precision != "fp32" else torch.autocast("cpu", enabled=False)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16 if config.precision == "bf16" else torch.float16)
+        if config.precision != "fp32"
+        else torch.autocast("cpu", enabled=False)
+    )
     scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
     pm.train()
     step = state["step"]
@@ -594,8 +633,14 @@ def _evaluate_and_select(pm, encoder, dev, config, device, step, loss, record, s
         state["bad_evals"] += 1
     if not dist.is_initialized() or dist.get_rank() == 0:
         shown = ", ".join(f"dev {k} {v:.4f}" for k, v in scores.items())
-        log.info("step %d/%d: train loss %.4f%s%s", step, record.total_steps, loss, f", {shown}" if shown else "",
-                 " (best so far)" if better else "")
+        log.info(
+            "step %d/%d: train loss %.4f%s%s",
+            step,
+            record.total_steps,
+            loss,
+            f", {shown}" if shown else "",
+            " (best so far)" if better else "",
+        )
     return config.patience is not None and state["bad_evals"] >= config.patience
 
 
@@ -603,10 +648,16 @@ def _save_checkpoint(path: Path, pm, opt, sched, record: RunRecord, state: dict)
     """Everything needed to continue exactly: trainable tensors, optimiser, schedule, RNG, record."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
-    torch.save({
-        "trainable": _snapshot(pm), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-        "torch_rng": torch.get_rng_state(), "state": state,
-    }, tmp / "state.pt")
+    torch.save(
+        {
+            "trainable": _snapshot(pm),
+            "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "state": state,
+        },
+        tmp / "state.pt",
+    )
     record.save(tmp / "record.json")
     if path.exists():
         shutil.rmtree(path)

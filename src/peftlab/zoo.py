@@ -39,24 +39,40 @@ HEADS = {
 
 
 def _bert(layers: int, hidden: int, heads: int, ffn: int, **kw: Any) -> BertConfig:
-    return BertConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                      intermediate_size=ffn, **kw)
+    return BertConfig(
+        num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, intermediate_size=ffn, **kw
+    )
 
 
 def _roberta(layers: int, hidden: int, heads: int, ffn: int, **kw: Any) -> RobertaConfig:
     kw = {"vocab_size": 50265, "max_position_embeddings": 514, "type_vocab_size": 1, "pad_token_id": 1} | kw
-    return RobertaConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                         intermediate_size=ffn, **kw)
+    return RobertaConfig(
+        num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads, intermediate_size=ffn, **kw
+    )
 
 
 def _t5(layers: int, d_model: int, heads: int, d_kv: int, d_ff: int, **kw: Any) -> T5Config:
-    return T5Config(num_layers=layers, num_decoder_layers=layers, d_model=d_model, num_heads=heads, d_kv=d_kv,
-                    d_ff=d_ff, **({"vocab_size": 32128} | kw))
+    return T5Config(
+        num_layers=layers,
+        num_decoder_layers=layers,
+        d_model=d_model,
+        num_heads=heads,
+        d_kv=d_kv,
+        d_ff=d_ff,
+        **({"vocab_size": 32128} | kw),
+    )
 
 
 def _llama(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int, **kw: Any) -> LlamaConfig:
-    return LlamaConfig(num_hidden_layers=layers, hidden_size=hidden, num_attention_heads=heads,
-                       num_key_value_heads=kv_heads, intermediate_size=ffn, vocab_size=vocab, **kw)
+    return LlamaConfig(
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=ffn,
+        vocab_size=vocab,
+        **kw,
+    )
 
 
 #: Real architectures, random init. Sizes are the published ones.
@@ -77,10 +93,19 @@ SHAPES: dict[str, PretrainedConfig] = {
     "tiny-bert": _bert(2, 32, 4, 64, vocab_size=128, max_position_embeddings=64),
     "tiny-roberta": _roberta(2, 32, 4, 64, vocab_size=128, max_position_embeddings=66),
     "tiny-llama": _llama(2, 32, 4, 2, 64, 128, max_position_embeddings=64, pad_token_id=0),
-    "tiny-qwen2": Qwen2Config(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                              intermediate_size=64, vocab_size=128, max_position_embeddings=64, pad_token_id=0),
-    "tiny-gpt2": GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=64, pad_token_id=0,
-                            bos_token_id=1, eos_token_id=2),
+    "tiny-qwen2": Qwen2Config(
+        num_hidden_layers=2,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=128,
+        max_position_embeddings=64,
+        pad_token_id=0,
+    ),
+    "tiny-gpt2": GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=128, n_positions=64, pad_token_id=0, bos_token_id=1, eos_token_id=2
+    ),
     "tiny-t5": _t5(2, 32, 4, 8, 64, vocab_size=128, decoder_start_token_id=0, pad_token_id=0),
 }
 
@@ -121,8 +146,14 @@ def _shape_config(name: str, num_labels: int) -> PretrainedConfig:
     return config
 
 
-def load_model(name: str, head: str | None = None, num_labels: int = 2, meta: bool = False,
-               dtype: torch.dtype | None = None, seed: int = 0) -> nn.Module:
+def load_model(
+    name: str,
+    head: str | None = None,
+    num_labels: int = 2,
+    meta: bool = False,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> nn.Module:
     """A backbone by name: ``shape:<name>``, ``minilm``, ``smollm2-135m``, a local path or a hub id.
 
     ``meta=True`` builds the model on the meta device (counting without weights in memory).
@@ -144,8 +175,9 @@ def load_model(name: str, head: str | None = None, num_labels: int = 2, meta: bo
     return _pretrained(name, head, num_labels, meta, dtype)
 
 
-def _from_config(config: PretrainedConfig, head: str | None, meta: bool, dtype: torch.dtype | None,
-                 seed: int) -> nn.Module:
+def _from_config(
+    config: PretrainedConfig, head: str | None, meta: bool, dtype: torch.dtype | None, seed: int
+) -> nn.Module:
     head = head or _DEFAULT_HEAD.get(config.model_type, "seq-cls")
     torch.manual_seed(seed)
     kw = {"attn_implementation": "sdpa"}
@@ -157,8 +189,9 @@ def _from_config(config: PretrainedConfig, head: str | None, meta: bool, dtype: 
     return HEADS[head].from_config(config, **kw).eval()
 
 
-def _pretrained(source: str | Path, head: str | None, num_labels: int, meta: bool, dtype: torch.dtype | None,
-                **kw: Any) -> nn.Module:
+def _pretrained(
+    source: str | Path, head: str | None, num_labels: int, meta: bool, dtype: torch.dtype | None, **kw: Any
+) -> nn.Module:
     try:
         config = AutoConfig.from_pretrained(source, num_labels=num_labels, **kw)
     except (OSError, ValueError) as e:

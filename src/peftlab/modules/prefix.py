@@ -121,8 +121,9 @@ class Prefix(PeftModule):
         return state
 
 
-def _extend_mask(mask: torch.Tensor | None, module: nn.Module, q_len: int, kv_len: int, extra: int,
-                 device: torch.device) -> torch.Tensor:
+def _extend_mask(
+    mask: torch.Tensor | None, module: nn.Module, q_len: int, kv_len: int, extra: int, device: torch.device
+) -> torch.Tensor:
     """The mask with ``extra`` always-visible prefix columns in front of the keys."""
     if mask is None:
         if getattr(module, "is_causal", False) and q_len > 1:
@@ -135,8 +136,14 @@ def _extend_mask(mask: torch.Tensor | None, module: nn.Module, q_len: int, kv_le
     return torch.cat([pad, mask], dim=-1)
 
 
-def prefix_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                     attention_mask: torch.Tensor | None, **kwargs: Any):
+def prefix_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+):
     """SDPA attention that first prepends the prefix key/values of the layers that have them."""
     prefixes = getattr(module, PREFIX_ATTR, None)
     if prefixes:
