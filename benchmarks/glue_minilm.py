@@ -213,7 +213,6 @@ def baseline(task: str, data_dir: Path) -> tuple[float, str, dict[str, float], i
 def collect(args: argparse.Namespace, runs: list[Run]) -> list[dict]:
     from peftlab import methods
     from peftlab.tasks import get_task
-    from peftlab.train import default_lr
 
     base = {t: baseline(t, args.data_dir) for t in dict.fromkeys(r.task for r in runs)}
     rows = []
@@ -227,7 +226,7 @@ def collect(args: argparse.Namespace, runs: list[Run]) -> list[dict]:
             "metric": info.main_metric,
             "baseline": round(b_score, 4),
             "baseline_what": b_what,
-            "default_lr": default_lr(methods.get(run.method)),
+            "default_lr": methods.get(run.method).default_lr(),
             "lr": run.lr,
             "max_steps": run.steps,
             "status": "missing",
@@ -574,9 +573,8 @@ def main() -> None:
     runs = [Run(t, m, steps[t], lrs[m], args.output / t / m) for t in args.tasks for m in args.methods]
     # The lr of the table header: the value passed, or (None) the default, filled in from the spec.
     from peftlab import methods
-    from peftlab.train import default_lr
 
-    args.lrs = {m: (lrs[m] if lrs[m] is not None else default_lr(methods.get(m))) for m in args.methods}
+    args.lrs = {m: (lrs[m] if lrs[m] is not None else methods.get(m).default_lr()) for m in args.methods}
     args.steps = {t: steps[t] for t in args.tasks}
 
     if args.dry_run:

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from peftlab import methods
 from peftlab.errors import PeftlabError
-from peftlab.train import TrainConfig, _batch_loss, consistency_loss, train
+from peftlab.modules.bottleneck import ConsistencyLoss, consistency_loss
+from peftlab.train import TrainConfig, batch_loss, train
 
 DATA = Path(os.environ.get("PEFTLAB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 pytestmark = pytest.mark.skipif(not (DATA / "glue" / "SST-2").is_dir(), reason=f"no GLUE data under {DATA}")
@@ -285,9 +286,9 @@ def test_adamix_trains_with_two_routed_passes_and_the_consistency_term() -> None
     assert not torch.allclose(first.logits, second.logits)
     expected = (first.loss + second.loss) / 2 + 0.5 * consistency_loss(first.logits, second.logits)
     torch.manual_seed(5)
-    assert _batch_loss(pm, batch, 0.5).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert batch_loss(pm, batch, ConsistencyLoss(), 0.5).item() == pytest.approx(expected.item(), rel=1e-6)
     torch.manual_seed(5)
-    assert _batch_loss(pm, batch, 0.0).item() == pytest.approx(first.loss.item(), rel=1e-6)
+    assert batch_loss(pm, batch, ConsistencyLoss(), 0.0).item() == pytest.approx(first.loss.item(), rel=1e-6)
 
 
 def test_a_negative_consistency_weight_is_refused() -> None:

@@ -2,8 +2,8 @@
 
 from peftlab import methods
 from peftlab.errors import AdapterLoadError, PeftlabError, SpecError
+from peftlab.loading import load
 from peftlab.peft_model import PeftModel, apply
-from peftlab.saving import load
 from peftlab.spec import Spec
 from peftlab.zoo import load_model
 

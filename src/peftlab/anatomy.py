@@ -271,3 +271,12 @@ def find_head(model: nn.Module, anatomy: Anatomy) -> tuple[str, nn.Module] | Non
         if isinstance(m, nn.Module):
             return name, m
     return None
+
+
+def stack_names(blocks: list[Block]) -> list[str]:
+    """The layer selector each block answers to: 'encoder' / 'decoder' for T5's stacks, 'layers' otherwise."""
+    names = []
+    for b in blocks:
+        first = b.stack.path.split(".")[0]
+        names.append(first if first in ("encoder", "decoder") else "layers")
+    return names

@@ -417,7 +417,6 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
     """Model facts and, per method, its counts (meta device) and the jobs of one round.
 
     Every spec is applied here first, so a method the model cannot take fails before any process starts."""
-    from peftlab.modules.prefix import PromptSettings
     from peftlab.peft_model import apply
     from peftlab.train import input_limit
     from peftlab.zoo import load_model
@@ -442,8 +441,7 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
         probe_model = load_model(config.model, head=head, meta=True)
         pm = apply(probe_model, methods.for_model(name, probe_model))
         spec = pm.adapters[pm.active_adapter].spec
-        prompt = spec.model.get("input")
-        extra = prompt.length if isinstance(prompt, PromptSettings) else 0
+        extra = spec.added_length()
         if config.seq + extra > limit:
             raise PeftlabError(
                 f"--seq {config.seq}{f' plus the {extra} prompt tokens' if extra else ''} exceeds "

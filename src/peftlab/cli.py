@@ -286,7 +286,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
 
-    from peftlab.saving import load
+    from peftlab.loading import load
     from peftlab.tasks import get_task, make_splits
     from peftlab.train import default_device, evaluate, load_for_task, task_encoder
 

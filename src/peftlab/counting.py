@@ -100,30 +100,18 @@ def _numel(params) -> int:
 
 
 def count(pm, adapter_name: str) -> Counts:
-    """The three counts of one adapter of a PeftModel."""
+    """The three counts of one adapter of a PeftModel, keyed by module kind and by layer."""
     model = pm.base_model
     head = find_head(model, pm.anatomy)
     head_ids = {id(p) for p in head[1].parameters()} if head else set()
     backbone = _numel(p for p in model.parameters() if id(p) not in head_ids)
     adapter = pm.adapters[adapter_name]
-    spec = adapter.spec
-    c = Counts(backbone_params=backbone, method=spec.method)
-    if spec.full:
-        n = _numel(model.parameters())
-        c._add("full", "model", n, n, n)
-        return c
-    for key, module in adapter.layers.items():
+    c = Counts(backbone_params=backbone, method=adapter.spec.method)
+    for key, module in adapter.peft_modules():
         layer = key.partition("-")[0]
-        kind = type(module).__name__.lower()
-        c._add(kind, layer, module.own_numel(), module.stored_numel(), module.changed_numel())
-    for key, shared in adapter.shared.items():
-        n = _numel(shared.parameters())
-        kept = 0 if key == "prefix_pool" else n  # the prefix MLP is discarded on save
-        c._add(type(shared).__name__.lower(), "shared", n, kept, kept)
-    if adapter.head is not None:
-        n = _numel(adapter.head.parameters())
-        c._add("head", "model", n, n, n)
-    if spec.train_embeddings:
-        n = model.get_input_embeddings().weight.numel()
-        c._add("embeddings", "model", n, n, n)
+        c._add(module.kind, layer, module.own_numel(), module.stored_numel(), module.changed_numel())
+    for part in adapter.shared.values():
+        n = _numel(part.parameters())
+        kept = n if part.peftlab_stored else 0  # e.g. the prefix MLP is discarded on save
+        c._add(part.peftlab_kind, "shared", n, kept, kept)
     return c

@@ -13,9 +13,6 @@ from typing import Any
 
 from torch import nn
 
-#: Attribute on an attention module that holds the prefix callbacks read by the attention function.
-PREFIX_ATTR = "_peftlab_prefix"
-
 
 @dataclass
 class Callback:
@@ -24,17 +21,23 @@ class Callback:
 
 
 class HookRegistry:
-    """Callbacks per (host, phase); phases: ``pre`` (x -> x), ``post`` ((x, y) -> y), ``prefix``, ``kwargs``."""
+    """Callbacks per (host, phase); phases: ``pre`` (x -> x), ``post`` ((x, y) -> y), ``kwargs``
+    ((args, kwargs) -> (args, kwargs)), and ``attr:<name>``: no hook, the live callbacks are set as the host's
+    attribute ``<name>`` for code the host calls to read (e.g. prefix key/values read by an attention function)."""
 
     def __init__(self) -> None:
         self._callbacks: dict[tuple[int, str], list[Callback]] = {}
         self._hosts: dict[int, nn.Module] = {}
         self._handles: list[Any] = []
-        self._prefix_hosts: list[nn.Module] = []
+        self._attributes: list[tuple[nn.Module, str]] = []
 
     def add(self, host: nn.Module, phase: str, owner: Any, fn: Callable) -> None:
         self._hosts[id(host)] = host
         self._callbacks.setdefault((id(host), phase), []).append(Callback(owner, fn))
+
+    def add_attribute(self, host: nn.Module, name: str, owner: Any, fn: Callable) -> None:
+        """Set ``host.<name>`` to the list of live callbacks registered under that name."""
+        self.add(host, f"attr:{name}", owner, fn)
 
     def remove_owner_adapter(self, adapter_name: str) -> None:
         for key in list(self._callbacks):
@@ -43,9 +46,6 @@ class HookRegistry:
                 self._callbacks[key] = kept
             else:
                 del self._callbacks[key]
-
-    def has_phase(self, phase: str, active: set[str]) -> bool:
-        return any(p == phase and self._live(cbs, active) for (_, p), cbs in self._callbacks.items())
 
     @staticmethod
     def _live(callbacks: list[Callback], active: set[str]) -> list[Callable]:
@@ -56,10 +56,10 @@ class HookRegistry:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for host in self._prefix_hosts:
-            if hasattr(host, PREFIX_ATTR):
-                delattr(host, PREFIX_ATTR)
-        self._prefix_hosts.clear()
+        for host, name in self._attributes:
+            if hasattr(host, name):
+                delattr(host, name)
+        self._attributes.clear()
         for (host_id, phase), callbacks in self._callbacks.items():
             fns = self._live(callbacks, active)
             if not fns:
@@ -71,9 +71,10 @@ class HookRegistry:
                 self._handles.append(host.register_forward_hook(_post_hook(fns)))
             elif phase == "kwargs":
                 self._handles.append(host.register_forward_pre_hook(_kwargs_hook(fns), with_kwargs=True))
-            elif phase == "prefix":
-                setattr(host, PREFIX_ATTR, fns)
-                self._prefix_hosts.append(host)
+            elif phase.startswith("attr:"):
+                name = phase.removeprefix("attr:")
+                setattr(host, name, fns)
+                self._attributes.append((host, name))
 
 
 def _pre_hook(fns: list[Callable]) -> Callable:

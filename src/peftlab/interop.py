@@ -20,20 +20,24 @@ import warnings
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftlab.anatomy import Block, LinearRef, anatomy_for, find_blocks, find_head, find_suffix
+from peftlab.anatomy import Block, LinearRef, anatomy_for, find_blocks, find_head, find_suffix, stack_names
 from peftlab.errors import AdapterLoadError, PeftlabError
-from peftlab.modules import Settings
+from peftlab.keys import module_key, tensor_key
+from peftlab.modules import Dims, Settings
 from peftlab.modules.linear import IA3Settings, LoraSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
-from peftlab.peft_model import PeftModel, apply, model_dims, module_key, stack_name
-from peftlab.saving import load_adapter_state, read_json_object
+from peftlab.modules.whole import HeadCopy
+from peftlab.saving import read_json_object
 from peftlab.spec import Spec
+
+if TYPE_CHECKING:
+    from peftlab.peft_model import PeftModel
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -205,7 +209,7 @@ def peft_files(pm: PeftModel, adapter_name: str) -> dict[str, Callable[[Path], N
 def _placed(pm: PeftModel, adapter: nn.Module) -> Placed:
     """Which settings sit at which (layer, site) of the adapter as built (a spec may name sites that some
     blocks lack); model-level sites have layer None."""
-    stacks = [stack_name(b.stack.path) for b in pm.blocks]
+    stacks = stack_names(pm.blocks)
     wanted = {
         (i, site): s for i, sites in adapter.spec.resolve(len(pm.blocks), stacks).items() for site, s in sites.items()
     }
@@ -384,11 +388,8 @@ _EXPORTERS = {"lora": _export_lora, "ia3": _export_ia3, "prefix": _export_prefix
 
 
 # -- import -------------------------------------------------------------------------------------------------
-def load_peft(
-    model: nn.Module, directory: str | Path, adapter_name: str | None = None, activate: bool = True
-) -> PeftModel:
-    """Load a peft adapter folder onto ``model`` (a transformers model or a PeftModel) as peftlab modules."""
-    directory = Path(directory)
+def read_peft(base: nn.Module, directory: Path) -> tuple[Spec, dict[str, torch.Tensor], str]:
+    """The peftlab spec and tensors (by the adapter key scheme) of a peft adapter folder for ``base``."""
     config = _read_config(directory)
     peft_type = config.get("peft_type")
     if peft_type not in IMPORTABLE:
@@ -402,33 +403,19 @@ def load_peft(
             "unpickles), re-save the adapter with safe_serialization=True"
         )
     state = load_file(str(directory / WEIGHTS))
-    base = model.base_model if isinstance(model, PeftModel) else model
     blocks = find_blocks(base, anatomy_for(base.config.model_type))
     spec, tensors = _IMPORTERS[peft_type](base, blocks, config, state, directory)
     spec.method = IMPORTABLE[peft_type]
     head = _take_head(base, state, _key_root(IMPORTABLE[peft_type] in ("prefix", "prompt")))
     spec.train_head = bool(head)
-    tensors |= {f"head.{k}": v for k, v in head.items()}
+    tensors |= {f"{HeadCopy.state_prefix}.{k}": v for k, v in head.items()}
     if state:
         raise AdapterLoadError(
             f"'{directory}' holds tensors peftlab cannot place: {', '.join(sorted(state)[:3])}"
             f"{' ...' if len(state) > 3 else ''} (peftlab imports modules at the linear sites of transformer "
             "blocks, prefixes, prompts and the task head)"
         )
-    name = adapter_name or "default"
-    if isinstance(model, PeftModel):
-        model.add_adapter(name, spec)
-        pm = model
-    else:
-        pm = apply(model, spec, name)
-    try:
-        load_adapter_state(pm, name, tensors, directory)
-    except AdapterLoadError:
-        pm.delete_adapter(name)  # leave no half-loaded adapter behind
-        raise
-    if activate:
-        pm.set_adapter(name)
-    return pm
+    return spec, tensors, "default"
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
@@ -574,8 +561,8 @@ def _import_lora(
         settings.check_at(f"'{directory}' module '{name}'")
         placed[(i, site)] = settings
         a_key, b_key = (_key_root(False) + k.format(name) for k in _LORA_WEIGHT)
-        tensors[f"layers.{module_key(i, site)}.lora_A"] = _pop(state, a_key, directory)
-        tensors[f"layers.{module_key(i, site)}.lora_B"] = _pop(state, b_key, directory)
+        tensors[tensor_key(i, site, "lora_A")] = _pop(state, a_key, directory)
+        tensors[tensor_key(i, site, "lora_B")] = _pop(state, b_key, directory)
     return _layer_spec(placed), tensors
 
 
@@ -600,9 +587,7 @@ def _import_ia3(
                 "must be exactly the FFN output projections"
             )
         placed[(i, site)] = IA3Settings()
-        tensors[f"layers.{module_key(i, site)}.ia3_l"] = _pop(
-            state, f"{_key_root(False)}{name}.ia3_l", directory
-        ).reshape(-1)
+        tensors[tensor_key(i, site, "ia3_l")] = _pop(state, f"{_key_root(False)}{name}.ia3_l", directory).reshape(-1)
     return _layer_spec(placed), tensors
 
 
@@ -623,7 +608,7 @@ def _import_prefix(
             "decoder's self- and cross-attention; peftlab prefixes each stack's "
             "self-attention"
         )
-    dims = model_dims(base.config, len(blocks))
+    dims = Dims.of(base.config, len(blocks))
     _expect(config, "num_layers", len(blocks), "layers", directory)
     _expect(config, "num_attention_heads", dims.kv_heads, "key/value heads", directory)
     _expect(config, "token_dim", dims.kv_dim, "key/value features per token", directory)
@@ -639,13 +624,13 @@ def _import_prefix(
     kv = _rope_shift(base, kv, -length)
     settings = PrefixSettings(length=length, reparam=False)
     spec = _layer_spec({(i, "attn"): settings for i in range(len(blocks))})
-    return spec, {f"layers.{module_key(i, 'attn')}.kv": kv[i] for i in range(len(blocks))}
+    return spec, {tensor_key(i, "attn", "kv"): kv[i] for i in range(len(blocks))}
 
 
 def _import_prompt(
     base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
 ) -> tuple[Spec, Tensors]:
-    dims = model_dims(base.config, len(blocks))
+    dims = Dims.of(base.config, len(blocks))
     _expect(config, "token_dim", dims.hidden, "hidden features", directory)
     length = config.get("num_virtual_tokens")
     table = _pop(state, "prompt_embeddings", directory)
@@ -655,7 +640,7 @@ def _import_prompt(
         )
     # With two submodules (encoder-decoder) peft stores twice the rows but prompts the encoder with the first.
     spec = Spec(model={"input": PromptSettings(length=length, init="random")})
-    return spec, {f"layers.{module_key(None, 'input')}.prompt": table[:length]}
+    return spec, {tensor_key(None, "input", "prompt"): table[:length]}
 
 
 _IMPORTERS = {
@@ -670,9 +655,6 @@ def peft_equivalent(pm: Any) -> tuple[dict[str, Any] | None, str | None]:
     """The peft config (as ``get_peft_config`` takes it) of the active adapter's method, or None and why.
 
     Built from the adapter as placed on this model, so target module names come from the anatomy."""
-    from peftlab.modules.linear import LoraSettings
-    from peftlab.modules.prefix import PrefixSettings
-
     adapter = pm.adapters[pm.active_adapter]
     spec = adapter.spec
     kinds = spec.kinds()

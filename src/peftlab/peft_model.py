@@ -7,10 +7,9 @@ named adapters can be attached; one is active at a time.
 
 from __future__ import annotations
 
-import copy
 import functools
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,32 +17,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab.anatomy import Anatomy, anatomy_for, find_blocks, find_head, find_suffix
+from peftlab import interop, saving
+from peftlab.anatomy import Anatomy, anatomy_for, find_blocks, stack_names
+from peftlab.counting import Counts, count
 from peftlab.errors import SpecError
 from peftlab.hooks import HookRegistry
-from peftlab.modules import BuildContext, Dims, PeftModule
-from peftlab.modules.prefix import PrefixSettings, use_prefix_attention
+from peftlab.keys import module_key
+from peftlab.modules import BuildContext, Dims, PeftModule, Settings
 from peftlab.spec import Spec
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
-
-
-def model_dims(config: Any, num_layers: int) -> Dims:
-    """Sizes a module needs, read from any supported config (T5's inner attention width included)."""
-    hidden = config.hidden_size
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or hidden // heads
-    return Dims(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, num_layers=num_layers)
-
-
-def stack_name(path: str) -> str:
-    return path.split(".")[0] if path.split(".")[0] in ("encoder", "decoder") else "layers"
-
-
-def module_key(layer: int | None, site: str) -> str:
-    """Key of a module in ``adapters[name].layers`` (ModuleDict keys cannot hold dots)."""
-    return f"model-{site}" if layer is None else f"{layer}-{site}"
+#: how ``save`` writes each format: the files of the folder, each with its writer
+_FORMATS: dict[str, Callable[[Any, str], dict[str, Callable[[Path], None]]]] = {
+    "peftlab": saving.adapter_files,
+    "peft": interop.peft_files,
+}
 
 
 class Adapter(nn.Module):
@@ -53,12 +41,23 @@ class Adapter(nn.Module):
         super().__init__()
         self.name = name
         self.spec = spec
-        self.layers = nn.ModuleDict()
+        self.layers = nn.ModuleDict()  # modules at sites, by module_key
+        self.parts = nn.ModuleDict()  # whole-model parts (head copy, embeddings, full), by kind
         self.shared = nn.ModuleDict()
-        self.head: nn.Module | None = None
 
     def peft_modules(self) -> Iterator[tuple[str, PeftModule]]:
+        """(key, module) for every module, keyed as counted: ``<layer>-<site>``, ``model-<site or part>``."""
         yield from self.layers.items()
+        for kind, part in self.parts.items():
+            yield module_key(None, kind), part
+
+    @property
+    def head(self) -> nn.Module | None:
+        """The adapter's copy of the task head, if it trains one."""
+        return self.parts["head"].head if "head" in self.parts else None
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        return [p for _, m in self.peft_modules() for p in m.backbone_parameters()]
 
 
 class PeftModel(nn.Module):
@@ -71,15 +70,14 @@ class PeftModel(nn.Module):
         self.base_model = model
         self.anatomy: Anatomy = anatomy_for(model.config.model_type)
         self._blocks = find_blocks(model, self.anatomy)
-        self.dims = model_dims(model.config, len(self._blocks))
+        self.dims = Dims.of(model.config, len(self._blocks))
         self.hooks = HookRegistry()
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
         self._disabled = False
-        self._full_tuned = False
-        from peftlab.saving import fingerprint  # saving imports this module
-
-        self.fingerprint = fingerprint(model, self.anatomy)
+        self._exclusive: str | None = None  # the kind that changed the backbone itself, once one has
+        self._switches: dict[Callable[[nn.Module, bool], None], None] = {}  # every model switch seen, in order
+        self.fingerprint = saving.fingerprint(model, self.anatomy)
         for p in model.parameters():
             p.requires_grad_(False)
         # Trainer and other tools inspect forward's signature: show the backbone's.
@@ -111,10 +109,11 @@ class PeftModel(nn.Module):
             raise SpecError(f"adapter name {name!r} is not valid: use letters, digits, '_' or '-'")
         if name in self.adapters:
             raise SpecError(f"an adapter named '{name}' already exists; adapters: {', '.join(self.adapters)}")
-        if spec.full and len(self.adapters):
-            raise SpecError("full fine-tuning changes the backbone itself and cannot be one of several adapters")
-        if self._full_tuned:
-            raise SpecError("this model is fully fine-tuned; it cannot take further adapters")
+        exclusive = next((p.kind for p in spec.parts().values() if p.exclusive), None)
+        if exclusive and len(self.adapters):
+            raise SpecError(f"'{exclusive}' changes the backbone itself and cannot be one of several adapters")
+        if self._exclusive:
+            raise SpecError(f"this model's backbone is changed by '{self._exclusive}'; it cannot take further adapters")
         spec.check()
         adapter = Adapter(name, spec)
         try:
@@ -122,7 +121,7 @@ class PeftModel(nn.Module):
             base_ids = {id(p) for p in self.base_model.parameters()}
             if any(id(p) in base_ids for p in adapter.parameters()):  # a module kept a backbone submodule
                 raise RuntimeError(f"adapter '{name}' would own backbone parameters; this is a peftlab bug")
-            if not spec.full and not any(True for _ in adapter.parameters()):
+            if not any(True for _ in adapter.parameters()) and not adapter.backbone_parameters():
                 raise SpecError(
                     f"the spec trains nothing on this model: {type(self.base_model).__name__} has no task head "
                     "and the spec places no module; add modules or use a model class with a task head"
@@ -132,10 +131,11 @@ class PeftModel(nn.Module):
             raise
         adapter.train(self.base_model.training)  # follow the backbone's mode (dropout, AdaMix routing)
         self.adapters[name] = adapter
-        if spec.full:
-            self._full_tuned = True
+        for _, module in adapter.peft_modules():
+            self._switches.update(dict.fromkeys(module.model_switches))
+        self._exclusive = exclusive
 
-    def _context(self, adapter: Adapter, site: str, **kw: Any) -> BuildContext:
+    def _context(self, adapter: Adapter, site: str, settings: Settings, plan: Any, **kw: Any) -> BuildContext:
         p = self._param()
         return BuildContext(
             site=site,
@@ -143,25 +143,25 @@ class PeftModel(nn.Module):
             dims=self.dims,
             hooks=self.hooks,
             shared=adapter.shared,
-            gated=False,
+            gated=adapter.spec.gates and settings.gateable,
             device=p.device,
             dtype=p.dtype,
             model=self.base_model,
+            kind=settings.kind,
+            plan=plan,
+            anatomy=self.anatomy,
+            blocks=self._blocks,
             **kw,
         )
 
     def _build(self, adapter: Adapter, spec: Spec) -> None:
-        stacks = [stack_name(b.stack.path) for b in self._blocks]
-        per_layer = spec.resolve(len(self._blocks), stacks)
-        lengths = [s.length for sites in per_layer.values() for s in sites.values() if isinstance(s, PrefixSettings)]
-        hiddens = {
-            (s.hidden, s.reparam)
-            for sites in per_layer.values()
-            for s in sites.values()
-            if isinstance(s, PrefixSettings)
+        per_layer = spec.resolve(len(self._blocks), stack_names(self._blocks))
+        placements = [s for sites in per_layer.values() for s in sites.values()] + list(spec.model.values())
+        plans = {
+            kind: type(group[0]).plan(group)
+            for kind in dict.fromkeys(s.kind for s in placements)
+            for group in [[s for s in placements if s.kind == kind]]
         }
-        if len(hiddens) > 1:
-            raise SpecError("all prefix sites of one adapter must share 'hidden' and 'reparam' (one shared MLP)")
         placed: set[str] = set()
         for i, sites in per_layer.items():
             block = self._blocks[i]
@@ -170,60 +170,32 @@ class PeftModel(nn.Module):
                     continue  # optional sites (gate projection, cross-attention) exist in some blocks only
                 placed.add(site)
                 ctx = self._context(
-                    adapter,
-                    site,
-                    block=block,
-                    linear=block.linear(site),
-                    extra={"prefix_max_length": max(lengths, default=0)},
+                    adapter, site, settings, plans[settings.kind], block=block, linear=block.linear(site)
                 )
-                ctx.gated = spec.gates and settings.gateable
-                self._add_module(adapter, module_key(i, site), settings, ctx, f"layer {i} site '{site}'")
+                self._add_module(adapter.layers, module_key(i, site), settings, ctx, f"layer {i} site '{site}'")
         wanted = {site for sites in per_layer.values() for site in sites}
         if wanted and not placed:
             raise SpecError(
                 f"site(s) {', '.join(sorted(wanted))} exist in no layer of this {self.anatomy.family}-family model"
             )
         for site, settings in spec.model.items():
-            ctx = self._context(adapter, site)
-            hosts = self._model_site_hosts(site)
-            if hosts is not None and not hosts:
-                continue  # the family has no such part (e.g. Llama has no embedding norm)
-            ctx.extra["norms" if site.endswith("norm") else "biases"] = hosts
-            self._add_module(adapter, module_key(None, site), settings, ctx, f"model site '{site}'")
-        if spec.full:
-            return
-        if spec.train_head:
-            found = find_head(self.base_model, self.anatomy)
-            if found is not None:
-                head = found[1]
-                adapter.head = copy.deepcopy(head)
-                self.hooks.add(head, "post", _HeadOwner(adapter.name), lambda x, y, a=adapter: a.head(x))
-
-    def _model_site_hosts(self, site: str) -> list[tuple[str, nn.Module]] | None:
-        """Backbone modules of a model-level site (None for the input site, which has no host list)."""
-        if site in ("embed_norm", "final_norm"):
-            paths = [self.anatomy.embed_norm] if site == "embed_norm" else list(self.anatomy.final_norms)
-            return [(p, m) for p in paths if p and (m := find_suffix(self.base_model, p)) is not None]
-        if site == "bias":
-            inside = {id(m) for b in self._blocks for m in b.module.modules()}
-            found = find_head(self.base_model, self.anatomy)
-            inside |= {id(m) for m in found[1].modules()} if found else set()
-            return [
-                (n, m)
-                for n, m in self.base_model.named_modules()
-                if id(m) not in inside and isinstance(getattr(m, "bias", None), nn.Parameter)
-            ]
-        return None
+            ctx = self._context(adapter, site, settings, plans[settings.kind])
+            self._add_module(adapter.layers, module_key(None, site), settings, ctx, f"model site '{site}'")
+        for kind, settings in spec.parts().items():
+            ctx = self._context(adapter, kind, settings, None)
+            self._add_module(adapter.parts, kind, settings, ctx, kind)
 
     @staticmethod
-    def _add_module(adapter: Adapter, key: str, settings: Any, ctx: BuildContext, where: str) -> None:
+    def _add_module(into: nn.ModuleDict, key: str, settings: Settings, ctx: BuildContext, where: str) -> None:
         try:
             module = settings.build(ctx)
         except SpecError as e:
             msg = str(e)
             raise SpecError(msg if msg.startswith(("layer", "model")) else f"{where}: {msg}") from None
+        if module is None:
+            return  # the model has nothing for this kind here (e.g. Llama has no embedding norm)
         module.attach(ctx)
-        adapter.layers[key] = module
+        into[key] = module
 
     def set_adapter(self, name: str) -> None:
         """Make ``name`` the active (and only trainable) adapter."""
@@ -234,11 +206,8 @@ class PeftModel(nn.Module):
         self.active_adapter = name
         for other, adapter in self.adapters.items():
             adapter.requires_grad_(other == name)
-        spec = self.adapters[name].spec
-        if spec.full:
-            self.base_model.requires_grad_(True)
-        if spec.train_embeddings:
-            self.base_model.get_input_embeddings().requires_grad_(True)
+        for p in self.adapters[name].backbone_parameters():
+            p.requires_grad_(True)
         self._refresh()
 
     def delete_adapter(self, name: str) -> None:
@@ -269,7 +238,15 @@ class PeftModel(nn.Module):
     def _refresh(self) -> None:
         active = self._active()
         self.hooks.refresh(active)
-        use_prefix_attention(self.base_model, self.hooks.has_phase("prefix", active))
+        live = {
+            switch
+            for name in active
+            for _, m in self.adapters[name].peft_modules()
+            if not m.merged
+            for switch in m.model_switches
+        }
+        for switch in self._switches:
+            switch(self.base_model, switch in live)
 
     # -- merging ------------------------------------------------------------------------------------
     def _is_merged(self, name: str) -> bool:
@@ -291,16 +268,16 @@ class PeftModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """The backbone with the active adapter merged in and no hooks left: a plain transformers model."""
-        left = [k for k, m in self._active_modules() if not m.mergeable]
+        left = [k for k, m in self._active_modules() if not m.unloadable]
         if left:
             raise SpecError(f"cannot unload: modules {', '.join(left[:5])} cannot be merged into weights")
         self.merge()
-        if self.adapters[self.active_adapter].head is not None:
-            _, head = find_head(self.base_model, self.anatomy)
-            head.load_state_dict(self.adapters[self.active_adapter].head.state_dict())
+        for _, m in self._active_modules():
+            m.fold()
         self.hooks.refresh(set())
         model = self.base_model
-        use_prefix_attention(model, False)
+        for switch in self._switches:
+            switch(model, False)
         return model
 
     def _active_modules(self) -> list[tuple[str, PeftModule]]:
@@ -309,9 +286,7 @@ class PeftModel(nn.Module):
         return list(self.adapters[self.active_adapter].peft_modules())
 
     # -- reporting and saving ---------------------------------------------------------------------------
-    def counts(self, adapter: str | None = None):
-        from peftlab.counting import count
-
+    def counts(self, adapter: str | None = None) -> Counts:
         return count(self, adapter or self.active_adapter)
 
     def summary(self, adapter: str | None = None) -> str:
@@ -321,24 +296,16 @@ class PeftModel(nn.Module):
         self, directory: str | Path, format: str = "peftlab", adapter: str | None = None, overwrite: bool = False
     ) -> Path:
         """Save the active (or named) adapter as a folder; ``format="peft"`` writes the peft layout."""
-        from peftlab import saving
-
-        return saving.save(
-            self, Path(directory), format=format, adapter=adapter or self.active_adapter, overwrite=overwrite
-        )
+        name = adapter or self.active_adapter
+        if format not in _FORMATS:
+            raise PeftlabError(f"unknown adapter format '{format}'; formats are: {', '.join(_FORMATS)}")
+        if name not in self.adapters:
+            raise PeftlabError(f"no adapter named '{name}'; adapters: {', '.join(self.adapters)}")
+        return saving.write_folder(Path(directory), _FORMATS[format](self, name), overwrite)
 
 
 def _call(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return model(*args, **kwargs)
-
-
-class _HeadOwner:
-    """The owner record of a head-copy hook (heads are not PeftModules but follow the same switch)."""
-
-    merged = False
-
-    def __init__(self, adapter_name: str) -> None:
-        self.adapter_name = adapter_name
 
 
 def apply(model: nn.Module, spec: Spec, adapter_name: str = "default") -> PeftModel:

@@ -6,12 +6,12 @@ different base; saving never overwrites an existing adapter unless asked to.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from torch import nn
 
 from peftlab.anatomy import Anatomy, anatomy_for, find_blocks
 from peftlab.errors import AdapterLoadError, PeftlabError
-from peftlab.modules.prefix import PrefixSettings
+from peftlab.keys import stored_tensors
 from peftlab.spec import Spec
 
 WEIGHTS = "adapter.safetensors"
@@ -71,36 +71,6 @@ def fingerprint(model: nn.Module, anatomy: Anatomy | None = None) -> dict[str, A
     }
 
 
-def _storage_spec(spec: Spec) -> Spec:
-    """The spec as stored: prefixes are saved as key/values, so they load without the MLP."""
-    layers = {
-        key: {
-            site: dataclasses.replace(s, reparam=False) if isinstance(s, PrefixSettings) else s
-            for site, s in sites.items()
-        }
-        for key, sites in spec.layers.items()
-    }
-    return dataclasses.replace(spec, layers=layers)
-
-
-def adapter_state(pm, name: str) -> dict[str, torch.Tensor]:
-    """Every tensor the adapter file holds, keyed by where it goes back."""
-    adapter = pm.adapters[name]
-    state: dict[str, torch.Tensor] = {}
-    if adapter.spec.full:
-        return {f"base.{k}": v for k, v in pm.base_model.state_dict().items()}
-    for key, module in adapter.layers.items():
-        state |= {f"layers.{key}.{k}": v for k, v in module.stored_state().items()}
-    for key, shared in adapter.shared.items():
-        if key != "prefix_pool":
-            state |= {f"shared.{key}.{k}": v.detach() for k, v in shared.state_dict().items()}
-    if adapter.head is not None:
-        state |= {f"head.{k}": v.detach() for k, v in adapter.head.state_dict().items()}
-    if adapter.spec.train_embeddings:
-        state["embeddings.weight"] = pm.base_model.get_input_embeddings().weight.detach()
-    return state
-
-
 def _prepare_dir(directory: Path, overwrite: bool) -> None:
     if directory.exists() and not directory.is_dir():
         raise PeftlabError(f"'{directory}' exists and is not a folder")
@@ -125,17 +95,15 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
-def save(pm, directory: Path, format: str, adapter: str, overwrite: bool) -> Path:
-    if format not in ("peftlab", "peft"):
-        raise PeftlabError(f"unknown adapter format '{format}'; formats are: peftlab, peft")
-    if adapter not in pm.adapters:
-        raise PeftlabError(f"no adapter named '{adapter}'; adapters: {', '.join(pm.adapters)}")
+def write_folder(directory: Path, files: dict[str, Callable[[Path], None]], overwrite: bool) -> Path:
+    """Write an adapter folder's files, each with its writer; never into a non-empty folder unless asked."""
     _prepare_dir(directory, overwrite)
-    if format == "peft":
-        from peftlab.interop import peft_files
+    _write_atomically(directory, files)
+    return directory
 
-        _write_atomically(directory, peft_files(pm, adapter))
-        return directory
+
+def adapter_files(pm: Any, adapter: str) -> dict[str, Callable[[Path], None]]:
+    """The files of a peftlab adapter folder, each with its writer."""
     spec = pm.adapters[adapter].spec
     meta = {
         "format": "peftlab-adapter",
@@ -143,17 +111,13 @@ def save(pm, directory: Path, format: str, adapter: str, overwrite: bool) -> Pat
         "adapter_name": adapter,
         "base_model_class": type(pm.base_model).__name__,
         "fingerprint": pm.fingerprint,
-        "spec": _storage_spec(spec).to_dict(),
+        "spec": spec.stored().to_dict(),
     }
-    state = _contiguous(adapter_state(pm, adapter))
-    _write_atomically(
-        directory,
-        {
-            WEIGHTS: lambda p: save_file(state, str(p), metadata={"format": "pt"}),
-            META: lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"),
-        },
-    )
-    return directory
+    state = _contiguous(stored_tensors(pm.adapters[adapter]))
+    return {
+        WEIGHTS: lambda p: save_file(state, str(p), metadata={"format": "pt"}),
+        META: lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"),
+    }
 
 
 def _check_base(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
@@ -188,69 +152,11 @@ def read_meta(directory: Path) -> dict[str, Any]:
     return meta
 
 
-def load(
-    model: nn.Module,
-    directory: str | Path,
-    adapter_name: str | None = None,
-    check_base: bool = True,
-    activate: bool = True,
-):
-    """Load a saved adapter (peftlab or peft format) onto ``model`` (a transformers model or a PeftModel)."""
-    from peftlab.peft_model import PeftModel, apply
-
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise AdapterLoadError(f"adapter folder '{directory}' does not exist")
-    if not (directory / META).is_file():
-        if (directory / "adapter_config.json").is_file():
-            from peftlab.interop import load_peft
-
-            return load_peft(model, directory, adapter_name=adapter_name, activate=activate)
-        raise AdapterLoadError(f"'{directory}' holds neither a peftlab adapter ({META}) nor a peft adapter")
+def read_adapter(directory: Path, current: dict[str, Any] | None) -> tuple[Spec, dict[str, torch.Tensor], str]:
+    """The spec, tensors and name of a peftlab adapter folder; ``current`` (the base's fingerprint) is checked
+    against the one it was trained on unless None."""
     meta = read_meta(directory)
     spec = Spec.from_dict(meta["spec"])
-    name = adapter_name or meta.get("adapter_name", "default")
-    base = model.base_model if isinstance(model, PeftModel) else model
-    current = model.fingerprint if isinstance(model, PeftModel) else fingerprint(base)
-    if check_base:
+    if current is not None:
         _check_base(meta["fingerprint"], current, directory)
-    state = load_file(str(directory / WEIGHTS))
-    if isinstance(model, PeftModel):
-        model.add_adapter(name, spec)
-        pm = model
-    else:
-        pm = apply(model, spec, name)
-    load_adapter_state(pm, name, state, directory)
-    if activate:
-        pm.set_adapter(name)
-    return pm
-
-
-def load_adapter_state(pm, name: str, state: dict[str, torch.Tensor], where: Path | str) -> None:
-    """Copy saved tensors into a freshly built adapter; any mismatch is an error, not a silent skip."""
-    adapter = pm.adapters[name]
-    targets: dict[str, torch.Tensor] = {}
-    if adapter.spec.full:
-        targets = {f"base.{k}": v for k, v in pm.base_model.state_dict().items()}
-    else:
-        for key, module in adapter.layers.items():
-            targets |= {f"layers.{key}.{k}": v for k, v in module.state_dict().items()}
-        for key, shared in adapter.shared.items():
-            targets |= {f"shared.{key}.{k}": v for k, v in shared.state_dict().items()}
-        if adapter.head is not None:
-            targets |= {f"head.{k}": v for k, v in adapter.head.state_dict().items()}
-        if adapter.spec.train_embeddings:
-            targets["embeddings.weight"] = pm.base_model.get_input_embeddings().weight
-    missing = sorted(set(targets) - set(state))
-    unexpected = sorted(set(state) - set(targets))
-    if missing or unexpected:
-        raise AdapterLoadError(
-            f"adapter '{where}' does not match its spec: missing {missing[:3]}, unexpected {unexpected[:3]}"
-        )
-    with torch.no_grad():
-        for k, t in targets.items():
-            if t.shape != state[k].shape:
-                raise AdapterLoadError(
-                    f"adapter '{where}': tensor {k} has shape {tuple(state[k].shape)}, expected {tuple(t.shape)}"
-                )
-            t.copy_(state[k].to(t.dtype))
+    return spec, load_file(str(directory / WEIGHTS)), meta.get("adapter_name", "default")

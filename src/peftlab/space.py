@@ -78,8 +78,7 @@ from torch import nn
 from peftlab.anatomy import SITE_ROLES, anatomy_for, find_blocks, find_head
 from peftlab.errors import PeftlabError, SpecError
 from peftlab.hooks import HookRegistry
-from peftlab.modules import KINDS, BuildContext, Settings
-from peftlab.peft_model import model_dims
+from peftlab.modules import KINDS, BuildContext, Dims, Settings
 from peftlab.spec import Spec
 
 GROUPINGS = ("increasing", "uniform", "decreasing", "spindle", "bottleneck")
@@ -238,7 +237,7 @@ class Backbone:
         self.model = model
         anatomy = anatomy_for(model.config.model_type)
         self.blocks = find_blocks(model, anatomy)
-        self.dims = model_dims(model.config, len(self.blocks))
+        self.dims = Dims.of(model.config, len(self.blocks))
         head = find_head(model, anatomy)
         head_ids = {id(p) for p in head[1].parameters()} if head else set()
         self.params = sum(p.numel() for p in model.parameters() if id(p) not in head_ids)
@@ -282,7 +281,8 @@ class Backbone:
                 block=block,
                 linear=block.linear(site),
                 model=self.model,
-                extra={"prefix_max_length": getattr(settings, "length", 0)},
+                kind=settings.kind,
+                plan=type(settings).plan([settings]),
             )
             self._costs[key] = settings.build(ctx).own_numel()
         return self._costs[key]

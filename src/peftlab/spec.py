@@ -8,6 +8,7 @@ ones site by site; a site set to ``None`` removes what an earlier selector put t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass, field
@@ -17,6 +18,8 @@ from typing import Any
 from peftlab.anatomy import MODEL_SITE_ROLES, SITE_ROLES
 from peftlab.errors import SpecError
 from peftlab.modules import KINDS, Settings
+from peftlab.modules.base import Gate, TrainingLoss
+from peftlab.modules.whole import HeadSettings, whole_model_parts
 
 SPEC_VERSION = 1
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
@@ -171,10 +174,45 @@ class Spec:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json() + "\n")
 
+    def settings(self) -> list[Settings]:
+        """Every module settings the spec names, per-layer ones first."""
+        found = [v for sites in self.layers.values() for v in sites.values() if v is not None]
+        return found + list(self.model.values())
+
     def kinds(self) -> set[str]:
         """Module kinds this spec uses (for defaults such as learning rates)."""
-        found = {v.kind for sites in self.layers.values() for v in sites.values() if v is not None}
-        return found | {v.kind for v in self.model.values()}
+        return {v.kind for v in self.settings()}
+
+    def parts(self) -> dict[str, Settings]:
+        """The whole-model parts its flags ask for (head copy, embeddings, full fine-tuning)."""
+        return whole_model_parts(self)
+
+    def stored(self) -> Spec:
+        """The spec as a saved adapter records it (each kind's stored form)."""
+        layers = {
+            key: {site: s.stored() if s is not None else None for site, s in sites.items()}
+            for key, sites in self.layers.items()
+        }
+        model = {site: s.stored() for site, s in self.model.items()}
+        return dataclasses.replace(self, layers=layers, model=model)
+
+    def added_length(self) -> int:
+        """Tokens its modules add to every input (a soft prompt's length)."""
+        return sum(s.added_length() for s in self.model.values())
+
+    def default_lr(self) -> float:
+        """The papers' learning rate: full fine-tuning's, a gated spec's (UniPELT), else the largest of its kinds'
+        (a spec of the head alone takes the head's)."""
+        exclusive = [p for p in self.parts().values() if p.exclusive]
+        if exclusive:
+            return exclusive[0].default_lr
+        if self.gates:
+            return Gate.default_lr
+        return max((s.default_lr for s in self.settings()), default=HeadSettings.default_lr)
+
+    def training_loss(self) -> TrainingLoss | None:
+        """The extra training objective one of its kinds brings, if any."""
+        return next((s.training_loss for s in self.settings() if s.training_loss is not None), None)
 
 
 def _settings(value: Any, where: str) -> dict[str, Any]:

@@ -30,6 +30,7 @@ from torch import nn
 
 from peftlab import metrics as metric_fns
 from peftlab.errors import PeftlabError
+from peftlab.modules.base import TrainingLoss
 from peftlab.peft_model import PeftModel, apply
 from peftlab.spec import Spec
 from peftlab.tasks import Example, Splits, TaskInfo, get_task, load_user_data, make_splits
@@ -37,36 +38,9 @@ from peftlab.tokenize import get_tokenizer, pad_batch
 
 log = logging.getLogger(__name__)
 
-#: Learning rates by module kind, from the papers (UniPELT's appendix B for BERT: fine-tuning 2e-5, adapter
-#: 1e-4, prefix 2e-4, UniPELT 5e-4, BitFit 1e-4, LoRA 5e-4; (IA)3 3e-3 from T-Few; prompt tuning 0.3 from
-#: Lester et al.). A spec mixing kinds takes the largest; a gated spec (UniPELT) takes 5e-4.
-LEARNING_RATES = {
-    "full": 2e-5,
-    "adapter": 1e-4,
-    "compacter": 1e-3,
-    "adamix": 1e-4,
-    "prefix": 2e-4,
-    "lora": 5e-4,
-    "krona": 5e-4,
-    "ia3": 3e-3,
-    "bitfit": 1e-4,
-    "ln": 1e-3,
-    "prompt": 3e-1,
-    "head": 1e-3,
-    "gated": 5e-4,
-}
 CHECKPOINT = "checkpoint"
 #: TrainConfig fields that name one run rather than say how it trains (a search's trials share the rest)
 RUN_FIELDS = ("model", "task", "output", "progress", "resume")
-
-
-def default_lr(spec: Spec) -> float:
-    if spec.full:
-        return LEARNING_RATES["full"]
-    if spec.gates:
-        return LEARNING_RATES["gated"]
-    kinds = spec.kinds() or {"head"}
-    return max(LEARNING_RATES[k] for k in kinds)
 
 
 @dataclass
@@ -331,28 +305,15 @@ def evaluate(
 
 
 # -- the run ------------------------------------------------------------------------------------------------
-def consistency_loss(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """AdaMix's consistency term between two passes' logits: the symmetrised KL divergence of their
-    distributions (the mean of KL(p||q) and KL(q||p)); a regression head's single output compares by squared
-    difference; text-to-text logits (batch, tokens, vocabulary) count only the tokens with a label."""
-    a, b = a.float(), b.float()
-    if a.shape[-1] == 1:
-        return torch.nn.functional.mse_loss(a, b)
-    la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
-    kl = 0.5 * ((la.exp() * (la - lb)).sum(-1) + (lb.exp() * (lb - la)).sum(-1))
-    if kl.dim() > 1 and labels is not None and labels.shape == kl.shape:
-        return kl[labels != -100].mean()
-    return kl.mean()
-
-
-def _batch_loss(pm: nn.Module, batch: dict[str, torch.Tensor], consistency: float) -> torch.Tensor:
-    """The training loss of one batch; with a consistency weight, two passes (each draws its own experts)."""
+def batch_loss(
+    pm: nn.Module, batch: dict[str, torch.Tensor], objective: TrainingLoss | None, weight: float
+) -> torch.Tensor:
+    """The training loss of one batch: the model's, or a kind's training objective (e.g. AdaMix's consistency
+    between two routed passes) at ``weight`` (0 turns it off)."""
     out = pm(**batch)
-    if not consistency:
+    if objective is None or not weight:
         return out.loss
-    again = pm(**batch)
-    term = consistency_loss(out.logits, again.logits, batch.get("labels"))
-    return (out.loss + again.loss) / 2 + consistency * term
+    return objective(pm, batch, out, weight)
 
 
 def _enable_checkpointing(model: nn.Module) -> None:
@@ -507,7 +468,7 @@ def train(
     full = max(1, round(config.epochs * steps_per_epoch))
     total = config.max_steps or max(1, round((config.fraction or 1.0) * full))
     eval_every = config.eval_every or steps_per_epoch
-    lr = config.lr or default_lr(spec)
+    lr = config.lr or spec.default_lr()
     params = [p for _, p in _trainable(pm)]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=config.weight_decay)
     warmup = int(config.warmup_ratio * total)
@@ -525,7 +486,9 @@ def train(
         versions=library_versions(),
     )
     record.config["lr"] = lr
-    consistency = config.consistency if config.consistency is not None else float("adamix" in spec.kinds())
+    objective = spec.training_loss()
+    default_weight = objective.default_weight if objective is not None else 0.0
+    consistency = config.consistency if config.consistency is not None else default_weight
     record.config["consistency"] = consistency
     out = Path(config.output) if config.output else None
     ckpt = out / CHECKPOINT if out else None
@@ -564,7 +527,7 @@ def train(
                 batch = {k: v.to(device) for k, v in encoder([splits.train[i] for i in mine]).items()}
                 state["tokens"] += int(batch["attention_mask"].sum())
                 with autocast:
-                    loss = _batch_loss(pm, batch, consistency) * (len(mine) / len(group))
+                    loss = batch_loss(pm, batch, objective, consistency) * (len(mine) / len(group))
                 (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += loss.detach().item()
             loss_sum = _all_reduce(params, loss_sum, world)

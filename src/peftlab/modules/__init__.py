@@ -1,6 +1,17 @@
 """The PEFT module zoo. Importing this package registers every kind in :data:`KINDS`."""
 
-from peftlab.modules import bottleneck, linear, prefix, selective
+from peftlab.modules import bottleneck, linear, prefix, selective, whole
 from peftlab.modules.base import KINDS, BuildContext, Dims, PeftModule, Settings
 
-__all__ = ["KINDS", "BuildContext", "Dims", "PeftModule", "Settings", "bottleneck", "linear", "prefix", "selective"]
+__all__ = [
+    "KINDS",
+    "BuildContext",
+    "Dims",
+    "PeftModule",
+    "Settings",
+    "bottleneck",
+    "linear",
+    "prefix",
+    "selective",
+    "whole",
+]

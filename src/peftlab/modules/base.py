@@ -3,18 +3,56 @@
 A *kind* is a settings dataclass (what the spec stores, validated, JSON-friendly) plus the
 ``nn.Module`` it builds. The module wires itself into the backbone through the hook registry and
 knows how to count itself and, where possible, how to merge into the base weights.
+
+Everything particular to a kind lives on its two classes, so the core (``peft_model``, ``saving``,
+``counting``, the spaces, training and the bench) names no kind. Adding a kind is one file here, a
+``@register``-ed :class:`Settings` subclass and its :class:`PeftModule`, plus its preset(s) and tests.
+
+Required: ``Settings.kind``, ``Settings.roles`` (the site roles it can occupy), ``Settings.build`` and
+``PeftModule.attach``. Optional hooks, each with a default that suits most kinds:
+
+On :class:`Settings` (kind-wide):
+
+- ``default_lr``: the learning rate the papers use for the kind; a spec mixing kinds takes the largest.
+- ``plan(placed)``: a pass over every placement of the kind in one adapter before anything is built;
+  it checks what the placements must agree on and returns what each build needs
+  (``BuildContext.plan``), e.g. the longest prefix, which sizes the prefix MLP they share.
+- ``stored()``: the settings as the saved adapter records them (prefixes are saved as key/values,
+  so they load without their MLP).
+- ``added_length()``: the tokens the kind adds to every input (a soft prompt's length).
+- ``training_loss``: an extra training objective (:class:`TrainingLoss`) and its default weight,
+  e.g. AdaMix's consistency between two randomly routed passes.
+- ``exclusive``: the kind changes the backbone itself, so it cannot be one of several adapters.
+- ``mergeable`` / ``gateable``: whether it folds into base weights / a UniPELT gate can scale it.
+
+On :class:`PeftModule` (per built module):
+
+- ``model_switches``: model-wide switches the module needs while it is live (e.g. routing attention
+  through the prefix-aware function); each is called with ``on=False`` once no live module needs it.
+- ``backbone_parameters()``: backbone tensors the module trains in place (full fine-tuning, the
+  input embeddings); they become trainable with the adapter.
+- ``own_numel`` / ``stored_numel`` / ``changed_numel``: the survey's three counts.
+- ``stored_state()`` / ``load_targets()``: what the adapter file holds and where it loads back;
+  ``state_prefix`` sets the tensors' key root (default ``layers.<layer>-<site>``).
+- ``fold()`` / ``unloadable``: what ``merge_and_unload`` does beyond ``merge`` (a head copy overwrites the
+  head, so it unloads though it does not merge).
+
+Parts several modules of one adapter share (Compacter's rules, the prefix MLP, UniPELT's LoRA gate)
+come from :meth:`BuildContext.share`, which records the kind that owns them and whether the saved
+adapter keeps them.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import nn
 
-from peftlab.anatomy import Block, LinearRef
+from peftlab.anatomy import Anatomy, Block, LinearRef
 from peftlab.errors import SpecError
 from peftlab.hooks import HookRegistry
 
@@ -42,6 +80,15 @@ class Dims:
     def kv_dim(self) -> int:
         return self.kv_heads * self.head_dim
 
+    @classmethod
+    def of(cls, config: Any, num_layers: int) -> Dims:
+        """Sizes read from any supported config (T5's inner attention width included)."""
+        hidden = config.hidden_size
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or getattr(config, "d_kv", None) or hidden // heads
+        return cls(hidden=hidden, heads=heads, kv_heads=kv_heads, head_dim=head_dim, num_layers=num_layers)
+
 
 @dataclass
 class BuildContext:
@@ -58,7 +105,31 @@ class BuildContext:
     block: Block | None = None
     linear: LinearRef | None = None
     model: nn.Module | None = None
-    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: the kind being built (set by the core; parts made through :meth:`share` are counted under it)
+    kind: str = ""
+    #: what the kind's :meth:`Settings.plan` returned for this adapter
+    plan: Any = None
+    anatomy: Anatomy | None = None
+    blocks: list[Block] = dataclasses.field(default_factory=list)
+
+    def share(self, key: str, make: Callable[[], nn.Module], stored: bool = True) -> nn.Module:
+        """The part ``key`` that modules of this adapter share, made on first use. ``stored=False``: the saved
+        adapter drops it (and its parameters count as trainable only)."""
+        if key not in self.shared:
+            part = make()
+            part.peftlab_kind = self.kind
+            part.peftlab_stored = stored
+            self.shared[key] = part
+        return self.shared[key]
+
+
+class TrainingLoss(Protocol):
+    """An extra training objective a kind brings: the batch loss, given the model, the batch, the model's output
+    on it and the objective's weight."""
+
+    default_weight: float
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], out: Any, weight: float) -> torch.Tensor: ...
 
 
 @dataclass
@@ -72,12 +143,32 @@ class Settings:
     mergeable: ClassVar[bool] = False
     #: whether a UniPELT gate can scale it
     gateable: ClassVar[bool] = False
+    #: the learning rate the papers train the kind with
+    default_lr: ClassVar[float] = 1e-3
+    #: an extra training objective, or None
+    training_loss: ClassVar[TrainingLoss | None] = None
+    #: the kind changes the backbone itself: it cannot be one of several adapters
+    exclusive: ClassVar[bool] = False
 
     def check(self) -> None:
         """Raise SpecError for out-of-range values."""
 
-    def build(self, ctx: BuildContext) -> PeftModule:
+    def build(self, ctx: BuildContext) -> PeftModule | None:
+        """The module for one site, or None where this model has nothing for the kind to act on."""
         raise NotImplementedError
+
+    @classmethod
+    def plan(cls, placed: list[Settings]) -> Any:
+        """Checks across every placement of the kind in one adapter; returns what each build needs."""
+        return None
+
+    def stored(self) -> Settings:
+        """These settings as the saved adapter records them."""
+        return self
+
+    def added_length(self) -> int:
+        """Tokens the kind adds to every input sequence."""
+        return 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **dataclasses.asdict(self)}
@@ -136,11 +227,23 @@ class PeftModule(nn.Module):
     """A built module: attached to hosts through hooks; counts itself; may merge."""
 
     merged: bool = False
+    #: model-wide switches ``fn(model, on)`` this module needs while live
+    model_switches: ClassVar[tuple[Callable[[nn.Module, bool], None], ...]] = ()
+    #: the key root of its tensors in the adapter file (None: ``layers.<its key>``)
+    state_prefix: ClassVar[str | None] = None
 
     def __init__(self, ctx: BuildContext) -> None:
         super().__init__()
         self.adapter_name = ctx.adapter_name
         self.site = ctx.site
+        self.kind = ctx.kind
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Backbone parameters this module trains in place (they follow the adapter's trainable switch)."""
+        return []
+
+    def fold(self) -> None:
+        """What ``merge_and_unload`` does after ``merge`` for this module."""
 
     def attach(self, ctx: BuildContext) -> None:
         """Register hooks on the host modules."""
@@ -149,6 +252,11 @@ class PeftModule(nn.Module):
     @property
     def mergeable(self) -> bool:
         return False
+
+    @property
+    def unloadable(self) -> bool:
+        """Whether ``merge_and_unload`` can leave a plain model without this module's hooks (after ``fold``)."""
+        return self.mergeable
 
     def merge(self) -> None:
         raise NotImplementedError
@@ -173,9 +281,16 @@ class PeftModule(nn.Module):
         """What ``save`` writes for this module (keys relative to the module)."""
         return {k: v.detach() for k, v in self.state_dict().items()}
 
+    def load_targets(self) -> dict[str, torch.Tensor]:
+        """Where a saved adapter's tensors load back to (the keys of :meth:`stored_state`)."""
+        return self.state_dict()
+
 
 class Gate(nn.Module):
     """UniPELT gate: sigmoid of a linear map of the module input, averaged over the sequence."""
+
+    #: a gated spec (UniPELT) trains at this rate (UniPELT's appendix B)
+    default_lr: ClassVar[float] = 5e-4
 
     def __init__(self, features: int, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()

@@ -79,6 +79,7 @@ class AdapterSettings(Settings):
     kind = "adapter"
     roles = frozenset({"serial", "parallel"})
     gateable = True
+    default_lr = 1e-4  # UniPELT's appendix B
 
     size: int = 48
     activation: str = "relu"
@@ -114,6 +115,7 @@ class CompacterSettings(Settings):
 
     kind = "compacter"
     roles = frozenset({"serial", "parallel"})
+    default_lr = 1e-3  # Karimi Mahabadi et al.
 
     size: int = 48
     n: int = 4
@@ -172,12 +174,9 @@ class Compacter(BottleneckModule):
     def __init__(self, ctx: BuildContext, s: CompacterSettings) -> None:
         super().__init__(ctx, s.scaling)
         kw = {"device": ctx.device, "dtype": ctx.dtype}
-        rules = []
-        for part in ("down", "up"):
-            key = f"phm_{part}_n{s.n}"
-            if key not in ctx.shared:
-                ctx.shared[key] = PHMRule(s.n, ctx.device, ctx.dtype)
-            rules.append(ctx.shared[key])
+        rules = [
+            ctx.share(f"phm_{part}_n{s.n}", lambda: PHMRule(s.n, ctx.device, ctx.dtype)) for part in ("down", "up")
+        ]
         self.down = PHMLinear(rules[0], s.n, ctx.dims.hidden, s.size, s.rank, zero=False, kw=kw)
         self.up = PHMLinear(rules[1], s.n, s.size, ctx.dims.hidden, s.rank, zero=True, kw=kw)
         self.act = ACTIVATIONS[s.activation]
@@ -185,6 +184,32 @@ class Compacter(BottleneckModule):
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.down.s.dtype)
         return self.up(self.act(self.down(x)))
+
+
+def consistency_loss(a: torch.Tensor, b: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """AdaMix's consistency term between two passes' logits: the symmetrised KL divergence of their
+    distributions (the mean of KL(p||q) and KL(q||p)); a regression head's single output compares by squared
+    difference; text-to-text logits (batch, tokens, vocabulary) count only the tokens with a label."""
+    a, b = a.float(), b.float()
+    if a.shape[-1] == 1:
+        return F.mse_loss(a, b)
+    la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    kl = 0.5 * ((la.exp() * (la - lb)).sum(-1) + (lb.exp() * (lb - la)).sum(-1))
+    if kl.dim() > 1 and labels is not None and labels.shape == kl.shape:
+        return kl[labels != -100].mean()
+    return kl.mean()
+
+
+class ConsistencyLoss:
+    """AdaMix's training objective: a second pass (which draws its own experts), the mean of both passes' losses
+    plus ``weight`` times their consistency term."""
+
+    default_weight = 1.0
+
+    def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], out, weight: float) -> torch.Tensor:
+        again = model(**batch)
+        term = consistency_loss(out.logits, again.logits, batch.get("labels"))
+        return (out.loss + again.loss) / 2 + weight * term
 
 
 @register
@@ -195,6 +220,8 @@ class AdaMixSettings(Settings):
 
     kind = "adamix"
     roles = frozenset({"serial", "parallel"})
+    default_lr = 1e-4  # as the adapters it mixes
+    training_loss = ConsistencyLoss()
 
     size: int = 16
     experts: int = 4

@@ -84,6 +84,7 @@ class LoraSettings(Settings):
     roles = frozenset({"linear"})
     mergeable = True
     gateable = True
+    default_lr = 5e-4  # UniPELT's appendix B
 
     r: int = 8
     alpha: float = 16.0
@@ -123,10 +124,8 @@ class LoRA(LinearModule):
         self._gate: tuple[Gate, ...] = ()
         if ctx.gated:
             # UniPELT has one LoRA gate per layer, shared by the query and value updates (same input).
-            key = f"lora_gate_{ctx.block.index}"
-            if key not in ctx.shared:
-                ctx.shared[key] = Gate(ref.in_features, ctx.device, ctx.dtype)
-            self._gate = (ctx.shared[key],)
+            gate = ctx.share(f"lora_gate_{ctx.block.index}", lambda: Gate(ref.in_features, ctx.device, ctx.dtype))
+            self._gate = (gate,)
         self.magnitude = None
         if s.dora:
             w = ref.weight.detach()
@@ -189,6 +188,7 @@ class IA3Settings(Settings):
     kind = "ia3"
     roles = frozenset({"linear"})
     mergeable = True
+    default_lr = 3e-3  # T-Few
 
     def build(self, ctx: BuildContext) -> PeftModule:
         return IA3(ctx)
@@ -247,6 +247,7 @@ class KronaSettings(Settings):
     kind = "krona"
     roles = frozenset({"linear"})
     mergeable = True
+    default_lr = 5e-4  # as LoRA
 
     a_out: int = 0
     a_in: int = 0

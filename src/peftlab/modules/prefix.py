@@ -7,6 +7,7 @@ Prefix key/values reach attention through a registered attention function (trans
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -18,11 +19,12 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from peftlab.errors import SpecError
-from peftlab.hooks import PREFIX_ATTR
 from peftlab.modules.base import BuildContext, Gate, PeftModule, Settings, need_choice, need_int, register
 
 ATTN_NAME = "peftlab"
 _ORIGINAL_ATTR = "_peftlab_original_attn"
+#: Attribute on an attention module that holds the prefix callbacks read by the attention function.
+PREFIX_ATTR = "_peftlab_prefix"
 
 
 @register
@@ -34,6 +36,7 @@ class PrefixSettings(Settings):
     kind = "prefix"
     roles = frozenset({"prefix"})
     gateable = True
+    default_lr = 2e-4  # UniPELT's appendix B
 
     length: int = 10
     hidden: int = 512
@@ -45,8 +48,26 @@ class PrefixSettings(Settings):
         if not isinstance(self.reparam, bool):
             raise SpecError("reparam must be true or false")
 
+    @classmethod
+    def plan(cls, placed: list[Settings]) -> PrefixPlan:
+        """The layers of one adapter share one MLP: they must agree on it, and its embedding table is as long as
+        the longest prefix."""
+        if len({(s.hidden, s.reparam) for s in placed}) > 1:
+            raise SpecError("all prefix sites of one adapter must share 'hidden' and 'reparam' (one shared MLP)")
+        return PrefixPlan(max_length=max((s.length for s in placed), default=0))
+
+    def stored(self) -> PrefixSettings:
+        return dataclasses.replace(self, reparam=False)
+
     def build(self, ctx: BuildContext) -> PeftModule:
         return Prefix(ctx, self)
+
+
+@dataclass
+class PrefixPlan:
+    """What the prefixes of one adapter share."""
+
+    max_length: int
 
 
 class PrefixPool(nn.Module):
@@ -71,10 +92,9 @@ class Prefix(PeftModule):
         self.length, self.kv_heads, self.head_dim = s.length, d.kv_heads, d.head_dim
         self.reparam = s.reparam
         if s.reparam:
-            key = "prefix_pool"
-            if key not in ctx.shared:
-                ctx.shared[key] = PrefixPool(ctx.extra["prefix_max_length"], d.hidden, s.hidden, **kw)
-            self._pool = (ctx.shared[key],)
+            plan = ctx.plan if isinstance(ctx.plan, PrefixPlan) else PrefixPlan(s.length)
+            pool = ctx.share("prefix_pool", lambda: PrefixPool(plan.max_length, d.hidden, s.hidden, **kw), stored=False)
+            self._pool = (pool,)
             self.up = nn.Linear(s.hidden, 2 * d.kv_dim, **kw)
         else:
             self.kv = nn.Parameter(torch.zeros(2, d.kv_heads, s.length, d.head_dim, **kw))
@@ -85,7 +105,7 @@ class Prefix(PeftModule):
 
     def attach(self, ctx: BuildContext) -> None:
         host = ctx.block.sub(ctx.block.stack.attention)
-        ctx.hooks.add(host, "prefix", self, self.key_values)
+        ctx.hooks.add_attribute(host, PREFIX_ATTR, self, self.key_values)
         if self.gate is not None:
             ctx.hooks.add(host, "pre", self, self._capture)
 
@@ -194,6 +214,8 @@ def use_prefix_attention(model: nn.Module, on: bool) -> None:
             cfg._attn_implementation_internal = getattr(cfg, _ORIGINAL_ATTR, "sdpa")
 
 
+Prefix.model_switches = (use_prefix_attention,)
+
 #: The forward argument that carries the key/value cache: ``past_key_values`` up to transformers 5.23, ``cache``
 #: from 5.24 on.
 CACHE_ARGS = ("cache", "past_key_values")
@@ -207,6 +229,7 @@ class PromptSettings(Settings):
 
     kind = "prompt"
     roles = frozenset({"prompt"})
+    default_lr = 3e-1  # Lester et al.
 
     length: int = 20
     init: str = "vocab"
@@ -214,6 +237,9 @@ class PromptSettings(Settings):
     def check(self) -> None:
         need_int("length", self.length, 1, 4096)
         need_choice("init", self.init, ("vocab", "random"))
+
+    def added_length(self) -> int:
+        return self.length
 
     def build(self, ctx: BuildContext) -> PeftModule:
         return Prompt(ctx, self)

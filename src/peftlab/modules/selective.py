@@ -13,12 +13,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftlab.anatomy import find_head, find_suffix
 from peftlab.errors import SpecError
 from peftlab.modules.base import BuildContext, PeftModule, Settings, register
 
 
 def _key(name: str) -> str:
     return name.replace(".", "-") or "self"
+
+
+def model_norms(ctx: BuildContext) -> list[tuple[str, nn.Module]]:
+    """The norms of a model-level site (``embed_norm``, ``final_norm``) that this family has."""
+    paths = [ctx.anatomy.embed_norm] if ctx.site == "embed_norm" else list(ctx.anatomy.final_norms)
+    return [(p, m) for p in paths if p and (m := find_suffix(ctx.model, p)) is not None]
+
+
+def model_biases(ctx: BuildContext) -> list[tuple[str, nn.Module]]:
+    """Biased modules outside the transformer blocks and the task head (embeddings, poolers, final norms)."""
+    inside = {id(m) for b in ctx.blocks for m in b.module.modules()}
+    found = find_head(ctx.model, ctx.anatomy)
+    inside |= {id(m) for m in found[1].modules()} if found else set()
+    return [
+        (n, m)
+        for n, m in ctx.model.named_modules()
+        if id(m) not in inside and isinstance(getattr(m, "bias", None), nn.Parameter)
+    ]
 
 
 class DeltaModule(PeftModule):
@@ -64,9 +83,13 @@ class BitFitSettings(Settings):
     kind = "bitfit"
     roles = frozenset({"bias"})
     mergeable = True
+    default_lr = 1e-4  # UniPELT's appendix B
 
-    def build(self, ctx: BuildContext) -> PeftModule:
-        hosts = ctx.block.biases() if ctx.block is not None else ctx.extra["biases"]
+    def build(self, ctx: BuildContext) -> PeftModule | None:
+        if ctx.block is None:
+            hosts = model_biases(ctx)
+            return BitFit(ctx, hosts) if hosts else None
+        hosts = ctx.block.biases()
         if not hosts:
             raise SpecError(
                 f"layer {ctx.block.index}: bitfit needs bias terms, and this backbone's blocks have none "
@@ -103,10 +126,13 @@ class LNSettings(Settings):
     kind = "ln"
     roles = frozenset({"norm"})
     mergeable = True
+    default_lr = 1e-3
 
-    def build(self, ctx: BuildContext) -> PeftModule:
-        hosts = ctx.block.norms() if ctx.block is not None else ctx.extra["norms"]
-        return LNTune(ctx, hosts)
+    def build(self, ctx: BuildContext) -> PeftModule | None:
+        if ctx.block is None:
+            hosts = model_norms(ctx)
+            return LNTune(ctx, hosts) if hosts else None  # e.g. Llama has no embedding norm
+        return LNTune(ctx, ctx.block.norms())
 
 
 def normalize(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,54 @@
+"""``peftlab.load``: one routine for both adapter formats on disk (peftlab's own and peft's).
+
+Each format only reads its folder into a spec and tensors keyed by the adapter key scheme; building the
+modules, copying the tensors in and cleaning up when that fails happen here, once, so a failed load never
+leaves a half-loaded adapter behind on either path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from peftlab import interop, saving
+from peftlab.errors import AdapterLoadError
+from peftlab.keys import load_tensors
+from peftlab.peft_model import PeftModel, apply
+
+
+def load(
+    model: nn.Module,
+    directory: str | Path,
+    adapter_name: str | None = None,
+    check_base: bool = True,
+    activate: bool = True,
+) -> PeftModel:
+    """Load a saved adapter (peftlab or peft format) onto ``model`` (a transformers model or a PeftModel)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterLoadError(f"adapter folder '{directory}' does not exist")
+    base = model.base_model if isinstance(model, PeftModel) else model
+    if (directory / saving.META).is_file():
+        current = None
+        if check_base:
+            current = model.fingerprint if isinstance(model, PeftModel) else saving.fingerprint(base)
+        spec, state, saved_name = saving.read_adapter(directory, current)
+    elif (directory / interop.CONFIG).is_file():
+        spec, state, saved_name = interop.read_peft(base, directory)
+    else:
+        raise AdapterLoadError(f"'{directory}' holds neither a peftlab adapter ({saving.META}) nor a peft adapter")
+    name = adapter_name or saved_name
+    if isinstance(model, PeftModel):
+        model.add_adapter(name, spec)
+        pm = model
+    else:
+        pm = apply(model, spec, name)
+    try:
+        load_tensors(pm.adapters[name], state, directory)
+    except AdapterLoadError:
+        pm.delete_adapter(name)  # leave no half-loaded adapter behind
+        raise
+    if activate:
+        pm.set_adapter(name)
+    return pm
