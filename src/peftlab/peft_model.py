@@ -20,7 +20,7 @@ from torch import nn
 from peftlab import interop, saving
 from peftlab.anatomy import Anatomy, anatomy_for, find_blocks, stack_names
 from peftlab.counting import Counts, count
-from peftlab.errors import SpecError
+from peftlab.errors import PeftlabError, SpecError
 from peftlab.hooks import HookRegistry
 from peftlab.keys import module_key
 from peftlab.modules import BuildContext, Dims, PeftModule, Settings
