@@ -90,3 +90,21 @@ def test_show_json_on_a_7b_shape_without_its_weights() -> None:
     assert data["trainable_params"] == data["stored_params"] == 32 * 2 * (4096 * 8 + 8 * 4096)
     assert data["changed_params"] == 32 * 2 * 4096 * 4096
     assert {"trainable_params", "stored_params", "changed_params", "backbone_params"} <= set(data)
+
+
+@pytest.mark.parametrize(
+    ("name", "kinds"),
+    [
+        ("ln", {"ln", "head"}),
+        ("prefix", {"prefix", "head"}),
+        ("compacter", {"compacter", "head"}),
+        ("unipelt", {"adapter", "prefix", "lora", "head"}),
+        ("full", {"full"}),
+    ],
+)
+def test_counts_are_keyed_by_kind_name(name: str, kinds: set[str]) -> None:
+    """Shared parts (Compacter's rules, the prefix MLP, UniPELT's LoRA gates) count under the kind that made them,
+    never under a Python class name."""
+    c = _counts("shape:bert-base", name)
+    assert set(c.per_kind) == kinds
+    assert sum(r.trainable for r in c.per_kind.values()) == c.trainable_params
