@@ -121,6 +121,27 @@ def test_loading_adds_a_named_adapter(tiny_bert, tmp_path) -> None:
     torch.testing.assert_close(logits(other, batch), expected)
 
 
+@pytest.mark.parametrize("fmt", ["peftlab", "peft"])
+def test_a_failed_load_leaves_no_half_loaded_adapter(tiny_bert, tmp_path, fmt: str) -> None:
+    """Both formats: tensors that do not fit the spec are refused, and the model is as it was before the load."""
+    saved = peftlab.apply(make_model("tiny-bert", "seq-cls"), methods.lora(r=4))
+    saved.save(tmp_path / "a", format=fmt)
+    config = tmp_path / "a" / ("peftlab_adapter.json" if fmt == "peftlab" else "adapter_config.json")
+    data = json.loads(config.read_text())
+    if fmt == "peftlab":
+        data["spec"]["layers"]["*"]["q"]["r"] = 8
+    else:
+        data["r"] = 8
+    config.write_text(json.dumps(data))
+    batch = make_batch(tiny_bert)
+    pm = peftlab.apply(tiny_bert, methods.ia3())
+    before = logits(pm, batch)
+    with pytest.raises(AdapterLoadError, match="shape"):
+        peftlab.load(pm, tmp_path / "a", adapter_name="broken")
+    assert list(pm.adapters) == ["default"] and pm.active_adapter == "default"
+    torch.testing.assert_close(logits(pm, batch), before)
+
+
 def test_loading_bad_folders(tiny_bert, tmp_path) -> None:
     with pytest.raises(AdapterLoadError, match="does not exist"):
         peftlab.load(tiny_bert, tmp_path / "missing")
