@@ -9,9 +9,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftlab.anatomy import Anatomy, anatomy_for, find_blocks
+from peftlab.atomic import write_files
 from peftlab.errors import AdapterLoadError, PeftlabError
 from peftlab.modules.prefix import PrefixSettings
 from peftlab.spec import Spec
@@ -108,19 +106,6 @@ def _prepare_dir(directory: Path, overwrite: bool) -> None:
         raise PeftlabError(f"'{directory}' is not empty; choose a new folder or pass overwrite=True")
 
 
-def _write_atomically(directory: Path, files: dict[str, Any]) -> None:
-    """Write into a temporary sibling folder, then move the files in: a crash leaves no half adapter."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".peftlab-", dir=directory.parent))
-    try:
-        for fname, writer in files.items():
-            writer(tmp / fname)
-        for fname in files:
-            os.replace(tmp / fname, directory / fname)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
@@ -134,7 +119,7 @@ def save(pm, directory: Path, format: str, adapter: str, overwrite: bool) -> Pat
     if format == "peft":
         from peftlab.interop import peft_files
 
-        _write_atomically(directory, peft_files(pm, adapter))
+        write_files(directory, peft_files(pm, adapter))
         return directory
     spec = pm.adapters[adapter].spec
     meta = {
@@ -146,7 +131,7 @@ def save(pm, directory: Path, format: str, adapter: str, overwrite: bool) -> Pat
         "spec": _storage_spec(spec).to_dict(),
     }
     state = _contiguous(adapter_state(pm, adapter))
-    _write_atomically(
+    write_files(
         directory,
         {
             WEIGHTS: lambda p: save_file(state, str(p), metadata={"format": "pt"}),

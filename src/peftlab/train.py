@@ -15,7 +15,6 @@ import math
 import os
 import platform
 import random
-import resource
 import shutil
 import sys
 import time
@@ -29,7 +28,9 @@ import torch.distributed as dist
 from torch import nn
 
 from peftlab import metrics as metric_fns
+from peftlab.atomic import write_files, write_json
 from peftlab.errors import PeftlabError
+from peftlab.memory import peak_memory
 from peftlab.peft_model import PeftModel, apply
 from peftlab.spec import Spec
 from peftlab.tasks import Example, Splits, TaskInfo, get_task, load_user_data, make_splits
@@ -167,9 +168,7 @@ class RunRecord:
     message: str | None = None
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_json(path, asdict(self))
 
 
 # -- distributed ---------------------------------------------------------------------------------------
@@ -390,12 +389,6 @@ def _device_name(device: torch.device) -> str:
     return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kB on Linux
-
-
 def _trainable(pm: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
 
@@ -603,7 +596,7 @@ def train(
     record.wall_time_s = time.perf_counter() - start
     record.train_tokens = state["tokens"] * world
     record.tokens_per_s = record.train_tokens / record.wall_time_s if record.wall_time_s else 0.0
-    record.peak_memory_bytes = _peak_memory(device)
+    record.peak_memory_bytes = peak_memory(device)
     if record.status == "running":
         record.status = "early-stopped" if step < total else "completed"
     if state["best_state"] is not None:
@@ -646,22 +639,14 @@ def _evaluate_and_select(pm, encoder, dev, config, device, step, loss, record, s
 
 def _save_checkpoint(path: Path, pm, opt, sched, record: RunRecord, state: dict) -> None:
     """Everything needed to continue exactly: trainable tensors, optimiser, schedule, RNG, record."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "trainable": _snapshot(pm),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "state": state,
-        },
-        tmp / "state.pt",
-    )
-    record.save(tmp / "record.json")
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    saved = {
+        "trainable": _snapshot(pm),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "state": state,
+    }
+    write_files(path, {"state.pt": lambda p: torch.save(saved, p), "record.json": record.save})
 
 
 def _load_checkpoint(path: Path, pm, opt, sched, record: RunRecord) -> dict:
