@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -36,11 +37,10 @@ def _fsync_folder(folder: Path) -> None:
 def write_with(path: str | Path, writer: Writer) -> Path:
     """Write ``path`` with ``writer`` called on a temporary sibling; returns ``path``.
 
-    The temporary name keeps the suffix, so writers that choose a format by it (matplotlib) still do."""
+    The temporary name is unique (concurrent writers do not collide) and keeps the suffix, so writers that
+    choose a format by it (matplotlib) still do. The writer creates it, so it gets the usual permissions."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{path.suffix}")
     try:
         writer(tmp)
         _fsync(tmp)
