@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from peftlab import interop, methods
+from peftlab.anatomy import model_type_facts
 from peftlab.atomic import write_with
 from peftlab.errors import PeftlabError
 from peftlab.memory import current_rss, peak_rss
@@ -410,7 +411,7 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
     from peftlab.zoo import load_model
 
     probe = load_model(config.model, meta=True)
-    head = "seq2seq" if probe.config.is_encoder_decoder else "seq-cls"
+    head = model_type_facts(probe.config.model_type).task_head
     limit = input_limit(probe, sys.maxsize)  # the position table, or no limit
     base = dict(
         model=config.model,

@@ -28,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from peftlab import metrics as metric_fns
+from peftlab.anatomy import model_type_facts
 from peftlab.atomic import write_files, write_json
 from peftlab.errors import PeftlabError
 from peftlab.memory import peak_memory
@@ -238,14 +239,12 @@ class Encoder:
 
 
 def input_limit(model: nn.Module, wanted: int) -> int:
-    """``wanted`` capped at the model's position table (RoBERTa reserves two positions for padding)."""
+    """``wanted`` capped at the model's position table (less the rows RoBERTa reserves for padding)."""
     cfg = model.config
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     if limit is None:
         return wanted
-    if cfg.model_type in ("roberta", "xlm-roberta", "camembert"):
-        limit -= 2
-    return min(wanted, limit)
+    return min(wanted, limit - model_type_facts(cfg.model_type).position_offset(cfg))
 
 
 def task_encoder(model_name: str, model: nn.Module, task: TaskInfo, max_length: int, seq2seq: bool) -> Encoder:
@@ -254,7 +253,7 @@ def task_encoder(model_name: str, model: nn.Module, task: TaskInfo, max_length: 
     tokenizer = get_tokenizer(model_name, model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = getattr(tokenizer, "pad_token_id", 0)
-    decoder_only = not seq2seq and model.config.model_type in ("llama", "qwen2", "mistral", "qwen3", "gpt2")
+    decoder_only = not seq2seq and model_type_facts(model.config.model_type).decoder_only
     return Encoder(tokenizer, task, input_limit(model, max_length), seq2seq, left_pad=decoder_only)
 
 
@@ -451,17 +450,17 @@ def load_for_task(model_name: str, task: TaskInfo, meta: bool = False) -> tuple[
     """The backbone in the class the task needs: T5 text-to-text, everything else a classifier."""
     from transformers import AutoConfig
 
-    from peftlab.zoo import SHAPES, load_model
+    from peftlab.zoo import CHECKPOINTS, SHAPES, load_model
 
     if model_name.startswith("shape:") and model_name[6:] in SHAPES:
         model_type = SHAPES[model_name[6:]].model_type
-    elif model_name in ("minilm", "smollm2-135m"):
-        model_type = "bert" if model_name == "minilm" else "llama"
+    elif model_name in CHECKPOINTS:
+        model_type = CHECKPOINTS[model_name].model_type
     else:
         model_type = AutoConfig.from_pretrained(model_name).model_type
-    seq2seq = model_type in ("t5", "mt5")
-    model = load_model(model_name, head="seq2seq" if seq2seq else "seq-cls", num_labels=task.num_labels, meta=meta)
-    return model, seq2seq
+    facts = model_type_facts(model_type)
+    model = load_model(model_name, head=facts.task_head, num_labels=task.num_labels, meta=meta)
+    return model, facts.seq2seq
 
 
 def train(
@@ -481,7 +480,7 @@ def train(
     if model is None:
         model, seq2seq = load_for_task(config.model, task)
     else:
-        seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        seq2seq = model_type_facts(model.config.model_type).seq2seq
     encoder = task_encoder(config.model, model, task, config.max_length, seq2seq)
     device = default_device()
     model.to(device)
