@@ -1,13 +1,17 @@
-"""Where the sites of a transformer block are, one small table per model family.
+"""Model families: where the sites of a transformer block are, and what else peftlab must know of a model type.
 
 Model families differ only in module names, so every other part of peftlab talks about *sites*
-(``q``, ``ffn_out``, ``after_attn`` ...) and asks this module where they live. Adding a family is
-adding one :class:`Anatomy` entry to :data:`FAMILIES`.
+(``q``, ``ffn_out``, ``after_attn`` ...) and asks this module where they live. The same table says, per
+``config.model_type``, whether the model is an encoder, a decoder or an encoder-decoder, which model class
+it loads as by default and how many rows of its position table hold no position; loading, tokenizing,
+training and benchmarking all ask here. Adding a family is adding one :class:`Anatomy` entry to
+:data:`FAMILIES`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -51,12 +55,55 @@ class Stack:
     fused: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
 
+#: The model class a model loads as by default (a key of :data:`peftlab.zoo.HEADS`), by architecture.
+_DEFAULT_HEADS = {"encoder": "seq-cls", "decoder": "causal-lm", "seq2seq": "seq2seq"}
+
+
+@dataclass(frozen=True)
+class ModelType:
+    """One ``config.model_type``: its architecture and the facts that follow from it."""
+
+    name: str
+    #: "encoder", "decoder" (decoder-only) or "seq2seq" (encoder-decoder)
+    architecture: str
+    #: RoBERTa numbers positions from ``padding_idx + 1``: the rows below hold no position.
+    positions_after_padding: bool = False
+
+    @property
+    def decoder_only(self) -> bool:
+        """Decoders classify from their last position, so their batches are padded on the left."""
+        return self.architecture == "decoder"
+
+    @property
+    def seq2seq(self) -> bool:
+        return self.architecture == "seq2seq"
+
+    @property
+    def default_head(self) -> str:
+        """The natural model class: a classifier for encoders, a language model for decoders, text-to-text."""
+        return _DEFAULT_HEADS[self.architecture]
+
+    @property
+    def task_head(self) -> str:
+        """The model class a classification or regression task trains: text-to-text for seq2seq models (their
+        decoder generates the label), a classifier head for the others."""
+        return "seq2seq" if self.seq2seq else "seq-cls"
+
+    def position_offset(self, config: Any) -> int:
+        """Rows of the position table before the first position (RoBERTa: ``padding_idx + 1``, so 2)."""
+        return config.pad_token_id + 1 if self.positions_after_padding else 0
+
+
+def _types(architecture: str, *names: str, positions_after_padding: bool = False) -> tuple[ModelType, ...]:
+    return tuple(ModelType(n, architecture, positions_after_padding) for n in names)
+
+
 @dataclass(frozen=True)
 class Anatomy:
-    """A model family: its stacks, its model-level sites and its task heads."""
+    """A model family: its model types, its stacks, its model-level sites and its task heads."""
 
     family: str
-    model_types: tuple[str, ...]
+    model_types: tuple[ModelType, ...]
     stacks: tuple[Stack, ...]
     embed_norm: str | None = None
     final_norms: tuple[str, ...] = ()
@@ -132,25 +179,39 @@ def _t5_block(path: str, ffn_index: int, cross: bool) -> Stack:
 
 
 FAMILIES: tuple[Anatomy, ...] = (
-    Anatomy("bert", ("bert", "roberta", "xlm-roberta", "camembert"), (_BERT_BLOCK,), embed_norm="embeddings.LayerNorm"),
-    Anatomy("llama", ("llama", "qwen2", "mistral", "qwen3"), (_LLAMA_BLOCK,), final_norms=("norm",)),
-    Anatomy("gpt2", ("gpt2",), (_GPT2_BLOCK,), final_norms=("ln_f",)),
+    Anatomy(
+        "bert",
+        _types("encoder", "bert")
+        + _types("encoder", "roberta", "xlm-roberta", "camembert", positions_after_padding=True),
+        (_BERT_BLOCK,),
+        embed_norm="embeddings.LayerNorm",
+    ),
+    Anatomy("llama", _types("decoder", "llama", "qwen2", "mistral", "qwen3"), (_LLAMA_BLOCK,), final_norms=("norm",)),
+    Anatomy("gpt2", _types("decoder", "gpt2"), (_GPT2_BLOCK,), final_norms=("ln_f",)),
     Anatomy(
         "t5",
-        ("t5", "mt5"),
+        _types("seq2seq", "t5", "mt5"),
         (_t5_block("encoder.block", 1, cross=False), _t5_block("decoder.block", 2, cross=True)),
         final_norms=("encoder.final_layer_norm", "decoder.final_layer_norm"),
     ),
 )
 
+#: Every supported ``config.model_type`` by name.
+MODEL_TYPES: dict[str, ModelType] = {t.name: t for a in FAMILIES for t in a.model_types}
+
 
 def anatomy_for(model_type: str) -> Anatomy:
     """The anatomy of a ``config.model_type``, or a clear error listing the supported ones."""
     for anatomy in FAMILIES:
-        if model_type in anatomy.model_types:
+        if model_type in {t.name for t in anatomy.model_types}:
             return anatomy
-    known = ", ".join(t for a in FAMILIES for t in a.model_types)
-    raise SpecError(f"model type '{model_type}' is not supported; supported model types: {known}")
+    raise SpecError(f"model type '{model_type}' is not supported; supported model types: {', '.join(MODEL_TYPES)}")
+
+
+def model_type_facts(model_type: str) -> ModelType:
+    """The facts of a ``config.model_type``. A type peftlab cannot adapt is taken for an encoder, so that it
+    still loads (as a classifier) and tokenizes; :func:`anatomy_for` refuses it when a spec is applied."""
+    return MODEL_TYPES.get(model_type) or ModelType(model_type, "encoder")
 
 
 @dataclass

@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import shlex
 import statistics
 import subprocess
@@ -37,7 +36,10 @@ import torch
 from torch import nn
 
 from peftlab import interop, methods
+from peftlab.anatomy import model_type_facts
+from peftlab.atomic import write_with
 from peftlab.errors import PeftlabError
+from peftlab.memory import current_rss, peak_rss
 
 KINDS = ("train", "infer", "merged", "score")
 MB = 2**20
@@ -73,20 +75,6 @@ def padded_batch(config: Any, batch: int, seq: int, seed: int) -> dict[str, torc
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Non-padding input tokens: what a throughput in tokens/s counts (padding is wasted work, not work)."""
     return int(batch["attention_mask"].sum())
-
-
-# -- memory -------------------------------------------------------------------------------------------------
-def peak_rss() -> int:
-    """Peak resident set of this process so far, in bytes (``ru_maxrss`` is kB on Linux, bytes on macOS)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
-def current_rss() -> int:
-    """Resident set now, in bytes; where /proc is missing, the peak so far is the best available bound."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return peak_rss()
 
 
 # -- one measurement (runs in the worker process) ---------------------------------------------------------------
@@ -422,7 +410,7 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
     from peftlab.zoo import load_model
 
     probe = load_model(config.model, meta=True)
-    head = "seq2seq" if probe.config.is_encoder_decoder else "seq-cls"
+    head = model_type_facts(probe.config.model_type).task_head
     limit = input_limit(probe, sys.maxsize)  # the position table, or no limit
     base = dict(
         model=config.model,
@@ -881,9 +869,7 @@ def write_outputs(report: dict[str, Any], out: Path) -> None:
         "bench.png": lambda p: plot(report, p),
     }
     for name, write in writers.items():
-        tmp = out / f".{name}.tmp{Path(name).suffix}"
-        write(tmp)
-        os.replace(tmp, out / name)
+        write_with(out / name, write)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from pathlib import Path
 from peftlab import methods
 from peftlab.errors import AdapterLoadError, PeftlabError
 from peftlab.spec import Spec
+from peftlab.zoo import HEADS, MODEL_NAMES
 
 
 def _kwargs(pairs: Sequence[str]) -> dict:
@@ -372,7 +373,7 @@ def cmd_space(args: argparse.Namespace) -> None:
 
 
 def _add_model_task(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="shape:<name>, minilm, smollm2-135m, a local folder or hub id")
+    p.add_argument("--model", required=True, help=MODEL_NAMES)
     p.add_argument("--task", required=True, help="a GLUE / SuperGLUE task, e.g. rte, sst2, superglue/cb")
     p.add_argument(
         "--data-dir",
@@ -459,11 +460,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_methods)
 
     p = sub.add_parser("show", help="count trainable / stored / changed parameters of a method on a model")
-    p.add_argument("--model", required=True, help="shape:<name>, minilm, smollm2-135m, a local folder or hub id")
+    p.add_argument("--model", required=True, help=MODEL_NAMES)
     _add_spec_args(p)
     p.add_argument(
         "--head",
-        choices=["seq-cls", "causal-lm", "seq2seq", "base"],
+        choices=list(HEADS),
         help="model class (default: seq-cls for encoders, causal-lm for decoders, seq2seq for T5)",
     )
     p.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
@@ -557,8 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--model",
-        help="shape:<name>, minilm, smollm2-135m, a folder or hub id (the built-in spaces "
-        "need it; a file may give num_layers instead)",
+        help=f"{MODEL_NAMES} (the built-in spaces need it; a file may give num_layers instead)",
     )
     p.add_argument("--json", action="store_true", help="print a JSON object (size, dimensions, definition)")
     p.set_defaults(fn=cmd_space)
@@ -573,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench",
         help="parameters, peak memory and train / inference throughput of methods, each measured in a fresh process",
     )
-    p.add_argument("--model", required=True, help="shape:<name>, minilm, smollm2-135m, a local folder or hub id")
+    p.add_argument("--model", required=True, help=MODEL_NAMES)
     p.add_argument("--methods", required=True, help="comma-separated presets, e.g. full,head,lora,pfeiffer")
     p.add_argument("--output", required=True, help="folder for bench.md, bench.csv, bench.json and bench.png")
     p.add_argument("--batch", type=int, default=8, help="sequences per batch")

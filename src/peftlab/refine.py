@@ -16,7 +16,6 @@ dashboard read it like any search.
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 from collections.abc import Callable
@@ -28,6 +27,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from peftlab.atomic import write_json
 from peftlab.errors import PeftlabError
 from peftlab.search import CostModel, Objective, SearchConfig, create_study, fail_stale, to_params
 from peftlab.space import DesignSpace
@@ -143,7 +143,7 @@ def refine(
         result.stored_percent = objective.cost.stored(result.spec)
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "refine.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+    write_json(out / "refine.json", result.to_dict())
     if result.spec is not None:
         result.spec.save(out / "spec.json")
     return result

@@ -17,6 +17,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from peftlab.atomic import write_json, write_text, write_with
 from peftlab.errors import PeftlabError
 from peftlab.pareto import hypervolume_history, pareto_indices
 from peftlab.search import definition_of, finished_points, trial_rows
@@ -113,16 +114,18 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in keys} for r in rows)
-    return path
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows({k: ("" if r.get(k) is None else r.get(k)) for k in keys} for r in rows)
+
+    return write_with(path, write)
 
 
 def _write_json(path: Path, data: Any) -> Path:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    return path
+    return write_json(path, data, default=str)
 
 
 def _pyplot():
@@ -180,7 +183,7 @@ def _save(plt, fig, ax, path: str | Path, xlabel: str, ylabel: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_with(path, lambda p: fig.savefig(p, dpi=120))
     plt.close(fig)
     return Path(path)
 
@@ -278,5 +281,5 @@ def retrain(
         params = " ".join(f"{k}={v}" for k, v in r["params"].items())
         lines.append(f"| {r['trial']} | {r['stored_percent']:.4f} | {dev} | {test} | {r['seeds']} | {params} |")
     table = "\n".join(lines)
-    (out / "retrain.md").write_text(table + "\n")
+    write_text(out / "retrain.md", table + "\n")
     return table

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftlab.anatomy import Anatomy, anatomy_for, find_blocks
+from peftlab.atomic import write_files
 from peftlab.errors import AdapterLoadError, PeftlabError
 from peftlab.keys import stored_tensors
 from peftlab.spec import Spec
@@ -78,19 +76,6 @@ def _prepare_dir(directory: Path, overwrite: bool) -> None:
         raise PeftlabError(f"'{directory}' is not empty; choose a new folder or pass overwrite=True")
 
 
-def _write_atomically(directory: Path, files: dict[str, Any]) -> None:
-    """Write into a temporary sibling folder, then move the files in: a crash leaves no half adapter."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".peftlab-", dir=directory.parent))
-    try:
-        for fname, writer in files.items():
-            writer(tmp / fname)
-        for fname in files:
-            os.replace(tmp / fname, directory / fname)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
@@ -98,7 +83,7 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def write_folder(directory: Path, files: dict[str, Callable[[Path], None]], overwrite: bool) -> Path:
     """Write an adapter folder's files, each with its writer; never into a non-empty folder unless asked."""
     _prepare_dir(directory, overwrite)
-    _write_atomically(directory, files)
+    write_files(directory, files)
     return directory
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.anatomy import MODEL_SITE_ROLES, SITE_ROLES
+from peftlab.atomic import write_text
 from peftlab.errors import SpecError
 from peftlab.modules import KINDS, Settings
 from peftlab.modules.base import Gate, TrainingLoss
@@ -172,7 +173,7 @@ class Spec:
         return cls.from_json(p.read_text())
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        write_text(path, self.to_json() + "\n")
 
     def settings(self) -> list[Settings]:
         """Every module settings the spec names, per-layer ones first."""

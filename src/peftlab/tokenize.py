@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import AutoTokenizer
 
-from peftlab.zoo import packaged_minilm
+from peftlab.zoo import packaged_minilm, pretrained_source
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -64,23 +65,14 @@ class HashTokenizer:
 
 def get_tokenizer(model_name: str, model: nn.Module):
     """The tokenizer that goes with a model named as :func:`peftlab.zoo.load_model` names it."""
-    from transformers import AutoTokenizer
-
     vocab = model.get_input_embeddings().weight.shape[0]
     if model_name.startswith("shape:"):
         minilm = packaged_minilm()
         if model.config.model_type == "bert" and minilm is not None and vocab == 30522:
             return AutoTokenizer.from_pretrained(minilm)  # the same uncased BERT vocabulary
         return HashTokenizer(vocab)
-    if model_name == "minilm":
-        return AutoTokenizer.from_pretrained(packaged_minilm() or "sentence-transformers/all-MiniLM-L6-v2")
-    if model_name == "smollm2-135m":
-        from peftlab.zoo import packaged_smollm2
-
-        gguf = packaged_smollm2()
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    else:
-        tok = AutoTokenizer.from_pretrained(model_name)
+    source, kw = pretrained_source(model_name)
+    tok = AutoTokenizer.from_pretrained(source, **kw)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token  # decoders have no pad token; their EOS serves
     return tok

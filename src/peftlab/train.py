@@ -15,7 +15,6 @@ import math
 import os
 import platform
 import random
-import resource
 import shutil
 import sys
 import time
@@ -29,7 +28,10 @@ import torch.distributed as dist
 from torch import nn
 
 from peftlab import metrics as metric_fns
+from peftlab.anatomy import model_type_facts
+from peftlab.atomic import write_files, write_json
 from peftlab.errors import PeftlabError
+from peftlab.memory import peak_memory
 from peftlab.modules.base import TrainingLoss
 from peftlab.peft_model import PeftModel, apply
 from peftlab.spec import Spec
@@ -141,9 +143,7 @@ class RunRecord:
     message: str | None = None
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_json(path, asdict(self))
 
 
 # -- distributed ---------------------------------------------------------------------------------------
@@ -213,14 +213,12 @@ class Encoder:
 
 
 def input_limit(model: nn.Module, wanted: int) -> int:
-    """``wanted`` capped at the model's position table (RoBERTa reserves two positions for padding)."""
+    """``wanted`` capped at the model's position table (less the rows RoBERTa reserves for padding)."""
     cfg = model.config
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     if limit is None:
         return wanted
-    if cfg.model_type in ("roberta", "xlm-roberta", "camembert"):
-        limit -= 2
-    return min(wanted, limit)
+    return min(wanted, limit - model_type_facts(cfg.model_type).position_offset(cfg))
 
 
 def task_encoder(model_name: str, model: nn.Module, task: TaskInfo, max_length: int, seq2seq: bool) -> Encoder:
@@ -229,7 +227,7 @@ def task_encoder(model_name: str, model: nn.Module, task: TaskInfo, max_length: 
     tokenizer = get_tokenizer(model_name, model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = getattr(tokenizer, "pad_token_id", 0)
-    decoder_only = not seq2seq and model.config.model_type in ("llama", "qwen2", "mistral", "qwen3", "gpt2")
+    decoder_only = not seq2seq and model_type_facts(model.config.model_type).decoder_only
     return Encoder(tokenizer, task, input_limit(model, max_length), seq2seq, left_pad=decoder_only)
 
 
@@ -351,12 +349,6 @@ def _device_name(device: torch.device) -> str:
     return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
 
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # kB on Linux
-
-
 def _trainable(pm: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(n, p) for n, p in pm.named_parameters() if p.requires_grad]
 
@@ -419,17 +411,17 @@ def load_for_task(model_name: str, task: TaskInfo, meta: bool = False) -> tuple[
     """The backbone in the class the task needs: T5 text-to-text, everything else a classifier."""
     from transformers import AutoConfig
 
-    from peftlab.zoo import SHAPES, load_model
+    from peftlab.zoo import CHECKPOINTS, SHAPES, load_model
 
     if model_name.startswith("shape:") and model_name[6:] in SHAPES:
         model_type = SHAPES[model_name[6:]].model_type
-    elif model_name in ("minilm", "smollm2-135m"):
-        model_type = "bert" if model_name == "minilm" else "llama"
+    elif model_name in CHECKPOINTS:
+        model_type = CHECKPOINTS[model_name].model_type
     else:
         model_type = AutoConfig.from_pretrained(model_name).model_type
-    seq2seq = model_type in ("t5", "mt5")
-    model = load_model(model_name, head="seq2seq" if seq2seq else "seq-cls", num_labels=task.num_labels, meta=meta)
-    return model, seq2seq
+    facts = model_type_facts(model_type)
+    model = load_model(model_name, head=facts.task_head, num_labels=task.num_labels, meta=meta)
+    return model, facts.seq2seq
 
 
 def train(
@@ -449,7 +441,7 @@ def train(
     if model is None:
         model, seq2seq = load_for_task(config.model, task)
     else:
-        seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+        seq2seq = model_type_facts(model.config.model_type).seq2seq
     encoder = task_encoder(config.model, model, task, config.max_length, seq2seq)
     device = default_device()
     model.to(device)
@@ -566,7 +558,7 @@ def train(
     record.wall_time_s = time.perf_counter() - start
     record.train_tokens = state["tokens"] * world
     record.tokens_per_s = record.train_tokens / record.wall_time_s if record.wall_time_s else 0.0
-    record.peak_memory_bytes = _peak_memory(device)
+    record.peak_memory_bytes = peak_memory(device)
     if record.status == "running":
         record.status = "early-stopped" if step < total else "completed"
     if state["best_state"] is not None:
@@ -609,22 +601,14 @@ def _evaluate_and_select(pm, encoder, dev, config, device, step, loss, record, s
 
 def _save_checkpoint(path: Path, pm, opt, sched, record: RunRecord, state: dict) -> None:
     """Everything needed to continue exactly: trainable tensors, optimiser, schedule, RNG, record."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "trainable": _snapshot(pm),
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            "state": state,
-        },
-        tmp / "state.pt",
-    )
-    record.save(tmp / "record.json")
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    saved = {
+        "trainable": _snapshot(pm),
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "state": state,
+    }
+    write_files(path, {"state.pt": lambda p: torch.save(saved, p), "record.json": record.save})
 
 
 def _load_checkpoint(path: Path, pm, opt, sched, record: RunRecord) -> dict:

