@@ -85,12 +85,12 @@ def test_bad_settings_are_refused_before_anything_runs(setting: dict, message: s
 
 
 def test_group_by_length_keeps_every_example_and_pads_less() -> None:
-    from peftlab.train import _batches
+    from peftlab.train import batches
 
     lengths = [(i * 37) % 101 + 1 for i in range(1000)]
-    plain, grouped = _batches(1000, 16, 0, 0), _batches(1000, 16, 0, 0, lengths)
+    plain, grouped = batches(1000, 16, 0, 0), batches(1000, 16, 0, 0, lengths)
     assert sorted(i for b in grouped for i in b) == list(range(1000))
-    assert grouped == _batches(1000, 16, 0, 0, lengths) and grouped != _batches(1000, 16, 0, 1, lengths)
+    assert grouped == batches(1000, 16, 0, 0, lengths) and grouped != batches(1000, 16, 0, 1, lengths)
 
     def padded(batches: list[list[int]]) -> int:
         return sum(len(b) * max(lengths[i] for i in b) for b in batches)

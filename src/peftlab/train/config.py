@@ -1,0 +1,118 @@
+"""What determines a run (:class:`TrainConfig`) and what it leaves behind (:class:`RunRecord`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftlab.atomic import write_json
+from peftlab.errors import PeftlabError
+
+CHECKPOINT = "checkpoint"
+#: TrainConfig fields that name one run rather than say how it trains (a search's trials share the rest)
+RUN_FIELDS = ("model", "task", "output", "progress", "resume")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run; stored in its record."""
+
+    model: str
+    task: str
+    data_dir: str | None = None
+    k: int | None = None
+    data_seed: int = 0
+    dev_size: int | None = None
+    seed: int = 0
+    max_steps: int | None = None
+    epochs: float = 3.0
+    fraction: float | None = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    group_by_length: bool = False
+    eval_every: int | None = None
+    patience: int | None = None
+    precision: str = "fp32"
+    gradient_checkpointing: bool = False
+    dropout: float | None = None
+    #: AdaMix's consistency regularisation: the weight of the symmetrised KL divergence between two forward
+    #: passes through different random experts (None: 1 for a spec with AdaMix modules, 0 otherwise)
+    consistency: float | None = None
+    output: str | None = None
+    resume: bool = True
+    progress: bool = True
+    eval_batch_size: int = 64
+    train_file: str | None = None
+    test_file: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    label_names: list[str] | None = None
+
+    def check(self) -> None:
+        budgets = [b for b in (self.max_steps, self.fraction) if b is not None]
+        if len(budgets) > 1:
+            raise PeftlabError("give one budget: --max-steps or --fraction (with --epochs as the full run)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise PeftlabError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise PeftlabError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.epochs <= 0:
+            raise PeftlabError(f"epochs must be > 0, got {self.epochs}")
+        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "eval_every", "patience"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise PeftlabError(f"{name} must be >= 1, got {value}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise PeftlabError(f"lr must be a number > 0 (or omitted for the method's default), got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise PeftlabError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        for name in ("weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise PeftlabError(f"{name} must be a number >= 0 (max_grad_norm 0: no clipping), got {value}")
+        if self.consistency is not None and not (math.isfinite(self.consistency) and self.consistency >= 0):
+            raise PeftlabError(f"consistency must be a number >= 0 (0 turns it off), got {self.consistency}")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise PeftlabError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.precision not in ("fp32", "bf16", "fp16"):
+            raise PeftlabError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision != "fp32" and not torch.cuda.is_available():
+            raise PeftlabError(f"{self.precision} needs a CUDA GPU; on the CPU use fp32")
+
+
+@dataclass
+class RunRecord:
+    """The JSON record every run writes (``evaluations``: per evaluation the step, the mean training loss
+    since the previous evaluation and the dev metrics)."""
+
+    config: dict[str, Any]
+    spec: dict[str, Any]
+    counts: dict[str, Any] = field(default_factory=dict)
+    status: str = "running"
+    steps: int = 0
+    total_steps: int = 0
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    test: dict[str, float] | None = None
+    wall_time_s: float = 0.0
+    train_tokens: int = 0
+    tokens_per_s: float = 0.0
+    peak_memory_bytes: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+    #: python, torch, transformers and peftlab versions: records written months apart stay comparable
+    versions: dict[str, str] = field(default_factory=dict)
+    message: str | None = None
+
+    def save(self, path: Path) -> None:
+        write_json(path, asdict(self))

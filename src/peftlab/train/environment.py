@@ -1,0 +1,33 @@
+"""Where and with what a run ran: the device and the library versions its record keeps."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+import torch
+import transformers
+
+from peftlab import __version__
+
+
+def library_versions() -> dict[str, str]:
+    """python, torch, transformers and peftlab versions: what a reader needs to compare records and benchmarks."""
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peftlab": __version__,
+    }
+
+
+def default_device() -> torch.device:
+    """This process's GPU (``LOCAL_RANK`` under torchrun) when there is one, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    """What ran the run, for records read later: ``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
+    return f"{device} ({torch.cuda.getdevice_name(device)})" if device.type == "cuda" else str(device)

@@ -1,0 +1,62 @@
+"""Predictions and dev / test metrics of a model on a task's examples."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from peftlab import metrics as metric_fns
+from peftlab.tasks import Example
+from peftlab.train.data import Encoder, text_length
+
+
+@torch.no_grad()
+def predict(pm: nn.Module, encoder: Encoder, rows: list[Example], batch_size: int, device: torch.device) -> list:
+    """Predictions for ``rows``: class ids or scores; T5 ranks the label words by likelihood."""
+    was_training = pm.training
+    pm.eval()
+    order = sorted(range(len(rows)), key=lambda i: text_length(rows[i]))  # similar lengths pad less
+    out: list = [None] * len(rows)
+    for i in range(0, len(rows), batch_size):
+        ids = order[i : i + batch_size]
+        batch = {k: v.to(device) for k, v in encoder([rows[j] for j in ids]).items() if k != "labels"}
+        if encoder.seq2seq:
+            preds = rank_labels(pm, encoder, batch)
+        else:
+            logits = pm(**batch).logits.float()
+            preds = logits[:, 0].tolist() if encoder.task.is_regression else logits.argmax(-1).tolist()
+        for j, p in zip(ids, preds, strict=True):
+            out[j] = p
+    pm.train(was_training)
+    return out
+
+
+def rank_labels(pm: nn.Module, encoder: Encoder, batch: dict[str, torch.Tensor]) -> list:
+    """Text-to-text classification: the label word with the highest likelihood (rank classification);
+    regression generates a number."""
+    n = batch["input_ids"].shape[0]
+    if encoder.task.is_regression:
+        gen = pm.generate(**batch, max_new_tokens=6, do_sample=False)
+        values = []
+        for seq in gen:
+            text = encoder.tok.decode(seq.tolist(), skip_special_tokens=True)
+            try:
+                values.append(float(text.strip().split()[0]))
+            except (ValueError, IndexError):
+                values.append(2.5)
+        return values
+    scores = []
+    for target in encoder.targets:
+        labels = torch.tensor([target] * n, device=batch["input_ids"].device)
+        logits = pm(**batch, labels=labels).logits.float()
+        logp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        scores.append(logp.sum(-1))
+    return torch.stack(scores, -1).argmax(-1).tolist()
+
+
+def evaluate(
+    pm: nn.Module, encoder: Encoder, rows: list[Example], batch_size: int, device: torch.device
+) -> dict[str, float]:
+    preds = predict(pm, encoder, rows, batch_size, device)
+    labels = [r["label"] for r in rows]
+    return metric_fns.compute(encoder.task.metrics, preds, labels)

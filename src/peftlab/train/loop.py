@@ -1,0 +1,293 @@
+"""The training loop: one optimiser step at a time, dev evaluations with best-state selection and early
+stopping, checkpoints after each evaluation, and the record at the end."""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from peftlab.anatomy import model_type_facts
+from peftlab.errors import PeftlabError
+from peftlab.memory import peak_memory
+from peftlab.modules.base import TrainingLoss
+from peftlab.peft_model import PeftModel, apply
+from peftlab.spec import Spec
+from peftlab.tasks import Example
+from peftlab.train.checkpoint import load_checkpoint, restore, save_checkpoint, snapshot, trainable
+from peftlab.train.config import CHECKPOINT, RunRecord, TrainConfig
+from peftlab.train.data import Encoder, batches, load_for_task, task_encoder, task_splits, text_length
+from peftlab.train.environment import default_device, device_name, library_versions
+from peftlab.train.evaluation import evaluate
+from peftlab.train.parallel import all_reduce, dist_setup, is_main
+
+log = logging.getLogger("peftlab.train")
+
+StepCallback = Callable[[int, float], None]
+
+
+def batch_loss(
+    pm: nn.Module, batch: dict[str, torch.Tensor], objective: TrainingLoss | None, weight: float
+) -> torch.Tensor:
+    """The training loss of one batch: the model's, or a kind's training objective (e.g. AdaMix's consistency
+    between two routed passes) at ``weight`` (0 turns it off)."""
+    out = pm(**batch)
+    if objective is None or not weight:
+        return out.loss
+    return objective(pm, batch, out, weight)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward pass; non-reentrant, so gradients reach adapters of a frozen backbone.
+    transformers 5.24 renamed the method (``gradient_`` to ``activation_checkpointing_enable``)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def progress_bar(total: int, start: int, enabled: bool) -> Callable[[int | None, float | None], None]:
+    """A tqdm bar when enabled and installed; a no-op otherwise."""
+    if not enabled:
+        return lambda step, loss: None
+    try:
+        from tqdm.auto import tqdm  # optional: comes with transformers
+    except ImportError:  # pragma: no cover
+        return lambda step, loss: None
+    bar = tqdm(total=total, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
+
+    def update(step: int | None, loss: float | None) -> None:
+        if step is None:
+            bar.close()
+            return
+        bar.update(step - bar.n)
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+    return update
+
+
+def _prepare_model(
+    spec: Spec, config: TrainConfig, task: Any, model: nn.Module | None, device: torch.device
+) -> tuple[PeftModel, Encoder]:
+    """The backbone in the task's class (or the one given), on the device, with the spec applied."""
+    if model is None:
+        model, seq2seq = load_for_task(config.model, task)
+    else:
+        seq2seq = model_type_facts(model.config.model_type).seq2seq
+    encoder = task_encoder(config.model, model, task, config.max_length, seq2seq)
+    model.to(device)
+    if config.dropout is not None:  # the backbone's dropout, e.g. 0 for runs that must be reproducible
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = config.dropout
+    pm = apply(model, spec) if not isinstance(model, PeftModel) else model
+    if config.gradient_checkpointing:
+        enable_checkpointing(pm.base_model)
+    return pm, encoder
+
+
+def _schedule(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up to the peak rate, then linear decay to zero at ``total``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
+
+
+def _autocast(precision: str) -> AbstractContextManager:
+    if precision == "fp32":
+        return torch.autocast("cpu", enabled=False)
+    return torch.autocast("cuda", dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+class Run:
+    """One training run: its model, data, optimiser and record, and the state a checkpoint keeps
+    (``step``, ``best_state``, ``bad_evals``, ``tokens``, ``elapsed``)."""
+
+    def __init__(self, spec: Spec, config: TrainConfig, model: nn.Module | None) -> None:
+        config.check()
+        self.config = config
+        self.rank, self.world = dist_setup()
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        self.task, self.splits = task_splits(config)
+        self.device = default_device()
+        self.pm, self.encoder = _prepare_model(spec, config, self.task, model, self.device)
+        self.per_rank = config.batch_size // self.world
+        if self.per_rank * self.world != config.batch_size:
+            raise PeftlabError(f"batch_size {config.batch_size} must be divisible by the {self.world} processes")
+        self.steps_per_epoch = math.ceil(len(self.splits.train) / (config.batch_size * config.grad_accum))
+        full = max(1, round(config.epochs * self.steps_per_epoch))
+        self.total = config.max_steps or max(1, round((config.fraction or 1.0) * full))
+        self.eval_every = config.eval_every or self.steps_per_epoch
+        lr = config.lr or spec.default_lr()
+        self.params = [p for _, p in trainable(self.pm)]
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=config.weight_decay)
+        self.sched = _schedule(self.opt, int(config.warmup_ratio * self.total), self.total)
+        self.objective = spec.training_loss()
+        default_weight = self.objective.default_weight if self.objective is not None else 0.0
+        self.weight = config.consistency if config.consistency is not None else default_weight
+        self.record = RunRecord(
+            config=asdict(config),
+            spec=spec.to_dict(),
+            counts=self.pm.counts().to_dict(),
+            total_steps=self.total,
+            world_size=self.world,
+            device=device_name(self.device),
+            versions=library_versions(),
+        )
+        self.record.config["lr"] = lr
+        self.record.config["consistency"] = self.weight
+        self.out = Path(config.output) if config.output else None
+        self.ckpt = self.out / CHECKPOINT if self.out else None
+        self.state: dict[str, Any] = {"step": 0, "best_state": None, "bad_evals": 0, "tokens": 0, "elapsed": 0.0}
+        self._resume()
+        self.autocast = _autocast(config.precision)
+        self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+
+    def _resume(self) -> None:
+        """Continue from the output's checkpoint; refuse an output that holds a finished run."""
+        if self.ckpt is not None and self.config.resume and (self.ckpt / "state.pt").is_file():
+            self.state = load_checkpoint(self.ckpt, self.pm, self.opt, self.sched, self.record)
+        elif self.out is not None and (self.out / "record.json").is_file():
+            raise PeftlabError(
+                f"'{self.out}' already holds a finished run; choose another --output (nothing was changed)"
+            )
+        if self.out is not None and self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+
+    def _optimiser_step(self, group: list[int]) -> float:
+        """Forward and backward over one global batch (this process's share of each micro-batch), then one
+        optimiser step unless the loss is not finite; returns the global batch's loss."""
+        config = self.config
+        self.opt.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for i in range(0, len(group), config.batch_size):
+            chunk = group[i : i + config.batch_size]
+            mine = chunk[self.rank * self.per_rank : (self.rank + 1) * self.per_rank] if self.world > 1 else chunk
+            if not mine:
+                continue
+            rows: list[Example] = [self.splits.train[j] for j in mine]
+            batch = {k: v.to(self.device) for k, v in self.encoder(rows).items()}
+            self.state["tokens"] += int(batch["attention_mask"].sum())
+            with self.autocast:
+                loss = batch_loss(self.pm, batch, self.objective, self.weight) * (len(mine) / len(group))
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += loss.detach().item()
+        loss_sum = all_reduce(self.params, loss_sum, self.world)
+        if not math.isfinite(loss_sum):
+            return loss_sum
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.params, config.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.sched.step()
+        return loss_sum
+
+    def _evaluate(self, step: int, loss: float) -> bool:
+        """Evaluate on the dev split, keep the best state; True when early stopping says to stop."""
+        dev, config, record = self.splits.dev, self.config, self.record
+        scores = evaluate(self.pm, self.encoder, dev, config.eval_batch_size, self.device) if dev else {}
+        main = scores.get(self.encoder.task.main_metric, -loss)
+        record.evaluations.append({"step": step, "loss": loss, **scores})
+        better = record.best is None or main > record.best["score"]
+        if better:
+            record.best = {"step": step, "score": main, "metric": self.encoder.task.main_metric}
+            self.state["best_state"] = snapshot(self.pm)
+            self.state["bad_evals"] = 0
+        else:
+            self.state["bad_evals"] += 1
+        if is_main():
+            shown = ", ".join(f"dev {k} {v:.4f}" for k, v in scores.items())
+            log.info(
+                "step %d/%d: train loss %.4f%s%s",
+                step,
+                record.total_steps,
+                loss,
+                f", {shown}" if shown else "",
+                " (best so far)" if better else "",
+            )
+        return config.patience is not None and self.state["bad_evals"] >= config.patience
+
+    def loop(self, on_step: StepCallback | None) -> None:
+        """Train until the budget is spent, early stopping says so, or the loss stops being finite."""
+        config = self.config
+        self.pm.train()
+        step = self.state["step"]
+        start = time.perf_counter() - self.state["elapsed"]
+        bar = progress_bar(self.total, step, enabled=config.progress and self.rank == 0)
+        micro = config.batch_size * config.grad_accum
+        lengths = [text_length(r) for r in self.splits.train] if config.group_by_length else None
+        interval_loss, interval_start = 0.0, step  # checkpoints follow evaluations, so a resumed run starts afresh
+        stop = step >= self.total
+        while not stop:
+            epoch, offset = divmod(step, self.steps_per_epoch)
+            for group in batches(len(self.splits.train), micro, config.seed, epoch, lengths)[offset:]:
+                loss = self._optimiser_step(group)
+                if not math.isfinite(loss):
+                    self.record.status = "diverged"
+                    self.record.message = f"non-finite loss at step {step + 1}"
+                    stop = True
+                    break
+                step += 1
+                interval_loss += loss
+                bar(step, loss)
+                if on_step is not None:
+                    on_step(step, loss)
+                if step % self.eval_every == 0 or step == self.total:
+                    mean_loss = interval_loss / max(1, step - interval_start)  # the training loss since the last eval
+                    interval_loss, interval_start = 0.0, step
+                    stop = self._evaluate(step, mean_loss)
+                    self.state["step"], self.state["elapsed"] = step, time.perf_counter() - start
+                    if self.ckpt is not None and self.rank == 0:
+                        save_checkpoint(self.ckpt, self.pm, self.opt, self.sched, self.record, self.state)
+                if step >= self.total or stop:
+                    stop = True
+                    break
+        bar(None, None)
+        self.record.steps = step
+        self.record.wall_time_s = time.perf_counter() - start
+
+    def finish(self) -> RunRecord:
+        """Restore the best state, score the test split, write the adapter and the record."""
+        record = self.record
+        record.train_tokens = self.state["tokens"] * self.world
+        record.tokens_per_s = record.train_tokens / record.wall_time_s if record.wall_time_s else 0.0
+        record.peak_memory_bytes = peak_memory(self.device)
+        if record.status == "running":
+            record.status = "early-stopped" if record.steps < self.total else "completed"
+        if self.state["best_state"] is not None:
+            restore(self.pm, self.state["best_state"])
+        if record.status != "diverged":
+            record.test = evaluate(self.pm, self.encoder, self.splits.test, self.config.eval_batch_size, self.device)
+        if self.out is not None and self.rank == 0:
+            if record.status != "diverged":
+                self.pm.save(self.out / "adapter", overwrite=True)
+            record.save(self.out / "record.json")
+            if self.ckpt is not None and record.status != "diverged":
+                shutil.rmtree(self.ckpt, ignore_errors=True)
+        return record
+
+
+def train(
+    spec: Spec, config: TrainConfig, on_step: StepCallback | None = None, model: nn.Module | None = None
+) -> RunRecord:
+    """Train ``spec`` on ``config.task``; returns (and writes, under ``config.output``) the run record."""
+    run = Run(spec, config, model)
+    run.loop(on_step)
+    return run.finish()
