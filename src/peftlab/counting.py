@@ -107,7 +107,7 @@ def count(pm, adapter_name: str) -> Counts:
     backbone = _numel(p for p in model.parameters() if id(p) not in head_ids)
     adapter = pm.adapters[adapter_name]
     c = Counts(backbone_params=backbone, method=adapter.spec.method)
-    for key, module in adapter.peft_modules():
+    for key, module in adapter.all_modules():
         layer = key.partition("-")[0]
         c._add(module.kind, layer, module.own_numel(), module.stored_numel(), module.changed_numel())
     for part in adapter.shared.values():

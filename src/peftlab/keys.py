@@ -33,7 +33,7 @@ def _root(key: str, module: Any) -> str:
 def stored_tensors(adapter: Any) -> dict[str, torch.Tensor]:
     """Every tensor the adapter file holds, keyed by where it goes back."""
     state: dict[str, torch.Tensor] = {}
-    for key, module in adapter.peft_modules():
+    for key, module in adapter.all_modules():
         state |= {f"{_root(key, module)}.{k}": v for k, v in module.stored_state().items()}
     for key, part in adapter.shared.items():
         if part.peftlab_stored:
@@ -44,7 +44,7 @@ def stored_tensors(adapter: Any) -> dict[str, torch.Tensor]:
 def load_targets(adapter: Any) -> dict[str, torch.Tensor]:
     """The tensors of a freshly built adapter that a saved file's tensors load into, by the same keys."""
     targets: dict[str, torch.Tensor] = {}
-    for key, module in adapter.peft_modules():
+    for key, module in adapter.all_modules():
         targets |= {f"{_root(key, module)}.{k}": v for k, v in module.load_targets().items()}
     for key, part in adapter.shared.items():
         if part.peftlab_stored:

@@ -46,7 +46,11 @@ class Adapter(nn.Module):
         self.shared = nn.ModuleDict()
 
     def peft_modules(self) -> Iterator[tuple[str, PeftModule]]:
-        """(key, module) for every module, keyed as counted: ``<layer>-<site>``, ``model-<site or part>``."""
+        """(key, module) for the modules at sites."""
+        yield from self.layers.items()
+
+    def all_modules(self) -> Iterator[tuple[str, PeftModule]]:
+        """The modules at sites and the whole-model parts, keyed as counted (``<layer>-<site>``, ``model-<part>``)."""
         yield from self.layers.items()
         for kind, part in self.parts.items():
             yield module_key(None, kind), part
@@ -57,7 +61,7 @@ class Adapter(nn.Module):
         return self.parts["head"].head if "head" in self.parts else None
 
     def backbone_parameters(self) -> list[nn.Parameter]:
-        return [p for _, m in self.peft_modules() for p in m.backbone_parameters()]
+        return [p for _, m in self.all_modules() for p in m.backbone_parameters()]
 
 
 class PeftModel(nn.Module):
@@ -131,7 +135,7 @@ class PeftModel(nn.Module):
             raise
         adapter.train(self.base_model.training)  # follow the backbone's mode (dropout, AdaMix routing)
         self.adapters[name] = adapter
-        for _, module in adapter.peft_modules():
+        for _, module in adapter.all_modules():
             self._switches.update(dict.fromkeys(module.model_switches))
         self._exclusive = exclusive
 
@@ -241,7 +245,7 @@ class PeftModel(nn.Module):
         live = {
             switch
             for name in active
-            for _, m in self.adapters[name].peft_modules()
+            for _, m in self.adapters[name].all_modules()
             if not m.merged
             for switch in m.model_switches
         }
@@ -250,7 +254,7 @@ class PeftModel(nn.Module):
 
     # -- merging ------------------------------------------------------------------------------------
     def _is_merged(self, name: str) -> bool:
-        return any(m.merged for _, m in self.adapters[name].peft_modules())
+        return any(m.merged for _, m in self.adapters[name].all_modules())
 
     def merge(self) -> None:
         """Fold every mergeable module of the active adapter into the backbone weights; the rest
@@ -283,7 +287,7 @@ class PeftModel(nn.Module):
     def _active_modules(self) -> list[tuple[str, PeftModule]]:
         if self.active_adapter is None:
             return []
-        return list(self.adapters[self.active_adapter].peft_modules())
+        return list(self.adapters[self.active_adapter].all_modules())
 
     # -- reporting and saving ---------------------------------------------------------------------------
     def counts(self, adapter: str | None = None) -> Counts:

@@ -60,7 +60,7 @@ class HeadCopy(PeftModule):
 
 
 class InPlace(PeftModule):
-    """Trains backbone tensors themselves: nothing to hook, and merging has nothing left to do."""
+    """Trains backbone tensors themselves: nothing to hook or merge, and unloading leaves them as trained."""
 
     def __init__(self, ctx: BuildContext) -> None:
         super().__init__(ctx)
@@ -74,14 +74,8 @@ class InPlace(PeftModule):
         """Nothing to attach: the backbone computes with the trained tensors directly."""
 
     @property
-    def mergeable(self) -> bool:
+    def unloadable(self) -> bool:
         return True
-
-    def merge(self) -> None:
-        self.merged = True
-
-    def unmerge(self) -> None:
-        self.merged = False
 
     def own_numel(self) -> int:
         return sum(p.numel() for p in self.backbone_parameters())

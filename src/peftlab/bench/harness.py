@@ -1,0 +1,231 @@
+"""A benchmark run: plan every method's jobs (failing early on a method the model cannot take), run them in
+fresh processes in interleaved rounds, and gather the results."""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftlab import interop, methods
+from peftlab.anatomy import model_type_facts
+from peftlab.bench.batch import count_tokens, padded_batch
+from peftlab.bench.report import MB, environment, ratios, rows, write_outputs
+from peftlab.bench.worker import Job, run_worker
+from peftlab.errors import PeftlabError
+from peftlab.peft_model import apply
+from peftlab.tasks import get_task
+from peftlab.train import input_limit
+from peftlab.zoo import load_model
+
+
+@dataclass
+class BenchConfig:
+    """Everything that determines a benchmark run; stored in bench.json."""
+
+    model: str
+    methods: list[str]
+    output: str
+    batch: int = 8
+    seq: int = 128
+    repeats: int = 10
+    warmup: int = 2
+    rounds: int = 1
+    threads: int = 1
+    device: str = "cpu"
+    dtype: str = "fp32"
+    compare_peft: bool = False
+    score_steps: int | None = None
+    task: str | None = None
+    data_dir: str | None = None
+    seed: int = 0
+
+    def check(self) -> None:
+        if not self.methods:
+            every = [*methods.METHODS, *methods.MODEL_METHODS]
+            raise PeftlabError(f"give at least one method (one of: {', '.join(every)})")
+        for m in self.methods:
+            if m not in methods.MODEL_METHODS:
+                methods.get(m)  # unknown names fail here, with the list of methods
+        if len(set(self.methods)) != len(self.methods):
+            raise PeftlabError(f"a method is listed twice in {','.join(self.methods)}")
+        for name, low in (("batch", 1), ("seq", 2), ("repeats", 1), ("warmup", 0), ("rounds", 1), ("threads", 1)):
+            if getattr(self, name) < low:
+                raise PeftlabError(f"{name} must be >= {low}, got {getattr(self, name)}")
+        if self.device not in ("cpu", "cuda"):
+            raise PeftlabError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("fp32", "bf16"):
+            raise PeftlabError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise PeftlabError("--device cuda needs a CUDA GPU, and torch sees none")
+        if (self.score_steps is None) != (self.task is None):
+            raise PeftlabError("--score-steps and --task go together: the score is a short training run on a task")
+        if self.score_steps is not None and self.score_steps < 1:
+            raise PeftlabError(f"score_steps must be >= 1, got {self.score_steps}")
+        if self.task is not None:
+            get_task(self.task)  # an unknown task fails here, with the list of tasks
+        needed = ["matplotlib"] + (["peft"] if self.compare_peft else [])  # the plot; the peft contenders
+        missing = [name for name in needed if importlib.util.find_spec(name) is None]
+        if missing:
+            raise PeftlabError(f"peftlab bench needs {' and '.join(missing)}: pip install 'peftlab[bench]'")
+
+    def command(self) -> str:
+        """The exact command line that reproduces this run."""
+        parts = [
+            "peftlab",
+            "bench",
+            "--model",
+            self.model,
+            "--methods",
+            ",".join(self.methods),
+            "--output",
+            self.output,
+        ]
+        for f in ("batch", "seq", "repeats", "warmup", "rounds", "threads", "device", "dtype", "seed"):
+            parts += [f"--{f}", str(getattr(self, f))]
+        for f in ("score_steps", "task", "data_dir"):
+            if getattr(self, f) is not None:
+                parts += [f"--{f.replace('_', '-')}", str(getattr(self, f))]
+        return shlex.join(parts + (["--compare-peft"] if self.compare_peft else []))
+
+
+@dataclass
+class MethodPlan:
+    """What is known about a method before anything runs: its counts and what to measure."""
+
+    counts: dict[str, Any]
+    mergeable: bool
+    peft_config: dict[str, Any] | None = None
+    peft_note: str | None = None
+    jobs: list[Job] = field(default_factory=list)
+
+
+def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
+    """Model facts and, per method, its counts (meta device) and the jobs of one round.
+
+    Every spec is applied here first, so a method the model cannot take fails before any process starts."""
+    probe = load_model(config.model, meta=True)
+    head = model_type_facts(probe.config.model_type).task_head
+    limit = input_limit(probe, sys.maxsize)  # the position table, or no limit
+    base = dict(
+        model=config.model,
+        head=head,
+        batch=config.batch,
+        seq=config.seq,
+        repeats=config.repeats,
+        warmup=config.warmup,
+        threads=config.threads,
+        device=config.device,
+        dtype=config.dtype,
+        seed=config.seed,
+    )
+    plans: dict[str, MethodPlan] = {}
+    for name in config.methods:
+        probe_model = load_model(config.model, head=head, meta=True)
+        pm = apply(probe_model, methods.for_model(name, probe_model))
+        spec = pm.adapters[pm.active_adapter].spec
+        extra = spec.added_length()
+        if config.seq + extra > limit:
+            raise PeftlabError(
+                f"--seq {config.seq}{f' plus the {extra} prompt tokens' if extra else ''} exceeds "
+                f"the {limit} positions of {config.model}; use a smaller --seq"
+            )
+        mergeable = any(m.mergeable for _, m in pm.adapters[pm.active_adapter].peft_modules())
+        p = MethodPlan(counts=pm.counts().to_dict(), mergeable=mergeable)
+        if config.compare_peft:
+            p.peft_config, p.peft_note = interop.peft_equivalent(pm)
+        for kind in ("train", "infer", "merged"):
+            if kind == "merged" and not mergeable:
+                continue
+            p.jobs.append(Job(kind=kind, impl="peftlab", method=name, **base))
+            if p.peft_config is not None and kind != "merged":
+                p.jobs.append(Job(kind=kind, impl="peft", method=name, peft_config=p.peft_config, **base))
+        plans[name] = p
+    facts = {
+        "model_class": type(probe).__name__,
+        "head": head,
+        "backbone_params": next(iter(plans.values())).counts["backbone_params"],
+    }
+    batch = padded_batch(probe.config, config.batch, config.seq, config.seed + 1)
+    facts |= {
+        "tokens": count_tokens(batch),
+        "padded_tokens": batch["attention_mask"].numel(),
+        "lengths": batch["attention_mask"].sum(1).tolist(),
+    }
+    return facts, plans
+
+
+def run(config: BenchConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Plan, run every job in a fresh process (the job list reversed on odd rounds, so peftlab and peft
+    alternate which goes first), then write bench.md / .csv / .json / .png under ``config.output``."""
+    config.check()
+    log = log or (lambda s: print(s, file=sys.stderr))
+    started = datetime.now(UTC)
+    facts, plans = plan(config)
+    jobs = [j for p in plans.values() for j in p.jobs]
+    queue = [
+        Job(**{**asdict(j), "round": r}) for r in range(config.rounds) for j in (jobs if r % 2 == 0 else jobs[::-1])
+    ]
+    if config.score_steps is not None:  # first: missing task data shows at once, not after the timings
+        queue[:0] = [
+            Job(
+                **{
+                    **asdict(jobs[0]),
+                    "kind": "score",
+                    "method": m,
+                    "task": config.task,
+                    "data_dir": config.data_dir,
+                    "score_steps": config.score_steps,
+                }
+            )
+            for m in config.methods
+        ]
+    t0 = time.perf_counter()
+    runs = []
+    for i, job in enumerate(queue, 1):
+        result = run_worker(job)
+        runs.append(result)
+        log(
+            f"[{i}/{len(queue)}] {job.label}"
+            + (f" (round {job.round + 1})" if config.rounds > 1 else "")
+            + f": {_brief(result)}"
+        )
+    report = {
+        "command": config.command(),
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "wall_time_s": round(time.perf_counter() - t0, 1),
+        "environment": environment(config.threads, config.device),
+        "config": asdict(config),
+        "setup": facts,
+        "methods": {m: {k: v for k, v in asdict(p).items() if k != "jobs"} for m, p in plans.items()},
+        "runs": runs,
+    }
+    report["rows"] = rows(report)
+    report["ratios"] = ratios(report["rows"]) if config.compare_peft else {}
+    report["failures"] = [f"{Job(**r['job']).label}: {r['error']}" for r in runs if "error" in r]
+    write_outputs(report, Path(config.output))
+    if report["failures"]:
+        raise PeftlabError(
+            f"{len(report['failures'])} of {len(runs)} measurements failed (first: "
+            f"{report['failures'][0]}); the others are in {config.output}/bench.md"
+        )
+    return report
+
+
+def _brief(result: dict[str, Any]) -> str:
+    if "error" in result:
+        return f"failed: {result['error']}"
+    if "score" in result:
+        return f"{result['metric']} {result['score']:.4f}" if result["score"] is not None else result["status"]
+    tok = result["tokens"]
+    key = "step_s" if "step_s" in result else "forward_s"
+    return f"{tok / statistics.median(result[key]):,.0f} tok/s, peak {result['peak_bytes'] / MB:,.0f} MB"

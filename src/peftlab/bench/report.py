@@ -1,0 +1,369 @@
+"""From raw results to what a reader sees: pooled medians with spreads, ratios to full fine-tuning and to the
+peft library, the environment, and bench.md / .csv / .json / .png."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import platform
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peftlab.atomic import write_with
+from peftlab.bench.worker import KINDS
+from peftlab.train import library_versions
+
+MB = 2**20
+
+
+def summarize(xs: list[float]) -> dict[str, float]:
+    """Median, quartiles (linear interpolation), IQR, min and max; one value is its own quartiles."""
+    if not xs:
+        raise ValueError("no values to summarize")
+    q25, med, q75 = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else (xs[0],) * 3
+    return {"median": med, "q25": q25, "q75": q75, "iqr": q75 - q25, "min": min(xs), "max": max(xs), "n": len(xs)}
+
+
+def _pooled(runs: list[dict[str, Any]], key: str) -> list[float]:
+    return [x for r in runs for x in r[key]]
+
+
+def _paired(runs: list[dict[str, Any]], num: str, den: str) -> list[float]:
+    return [a / b for r in runs for a, b in zip(r[num], r[den], strict=True)]
+
+
+def _median(runs: list[dict[str, Any]], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
+
+
+def _put(row: dict[str, Any], name: str, xs: list[float], scale: float = 1.0) -> None:
+    """Median, q25 and q75 of ``xs`` (times ``scale``) into row columns ``name``, ``name_q25``, ``name_q75``."""
+    s = summarize(xs) if xs else None
+    for suffix, key in (("", "median"), ("_q25", "q25"), ("_q75", "q75")):
+        row[name + suffix] = s[key] * scale if s else None
+
+
+def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """One flat row per (method, implementation): the table of bench.csv and bench.md."""
+    backbone = report["setup"]["backbone_params"]
+    ok = [r for r in report["runs"] if "error" not in r]
+    out = []
+    for method, info in report["methods"].items():
+        counts = info["counts"]
+        for impl in ("peftlab", "peft"):
+            mine = {
+                k: [
+                    r for r in ok if r["job"]["method"] == method and r["job"]["impl"] == impl and r["job"]["kind"] == k
+                ]
+                for k in KINDS
+            }
+            if impl == "peft" and info["peft_config"] is None:
+                continue
+            measured = next((r["trainable_params"] for k in ("train", "infer") for r in mine[k]), None)
+            trainable = counts["trainable_params"] if impl == "peftlab" else measured
+            row: dict[str, Any] = {
+                "method": method,
+                "impl": impl,
+                "trainable_params": trainable,
+                "trainable_pct": 100.0 * trainable / backbone if trainable is not None else None,
+                "stored_params": counts["stored_params"] if impl == "peftlab" else None,
+                "changed_params": counts["changed_params"] if impl == "peftlab" else None,
+                "measured_trainable_params": measured,
+            }
+            train, infer, merged = mine["train"], mine["infer"], mine["merged"]
+            for name in ("peak", "loaded"):
+                row[f"{name}_mb"] = _median(train, f"{name}_bytes") / MB if train else None
+            row["increase_mb"] = row["peak_mb"] - row["loaded_mb"] if train else None
+            tokens = (train or infer or merged or [{"tokens": 0}])[0]["tokens"]
+            _put(row, "train_tok_s", [tokens / t for t in _pooled(train, "step_s")])
+            _put(row, "step_ms", _pooled(train, "step_s"), 1e3)
+            _put(row, "train_forward_ms", _pooled(train, "forward_s"), 1e3)
+            _put(row, "step_over_forward", _paired(train, "step_s", "forward_s"))
+            _put(row, "fwd_bwd_over_forward", _paired(train, "fwd_bwd_s", "forward_s"))
+            _put(row, "infer_tok_s", [tokens / t for t in _pooled(infer, "forward_s")])
+            _put(row, "merged_tok_s", [tokens / t for t in _pooled(merged, "forward_s")])
+            row["n_train"], row["n_infer"] = len(_pooled(train, "step_s")), len(_pooled(infer, "forward_s"))
+            score = mine["score"][0] if mine["score"] else None
+            for col in ("score", "metric", "status"):
+                row[f"score_{col}" if col != "score" else col] = score[col] if score else None
+            out.append(row)
+    full = next((r for r in out if r["method"] == "full" and r["impl"] == "peftlab"), None)
+    for row in out:
+        for col in ("train", "infer"):
+            ref = full[f"{col}_tok_s"] if full else None
+            mine = row[f"{col}_tok_s"]
+            row[f"{col}_pct_of_full"] = 100.0 * mine / ref if ref and mine is not None else None
+    return out
+
+
+def ratios(table: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """peftlab / peft per method: ratio of medians and a conservative range (q25/q75 .. q75/q25)."""
+    by = {(r["method"], r["impl"]): r for r in table}
+    out: dict[str, dict[str, Any]] = {}
+    for (method, impl), lab in by.items():
+        ref = by.get((method, "peft"))
+        if impl != "peftlab" or ref is None:
+            continue
+        entry: dict[str, Any] = {
+            "trainable_peftlab": lab["trainable_params"],
+            "trainable_peft": ref["trainable_params"],
+        }
+        for col in ("train_tok_s", "infer_tok_s"):
+            a, b = lab[col], ref[col]
+            ok = a is not None and b is not None
+            entry[col] = a / b if ok else None
+            entry[f"{col}_range"] = (
+                [lab[f"{col}_q25"] / ref[f"{col}_q75"], lab[f"{col}_q75"] / ref[f"{col}_q25"]] if ok else None
+            )
+        for col in ("peak_mb", "increase_mb"):
+            a, b = lab[col], ref[col]
+            entry[col] = a / b if a is not None and b else None
+        out[method] = entry
+    return out
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(threads: int, device: str = "cpu") -> dict[str, str]:
+    """The machine and library versions a reader needs to compare numbers across runs."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        usable = os.cpu_count() or 1
+    env = {
+        "CPU": cpu_model(),
+        "cores": f"{os.cpu_count()} logical, {usable} usable; torch threads = {threads}",
+        "CPU capability": torch.backends.cpu.get_cpu_capability(),
+        **library_versions(),
+    }
+    try:
+        import peft  # optional: only to name its version
+    except ImportError:
+        peft = None
+    if peft is not None:
+        env["peft"] = peft.__version__
+    if device == "cuda":
+        env["GPU"] = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    return env
+
+
+def _num(x: float | None, fmt: str = ",.0f") -> str:
+    return "–" if x is None else format(x, fmt)
+
+
+def _spread(row: dict[str, Any], col: str, fmt: str = ",.0f") -> str:
+    """``median (q25–q75)``."""
+    if row[col] is None:
+        return "–"
+    return f"{format(row[col], fmt)} ({format(row[col + '_q25'], fmt)}–{format(row[col + '_q75'], fmt)})"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    cfg, setup = report["config"], report["setup"]
+    mem = "peak alloc" if cfg["device"] == "cuda" else "peak RSS"
+    lines = [
+        f"# PEFT efficiency on `{cfg['model']}`",
+        "",
+        f"- command: `{report['command']}`",
+        f"- date: {report['date']}; wall time of the run: {report['wall_time_s']:.0f} s",
+        *[f"- {k}: {v}" for k, v in report["environment"].items()],
+        f"- model: `{cfg['model']}` ({setup['model_class']}, backbone {setup['backbone_params']:,} parameters)",
+        f"- batch: {cfg['batch']} x {cfg['seq']} (right-padded, random ids, row lengths "
+        f"{', '.join(map(str, setup['lengths']))}): {setup['tokens']:,} non-padding of {setup['padded_tokens']:,} "
+        f"tokens; {cfg['device']}, {cfg['dtype']}" + (" autocast" if cfg["dtype"] == "bf16" else ""),
+        f"- timing: {cfg['repeats']} timed (+{cfg['warmup']} warm-up) iterations in each fresh process, "
+        f"{cfg['rounds']} round(s); statistics are median (q25–q75)",
+        "",
+        "## Results",
+        "",
+        f"| method | trainable | % | stored | changed | {mem} (MB) | Δ over loaded (MB) | train tok/s | "
+        "train % of full | step / fwd | (fwd+bwd) / fwd | infer tok/s | merged infer tok/s | infer % of full"
+        + (" | score |" if cfg["score_steps"] else " |"),
+        "|---|" + "---:|" * (13 + bool(cfg["score_steps"])),
+    ]
+    for r in report["rows"]:
+        name = r["method"] + (" (peft)" if r["impl"] == "peft" else "")
+        cells = [
+            name,
+            _num(r["trainable_params"]),
+            _num(r["trainable_pct"], ".4f"),
+            _num(r["stored_params"]),
+            _num(r["changed_params"]),
+            _num(r["peak_mb"]),
+            _num(r["increase_mb"]),
+            _spread(r, "train_tok_s"),
+            _num(r["train_pct_of_full"], ".1f"),
+            _spread(r, "step_over_forward", ".2f"),
+            _spread(r, "fwd_bwd_over_forward", ".2f"),
+            _spread(r, "infer_tok_s"),
+            _spread(r, "merged_tok_s"),
+            _num(r["infer_pct_of_full"], ".1f"),
+        ]
+        if cfg["score_steps"]:
+            score = r["score"]
+            cells.append(f"{r['score_metric']} {score:.4f}" if score is not None else r["score_status"] or "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    if report["ratios"]:
+        lines += [
+            "",
+            "## peftlab / peft",
+            "",
+            "| method | peft config | trainable (peftlab / peft) | train tok/s | infer tok/s | "
+            f"{mem} | Δ over loaded |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for method, e in report["ratios"].items():
+            cfg_peft = report["methods"][method]["peft_config"]
+            shown = {k: v for k, v in cfg_peft.items() if k not in ("task_type",) and v not in (None, {}, [])}
+            cells = [method, f"`{json.dumps(shown)}`", f"{e['trainable_peftlab']:,} / {e['trainable_peft']:,}"]
+            for col in ("train_tok_s", "infer_tok_s"):
+                rng = e[f"{col}_range"]
+                cells.append(f"{e[col]:.3f} ({rng[0]:.2f}–{rng[1]:.2f})" if e[col] is not None else "–")
+            cells += [_num(e["peak_mb"], ".3f"), _num(e["increase_mb"], ".3f")]
+            lines.append("| " + " | ".join(cells) + " |")
+    notes = [f"- {m}: {info['peft_note']}" for m, info in report["methods"].items() if info["peft_note"]]
+    if notes:
+        lines += ["", "Not compared with peft:", "", *notes]
+    if report["failures"]:
+        lines += ["", "## Failures", "", *[f"- {f}" for f in report["failures"]]]
+    lines += ["", "## Legend", "", *LEGEND, ""]
+    return "\n".join(lines)
+
+
+LEGEND = [
+    "- **trainable / stored / changed**: what the optimiser holds / what the saved adapter holds / parameters of "
+    "the final model that differ from the backbone (`pm.counts()`); % is trainable over the backbone. peft rows "
+    "count `requires_grad` parameters of the peft model.",
+    "- **peak memory**: on the CPU the peak resident set (`ru_maxrss`) of the training process, which also holds "
+    "Python, torch and the model; **Δ over loaded** subtracts the resident set after the model was built and the "
+    "method attached (before the first step): gradients, optimiser state and activations. On CUDA: "
+    "`torch.cuda.max_memory_allocated` and its increase over the memory allocated after loading.",
+    "- **train tok/s**: non-padding input tokens per second of a training step (forward, backward, AdamW step, "
+    "zero_grad) in train mode (dropout on). **infer tok/s**: eval mode under `torch.inference_mode`, adapters "
+    "unmerged (as in the survey's Table 5); **merged**: after `pm.merge()`, for methods with mergeable modules.",
+    "- **% of full**: throughput relative to full fine-tuning = 100, as in the survey's Table 5.",
+    "- **step / fwd**: a training step's time over a no-grad forward of the same batch in the same mode, paired per "
+    "iteration; **(fwd+bwd) / fwd** leaves out the optimiser. Expected about 3 for full fine-tuning (the backward "
+    "computes activation and weight gradients), towards 2 for PEFT (activation gradients only) and about 1 for "
+    "`head` (no backward through the backbone).",
+    "- **peftlab / peft**: ratio of medians (above 1: peftlab faster, or for memory: peftlab larger), in brackets "
+    "q25(peftlab)/q75(peft) – q75(peftlab)/q25(peft). Both run the same backbone weights and batch in separate "
+    "fresh processes. A peft process's peak RSS also holds the peft library itself (about 10 MB): Δ over loaded is "
+    "the like-for-like memory comparison.",
+    "- every number comes from its own fresh process (`python -m peftlab.bench --worker`); warm-up iterations are "
+    "not timed; `gc` is collected before and disabled during each timed call; times are wall clock "
+    "(`time.perf_counter`, with `torch.cuda.synchronize` on a GPU).",
+]
+
+
+def write_csv(table: list[dict[str, Any]], path: Path) -> None:
+    columns = list(table[0]) if table else ["method", "impl"]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in table)
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Training throughput against trainable %, and bars of train / inference throughput and memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = report["rows"]
+    lab = [r for r in table if r["impl"] == "peftlab"]
+    peft = {r["method"]: r for r in table if r["impl"] == "peft"}
+    names = [r["method"] for r in lab]
+    y = range(len(lab))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 3 + 0.45 * len(lab)))
+    ax = axes[0][0]
+    for r in lab:
+        if r["train_tok_s"] is not None and r["trainable_pct"]:
+            ax.scatter(r["trainable_pct"], r["train_tok_s"], color="tab:blue")
+            ax.annotate(
+                r["method"],
+                (r["trainable_pct"], r["train_tok_s"]),
+                fontsize=8,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set(
+        xscale="log",
+        xlabel="trainable % of backbone",
+        ylabel="train tokens/s",
+        title="training throughput vs trainable parameters",
+    )
+
+    def bars(ax: Any, cols: list[tuple[str, str]], title: str, xlabel: str) -> None:
+        h = 0.8 / len(cols)
+        for k, (col, label) in enumerate(cols):
+            source = [peft.get(n, {}) for n in names] if col.startswith("peft:") else lab
+            key = col.removeprefix("peft:")
+            vals = [r.get(key) or 0.0 for r in source]
+            err = None
+            if f"{key}_q25" in lab[0]:
+                err = [
+                    [max(0.0, (r.get(key) or 0) - (r.get(f"{key}_q25") or 0)) for r in source],
+                    [max(0.0, (r.get(f"{key}_q75") or 0) - (r.get(key) or 0)) for r in source],
+                ]
+            ax.barh([i + k * h for i in y], vals, height=h, xerr=err, label=label, capsize=2)
+        ax.set_yticks([i + 0.4 - h / 2 for i in y], names)
+        ax.invert_yaxis()
+        ax.set(title=title, xlabel=xlabel)
+        ax.legend(fontsize=7, framealpha=0.6)
+
+    with_peft = bool(peft)
+    bars(
+        axes[0][1],
+        [("train_tok_s", "peftlab")] + ([("peft:train_tok_s", "peft")] if with_peft else []),
+        "training throughput",
+        "tokens/s",
+    )
+    bars(
+        axes[1][0],
+        [("infer_tok_s", "unmerged"), ("merged_tok_s", "merged")]
+        + ([("peft:infer_tok_s", "peft unmerged")] if with_peft else []),
+        "inference throughput",
+        "tokens/s",
+    )
+    bars(
+        axes[1][1],
+        [("increase_mb", "peftlab")] + ([("peft:increase_mb", "peft")] if with_peft else []),
+        "training memory over the loaded model",
+        "MB",
+    )
+    fig.suptitle(
+        f"{report['config']['model']}: batch {report['config']['batch']} x {report['config']['seq']}, "
+        f"{report['config']['device']} {report['config']['dtype']}",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(report: dict[str, Any], out: Path) -> None:
+    """bench.md, bench.csv, bench.json (raw per-repeat numbers included) and bench.png, each written whole."""
+    out.mkdir(parents=True, exist_ok=True)
+    writers: dict[str, Callable[[Path], None]] = {
+        "bench.json": lambda p: p.write_text(json.dumps(report, indent=1) + "\n"),
+        "bench.csv": lambda p: write_csv(report["rows"], p),
+        "bench.md": lambda p: p.write_text(markdown(report)),
+        "bench.png": lambda p: plot(report, p),
+    }
+    for name, write in writers.items():
+        write_with(out / name, write)
