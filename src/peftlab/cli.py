@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -124,7 +125,8 @@ def _train_settings(args: argparse.Namespace) -> dict:
 
 def cmd_search(args: argparse.Namespace) -> None:
     from peftlab.results import export, front_table, summary
-    from peftlab.search import SearchConfig, print_trial, run_search
+    from peftlab.search import SearchConfig, none_completed, print_trial, run_search
+    from peftlab.storage import hide_password
 
     config = SearchConfig(
         model=args.model,
@@ -134,7 +136,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         trials=args.trials,
         study=args.study,
         storage=args.storage,
-        output=args.output,
+        output=_output(args),
         objectives=tuple(args.objectives.split(",")),
         budget=args.budget,
         ref_point=_pair(args.ref_point, "--ref-point") if args.ref_point else None,
@@ -145,12 +147,25 @@ def cmd_search(args: argparse.Namespace) -> None:
         train=_train_settings(args),
     )
     study = run_search(config, workers=args.workers, on_trial=print_trial)
-    paths = export(study, Path(args.output) / "results", plots=not args.no_plots)
+    paths = export(study, Path(config.output) / "results", plots=not args.no_plots)
     s = summary(study)
-    print(f"study '{study.study_name}' in {config.storage_url}: {s['trials']} trials {s['statuses']}")
+    print(f"study '{study.study_name}' in {hide_password(config.storage_url)}: {s['trials']} trials {s['statuses']}")
     print(f"hypervolume {s['hypervolume']:.5f} (reference point {s['ref_point']})")
     print(front_table(study))
     print(f"results: {', '.join(str(p) for p in paths)}")
+    failed = none_completed(study)
+    if failed:
+        raise PeftlabError(f"no trial of study '{study.study_name}' completed; the first: {failed}")
+
+
+def _output(args: argparse.Namespace) -> str:
+    """``--output``, else ./BASE for the default study and ./BASE-STUDY for another: a folder's trial runs belong to
+    one study (trial numbers restart in each)."""
+    if args.output:
+        return args.output
+    if args.study == args.default_study:
+        return args.output_base
+    return f"{args.output_base}-{re.sub(r'[^A-Za-z0-9._-]+', '_', args.study)}"
 
 
 def _pair(text: str, flag: str) -> tuple[float, float]:
@@ -221,7 +236,7 @@ def cmd_refine(args: argparse.Namespace) -> None:
         space=args.space,
         study=args.study,
         storage=args.storage,
-        output=args.output,
+        output=_output(args),
         seed=args.sampler_seed,
         heartbeat=args.heartbeat,
         train=_train_settings(args),
@@ -239,7 +254,7 @@ def cmd_refine(args: argparse.Namespace) -> None:
     print("design: " + ", ".join(f"{k}={v}" for k, v in result.design.items()))
     if result.spec is not None:
         print(
-            f"stored {result.stored_percent:.3f}%; spec: {Path(args.output) / 'spec.json'} "
+            f"stored {result.stored_percent:.3f}%; spec: {Path(config.output) / 'spec.json'} "
             f"(train it with `peftlab train --spec`)"
         )
 
@@ -440,7 +455,11 @@ def _add_study_args(p: argparse.ArgumentParser, study: str, output: str) -> None
         "--storage",
         help="database URL shared by workers, e.g. postgresql://user@host/db (default: sqlite file OUTPUT/study.db)",
     )
-    p.add_argument("--output", default=output, help=f"folder for trial runs and results (default ./{output})")
+    p.add_argument(
+        "--output",
+        help=f"folder for one study's trial runs and results (default ./{output}; ./{output}-STUDY for other studies)",
+    )
+    p.set_defaults(default_study=study, output_base=output)
     p.add_argument("--sampler-seed", type=int, default=0, help="seed of the points drawn")
     p.add_argument(
         "--heartbeat",

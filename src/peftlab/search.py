@@ -38,7 +38,7 @@ from optuna.trial import FrozenTrial, TrialState
 from peftlab.errors import PeftlabError
 from peftlab.space import SearchSpace, load_space
 from peftlab.spec import Spec, SpecError
-from peftlab.storage import open_storage, storage_url
+from peftlab.storage import hide_password, open_storage, storage_url
 
 #: Objectives a search can have and their directions; ``score`` and ``stored`` are always the first two.
 OBJECTIVES = {"score": "maximize", "stored": "minimize", "memory": "minimize", "latency": "minimize"}
@@ -46,6 +46,8 @@ SAMPLERS = ("random", "tpe", "nsga2", "gp", "autopeft")
 #: Trial statuses that count as finished (a killed worker's trial has none and is retried).
 FINISHED = ("completed", "early-stopped", "over-budget", "diverged", "error")
 _SEARCH_ATTR = "peftlab_search"
+#: The file in a search's output folder that names the study (and storage) its trial runs belong to.
+OWNER_FILE = "study.json"
 
 
 def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
@@ -185,7 +187,18 @@ class SearchConfig:
     def storage_url(self) -> str:
         if self.storage:
             return storage_url(self.storage, must_exist=False)
+        return self._own_storage_url
+
+    @property
+    def _own_storage_url(self) -> str:
         return f"sqlite:///{Path(self.output).resolve() / 'study.db'}"
+
+    @property
+    def owner(self) -> dict[str, str | None]:
+        """Whose trial runs the output folder holds: the study, and its storage unless that is the folder's own
+        study.db (so a moved folder stays its study's; a password is not written down)."""
+        url = self.storage_url
+        return {"study": self.study, "storage": None if url == self._own_storage_url else hide_password(url)}
 
     def definition(self, space: SearchSpace) -> dict[str, Any]:
         """What a study is (stored in it): joining workers and resumed searches must agree on all of it."""
@@ -341,6 +354,7 @@ def _same_point(trial: optuna.Trial, params: Mapping[str, Any]) -> FrozenTrial |
 def create_study(config: SearchConfig) -> tuple[optuna.Study, SearchSpace]:
     """Create the study, or join the existing one after checking it is the same search."""
     config.check()
+    check_output(config)
     space = load_space(config.space, config.model)
     if config.storage is None:
         Path(config.output).mkdir(parents=True, exist_ok=True)
@@ -375,7 +389,24 @@ def create_study(config: SearchConfig) -> tuple[optuna.Study, SearchSpace]:
                 f"study '{config.study}' is a different search: its {k} is {theirs.get(k)!r}, "
                 f"this command gives {mine[k]!r}; use the same settings or another --study"
             )
+    Path(config.output).mkdir(parents=True, exist_ok=True)
+    (Path(config.output) / OWNER_FILE).write_text(json.dumps(config.owner, indent=2) + "\n")
     return study, space
+
+
+def check_output(config: SearchConfig) -> None:
+    """Refuse an output folder that holds another study's trial runs (another name, or the same name in another
+    storage): trial numbers restart in each study, so its trials would find their folders taken."""
+    path = Path(config.output) / OWNER_FILE
+    if not path.is_file():
+        return
+    theirs = json.loads(path.read_text())
+    if theirs != config.owner:
+        where = theirs.get("storage") or f"{Path(config.output) / 'study.db'}"
+        raise PeftlabError(
+            f"'{config.output}' holds the runs of study '{theirs.get('study')}' in {where}; give study "
+            f"'{config.study}' in {hide_password(config.storage_url)} its own --output"
+        )
 
 
 def _with_defaults(train: dict[str, Any]) -> dict[str, Any]:
@@ -489,6 +520,21 @@ def run_search(
                 "study: run the same command again to resume"
             )
     return optuna.load_study(study_name=config.study, storage=open_storage(config.storage_url))
+
+
+def none_completed(study: optuna.Study) -> str | None:
+    """Why a search found nothing, in one line (its first finished trial's status and message); None when a trial
+    completed."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    if not trials or any(t.state == TrialState.COMPLETE for t in trials):
+        return None
+    t = trials[0]
+    reason = f"trial {t.number}: {_status(t) or t.state.name.lower()}"
+    if "message" in t.user_attrs:
+        reason += f" ({' '.join(str(t.user_attrs['message']).split())})"
+    elif "stored_percent" in t.user_attrs:
+        reason += f", stored {t.user_attrs['stored_percent']:.3f}%"
+    return reason
 
 
 def print_trial(t: FrozenTrial) -> None:
