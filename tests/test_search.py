@@ -18,7 +18,8 @@ from postgres import postgres_url  # noqa: F401  (fixture: a real throw-away Pos
 from peftlab import results
 from peftlab.cli import main
 from peftlab.errors import PeftlabError
-from peftlab.search import SearchConfig, counted, create_study, load_study, run_search, to_params, to_vector
+from peftlab.params import distributions, suggest, to_params, to_vector
+from peftlab.search import SearchConfig, counted, create_study, load_study, make_sampler, run_search
 
 DATA = Path(os.environ.get("PEFTLAB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 pytestmark = pytest.mark.skipif(not (DATA / "glue" / "SST-2").is_dir(), reason=f"no GLUE data under {DATA}")
@@ -421,7 +422,6 @@ def test_local_workers_share_an_sqlite_study(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["random", "tpe", "nsga2", "gp"])
 def test_every_optuna_sampler_searches_the_real_space_encoding(name: str) -> None:
-    from peftlab.search import distributions, make_sampler, suggest
     from peftlab.space import load_space
 
     space = load_space("autopeft", "shape:bert-base")
