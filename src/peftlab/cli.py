@@ -469,14 +469,15 @@ def _add_study_args(p: argparse.ArgumentParser, study: str, output: str) -> None
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning lab.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_methods_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab methods`: the presets."""
     p = sub.add_parser("methods", help="list the method presets, one line each")
     p.add_argument("--json", action="store_true", help="print a JSON object instead")
     p.set_defaults(fn=cmd_methods)
 
+
+def _add_show_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab show`: a method's parameter counts on a model."""
     p = sub.add_parser("show", help="count trainable / stored / changed parameters of a method on a model")
     p.add_argument("--model", required=True, help="shape:<name>, minilm, smollm2-135m, a local folder or hub id")
     _add_spec_args(p)
@@ -489,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-spec", action="store_true", help="also print the spec")
     p.set_defaults(fn=cmd_show)
 
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab train`: one fine-tuning run."""
     p = sub.add_parser("train", help="fine-tune a method or spec on a task; saves the adapter and a JSON record")
     _add_model_task(p)
     _add_spec_args(p)
@@ -496,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(fn=cmd_train)
 
+
+def _add_search_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab search`: the multi-objective search."""
     p = sub.add_parser(
         "search",
         help="multi-objective search (dev score vs stored parameters) over a space; "
@@ -530,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(fn=cmd_search)
 
+
+def _add_refine_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab refine`: S4's progressive refinement."""
     p = sub.add_parser(
         "refine",
         help="S4 progressive greedy refinement of a design space (one stage per "
@@ -543,6 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(fn=cmd_refine)
 
+
+def _add_pareto_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab pareto`: a search's results."""
     p = sub.add_parser("pareto", help="a search's results: show, export, plot, spec of a trial, retrain")
     p.add_argument("action", choices=["show", "export", "plot", "spec", "retrain"])
     p.add_argument("--storage", required=True, help="database URL or SQLite file of the study")
@@ -562,12 +575,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="export: skip the PNG plots")
     p.set_defaults(fn=cmd_pareto)
 
+
+def _add_dashboard_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab dashboard`: optuna-dashboard on a storage."""
     p = sub.add_parser("dashboard", help="serve a study storage in optuna-dashboard (needs peftlab[dashboard])")
     p.add_argument("--storage", required=True, help="database URL or SQLite file")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(fn=cmd_dashboard)
 
+
+def _add_space_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab space`: a search space's dimensions."""
     p = sub.add_parser("space", help="show a search space: its dimensions and its size")
     p.add_argument(
         "--space",
@@ -582,12 +601,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON object (size, dimensions, definition)")
     p.set_defaults(fn=cmd_space)
 
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab eval`: a saved adapter on a test split."""
     p = sub.add_parser("eval", help="evaluate a saved adapter on a task's test split (the official dev set)")
     _add_model_task(p)
     p.add_argument("--adapter", required=True, help="a folder written by `peftlab train` (its adapter/ folder)")
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(fn=cmd_eval)
 
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab bench`: efficiency measurements."""
     p = sub.add_parser(
         "bench",
         help="parameters, peak memory and train / inference throughput of methods, each measured in a fresh process",
@@ -628,6 +653,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast (weights stay fp32)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning lab.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_methods_parser(sub)
+    _add_show_parser(sub)
+    _add_train_parser(sub)
+    _add_search_parser(sub)
+    _add_refine_parser(sub)
+    _add_pareto_parser(sub)
+    _add_dashboard_parser(sub)
+    _add_space_parser(sub)
+    _add_eval_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 
