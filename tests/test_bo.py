@@ -22,7 +22,7 @@ import pytest
 import torch
 
 import peftlab
-from peftlab import search
+from peftlab import params
 from peftlab.pareto import hypervolume
 from peftlab.space import Backbone, load_space
 
@@ -77,7 +77,7 @@ class Problem:
         return 80.0 + 10.0 * (1.0 - math.exp(-3.0 * layers * modules))
 
     def suggest(self, trial: optuna.Trial) -> list[int]:
-        return search.to_vector(self.space, search.suggest(trial, search.distributions(self.space)))
+        return params.to_vector(self.space, params.suggest(trial, params.distributions(self.space)))
 
     def objective(self, trial: optuna.Trial) -> tuple[float, float]:
         v = self.suggest(trial)
@@ -203,7 +203,7 @@ def test_queue_pending_and_refresh(problem, monkeypatch):
     assert got == batch and len(calls) == 1  # one step, its batch handed out in order
     n, blocked, pending = calls[0]
     assert n == 3 and pending == [tuple(running)]  # the other worker's trial is pending...
-    evaluated = {tuple(search.to_vector(problem.space, t.params)) for t in study.trials[:3]}
+    evaluated = {tuple(params.to_vector(problem.space, t.params)) for t in study.trials[:3]}
     assert {sampler.key(v) for v in evaluated | {tuple(running)}} <= blocked  # ...and never suggested
     study.tell(trials[0], (problem.score(list(got[0])), problem.cost(list(got[0]))))
     problem.suggest(study.ask())
@@ -218,7 +218,7 @@ def test_infer_relative_search_space_checks_the_study(problem):
 
     sampler = AutoPEFTSampler(space=problem.space, seed=0)
     study = _random_study(problem, 2)
-    assert sampler.infer_relative_search_space(study, study.trials[0]) == search.distributions(problem.space)
+    assert sampler.infer_relative_search_space(study, study.trials[0]) == params.distributions(problem.space)
     other = optuna.create_study(directions=["maximize", "minimize"])
     other.optimize(lambda t: (t.suggest_int("layer_0", 0, 5), 1.0), n_trials=1)
     with pytest.raises(PeftlabError, match="another space"):
@@ -253,7 +253,7 @@ def test_batch_without_cost_three_objectives_no_repeats_running_pending(problem,
     study.sampler = sampler
     got = [tuple(problem.suggest(study.ask())) for _ in range(3)]
     keys = [sampler.key(v) for v in got]
-    tried = {sampler.key(search.to_vector(problem.space, t.params)) for t in study.trials[:6]}
+    tried = {sampler.key(params.to_vector(problem.space, t.params)) for t in study.trials[:6]}
     assert len(set(keys)) == 3 and not set(keys) & (tried | {sampler.key(running)})
     assert sampler.last_step["pending"] == [tuple(running)] and sampler.last_step["chosen"] == got
     assert len(sampler.last_step["ref_point"]) == 3
@@ -271,7 +271,7 @@ def test_same_seed_same_suggestions_and_failed_fit_falls_back(problem, monkeypat
         sampler = AutoPEFTSampler(
             space=problem.space, cost=problem.cost, n_startup_trials=5, batch_size=2, seed=7, **FAST
         )
-        sampler.sample_relative(study, study.ask(), search.distributions(problem.space))
+        sampler.sample_relative(study, study.ask(), params.distributions(problem.space))
         batches.append(sampler.last_step["chosen"])
     assert batches[0] == batches[1]
 
@@ -291,10 +291,10 @@ def test_s4_design_space_with_budget(problem):
     from peftlab.bo import AutoPEFTSampler
 
     s4 = load_space("s4", problem.backbone)
-    dists = search.distributions(s4)
+    dists = params.distributions(s4)
 
     def point(trial):
-        return search.to_vector(s4, {k: trial.suggest_categorical(k, d.choices) for k, d in dists.items()})
+        return params.to_vector(s4, {k: trial.suggest_categorical(k, d.choices) for k, d in dists.items()})
 
     def cost(v):  # strategies placed, counted over the tuned groups
         c = s4.choice(v)
@@ -318,7 +318,7 @@ def test_s4_design_space_with_budget(problem):
     )
     for t, v in zip(trials, got, strict=True):
         study.tell(t, values(v))
-    tried = [search.to_vector(s4, t.params) for t in study.trials[:5]]
+    tried = [params.to_vector(s4, t.params) for t in study.trials[:5]]
     assert got[0] != got[1] and not any(v in tried for v in got)
     assert all(cost(v) <= 4.0 for v in got)
 

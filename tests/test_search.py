@@ -18,7 +18,8 @@ from postgres import postgres_url  # noqa: F401  (fixture: a real throw-away Pos
 from peftlab import results
 from peftlab.cli import main
 from peftlab.errors import PeftlabError
-from peftlab.search import SearchConfig, counted, create_study, load_study, run_search, to_params, to_vector
+from peftlab.params import distributions, suggest, to_params, to_vector
+from peftlab.search import SearchConfig, counted, create_study, load_study, make_sampler, run_search
 
 DATA = Path(os.environ.get("PEFTLAB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 pytestmark = pytest.mark.skipif(not (DATA / "glue" / "SST-2").is_dir(), reason=f"no GLUE data under {DATA}")
@@ -328,6 +329,58 @@ def test_cli_search_pareto_and_retrain(tmp_path: Path, capsys: pytest.CaptureFix
     assert "unknown sampler 'cmaes'" in capsys.readouterr().err
 
 
+QUICK = ["search", *FLAGS, "--sampler", "random", "--trials", "1", "--max-steps", "1"]
+
+
+def _runs(study: optuna.Study) -> dict[str, bytes]:
+    return {t.user_attrs["run"]: (Path(t.user_attrs["run"]) / "record.json").read_bytes() for t in study.trials}
+
+
+def test_default_output_is_the_studys_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two searches without --output in one folder, the second with another --study: both train their trials,
+    each in its own folder, and the first's runs are left as they were."""
+    monkeypatch.chdir(tmp_path)
+    assert main(QUICK) == 0
+    first = load_study("search/study.db", "peftlab")[0]
+    before = _runs(first)
+    assert main([*QUICK, "--study", "other"]) == 0
+    second = load_study("search-other/study.db", "other")[0]
+    assert [t.state for t in second.trials] == [optuna.trial.TrialState.COMPLETE]
+    assert _runs(load_study("search/study.db", "peftlab")[0]) == before
+    assert not set(_runs(second)) & set(before)
+    assert (tmp_path / "search-other" / "results").is_dir()
+
+
+def test_a_folder_holding_another_studys_runs_is_refused_before_any_trial(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = ["--output", str(tmp_path / "s")]
+    assert main([*QUICK, *out]) == 0
+    before = _runs(load_study(str(tmp_path / "s" / "study.db"), "peftlab")[0])
+    capsys.readouterr()
+    other = tmp_path / "other.db"
+    assert main([*QUICK, *out, "--storage", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds the runs of study 'peftlab'" in err[0] and "--output" in err[0], err
+    assert not other.exists()  # refused before the storage was touched
+    assert main([*QUICK, *out, "--study", "another"]) == 2  # the same storage, another study: refused too
+    assert "holds the runs of study 'peftlab'" in capsys.readouterr().err
+    assert _runs(load_study(str(tmp_path / "s" / "study.db"), "peftlab")[0]) == before
+    assert main([*QUICK, *out, "--trials", "2"]) == 0  # the folder's own study resumes in it
+
+
+def test_a_search_whose_trials_all_failed_exits_with_the_first_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cmd = ["search", *FLAGS, "--sampler", "random", "--trials", "2", "--max-steps", "2", "--lr", "1e30"]
+    assert main([*cmd, "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "trial 0" in err[0] and "diverged" in err[0], err
+    assert (tmp_path / "results").is_dir()  # the failed trials' table is still written
+
+
 def test_s4_refinement_fixes_one_dimension_per_stage_and_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -369,7 +422,6 @@ def test_local_workers_share_an_sqlite_study(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["random", "tpe", "nsga2", "gp"])
 def test_every_optuna_sampler_searches_the_real_space_encoding(name: str) -> None:
-    from peftlab.search import distributions, make_sampler, suggest
     from peftlab.space import load_space
 
     space = load_space("autopeft", "shape:bert-base")

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -50,7 +51,7 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from peftlab import search
+from peftlab import params
 from peftlab.errors import PeftlabError
 from peftlab.space import LayerSpace, SearchSpace
 
@@ -139,7 +140,7 @@ class AutoPEFTSampler(BaseSampler):
     """AutoPEFT's multi-objective BO (SAAS-GP + qLogNEHVI + local search) over a search space.
 
     Args:
-        space: the search space; trials' parameters are its dimensions as :func:`peftlab.search.distributions`
+        space: the search space; trials' parameters are its dimensions as :func:`peftlab.params.distributions`
             names them (other parameters the objective asks for are drawn at random).
         cost: the exact value of the 2nd objective at a point (``cost(vector) -> float`` in the study's units,
             e.g. stored parameters as % of the backbone). Given, it is computed rather than learned: no GP
@@ -211,7 +212,7 @@ class AutoPEFTSampler(BaseSampler):
         self.acq_batch = acq_batch
         self.encoder = Encoder(space)
         self._dims = space.dimensions()
-        self._distributions = search.distributions(space)
+        self._distributions = params.distributions(space)
         self._random = RandomSampler(seed=seed)
         self._base_seed = seed if seed is not None else int(np.random.SeedSequence().entropy % 2**31)
         self._queue: list[tuple[int, ...]] = []
@@ -284,7 +285,7 @@ class AutoPEFTSampler(BaseSampler):
             while self._queue:
                 v = self._queue.pop(0)
                 if self.key(v) not in blocked:
-                    return search.to_params(self.space, list(v))
+                    return params.to_params(self.space, list(v))
         try:
             batch = self._step(directions, completed, blocked, pending)
         except PeftlabError:
@@ -299,7 +300,7 @@ class AutoPEFTSampler(BaseSampler):
             warnings.warn("the autopeft sampler found no untried point: drawing one at random", stacklevel=3)
             return {}
         self._queue, self._queue_key = batch[1:], key
-        return search.to_params(self.space, list(batch[0]))
+        return params.to_params(self.space, list(batch[0]))
 
     def _observations(self, study: Study, trial: FrozenTrial):
         """(completed trials with their points, every point tried or running, the running points)."""
@@ -307,7 +308,7 @@ class AutoPEFTSampler(BaseSampler):
         for t in study.get_trials(deepcopy=False):
             if t.number == trial.number or any(n not in t.params for n in self._distributions):
                 continue
-            v = tuple(search.to_vector(self.space, t.params))
+            v = tuple(params.to_vector(self.space, t.params))
             if t.state == TrialState.COMPLETE:
                 if t.values is not None and all(math.isfinite(x) for x in t.values):
                     completed.append((t, v))
@@ -342,8 +343,6 @@ class AutoPEFTSampler(BaseSampler):
         return int(np.random.SeedSequence([self._base_seed, *parts]).generate_state(1)[0] % 2**31)
 
     def _step(self, directions, completed, blocked, pending) -> list[tuple[int, ...]]:
-        import time
-
         t0 = time.perf_counter()
         n = len(completed)
         signs = torch.tensor([1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in directions], dtype=_DTYPE)

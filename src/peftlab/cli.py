@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -125,7 +126,8 @@ def _train_settings(args: argparse.Namespace) -> dict:
 
 def cmd_search(args: argparse.Namespace) -> None:
     from peftlab.results import export, front_table, summary
-    from peftlab.search import SearchConfig, print_trial, run_search
+    from peftlab.search import SearchConfig, none_completed, print_trial, run_search
+    from peftlab.storage import hide_password
 
     config = SearchConfig(
         model=args.model,
@@ -135,7 +137,7 @@ def cmd_search(args: argparse.Namespace) -> None:
         trials=args.trials,
         study=args.study,
         storage=args.storage,
-        output=args.output,
+        output=_output(args),
         objectives=tuple(args.objectives.split(",")),
         budget=args.budget,
         ref_point=_pair(args.ref_point, "--ref-point") if args.ref_point else None,
@@ -146,12 +148,25 @@ def cmd_search(args: argparse.Namespace) -> None:
         train=_train_settings(args),
     )
     study = run_search(config, workers=args.workers, on_trial=print_trial)
-    paths = export(study, Path(args.output) / "results", plots=not args.no_plots)
+    paths = export(study, Path(config.output) / "results", plots=not args.no_plots)
     s = summary(study)
-    print(f"study '{study.study_name}' in {config.storage_url}: {s['trials']} trials {s['statuses']}")
+    print(f"study '{study.study_name}' in {hide_password(config.storage_url)}: {s['trials']} trials {s['statuses']}")
     print(f"hypervolume {s['hypervolume']:.5f} (reference point {s['ref_point']})")
     print(front_table(study))
     print(f"results: {', '.join(str(p) for p in paths)}")
+    failed = none_completed(study)
+    if failed:
+        raise PeftlabError(f"no trial of study '{study.study_name}' completed; the first: {failed}")
+
+
+def _output(args: argparse.Namespace) -> str:
+    """``--output``, else ./BASE for the default study and ./BASE-STUDY for another: a folder's trial runs belong to
+    one study (trial numbers restart in each)."""
+    if args.output:
+        return args.output
+    if args.study == args.default_study:
+        return args.output_base
+    return f"{args.output_base}-{re.sub(r'[^A-Za-z0-9._-]+', '_', args.study)}"
 
 
 def _pair(text: str, flag: str) -> tuple[float, float]:
@@ -222,7 +237,7 @@ def cmd_refine(args: argparse.Namespace) -> None:
         space=args.space,
         study=args.study,
         storage=args.storage,
-        output=args.output,
+        output=_output(args),
         seed=args.sampler_seed,
         heartbeat=args.heartbeat,
         train=_train_settings(args),
@@ -240,7 +255,7 @@ def cmd_refine(args: argparse.Namespace) -> None:
     print("design: " + ", ".join(f"{k}={v}" for k, v in result.design.items()))
     if result.spec is not None:
         print(
-            f"stored {result.stored_percent:.3f}%; spec: {Path(args.output) / 'spec.json'} "
+            f"stored {result.stored_percent:.3f}%; spec: {Path(config.output) / 'spec.json'} "
             f"(train it with `peftlab train --spec`)"
         )
 
@@ -441,7 +456,11 @@ def _add_study_args(p: argparse.ArgumentParser, study: str, output: str) -> None
         "--storage",
         help="database URL shared by workers, e.g. postgresql://user@host/db (default: sqlite file OUTPUT/study.db)",
     )
-    p.add_argument("--output", default=output, help=f"folder for trial runs and results (default ./{output})")
+    p.add_argument(
+        "--output",
+        help=f"folder for one study's trial runs and results (default ./{output}; ./{output}-STUDY for other studies)",
+    )
+    p.set_defaults(default_study=study, output_base=output)
     p.add_argument("--sampler-seed", type=int, default=0, help="seed of the points drawn")
     p.add_argument(
         "--heartbeat",
@@ -451,14 +470,15 @@ def _add_study_args(p: argparse.ArgumentParser, study: str, output: str) -> None
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning lab.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_methods_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab methods`: the presets."""
     p = sub.add_parser("methods", help="list the method presets, one line each")
     p.add_argument("--json", action="store_true", help="print a JSON object instead")
     p.set_defaults(fn=cmd_methods)
 
+
+def _add_show_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab show`: a method's parameter counts on a model."""
     p = sub.add_parser("show", help="count trainable / stored / changed parameters of a method on a model")
     p.add_argument("--model", required=True, help=MODEL_NAMES)
     _add_spec_args(p)
@@ -471,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-spec", action="store_true", help="also print the spec")
     p.set_defaults(fn=cmd_show)
 
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab train`: one fine-tuning run."""
     p = sub.add_parser("train", help="fine-tune a method or spec on a task; saves the adapter and a JSON record")
     _add_model_task(p)
     _add_spec_args(p)
@@ -478,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(fn=cmd_train)
 
+
+def _add_search_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab search`: the multi-objective search."""
     p = sub.add_parser(
         "search",
         help="multi-objective search (dev score vs stored parameters) over a space; "
@@ -512,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(fn=cmd_search)
 
+
+def _add_refine_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab refine`: S4's progressive refinement."""
     p = sub.add_parser(
         "refine",
         help="S4 progressive greedy refinement of a design space (one stage per "
@@ -525,6 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(p)
     p.set_defaults(fn=cmd_refine)
 
+
+def _add_pareto_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab pareto`: a search's results."""
     p = sub.add_parser("pareto", help="a search's results: show, export, plot, spec of a trial, retrain")
     p.add_argument("action", choices=["show", "export", "plot", "spec", "retrain"])
     p.add_argument("--storage", required=True, help="database URL or SQLite file of the study")
@@ -544,12 +576,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="export: skip the PNG plots")
     p.set_defaults(fn=cmd_pareto)
 
+
+def _add_dashboard_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab dashboard`: optuna-dashboard on a storage."""
     p = sub.add_parser("dashboard", help="serve a study storage in optuna-dashboard (needs peftlab[dashboard])")
     p.add_argument("--storage", required=True, help="database URL or SQLite file")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.set_defaults(fn=cmd_dashboard)
 
+
+def _add_space_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab space`: a search space's dimensions."""
     p = sub.add_parser("space", help="show a search space: its dimensions and its size")
     p.add_argument(
         "--space",
@@ -563,12 +601,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print a JSON object (size, dimensions, definition)")
     p.set_defaults(fn=cmd_space)
 
+
+def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab eval`: a saved adapter on a test split."""
     p = sub.add_parser("eval", help="evaluate a saved adapter on a task's test split (the official dev set)")
     _add_model_task(p)
     p.add_argument("--adapter", required=True, help="a folder written by `peftlab train` (its adapter/ folder)")
     p.add_argument("--batch-size", type=int, default=64)
     p.set_defaults(fn=cmd_eval)
 
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab bench`: efficiency measurements."""
     p = sub.add_parser(
         "bench",
         help="parameters, peak memory and train / inference throughput of methods, each measured in a fresh process",
@@ -609,6 +653,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast (weights stay fp32)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning lab.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_methods_parser(sub)
+    _add_show_parser(sub)
+    _add_train_parser(sub)
+    _add_search_parser(sub)
+    _add_refine_parser(sub)
+    _add_pareto_parser(sub)
+    _add_dashboard_parser(sub)
+    _add_space_parser(sub)
+    _add_eval_parser(sub)
+    _add_bench_parser(sub)
     return parser
 
 

@@ -1,8 +1,6 @@
 """Multi-objective configuration search on Optuna: a study's trials are points of a search space.
 
-A trial's parameters are the space's dimensions by name: an insertion bit or a size on a log scale is an
-integer *index* (``IntDistribution(0, n - 1)``), an S4 choice (a grouping, a set of strategies) is its
-label (``CategoricalDistribution``) so that the Optuna dashboard shows what was chosen.
+A trial's parameters are the space's dimensions by name, as :mod:`peftlab.params` translates them.
 
 A trial decodes its point into a spec, counts the spec's stored parameters exactly (meta device,
 milliseconds), and, unless that breaks the parameter budget, trains it with :func:`peftlab.train.train` at
@@ -23,22 +21,26 @@ import multiprocessing as mp
 import os
 import time
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import optuna
 import torch
-from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from peftlab.errors import PeftlabError
-from peftlab.space import SearchSpace, load_space
-from peftlab.spec import Spec, SpecError
-from peftlab.storage import open_storage, storage_url
+from peftlab.params import distributions, suggest, to_vector
+from peftlab.params import to_params as to_params  # re-exported: peftlab.refine imports it from here
+from peftlab.space import Backbone, SearchSpace, load_space
+from peftlab.spec import SpecError
+from peftlab.storage import hide_password, open_storage, storage_url
+from peftlab.tasks import get_task
+from peftlab.train import RUN_FIELDS, TrainConfig, train
+from peftlab.zoo import load_model
 
 #: Objectives a search can have and their directions; ``score`` and ``stored`` are always the first two.
 OBJECTIVES = {"score": "maximize", "stored": "minimize", "memory": "minimize", "latency": "minimize"}
@@ -46,86 +48,22 @@ SAMPLERS = ("random", "tpe", "nsga2", "gp", "autopeft")
 #: Trial statuses that count as finished (a killed worker's trial has none and is retried).
 FINISHED = ("completed", "early-stopped", "over-budget", "diverged", "error")
 _SEARCH_ATTR = "peftlab_search"
-
-
-def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:
-    """The Optuna distribution of every dimension of ``space``."""
-    out: dict[str, BaseDistribution] = {}
-    for d in space.dimensions():
-        if d.type == "categorical":
-            out[d.name] = CategoricalDistribution(d.labels())
-        else:
-            out[d.name] = IntDistribution(0, len(d.choices) - 1)
-    return out
-
-
-def suggest(trial: optuna.Trial, dists: Mapping[str, BaseDistribution]) -> dict[str, Any]:
-    """A trial's parameters, asked of its sampler one dimension at a time."""
-    params: dict[str, Any] = {}
-    for name, d in dists.items():
-        if isinstance(d, CategoricalDistribution):
-            params[name] = trial.suggest_categorical(name, list(d.choices))
-        else:
-            params[name] = trial.suggest_int(name, d.low, d.high)
-    return params
-
-
-def to_vector(space: SearchSpace, params: Mapping[str, Any]) -> list[int]:
-    """The point (choice indices) of a trial's parameters."""
-    vector = []
-    for d in space.dimensions():
-        if d.name not in params:
-            raise SpecError(f"the trial has no parameter '{d.name}': it was not made in this space")
-        value = params[d.name]
-        vector.append(d.labels().index(value) if d.type == "categorical" else int(value))
-    return vector
-
-
-def to_params(space: SearchSpace, vector: Sequence[int] | Sequence[float]) -> dict[str, Any]:
-    """A trial's parameters from a point (the inverse of :func:`to_vector`)."""
-    params: dict[str, Any] = {}
-    for d, k in zip(space.dimensions(), vector, strict=True):
-        params[d.name] = d.labels()[int(k)] if d.type == "categorical" else int(k)
-    return params
+#: The file in a search's output folder that names the study (and storage) its trial runs belong to.
+OWNER_FILE = "study.json"
 
 
 # -- cost ---------------------------------------------------------------------------------------------------
-class CostModel:
-    """Exact parameter counts of specs on the model built on the meta device (a few ms per spec, cached)."""
+class CostModel(Backbone):
+    """The search's costs (:class:`~peftlab.space.Backbone` counts them): the search's model on the meta device,
+    with its task's head, whose parameters every trial stores."""
 
     def __init__(self, model: str, num_labels: int = 2) -> None:
-        from peftlab.peft_model import apply
-        from peftlab.zoo import load_model
-
-        self._pm = apply(load_model(model, num_labels=num_labels, meta=True), Spec())
-        self._cache: dict[str, dict[str, float]] = {}
-
-    def percents(self, spec: Spec) -> dict[str, float]:
-        """``{"trainable": %, "stored": %}`` of the backbone's parameters."""
-        key = spec.to_json()
-        if key not in self._cache:
-            name = f"cost{len(self._cache)}"
-            self._pm.add_adapter(name, spec)
-            try:
-                counts = self._pm.counts(name)
-            finally:
-                self._pm.delete_adapter(name)
-            total = counts.backbone_params
-            self._cache[key] = {
-                "trainable": 100 * counts.total.trainable / total,
-                "stored": 100 * counts.total.stored / total,
-            }
-        return self._cache[key]
-
-    def stored(self, spec: Spec) -> float:
-        return self.percents(spec)["stored"]
+        super().__init__(load_model(model, num_labels=num_labels, meta=True))
 
     @classmethod
     def for_search(cls, config: SearchConfig) -> CostModel:
         """Counts on the search's model with its task's head (one output for regression tasks; user data
         files, whose labels are read only when training, are counted with two)."""
-        from peftlab.tasks import get_task
-
         return cls(config.model, num_labels=2 if config.train.get("train_file") else get_task(config.task).num_labels)
 
 
@@ -153,8 +91,6 @@ class SearchConfig:
     train: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
-        from peftlab.train import RUN_FIELDS, TrainConfig
-
         if self.sampler not in (*SAMPLERS, "s4-refine"):  # s4-refine: set by peftlab.refine, not a sampler
             raise PeftlabError(f"unknown sampler '{self.sampler}'; samplers: {', '.join(SAMPLERS)}")
         if (
@@ -185,7 +121,18 @@ class SearchConfig:
     def storage_url(self) -> str:
         if self.storage:
             return storage_url(self.storage, must_exist=False)
+        return self._own_storage_url
+
+    @property
+    def _own_storage_url(self) -> str:
         return f"sqlite:///{Path(self.output).resolve() / 'study.db'}"
+
+    @property
+    def owner(self) -> dict[str, str | None]:
+        """Whose trial runs the output folder holds: the study, and its storage unless that is the folder's own
+        study.db (so a moved folder stays its study's; a password is not written down)."""
+        url = self.storage_url
+        return {"study": self.study, "storage": None if url == self._own_storage_url else hide_password(url)}
 
     def definition(self, space: SearchSpace) -> dict[str, Any]:
         """What a study is (stored in it): joining workers and resumed searches must agree on all of it."""
@@ -284,8 +231,6 @@ class Objective:
             raise
 
     def _run(self, trial: optuna.Trial, params: dict[str, Any]) -> list[float]:
-        from peftlab.train import TrainConfig, train
-
         spec = self.space.decode(to_vector(self.space, params))
         pct = self.cost.percents(spec)
         trial.set_user_attr("spec", spec.to_dict())
@@ -341,6 +286,7 @@ def _same_point(trial: optuna.Trial, params: Mapping[str, Any]) -> FrozenTrial |
 def create_study(config: SearchConfig) -> tuple[optuna.Study, SearchSpace]:
     """Create the study, or join the existing one after checking it is the same search."""
     config.check()
+    check_output(config)
     space = load_space(config.space, config.model)
     if config.storage is None:
         Path(config.output).mkdir(parents=True, exist_ok=True)
@@ -375,13 +321,28 @@ def create_study(config: SearchConfig) -> tuple[optuna.Study, SearchSpace]:
                 f"study '{config.study}' is a different search: its {k} is {theirs.get(k)!r}, "
                 f"this command gives {mine[k]!r}; use the same settings or another --study"
             )
+    Path(config.output).mkdir(parents=True, exist_ok=True)
+    (Path(config.output) / OWNER_FILE).write_text(json.dumps(config.owner, indent=2) + "\n")
     return study, space
+
+
+def check_output(config: SearchConfig) -> None:
+    """Refuse an output folder that holds another study's trial runs (another name, or the same name in another
+    storage): trial numbers restart in each study, so its trials would find their folders taken."""
+    path = Path(config.output) / OWNER_FILE
+    if not path.is_file():
+        return
+    theirs = json.loads(path.read_text())
+    if theirs != config.owner:
+        where = theirs.get("storage") or f"{Path(config.output) / 'study.db'}"
+        raise PeftlabError(
+            f"'{config.output}' holds the runs of study '{theirs.get('study')}' in {where}; give study "
+            f"'{config.study}' in {hide_password(config.storage_url)} its own --output"
+        )
 
 
 def _with_defaults(train: dict[str, Any]) -> dict[str, Any]:
     """Training settings with every omitted TrainConfig field at its default."""
-    from peftlab.train import RUN_FIELDS, TrainConfig
-
     defaults = {f.name: f.default for f in fields(TrainConfig) if f.default is not MISSING}
     return {k: v for k, v in defaults.items() if k not in RUN_FIELDS} | train
 
@@ -489,6 +450,21 @@ def run_search(
                 "study: run the same command again to resume"
             )
     return optuna.load_study(study_name=config.study, storage=open_storage(config.storage_url))
+
+
+def none_completed(study: optuna.Study) -> str | None:
+    """Why a search found nothing, in one line (its first finished trial's status and message); None when a trial
+    completed."""
+    trials = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    if not trials or any(t.state == TrialState.COMPLETE for t in trials):
+        return None
+    t = trials[0]
+    reason = f"trial {t.number}: {_status(t) or t.state.name.lower()}"
+    if "message" in t.user_attrs:
+        reason += f" ({' '.join(str(t.user_attrs['message']).split())})"
+    elif "stored_percent" in t.user_attrs:
+        reason += f", stored {t.user_attrs['stored_percent']:.3f}%"
+    return reason
 
 
 def print_trial(t: FrozenTrial) -> None:

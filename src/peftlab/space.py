@@ -63,6 +63,7 @@ values, every other dimension left as it is (random when sampled). The greedy st
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -79,6 +80,7 @@ from peftlab.anatomy import SITE_ROLES, anatomy_for, find_blocks, find_head
 from peftlab.errors import PeftlabError, SpecError
 from peftlab.hooks import HookRegistry
 from peftlab.modules import KINDS, BuildContext, Dims, Settings
+from peftlab.peft_model import PeftModel, apply
 from peftlab.spec import Spec
 
 GROUPINGS = ("increasing", "uniform", "decreasing", "spindle", "bottleneck")
@@ -230,8 +232,9 @@ S4_STRATEGIES = ("adapter", "prefix", "bitfit", "lora")
 
 
 class Backbone:
-    """What a space needs from a model: its depth, its size, and the exact cost of any module at any layer
-    (the module is built on the meta device and counted, never attached)."""
+    """What a space (and a search) needs from a model: its depth, its size, and the exact cost of any module at
+    any layer (built on the meta device and counted, never attached) and of any spec (attached to the meta model,
+    counted, removed). The one owner of costs: the spaces size their points with it, the search counts its trials."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -242,6 +245,7 @@ class Backbone:
         head_ids = {id(p) for p in head[1].parameters()} if head else set()
         self.params = sum(p.numel() for p in model.parameters() if id(p) not in head_ids)
         self._costs: dict[tuple[str, str, str], int] = {}
+        self._percents: dict[str, dict[str, float]] = {}
 
     @classmethod
     def of(cls, model: str | nn.Module | Backbone) -> Backbone:
@@ -290,6 +294,30 @@ class Backbone:
     def strategy_cost(self, layer: int, strategy: Strategy, size: int | None) -> int:
         settings = strategy.make(size)
         return sum(self.cost(layer, site, settings) for site in strategy.sites)
+
+    @functools.cached_property
+    def _peft(self) -> PeftModel:
+        return apply(self.model, Spec())
+
+    def percents(self, spec: Spec) -> dict[str, float]:
+        """``{"trainable": %, "stored": %}`` of a whole spec (head included) as % of the backbone's parameters."""
+        key = spec.to_json()
+        if key not in self._percents:
+            name = f"cost{len(self._percents)}"
+            self._peft.add_adapter(name, spec)
+            try:
+                counts = self._peft.counts(name)
+            finally:
+                self._peft.delete_adapter(name)
+            total = counts.backbone_params
+            self._percents[key] = {
+                "trainable": 100 * counts.total.trainable / total,
+                "stored": 100 * counts.total.stored / total,
+            }
+        return self._percents[key]
+
+    def stored(self, spec: Spec) -> float:
+        return self.percents(spec)["stored"]
 
 
 @dataclass(frozen=True)
