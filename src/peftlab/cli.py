@@ -14,12 +14,26 @@ import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
-from peftlab import methods
+from transformers.utils import logging as hf_logging
+
+from peftlab import methods, results
+from peftlab.bench import BenchConfig, markdown, run
+from peftlab.dashboard import serve
 from peftlab.errors import AdapterLoadError, PeftlabError
+from peftlab.loading import load
+from peftlab.peft_model import apply
+from peftlab.refine import refine
+from peftlab.results import export, front_table, summary
+from peftlab.search import SearchConfig, load_study, none_completed, print_trial, run_search
+from peftlab.space import load_space
 from peftlab.spec import Spec
-from peftlab.zoo import HEADS, MODEL_NAMES
+from peftlab.storage import hide_password
+from peftlab.tasks import get_task, make_splits
+from peftlab.train import RUN_FIELDS, TrainConfig, default_device, evaluate, load_for_task, task_encoder, train
+from peftlab.zoo import HEADS, MODEL_NAMES, load_model
 
 
 def _kwargs(pairs: Sequence[str]) -> dict:
@@ -59,8 +73,6 @@ def cmd_methods(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-    from peftlab.peft_model import apply
-    from peftlab.zoo import load_model
 
     spec = spec_from_args(args)
     model = load_model(args.model, head=args.head, meta=True)
@@ -79,7 +91,6 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 
 def _train_config(args: argparse.Namespace, output: str | None):
-    from peftlab.train import TrainConfig
 
     return TrainConfig(
         model=args.model,
@@ -116,18 +127,12 @@ def _train_config(args: argparse.Namespace, output: str | None):
 
 def _train_settings(args: argparse.Namespace) -> dict:
     """The TrainConfig fields of the training flags (what a search stores as its trials' fidelity)."""
-    from dataclasses import asdict
-
-    from peftlab.train import RUN_FIELDS
 
     config = asdict(_train_config(args, None))
     return {k: v for k, v in config.items() if k not in RUN_FIELDS}
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from peftlab.results import export, front_table, summary
-    from peftlab.search import SearchConfig, none_completed, print_trial, run_search
-    from peftlab.storage import hide_password
 
     config = SearchConfig(
         model=args.model,
@@ -178,13 +183,11 @@ def _pair(text: str, flag: str) -> tuple[float, float]:
 
 
 def _studies(args: argparse.Namespace) -> list:
-    from peftlab.search import load_study
 
     return [load_study(args.storage, name)[0] for name in args.study]
 
 
 def cmd_pareto(args: argparse.Namespace) -> None:
-    from peftlab import results
 
     needs_output = args.action in ("export", "plot", "retrain")
     if needs_output and not args.output:
@@ -228,8 +231,6 @@ def cmd_pareto(args: argparse.Namespace) -> None:
 
 
 def cmd_refine(args: argparse.Namespace) -> None:
-    from peftlab.refine import refine
-    from peftlab.search import SearchConfig, print_trial
 
     config = SearchConfig(
         model=args.model,
@@ -261,7 +262,6 @@ def cmd_refine(args: argparse.Namespace) -> None:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
-    from peftlab.dashboard import serve
 
     serve(args.storage, host=args.host, port=args.port)
 
@@ -283,7 +283,6 @@ def _log_to_stderr(name: str) -> Iterator[None]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from peftlab.train import train
 
     spec = spec_from_args(args)
     with _log_to_stderr("peftlab.train"):  # one line per evaluation, with or without the progress bar
@@ -301,10 +300,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-
-    from peftlab.loading import load
-    from peftlab.tasks import get_task, make_splits
-    from peftlab.train import default_device, evaluate, load_for_task, task_encoder
 
     if args.batch_size < 1:
         raise PeftlabError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -327,7 +322,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def _trained_task(adapter: Path) -> str | None:
     """The task in the run record beside an adapter folder written by ``peftlab train`` (None if there is none)."""
-    from peftlab.tasks import get_task
 
     try:
         name = json.loads((adapter.parent / "record.json").read_text())["config"]["task"]
@@ -337,7 +331,6 @@ def _trained_task(adapter: Path) -> str | None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from peftlab.bench import BenchConfig, markdown, run
 
     config = BenchConfig(
         model=args.model,
@@ -362,7 +355,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_space(args: argparse.Namespace) -> None:
-    from peftlab.space import load_space
 
     space = load_space(args.space, args.model)
     dims = space.dimensions()
@@ -675,8 +667,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not os.environ.get("TRANSFORMERS_VERBOSITY"):
-        from transformers.utils import logging as hf_logging
-
         hf_logging.set_verbosity_error()  # library chatter would bury the answer
     try:
         args.fn(args)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+
+from torch import nn
 
 from peftlab.anatomy import LINEAR_SITES
 from peftlab.errors import SpecError
@@ -17,12 +18,8 @@ from peftlab.modules.bottleneck import AdaMixSettings, AdapterSettings, Compacte
 from peftlab.modules.linear import IA3Settings, KronaSettings, LoraSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
 from peftlab.modules.selective import BitFitSettings, LNSettings
+from peftlab.space import S4_CHOICE, Backbone, design_spec
 from peftlab.spec import Spec
-
-if TYPE_CHECKING:
-    from torch import nn
-
-    from peftlab.space import Backbone
 
 
 @dataclass(frozen=True)
@@ -226,7 +223,6 @@ def s4(num_layers: int, model: str | nn.Module | Backbone, budget: float = 0.005
     (G3: adapter + prefix, G4: prefix + LoRA); with ``bitfit=True`` such a model is refused, never silently
     changed.
     """
-    from peftlab.space import S4_CHOICE, Backbone, design_spec
 
     backbone = Backbone.of(model)
     if num_layers != backbone.num_layers:
@@ -279,7 +275,6 @@ def for_model(name: str, model: str | nn.Module | Backbone, **kwargs) -> Spec:
     point for callers that know the model (the CLI, ``peftlab bench``)."""
     if name not in MODEL_METHODS:
         return get(name, **kwargs)
-    from peftlab.space import Backbone
 
     backbone = Backbone.of(model)
     try:

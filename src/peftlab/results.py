@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from peftlab.atomic import write_json, write_text, write_with
 from peftlab.errors import PeftlabError
 from peftlab.pareto import hypervolume_history, pareto_indices
 from peftlab.search import definition_of, finished_points, trial_rows
+from peftlab.spec import Spec
+from peftlab.train import RunRecord, TrainConfig, train
 
 
 def ref_point(study: optuna.Study) -> tuple[float, float]:
@@ -190,7 +193,6 @@ def _save(plt, fig, ax, path: str | Path, xlabel: str, ylabel: str) -> Path:
 
 def trial_spec(study: optuna.Study, number: int):
     """The spec a trial trained (for `peftlab train --spec`, e.g. on another task)."""
-    from peftlab.spec import Spec
 
     trials = study.get_trials(deepcopy=False)
     if not 0 <= number < len(trials) or "spec" not in trials[number].user_attrs:
@@ -215,9 +217,6 @@ def retrain(
     """Re-train the Pareto set (or the given trials) at a full budget over several seeds. Each run writes its
     own folder (an existing finished one is reused, never overwritten); returns the Markdown table, also
     written with JSON and CSV as ``retrain.{md,json,csv}`` in ``output``."""
-    import statistics
-
-    from peftlab.train import RunRecord, TrainConfig, train
 
     definition = definition_of(study)
     if numbers:

@@ -186,7 +186,7 @@ def make_sampler(
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     if name == "autopeft":
-        from peftlab.bo import AutoPEFTSampler
+        from peftlab.bo import AutoPEFTSampler  # optional: BoTorch
 
         return AutoPEFTSampler(
             space=space, cost=cost, n_startup_trials=startup, batch_size=batch_size, seed=seed, budget=budget

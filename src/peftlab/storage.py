@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import optuna
 import sqlalchemy.exc
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -79,7 +80,6 @@ def open_existing(url: str) -> RDBStorage:
     Tables are not created (looking must not write) and the schema version is not enforced (optuna-dashboard reads
     older schemas); a connection or driver problem becomes a :class:`PeftlabError` naming the URL without its password.
     """
-    import optuna
     import sqlalchemy
     import sqlalchemy.exc
 

@@ -15,6 +15,7 @@ from peftlab.modules import BuildContext, Dims, Settings
 from peftlab.peft_model import PeftModel, apply
 from peftlab.space.strategies import Strategy
 from peftlab.spec import Spec
+from peftlab.zoo import load_model
 
 
 class Backbone:
@@ -39,8 +40,6 @@ class Backbone:
         if isinstance(model, Backbone):
             return model
         if isinstance(model, str):
-            from peftlab.zoo import load_model
-
             model = load_model(model, meta=True)
         return cls(model)
 
