@@ -183,8 +183,8 @@ def noise(metric: str, base: float, n: int) -> float | None:
 def baseline(task: str, data_dir: Path) -> tuple[float, str, dict[str, float], int]:
     """The best constant prediction on the test labels under the task's main metric: (score, what, all
     metrics, number of test examples)."""
-    from peftlab import metrics
-    from peftlab.tasks import get_task, load_task
+    from peftlab.train import metrics
+    from peftlab.train.tasks import get_task, load_task
 
     info = get_task(task)
     labels = [ex["label"] for ex in load_task(task, "dev", data_dir)]  # the benchmark's test split
@@ -212,7 +212,7 @@ def baseline(task: str, data_dir: Path) -> tuple[float, str, dict[str, float], i
 
 def collect(args: argparse.Namespace, runs: list[Run]) -> list[dict]:
     from peftlab import methods
-    from peftlab.tasks import get_task
+    from peftlab.train.tasks import get_task
 
     base = {t: baseline(t, args.data_dir) for t in dict.fromkeys(r.task for r in runs)}
     rows = []
@@ -303,7 +303,7 @@ def common_settings(rows: list[dict]) -> str:
 
 def settings_table(rows: list[dict], args: argparse.Namespace) -> list[str]:
     """One line per task: steps, epochs, evaluation interval, group-by-length and each method's lr."""
-    from peftlab.tasks import load_task
+    from peftlab.train.tasks import load_task
 
     methods_ = list(dict.fromkeys(r["method"] for r in rows))
     out = [
@@ -378,7 +378,7 @@ def write_report(args: argparse.Namespace, runs: list[Run], history: list[dict])
     done = [r for r in rows if r["status"] != "missing"]
     defaults = {r["method"]: r["default_lr"] for r in rows}
     missing = [f"{r['task']}/{r['method']}" for r in rows if r["status"] == "missing"]
-    from peftlab.tasks import get_task
+    from peftlab.train.tasks import get_task
 
     lines = [
         "# MiniLM on GLUE: seven PEFT methods, five tasks",

@@ -81,7 +81,7 @@ def _record(folder: Path, entry: dict) -> None:
 
 
 def _ref_point(task: str, ref_score: float) -> str:
-    from peftlab.search import SearchConfig, default_ref_point
+    from peftlab.search.study import SearchConfig, default_ref_point
     from peftlab.space import load_space
 
     config = SearchConfig(model="minilm", task=task)
@@ -140,7 +140,7 @@ def cmd_search(args: argparse.Namespace) -> None:
 
 
 def _study(task: str, sampler: str):
-    from peftlab.search import load_study
+    from peftlab.search.study import load_study
 
     return load_study(str(RESULTS / task / "study.db"), f"{task}-{sampler}")[0]
 
@@ -153,9 +153,10 @@ def _closest(cost, preset: str, target: float) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> None:
-    from peftlab import methods, results
-    from peftlab.results import pareto_trials
-    from peftlab.search import CostModel, SearchConfig
+    from peftlab import methods
+    from peftlab.search import results
+    from peftlab.search.results import pareto_trials
+    from peftlab.search.study import CostModel, SearchConfig
 
     folder = RESULTS / args.task
     study = _study(args.task, args.sampler)
@@ -287,8 +288,8 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from peftlab import results
-    from peftlab.search import trial_rows
+    from peftlab.search import results
+    from peftlab.search.study import trial_rows
 
     folder = RESULTS / args.task
     studies = [_study(args.task, s) for s in args.samplers]

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import peftlab
-from peftlab import bench, interop, methods
+from peftlab import bench, methods
 from peftlab.cli import main
+from peftlab.formats import interop
 
 MB = 2**20
 DATA = Path(os.environ.get("PEFTLAB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))

@@ -22,8 +22,8 @@ import pytest
 import torch
 
 import peftlab
-from peftlab import params
-from peftlab.pareto import hypervolume
+from peftlab.search import params
+from peftlab.search.pareto import hypervolume
 from peftlab.space import Backbone, load_space
 
 HAS_BO = all(importlib.util.find_spec(m) is not None for m in ("botorch", "jax", "numpyro"))
@@ -104,7 +104,7 @@ def _run(problem: Problem, sampler: optuna.samplers.BaseSampler, startup: int, b
 # -- the issue's test ------------------------------------------------------------------------------------------
 @needs_bo
 def test_bo_beats_random_search_hypervolume(problem):
-    from peftlab.bo import AutoPEFTSampler
+    from peftlab.search.bo import AutoPEFTSampler
 
     startup, batch, seeds = 8, 8, (0, 1, 2)
     results = {}
@@ -144,7 +144,7 @@ def _running(problem: Problem, study: optuna.Study) -> list[int]:
 
 @needs_bo
 def test_neighbours_and_encoding(problem):
-    from peftlab.bo import Encoder, neighbours
+    from peftlab.search.bo import Encoder, neighbours
 
     space = problem.space
     v = [1] * 12 + [0, 5, 10]
@@ -166,7 +166,7 @@ def test_neighbours_and_encoding(problem):
 
 @needs_bo
 def test_local_search_respects_budget_and_tried_points(problem):
-    from peftlab.bo import AutoPEFTSampler
+    from peftlab.search.bo import AutoPEFTSampler
 
     sampler = AutoPEFTSampler(space=problem.space, cost=problem.cost, budget=1.0, seed=0)
     bigger = lambda X: X.sum(dim=(-2, -1))  # noqa: E731 - an "acquisition" preferring every module large everywhere
@@ -184,7 +184,7 @@ def test_local_search_respects_budget_and_tried_points(problem):
 
 @needs_bo
 def test_queue_pending_and_refresh(problem, monkeypatch):
-    from peftlab.bo import AutoPEFTSampler
+    from peftlab.search.bo import AutoPEFTSampler
 
     study = _random_study(problem, 3)
     running = _running(problem, study)
@@ -213,8 +213,8 @@ def test_queue_pending_and_refresh(problem, monkeypatch):
 
 @needs_bo
 def test_infer_relative_search_space_checks_the_study(problem):
-    from peftlab.bo import AutoPEFTSampler
     from peftlab.errors import PeftlabError
+    from peftlab.search.bo import AutoPEFTSampler
 
     sampler = AutoPEFTSampler(space=problem.space, seed=0)
     study = _random_study(problem, 2)
@@ -240,10 +240,10 @@ def _fake_nuts(model, seed=0, **_):
 @needs_bo
 def test_batch_without_cost_three_objectives_no_repeats_running_pending(problem, monkeypatch):
     """cost=None: all 3 objectives get a SAAS-GP; a batch of 3 from one step skips tried and running points."""
-    import peftlab.bo
-    from peftlab.bo import AutoPEFTSampler
+    import peftlab.search.bo
+    from peftlab.search.bo import AutoPEFTSampler
 
-    monkeypatch.setattr(peftlab.bo, "fit_fully_bayesian_model_nuts", _fake_nuts)
+    monkeypatch.setattr(peftlab.search.bo, "fit_fully_bayesian_model_nuts", _fake_nuts)
     study = optuna.create_study(
         directions=["maximize", "minimize", "maximize"], sampler=optuna.samplers.RandomSampler(1)
     )
@@ -261,10 +261,10 @@ def test_batch_without_cost_three_objectives_no_repeats_running_pending(problem,
 
 @needs_bo
 def test_same_seed_same_suggestions_and_failed_fit_falls_back(problem, monkeypatch):
-    import peftlab.bo
-    from peftlab.bo import AutoPEFTSampler
+    import peftlab.search.bo
+    from peftlab.search.bo import AutoPEFTSampler
 
-    monkeypatch.setattr(peftlab.bo, "fit_fully_bayesian_model_nuts", _fake_nuts)
+    monkeypatch.setattr(peftlab.search.bo, "fit_fully_bayesian_model_nuts", _fake_nuts)
     study = _random_study(problem, 5, seed=2)
     batches = []
     for _ in range(2):
@@ -278,7 +278,7 @@ def test_same_seed_same_suggestions_and_failed_fit_falls_back(problem, monkeypat
     def broken(model, **_):
         raise RuntimeError("cholesky failed")
 
-    monkeypatch.setattr(peftlab.bo, "fit_fully_bayesian_model_nuts", broken)
+    monkeypatch.setattr(peftlab.search.bo, "fit_fully_bayesian_model_nuts", broken)
     study.sampler = AutoPEFTSampler(space=problem.space, n_startup_trials=5, seed=0)
     with pytest.warns(UserWarning, match="BO step failed"):
         assert len(problem.suggest(study.ask())) == 15  # drawn at random instead
@@ -288,7 +288,7 @@ def test_same_seed_same_suggestions_and_failed_fit_falls_back(problem, monkeypat
 def test_s4_design_space_with_budget(problem):
     """Categorical dimensions (one-hot inputs), a real NUTS fit, the exact cost under a budget: two BO
     suggestions from one step, distinct, untried and within budget."""
-    from peftlab.bo import AutoPEFTSampler
+    from peftlab.search.bo import AutoPEFTSampler
 
     s4 = load_space("s4", problem.backbone)
     dists = params.distributions(s4)
@@ -324,13 +324,13 @@ def test_s4_design_space_with_budget(problem):
 
 
 def test_missing_botorch_error(monkeypatch):
-    """Without BoTorch (every botorch module hidden: ``None`` in sys.modules), importing peftlab.bo says how to
+    """Without BoTorch (every botorch module hidden: ``None`` in sys.modules), importing peftlab.search.bo says how to
     install it."""
     from peftlab.errors import PeftlabError
 
     for name in [m for m in sys.modules if m == "botorch" or m.startswith("botorch.")] or ["botorch"]:
         monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.delitem(sys.modules, "peftlab.bo", raising=False)
+    monkeypatch.delitem(sys.modules, "peftlab.search.bo", raising=False)
     with pytest.raises(PeftlabError) as e:
-        importlib.import_module("peftlab.bo")
+        importlib.import_module("peftlab.search.bo")
     assert str(e.value) == 'the autopeft sampler needs BoTorch: pip install "peftlab[bo]"'

@@ -1,4 +1,4 @@
-"""peftlab.dashboard: serves a real study in optuna-dashboard over HTTP, and says clearly what the user got wrong."""
+"""peftlab.search.dashboard: serves a real study in optuna-dashboard over HTTP, and says what the user got wrong."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import urllib.request
 import optuna
 import pytest
 
-from peftlab.dashboard import serve, storage_url
 from peftlab.errors import PeftlabError
+from peftlab.search.dashboard import serve, storage_url
 
 #: The postgres_url fixture (a throw-away PostgreSQL server) from tests/postgres.py.
 pytest_plugins = ["postgres"]
@@ -60,7 +60,7 @@ def get_json(url: str, process: subprocess.Popen, timeout: float = STARTUP_TIMEO
 
 
 def serve_in_subprocess(storage: str, port: int) -> subprocess.Popen:
-    code = f"from peftlab.dashboard import serve; serve({storage!r}, port={port})"
+    code = f"from peftlab.search.dashboard import serve; serve({storage!r}, port={port})"
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -169,7 +169,7 @@ def test_dashboard_not_installed(tmp_path, monkeypatch):
 SLOW_SERVER = r"""
 import sys, time
 from wsgiref.simple_server import WSGIServer, make_server
-from peftlab.dashboard import _QuietHandler, _serve_until_interrupted
+from peftlab.search.dashboard import _QuietHandler, _serve_until_interrupted
 
 def app(environ, start_response):
     print("in request", flush=True)

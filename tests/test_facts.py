@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from peftlab import atomic
-from peftlab.anatomy import FAMILIES, MODEL_TYPES, anatomy_for, model_type_facts
-from peftlab.zoo import CHECKPOINTS, SHAPES
+from peftlab.backbone.anatomy import FAMILIES, MODEL_TYPES, anatomy_for, model_type_facts
+from peftlab.backbone.zoo import CHECKPOINTS, SHAPES
 
 
 def _fail(path: Path) -> None:

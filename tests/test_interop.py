@@ -15,9 +15,9 @@ from conftest import logits, make_batch, make_model
 from torch import nn
 
 import peftlab
+from peftlab.core.spec import Spec
 from peftlab.errors import AdapterLoadError, PeftlabError
 from peftlab.modules.linear import LoraSettings
-from peftlab.spec import Spec
 
 peft = pytest.importorskip("peft")
 

@@ -24,7 +24,7 @@ OPTIONAL = {
     "yaml",
 }
 #: peftlab modules that import an optional dependency at their top: imported where used, like it
-OPTIONAL_MODULES = {"peftlab.bo"}
+OPTIONAL_MODULES = {"peftlab.search.bo"}
 
 
 def _module_name(path: Path) -> str:

@@ -7,8 +7,8 @@ import warnings
 import numpy as np
 import pytest
 
-from peftlab import metrics
-from peftlab.tasks import TASKS, TaskInfo
+from peftlab.train import metrics
+from peftlab.train.tasks import TASKS, TaskInfo
 
 skm = pytest.importorskip("sklearn.metrics")
 stats = pytest.importorskip("scipy.stats")

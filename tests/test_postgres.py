@@ -79,7 +79,7 @@ RACE = r"""
 import multiprocessing, sys
 import sqlalchemy
 from peftlab.errors import PeftlabError
-from peftlab.storage import open_storage
+from peftlab.search.storage import open_storage
 
 def opener(url, barrier, results):
     barrier.wait()

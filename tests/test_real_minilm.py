@@ -10,8 +10,8 @@ import torch
 
 import peftlab
 from peftlab import methods
-from peftlab.tasks import load_task
-from peftlab.zoo import packaged_minilm
+from peftlab.backbone.zoo import packaged_minilm
+from peftlab.train.tasks import load_task
 
 pytestmark = [
     pytest.mark.real,

@@ -15,11 +15,11 @@ import optuna
 import pytest
 from postgres import postgres_url  # noqa: F401  (fixture: a real throw-away PostgreSQL server)
 
-from peftlab import results
 from peftlab.cli import main
 from peftlab.errors import PeftlabError
-from peftlab.params import distributions, suggest, to_params, to_vector
-from peftlab.search import SearchConfig, counted, create_study, load_study, make_sampler, run_search
+from peftlab.search import results
+from peftlab.search.params import distributions, suggest, to_params, to_vector
+from peftlab.search.study import SearchConfig, counted, create_study, load_study, make_sampler, run_search
 
 DATA = Path(os.environ.get("PEFTLAB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 pytestmark = pytest.mark.skipif(not (DATA / "glue" / "SST-2").is_dir(), reason=f"no GLUE data under {DATA}")

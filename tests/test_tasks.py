@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from peftlab import tasks
 from peftlab.errors import PeftlabError
-from peftlab.tasks import TaskDataError, get_task, load_task, load_user_data, make_splits
+from peftlab.train import tasks
+from peftlab.train.tasks import TaskDataError, get_task, load_task, load_user_data, make_splits
 
 DATA_DIR = Path(os.environ.get("PEFTLAB_DATA_DIR") or Path(__file__).parents[2] / "shared" / "data")
 

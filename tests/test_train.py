@@ -149,7 +149,7 @@ def test_early_stopping_restores_the_best_state() -> None:
 @pytest.mark.parametrize("model", ["shape:tiny-bert", "shape:tiny-llama"])
 def test_gradient_checkpointing_trains_the_same_adapter(model: str, method: str, tmp_path: Path) -> None:
     """Activations recomputed in the backward pass (the adapters' hooks included) give the same training."""
-    from peftlab.zoo import load_model
+    from peftlab.backbone.zoo import load_model
 
     cfg = {"model": model, "max_steps": 3, "lr": 1e-2, "dropout": 0.0}
     runs = {}
@@ -269,8 +269,8 @@ def test_consistency_loss_is_the_symmetrised_kl() -> None:
 
 
 def test_adamix_trains_with_two_routed_passes_and_the_consistency_term() -> None:
-    from peftlab.peft_model import apply
-    from peftlab.zoo import load_model
+    from peftlab.backbone.zoo import load_model
+    from peftlab.core.peft_model import apply
 
     assert train(methods.adamix(), _config(max_steps=2)).config["consistency"] == 1.0  # on by default for AdaMix
     assert train(methods.lora(), _config(max_steps=2)).config["consistency"] == 0.0

@@ -19,21 +19,22 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from peftlab import methods, results
+from peftlab import methods
+from peftlab.backbone.zoo import HEADS, MODEL_NAMES, load_model
 from peftlab.bench import BenchConfig, markdown, run
-from peftlab.dashboard import serve
+from peftlab.core.peft_model import apply
+from peftlab.core.spec import Spec
 from peftlab.errors import AdapterLoadError, PeftlabError
-from peftlab.loading import load
-from peftlab.peft_model import apply
-from peftlab.refine import refine
-from peftlab.results import export, front_table, summary
-from peftlab.search import SearchConfig, load_study, none_completed, print_trial, run_search
+from peftlab.formats.loading import load
+from peftlab.search import results
+from peftlab.search.dashboard import serve
+from peftlab.search.refine import refine
+from peftlab.search.results import export, front_table, summary
+from peftlab.search.storage import hide_password
+from peftlab.search.study import SearchConfig, load_study, none_completed, print_trial, run_search
 from peftlab.space import load_space
-from peftlab.spec import Spec
-from peftlab.storage import hide_password
-from peftlab.tasks import get_task, make_splits
 from peftlab.train import RUN_FIELDS, TrainConfig, default_device, evaluate, load_for_task, task_encoder, train
-from peftlab.zoo import HEADS, MODEL_NAMES, load_model
+from peftlab.train.tasks import get_task, make_splits
 
 
 def _kwargs(pairs: Sequence[str]) -> dict:

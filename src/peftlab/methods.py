@@ -1,4 +1,4 @@
-"""Methods from the literature, each a function that returns a :class:`~peftlab.spec.Spec`.
+"""Methods from the literature, each a function that returns a :class:`~peftlab.core.spec.Spec`.
 
 A method is data, not a code path: everything it does is visible in the spec it returns. Defaults follow
 the papers; where the UniPELT paper (Mao et al. 2022) fixes them they are used: LoRA r=8 on query and
@@ -12,14 +12,14 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from peftlab.anatomy import LINEAR_SITES
+from peftlab.backbone.anatomy import LINEAR_SITES
+from peftlab.core.spec import Spec
 from peftlab.errors import SpecError
 from peftlab.modules.bottleneck import AdaMixSettings, AdapterSettings, CompacterSettings
 from peftlab.modules.linear import IA3Settings, KronaSettings, LoraSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
 from peftlab.modules.selective import BitFitSettings, LNSettings
 from peftlab.space import S4_CHOICE, Backbone, design_spec
-from peftlab.spec import Spec
 
 
 @dataclass(frozen=True)

@@ -16,16 +16,17 @@ from typing import Any
 
 import torch
 
-from peftlab import interop, methods
-from peftlab.anatomy import model_type_facts
+from peftlab import methods
+from peftlab.backbone.anatomy import model_type_facts
+from peftlab.backbone.zoo import load_model
 from peftlab.bench.batch import count_tokens, padded_batch
 from peftlab.bench.report import MB, environment, ratios, rows, write_outputs
 from peftlab.bench.worker import Job, run_worker
+from peftlab.core.peft_model import apply
 from peftlab.errors import PeftlabError
-from peftlab.peft_model import apply
-from peftlab.tasks import get_task
+from peftlab.formats import interop
 from peftlab.train import input_limit
-from peftlab.zoo import load_model
+from peftlab.train.tasks import get_task
 
 
 @dataclass

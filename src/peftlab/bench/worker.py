@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from peftlab import methods
+from peftlab.backbone.zoo import load_model
 from peftlab.bench.batch import count_tokens, padded_batch
+from peftlab.core.peft_model import apply
 from peftlab.errors import PeftlabError
 from peftlab.memory import current_rss, peak_rss
-from peftlab.peft_model import apply
-from peftlab.tasks import get_task
 from peftlab.train import TrainConfig, train
-from peftlab.zoo import load_model
+from peftlab.train.tasks import get_task
 
 KINDS = ("train", "infer", "merged", "score")
 

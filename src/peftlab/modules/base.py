@@ -52,9 +52,9 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from peftlab.anatomy import Anatomy, Block, LinearRef
+from peftlab.backbone.anatomy import Anatomy, Block, LinearRef
+from peftlab.core.hooks import HookRegistry
 from peftlab.errors import SpecError
-from peftlab.hooks import HookRegistry
 
 #: kind name -> settings class
 KINDS: dict[str, type[Settings]] = {}

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.anatomy import LinearRef
+from peftlab.backbone.anatomy import LinearRef
 from peftlab.errors import SpecError
 from peftlab.modules.base import (
     BuildContext,

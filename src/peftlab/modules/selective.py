@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftlab.anatomy import find_head, find_suffix
+from peftlab.backbone.anatomy import find_head, find_suffix
 from peftlab.errors import SpecError
 from peftlab.modules.base import BuildContext, PeftModule, Settings, register
 

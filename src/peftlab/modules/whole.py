@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab.anatomy import find_head
+from peftlab.backbone.anatomy import find_head
 from peftlab.modules.base import BuildContext, PeftModule, Settings
 
 

@@ -3,7 +3,7 @@
 A space is a set of specs with coordinates. Each space lists its :class:`Dimension` s; a point is a vector
 holding, per dimension, the *index* of the chosen value in that dimension's choices (an insertion bit is
 0/1, a size on a binary log scale is its position on that scale). ``decode(vector)`` turns a point into a
-:class:`~peftlab.spec.Spec`, ``encode`` goes back, ``size`` is the number of points (the product of the
+:class:`~peftlab.core.spec.Spec`, ``encode`` goes back, ``size`` is the number of points (the product of the
 dimensions' cardinalities, the way AutoPEFT counts its space, so points that build the same model are
 counted separately). Spaces are JSON (YAML when PyYAML is installed) and two kinds exist:
 

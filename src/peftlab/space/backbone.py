@@ -9,13 +9,13 @@ import json
 import torch
 from torch import nn
 
-from peftlab.anatomy import anatomy_for, find_blocks, find_head
-from peftlab.hooks import HookRegistry
+from peftlab.backbone.anatomy import anatomy_for, find_blocks, find_head
+from peftlab.backbone.zoo import load_model
+from peftlab.core.hooks import HookRegistry
+from peftlab.core.peft_model import PeftModel, apply
+from peftlab.core.spec import Spec
 from peftlab.modules import BuildContext, Dims, Settings
-from peftlab.peft_model import PeftModel, apply
 from peftlab.space.strategies import Strategy
-from peftlab.spec import Spec
-from peftlab.zoo import load_model
 
 
 class Backbone:

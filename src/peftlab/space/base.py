@@ -12,10 +12,10 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError, SpecError
 from peftlab.modules import Settings
 from peftlab.space.backbone import Backbone
-from peftlab.spec import Spec
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from peftlab.core.spec import Spec
 from peftlab.errors import SpecError
 from peftlab.modules import Settings
 from peftlab.space.backbone import Backbone
 from peftlab.space.patterns import allocation_weights, group_layers
 from peftlab.space.strategies import STRATEGIES, Strategy, disjoint
-from peftlab.spec import Spec
 
 
 @dataclass(frozen=True)

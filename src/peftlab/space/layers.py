@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from peftlab.core.spec import Spec
 from peftlab.errors import SpecError
 from peftlab.modules import Settings
 from peftlab.space.backbone import Backbone
@@ -15,7 +16,6 @@ from peftlab.space.base import Dimension, SearchSpace, depth, describe
 from peftlab.space.design import selectors
 from peftlab.space.parse import json_object
 from peftlab.space.strategies import Strategy
-from peftlab.spec import Spec
 
 
 def log2_choices(hidden: int) -> tuple[int, ...]:

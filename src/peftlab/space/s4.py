@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from peftlab.core.spec import Spec
 from peftlab.errors import SpecError
 from peftlab.space.backbone import Backbone
 from peftlab.space.base import Dimension, SearchSpace, depth
@@ -16,7 +17,6 @@ from peftlab.space.design import DesignChoice, design_spec
 from peftlab.space.parse import json_object
 from peftlab.space.patterns import ALLOCATIONS, allocation_weights, feasible_groupings, group_sizes
 from peftlab.space.strategies import S4_STRATEGIES, STRATEGIES, Strategy, builtin_strategy, disjoint
-from peftlab.spec import Spec
 
 STAGE_FIELDS = {"grouping": "groupings", "allocation": "allocations", "tuned": "tuned"}
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from peftlab.anatomy import SITE_ROLES
+from peftlab.backbone.anatomy import SITE_ROLES
 from peftlab.errors import SpecError
 from peftlab.modules import KINDS, Settings
 from peftlab.space.parse import json_object

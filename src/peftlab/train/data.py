@@ -9,12 +9,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig
 
-from peftlab.anatomy import model_type_facts
+from peftlab.backbone.anatomy import model_type_facts
+from peftlab.backbone.tokenize import get_tokenizer, pad_batch
+from peftlab.backbone.zoo import CHECKPOINTS, SHAPES, load_model
 from peftlab.errors import PeftlabError
-from peftlab.tasks import Example, Splits, TaskInfo, get_task, load_user_data, make_splits
-from peftlab.tokenize import get_tokenizer, pad_batch
 from peftlab.train.config import TrainConfig
-from peftlab.zoo import CHECKPOINTS, SHAPES, load_model
+from peftlab.train.tasks import Example, Splits, TaskInfo, get_task, load_user_data, make_splits
 
 
 class Encoder:

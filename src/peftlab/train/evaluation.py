@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from peftlab import metrics as metric_fns
-from peftlab.tasks import Example
+from peftlab.train import metrics as metric_fns
 from peftlab.train.data import Encoder, text_length
+from peftlab.train.tasks import Example
 
 
 @torch.no_grad()

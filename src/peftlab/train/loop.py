@@ -18,19 +18,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab.anatomy import model_type_facts
+from peftlab.backbone.anatomy import model_type_facts
+from peftlab.core.peft_model import PeftModel, apply
+from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError
 from peftlab.memory import peak_memory
 from peftlab.modules.base import TrainingLoss
-from peftlab.peft_model import PeftModel, apply
-from peftlab.spec import Spec
-from peftlab.tasks import Example
 from peftlab.train.checkpoint import load_checkpoint, restore, save_checkpoint, snapshot, trainable
 from peftlab.train.config import CHECKPOINT, RunRecord, TrainConfig
 from peftlab.train.data import Encoder, batches, load_for_task, task_encoder, task_splits, text_length
 from peftlab.train.environment import default_device, device_name, library_versions
 from peftlab.train.evaluation import evaluate
 from peftlab.train.parallel import all_reduce, dist_setup, is_main
+from peftlab.train.tasks import Example
 
 log = logging.getLogger("peftlab.train")
 

@@ -14,7 +14,7 @@ import threading
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from peftlab.errors import PeftlabError
-from peftlab.storage import hide_password, open_existing, storage_url
+from peftlab.search.storage import hide_password, open_existing, storage_url
 
 
 def serve(storage: str, host: str = "127.0.0.1", port: int = 8080) -> None:

@@ -17,14 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab import interop, saving
-from peftlab.anatomy import Anatomy, anatomy_for, find_blocks, stack_names
-from peftlab.counting import Counts, count
+from peftlab.backbone.anatomy import Anatomy, anatomy_for, find_blocks, stack_names
+from peftlab.core.counting import Counts, count
+from peftlab.core.hooks import HookRegistry
+from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError, SpecError
-from peftlab.hooks import HookRegistry
-from peftlab.keys import module_key
+from peftlab.formats import interop
+from peftlab.formats import native as saving
+from peftlab.formats.keys import module_key
 from peftlab.modules import BuildContext, Dims, PeftModule, Settings
-from peftlab.spec import Spec
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 #: how ``save`` writes each format: the files of the folder, each with its writer

@@ -1,6 +1,6 @@
 """Multi-objective configuration search on Optuna: a study's trials are points of a search space.
 
-A trial's parameters are the space's dimensions by name, as :mod:`peftlab.params` translates them.
+A trial's parameters are the space's dimensions by name, as :mod:`peftlab.search.params` translates them.
 
 A trial decodes its point into a spec, counts the spec's stored parameters exactly (meta device,
 milliseconds), and, unless that breaks the parameter budget, trains it with :func:`peftlab.train.train` at
@@ -32,15 +32,15 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from peftlab.backbone.zoo import load_model
+from peftlab.core.spec import SpecError
 from peftlab.errors import PeftlabError
-from peftlab.params import distributions, suggest, to_vector
-from peftlab.params import to_params as to_params  # re-exported: peftlab.refine imports it from here
+from peftlab.search.params import distributions, suggest, to_vector
+from peftlab.search.params import to_params as to_params  # re-exported: peftlab.search.refine imports it from here
+from peftlab.search.storage import hide_password, open_storage, storage_url
 from peftlab.space import Backbone, SearchSpace, load_space
-from peftlab.spec import SpecError
-from peftlab.storage import hide_password, open_storage, storage_url
-from peftlab.tasks import get_task
 from peftlab.train import RUN_FIELDS, TrainConfig, train
-from peftlab.zoo import load_model
+from peftlab.train.tasks import get_task
 
 #: Objectives a search can have and their directions; ``score`` and ``stored`` are always the first two.
 OBJECTIVES = {"score": "maximize", "stored": "minimize", "memory": "minimize", "latency": "minimize"}
@@ -91,7 +91,7 @@ class SearchConfig:
     train: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
-        if self.sampler not in (*SAMPLERS, "s4-refine"):  # s4-refine: set by peftlab.refine, not a sampler
+        if self.sampler not in (*SAMPLERS, "s4-refine"):  # s4-refine: set by peftlab.search.refine, not a sampler
             raise PeftlabError(f"unknown sampler '{self.sampler}'; samplers: {', '.join(SAMPLERS)}")
         if (
             tuple(self.objectives[:2]) != ("score", "stored")
@@ -186,7 +186,7 @@ def make_sampler(
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     if name == "autopeft":
-        from peftlab.bo import AutoPEFTSampler  # optional: BoTorch
+        from peftlab.search.bo import AutoPEFTSampler  # optional: BoTorch
 
         return AutoPEFTSampler(
             space=space, cost=cost, n_startup_trials=startup, batch_size=batch_size, seed=seed, budget=budget

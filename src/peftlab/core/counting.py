@@ -15,7 +15,7 @@ import json
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 
-from peftlab.anatomy import find_head
+from peftlab.backbone.anatomy import find_head
 
 _FIELDS = ("trainable", "stored", "changed")
 

@@ -55,7 +55,7 @@ class Stack:
     fused: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
 
-#: The model class a model loads as by default (a key of :data:`peftlab.zoo.HEADS`), by architecture.
+#: The model class a model loads as by default (a key of :data:`peftlab.backbone.zoo.HEADS`), by architecture.
 _DEFAULT_HEADS = {"encoder": "seq-cls", "decoder": "causal-lm", "seq2seq": "seq2seq"}
 
 

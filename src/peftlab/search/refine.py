@@ -28,11 +28,11 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from peftlab.atomic import write_json
+from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError
-from peftlab.search import CostModel, Objective, SearchConfig, create_study, fail_stale, to_params
+from peftlab.search.storage import open_storage
+from peftlab.search.study import CostModel, Objective, SearchConfig, create_study, fail_stale, to_params
 from peftlab.space import DesignSpace
-from peftlab.spec import Spec
-from peftlab.storage import open_storage
 
 
 @dataclass

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftlab.anatomy import MODEL_SITE_ROLES, SITE_ROLES
 from peftlab.atomic import write_text
+from peftlab.backbone.anatomy import MODEL_SITE_ROLES, SITE_ROLES
 from peftlab.errors import SpecError
 from peftlab.modules import KINDS, Settings
 from peftlab.modules.base import Gate, TrainingLoss

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from peftlab.zoo import packaged_minilm, pretrained_source
+from peftlab.backbone.zoo import packaged_minilm, pretrained_source
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -64,7 +64,7 @@ class HashTokenizer:
 
 
 def get_tokenizer(model_name: str, model: nn.Module):
-    """The tokenizer that goes with a model named as :func:`peftlab.zoo.load_model` names it."""
+    """The tokenizer that goes with a model named as :func:`peftlab.backbone.zoo.load_model` names it."""
     vocab = model.get_input_embeddings().weight.shape[0]
     if model_name.startswith("shape:"):
         minilm = packaged_minilm()

@@ -16,11 +16,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftlab.anatomy import Anatomy, anatomy_for, find_blocks
 from peftlab.atomic import write_files
+from peftlab.backbone.anatomy import Anatomy, anatomy_for, find_blocks
+from peftlab.core.spec import Spec
 from peftlab.errors import AdapterLoadError, PeftlabError
-from peftlab.keys import stored_tensors
-from peftlab.spec import Spec
+from peftlab.formats.keys import stored_tensors
 
 WEIGHTS = "adapter.safetensors"
 META = "peftlab_adapter.json"

@@ -13,8 +13,8 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, IntDistribution
 
+from peftlab.core.spec import SpecError
 from peftlab.space import SearchSpace
-from peftlab.spec import SpecError
 
 
 def distributions(space: SearchSpace) -> dict[str, BaseDistribution]:

@@ -26,18 +26,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftlab.anatomy import Block, LinearRef, anatomy_for, find_blocks, find_head, find_suffix, stack_names
+from peftlab.backbone.anatomy import Block, LinearRef, anatomy_for, find_blocks, find_head, find_suffix, stack_names
+from peftlab.core.spec import Spec
 from peftlab.errors import AdapterLoadError, PeftlabError
-from peftlab.keys import module_key, tensor_key
+from peftlab.formats.keys import module_key, tensor_key
+from peftlab.formats.native import read_json_object
 from peftlab.modules import Dims, Settings
 from peftlab.modules.linear import IA3Settings, LoraSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
 from peftlab.modules.whole import HeadCopy
-from peftlab.saving import read_json_object
-from peftlab.spec import Spec
 
 if TYPE_CHECKING:
-    from peftlab.peft_model import PeftModel
+    from peftlab.core.peft_model import PeftModel
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from torch import nn
 
-from peftlab import interop, saving
+from peftlab.core.peft_model import PeftModel, apply
 from peftlab.errors import AdapterLoadError
-from peftlab.keys import load_tensors
-from peftlab.peft_model import PeftModel, apply
+from peftlab.formats import interop
+from peftlab.formats import native as saving
+from peftlab.formats.keys import load_tensors
 
 
 def load(

@@ -31,7 +31,7 @@ from transformers import (
     T5Config,
 )
 
-from peftlab.anatomy import model_type_facts
+from peftlab.backbone.anatomy import model_type_facts
 from peftlab.errors import PeftlabError
 
 HEADS = {

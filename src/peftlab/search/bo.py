@@ -51,8 +51,8 @@ from optuna.samplers import BaseSampler, RandomSampler
 from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from peftlab import params
 from peftlab.errors import PeftlabError
+from peftlab.search import params
 from peftlab.space import LayerSpace, SearchSpace
 
 MISSING_BOTORCH = 'the autopeft sampler needs BoTorch: pip install "peftlab[bo]"'
@@ -140,7 +140,7 @@ class AutoPEFTSampler(BaseSampler):
     """AutoPEFT's multi-objective BO (SAAS-GP + qLogNEHVI + local search) over a search space.
 
     Args:
-        space: the search space; trials' parameters are its dimensions as :func:`peftlab.params.distributions`
+        space: the search space; trials' parameters are its dimensions as :func:`peftlab.search.params.distributions`
             names them (other parameters the objective asks for are drawn at random).
         cost: the exact value of the 2nd objective at a point (``cost(vector) -> float`` in the study's units,
             e.g. stored parameters as % of the backbone). Given, it is computed rather than learned: no GP

@@ -19,10 +19,10 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from peftlab.atomic import write_json, write_text, write_with
+from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError
-from peftlab.pareto import hypervolume_history, pareto_indices
-from peftlab.search import definition_of, finished_points, trial_rows
-from peftlab.spec import Spec
+from peftlab.search.pareto import hypervolume_history, pareto_indices
+from peftlab.search.study import definition_of, finished_points, trial_rows
 from peftlab.train import RunRecord, TrainConfig, train
 
 
