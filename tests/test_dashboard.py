@@ -169,7 +169,7 @@ def test_dashboard_not_installed(tmp_path, monkeypatch):
 SLOW_SERVER = r"""
 import sys, time
 from wsgiref.simple_server import WSGIServer, make_server
-from peftlab.search.dashboard import _QuietHandler, _serve_until_interrupted
+from peftlab.search.dashboard import QuietHandler, serve_until_interrupted
 
 def app(environ, start_response):
     print("in request", flush=True)
@@ -177,9 +177,9 @@ def app(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain")])
     return [b"done"]
 
-server = make_server("127.0.0.1", int(sys.argv[1]), app, server_class=WSGIServer, handler_class=_QuietHandler)
+server = make_server("127.0.0.1", int(sys.argv[1]), app, server_class=WSGIServer, handler_class=QuietHandler)
 print("serving", flush=True)
-_serve_until_interrupted(server)
+serve_until_interrupted(server)
 print("stopped", flush=True)
 """
 

@@ -74,7 +74,6 @@ def cmd_methods(args: argparse.Namespace) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> None:
-
     spec = spec_from_args(args)
     model = load_model(args.model, head=args.head, meta=True)
     pm = apply(model, spec)
@@ -92,7 +91,6 @@ def cmd_show(args: argparse.Namespace) -> None:
 
 
 def _train_config(args: argparse.Namespace, output: str | None):
-
     return TrainConfig(
         model=args.model,
         task=args.task,
@@ -134,7 +132,6 @@ def _train_settings(args: argparse.Namespace) -> dict:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-
     config = SearchConfig(
         model=args.model,
         task=args.task,
@@ -184,12 +181,10 @@ def _pair(text: str, flag: str) -> tuple[float, float]:
 
 
 def _studies(args: argparse.Namespace) -> list:
-
     return [load_study(args.storage, name)[0] for name in args.study]
 
 
 def cmd_pareto(args: argparse.Namespace) -> None:
-
     needs_output = args.action in ("export", "plot", "retrain")
     if needs_output and not args.output:
         raise PeftlabError(f"pareto {args.action} needs --output FOLDER")
@@ -232,7 +227,6 @@ def cmd_pareto(args: argparse.Namespace) -> None:
 
 
 def cmd_refine(args: argparse.Namespace) -> None:
-
     config = SearchConfig(
         model=args.model,
         task=args.task,
@@ -263,7 +257,6 @@ def cmd_refine(args: argparse.Namespace) -> None:
 
 
 def cmd_dashboard(args: argparse.Namespace) -> None:
-
     serve(args.storage, host=args.host, port=args.port)
 
 
@@ -284,7 +277,6 @@ def _log_to_stderr(name: str) -> Iterator[None]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-
     spec = spec_from_args(args)
     with _log_to_stderr("peftlab.train"):  # one line per evaluation, with or without the progress bar
         record = train(spec, _train_config(args, args.output))
@@ -301,7 +293,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-
     if args.batch_size < 1:
         raise PeftlabError(f"--batch-size must be >= 1, got {args.batch_size}")
     task = get_task(args.task)
@@ -332,7 +323,6 @@ def _trained_task(adapter: Path) -> str | None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-
     config = BenchConfig(
         model=args.model,
         methods=[m.strip() for m in args.methods.split(",") if m.strip()],
@@ -356,7 +346,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_space(args: argparse.Namespace) -> None:
-
     space = load_space(args.space, args.model)
     dims = space.dimensions()
     if args.json:

@@ -34,8 +34,6 @@ SITE_ROLES: dict[str, str] = {
 }
 #: Model-level sites (outside the blocks).
 MODEL_SITE_ROLES: dict[str, str] = {"input": "prompt", "embed_norm": "norm", "final_norm": "norm", "bias": "bias"}
-#: Sites that only some blocks have; a spec placing them everywhere skips the blocks without them.
-OPTIONAL_SITES = frozenset({"ffn_gate", "cross_q", "cross_k", "cross_v", "cross_o"})
 
 
 @dataclass(frozen=True)

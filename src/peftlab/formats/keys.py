@@ -8,6 +8,7 @@ functions, so the scheme is written down once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,26 +31,25 @@ def _root(key: str, module: Any) -> str:
     return module.state_prefix or f"layers.{key}"
 
 
-def stored_tensors(adapter: Any) -> dict[str, torch.Tensor]:
-    """Every tensor the adapter file holds, keyed by where it goes back."""
-    state: dict[str, torch.Tensor] = {}
+def _keyed(adapter: Any, of_module: Callable[[Any], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """``of_module``'s tensors of every module, and the stored shared parts, under their keys in the file."""
+    out: dict[str, torch.Tensor] = {}
     for key, module in adapter.all_modules():
-        state |= {f"{_root(key, module)}.{k}": v for k, v in module.stored_state().items()}
+        out |= {f"{_root(key, module)}.{k}": v for k, v in of_module(module).items()}
     for key, part in adapter.shared.items():
         if part.peftlab_stored:
-            state |= {f"shared.{key}.{k}": v.detach() for k, v in part.state_dict().items()}
-    return state
+            out |= {f"shared.{key}.{k}": v for k, v in part.state_dict().items()}
+    return out
+
+
+def stored_tensors(adapter: Any) -> dict[str, torch.Tensor]:
+    """Every tensor the adapter file holds, keyed by where it goes back."""
+    return {k: v.detach() for k, v in _keyed(adapter, lambda m: m.stored_state()).items()}
 
 
 def load_targets(adapter: Any) -> dict[str, torch.Tensor]:
     """The tensors of a freshly built adapter that a saved file's tensors load into, by the same keys."""
-    targets: dict[str, torch.Tensor] = {}
-    for key, module in adapter.all_modules():
-        targets |= {f"{_root(key, module)}.{k}": v for k, v in module.load_targets().items()}
-    for key, part in adapter.shared.items():
-        if part.peftlab_stored:
-            targets |= {f"shared.{key}.{k}": v for k, v in part.state_dict().items()}
-    return targets
+    return _keyed(adapter, lambda m: m.load_targets())
 
 
 def load_tensors(adapter: Any, state: dict[str, torch.Tensor], where: Path | str) -> None:

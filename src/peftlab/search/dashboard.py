@@ -33,7 +33,7 @@ def serve(storage: str, host: str = "127.0.0.1", port: int = 8080) -> None:
     app = optuna_dashboard.wsgi(open_existing(url))
     try:
         server = make_server(
-            host, port, app, server_class=_V6Server if ":" in host else WSGIServer, handler_class=_QuietHandler
+            host, port, app, server_class=_V6Server if ":" in host else WSGIServer, handler_class=QuietHandler
         )
     except OSError as e:  # lost the race for the port between the check and the bind
         if e.errno == errno.EADDRINUSE:
@@ -42,10 +42,10 @@ def serve(storage: str, host: str = "127.0.0.1", port: int = 8080) -> None:
     print(
         f"optuna-dashboard for {hide_password(url)} on http://{_bracketed(host)}:{port}/ (Ctrl-C to stop)", flush=True
     )
-    _serve_until_interrupted(server)
+    serve_until_interrupted(server)
 
 
-def _serve_until_interrupted(server: WSGIServer) -> None:
+def serve_until_interrupted(server: WSGIServer) -> None:
     """Serve until SIGINT, then finish the request in hand and stop.
 
     A KeyboardInterrupt raised inside a request would be caught by wsgiref's error handler, which prints it and
@@ -63,7 +63,7 @@ class _V6Server(WSGIServer):
     address_family = socket.AF_INET6
 
 
-class _QuietHandler(WSGIRequestHandler):
+class QuietHandler(WSGIRequestHandler):
     """No access log: the dashboard polls every few seconds and would flood the terminal."""
 
     def log_message(self, format: str, *args: object) -> None:

@@ -11,11 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 
-def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    """``a`` is at least as good as ``b`` in both (score up, cost down) and better in one."""
-    return a[0] >= b[0] and a[1] <= b[1] and (a[0] > b[0] or a[1] < b[1])
-
-
 def pareto_indices(points: Sequence[Sequence[float]]) -> list[int]:
     """Indices of the non-dominated points, by increasing cost (ties in both: the first one only)."""
     order = sorted(range(len(points)), key=lambda i: (points[i][1], -points[i][0], i))

@@ -30,8 +30,9 @@ from optuna.trial import FrozenTrial, TrialState
 from peftlab.atomic import write_json
 from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError
+from peftlab.search.params import to_params
 from peftlab.search.storage import open_storage
-from peftlab.search.study import CostModel, Objective, SearchConfig, create_study, fail_stale, to_params
+from peftlab.search.study import CostModel, Objective, SearchConfig, create_study, fail_stale
 from peftlab.space import DesignSpace
 
 

@@ -36,7 +36,6 @@ from peftlab.backbone.zoo import load_model
 from peftlab.core.spec import SpecError
 from peftlab.errors import PeftlabError
 from peftlab.search.params import distributions, suggest, to_vector
-from peftlab.search.params import to_params as to_params  # re-exported: peftlab.search.refine imports it from here
 from peftlab.search.storage import hide_password, open_storage, storage_url
 from peftlab.space import Backbone, SearchSpace, load_space
 from peftlab.train import RUN_FIELDS, TrainConfig, train

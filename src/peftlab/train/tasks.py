@@ -108,10 +108,6 @@ class TaskInfo:
     formatter: Formatter | None = field(default=None, repr=False, compare=False)
 
     @property
-    def benchmark(self) -> str:
-        return self.name.split("/", 1)[0]
-
-    @property
     def is_regression(self) -> bool:
         return self.label_names is None
 
