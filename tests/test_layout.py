@@ -1,30 +1,19 @@
-"""The source tree's shape: no import circles between peftlab's modules, and imports inside functions only for
-optional dependencies (each module imports what it needs at its top, so a module's dependencies are in view)."""
+"""The source tree's shape: no import circles between peftlab's modules, and no imports inside functions (each
+module imports what it needs at its top, so its dependencies are in view; optional ones go through
+peftlab.optional, which says in one line what is missing and how to install it)."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
+import pytest
+
 import peftlab
+from peftlab import optional
+from peftlab.errors import PeftlabError
 
 SRC = Path(peftlab.__file__).parent
-#: third-party packages peftlab runs without (extras, or present only on some machines): imported where used
-OPTIONAL = {
-    "botorch",
-    "datasets",
-    "jax",
-    "matplotlib",
-    "numpyro",
-    "optuna_dashboard",
-    "peft",
-    "psycopg2",
-    "sqlalchemy",
-    "tqdm",
-    "yaml",
-}
-#: peftlab modules that import an optional dependency at their top: imported where used, like it
-OPTIONAL_MODULES = {"peftlab.search.bo"}
 
 
 def _module_name(path: Path) -> str:
@@ -95,21 +84,22 @@ def test_no_import_circles() -> None:
     assert cycle is None, "import circle: " + " -> ".join(cycle or [])
 
 
-def test_imports_inside_functions_are_optional_dependencies_only() -> None:
-    late = []
-    for path in sorted(SRC.rglob("*.py")):
-        tree = ast.parse(path.read_text())
-        for fn in ast.walk(tree):
-            if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            for node in ast.walk(fn):
-                names = []
-                if isinstance(node, ast.Import):
-                    names = [a.name for a in node.names]
-                elif isinstance(node, ast.ImportFrom):
-                    names = [node.module or "."] if not node.level else ["."]
-                allowed = [n.split(".")[0] in OPTIONAL or n in OPTIONAL_MODULES for n in names]
-                late += [
-                    f"{path.relative_to(SRC)}:{node.lineno} {n}" for n, ok in zip(names, allowed, strict=True) if not ok
-                ]
-    assert not late, "imports inside functions of required modules:\n" + "\n".join(late)
+def test_no_imports_inside_functions() -> None:
+    """Optional dependencies are imported through peftlab.optional.require, everything else at the module's top."""
+    late = [
+        f"{path.relative_to(SRC)}:{node.lineno}"
+        for path in sorted(SRC.rglob("*.py"))
+        for fn in ast.walk(ast.parse(path.read_text()))
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef))
+        for node in ast.walk(fn)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+    ]
+    assert not late, "imports inside functions:\n" + "\n".join(late)
+
+
+def test_optional_dependencies_fail_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(optional.INSTALL, "nothing_such", "pip install nothing-such")
+    with pytest.raises(PeftlabError, match=r"^plotting needs nothing_such: pip install nothing-such$"):
+        optional.require("nothing_such.pyplot", "plotting")
+    with pytest.raises(ValueError, match="not one of peftlab's optional dependencies"):
+        optional.require("json", "anything")

@@ -3,7 +3,6 @@ fresh processes in interleaved rounds, and gather the results."""
 
 from __future__ import annotations
 
-import importlib.util
 import shlex
 import statistics
 import sys
@@ -16,7 +15,7 @@ from typing import Any
 
 import torch
 
-from peftlab import methods
+from peftlab import methods, optional
 from peftlab.backbone.anatomy import model_type_facts
 from peftlab.backbone.zoo import load_model
 from peftlab.bench.batch import count_tokens, padded_batch
@@ -75,7 +74,7 @@ class BenchConfig:
         if self.task is not None:
             get_task(self.task)  # an unknown task fails here, with the list of tasks
         needed = ["matplotlib"] + (["peft"] if self.compare_peft else [])  # the plot; the peft contenders
-        missing = [name for name in needed if importlib.util.find_spec(name) is None]
+        missing = [name for name in needed if not optional.available(name)]
         if missing:
             raise PeftlabError(f"peftlab bench needs {' and '.join(missing)}: pip install 'peftlab[bench]'")
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from peftlab import optional
 from peftlab.atomic import write_with
 from peftlab.bench.worker import KINDS
 from peftlab.train import library_versions
@@ -149,12 +150,8 @@ def environment(threads: int, device: str = "cpu") -> dict[str, str]:
         "CPU capability": torch.backends.cpu.get_cpu_capability(),
         **library_versions(),
     }
-    try:
-        import peft  # optional: only to name its version
-    except ImportError:
-        peft = None
-    if peft is not None:
-        env["peft"] = peft.__version__
+    if optional.available("peft"):
+        env["peft"] = optional.require("peft", "naming peft's version").__version__
     if device == "cuda":
         env["GPU"] = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     return env
@@ -279,11 +276,7 @@ def write_csv(table: list[dict[str, Any]], path: Path) -> None:
 
 def plot(report: dict[str, Any], path: Path) -> None:
     """Training throughput against trainable %, and bars of train / inference throughput and memory."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = optional.plotting()
     table = report["rows"]
     lab = [r for r in table if r["impl"] == "peftlab"]
     peft = {r["method"]: r for r in table if r["impl"] == "peft"}

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab import methods
+from peftlab import methods, optional
 from peftlab.backbone.zoo import load_model
 from peftlab.bench.batch import count_tokens, padded_batch
 from peftlab.core.peft_model import apply
@@ -74,9 +74,8 @@ def _build(job: Job, device: torch.device) -> nn.Module:
     if model.config.pad_token_id is None:
         model.config.pad_token_id = 0
     if job.impl == "peft":
-        from peft import get_peft_config, get_peft_model
-
-        model = get_peft_model(model, get_peft_config(dict(job.peft_config)))
+        peft = optional.require("peft", "measuring the peft library")
+        model = peft.get_peft_model(model, peft.get_peft_config(dict(job.peft_config)))
     else:
         model = apply(model, methods.for_model(job.method, model))
     return model.to(device)

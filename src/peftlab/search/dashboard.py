@@ -13,6 +13,7 @@ import socket
 import threading
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from peftlab import optional
 from peftlab.errors import PeftlabError
 from peftlab.search.storage import hide_password, open_existing, storage_url
 
@@ -24,10 +25,7 @@ def serve(storage: str, host: str = "127.0.0.1", port: int = 8080) -> None:
     server, busy port) is checked before the server starts and raised as a :class:`PeftlabError`; Ctrl-C returns
     normally, so the CLI exits without a traceback.
     """
-    try:
-        import optuna_dashboard
-    except ImportError:
-        raise PeftlabError('the dashboard needs optuna-dashboard: pip install "peftlab[dashboard]"') from None
+    optuna_dashboard = optional.require("optuna_dashboard", "the dashboard")
     url = storage_url(storage)
     _check_port(host, port)
     app = optuna_dashboard.wsgi(open_existing(url))

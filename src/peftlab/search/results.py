@@ -8,7 +8,6 @@ with the same reference point compare, and the same study always gives the same 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import statistics
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from peftlab import optional
 from peftlab.atomic import write_json, write_text, write_with
 from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError
@@ -132,14 +132,9 @@ def _write_json(path: Path, data: Any) -> Path:
 
 
 def _pyplot():
-    if importlib.util.find_spec("matplotlib") is None:
+    if not optional.available("matplotlib"):
         raise PeftlabError("plots need matplotlib: pip install 'peftlab[bench]' (or pass --no-plots)")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    return optional.plotting()
 
 
 def _label(study: optuna.Study) -> str:

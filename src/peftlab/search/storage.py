@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
+import sqlalchemy.engine
 import sqlalchemy.exc
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -80,9 +82,6 @@ def open_existing(url: str) -> RDBStorage:
     Tables are not created (looking must not write) and the schema version is not enforced (optuna-dashboard reads
     older schemas); a connection or driver problem becomes a :class:`PeftlabError` naming the URL without its password.
     """
-    import sqlalchemy
-    import sqlalchemy.exc
-
     shown = hide_password(url)
     try:
         engine = sqlalchemy.create_engine(url)
@@ -110,8 +109,6 @@ def open_existing(url: str) -> RDBStorage:
 
 def _sqlite_database(url: str) -> str | None:
     """The file path in an SQLite URL, or None for an in-memory database or a ``file:`` URI."""
-    import sqlalchemy.engine
-
     try:
         parsed = sqlalchemy.engine.make_url(url)
     except Exception as e:
@@ -136,8 +133,6 @@ def _check_sqlite_file(path: Path, given: str) -> None:
 
 def hide_password(url: str) -> str:
     try:
-        import sqlalchemy.engine
-
         return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
     except Exception:
         return url

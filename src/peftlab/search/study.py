@@ -32,6 +32,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from peftlab import optional
 from peftlab.backbone.zoo import load_model
 from peftlab.core.spec import SpecError
 from peftlab.errors import PeftlabError
@@ -185,9 +186,8 @@ def make_sampler(
     if name == "gp":
         return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
     if name == "autopeft":
-        from peftlab.search.bo import AutoPEFTSampler  # optional: BoTorch
-
-        return AutoPEFTSampler(
+        bo = optional.require("peftlab.search.bo", "the autopeft sampler")  # BoTorch
+        return bo.AutoPEFTSampler(
             space=space, cost=cost, n_startup_trials=startup, batch_size=batch_size, seed=seed, budget=budget
         )
     raise PeftlabError(f"unknown sampler '{name}'; samplers: {', '.join(SAMPLERS)}")

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from peftlab import optional
 from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError, SpecError
 from peftlab.modules import Settings
@@ -159,12 +160,7 @@ class SearchSpace:
         text = p.read_text()
         try:
             if p.suffix in (".yaml", ".yml"):
-                try:
-                    import yaml
-                except ImportError:
-                    raise PeftlabError(
-                        f"space file '{p}': reading YAML needs PyYAML (pip install pyyaml); or write the space as JSON"
-                    ) from None
+                yaml = optional.require("yaml", f"space file '{p}': reading YAML (or write the space as JSON)")
                 try:
                     data = yaml.safe_load(text)
                 except yaml.YAMLError as e:

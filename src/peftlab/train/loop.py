@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from peftlab.backbone.anatomy import model_type_facts
 from peftlab.core.peft_model import PeftModel, apply
@@ -60,10 +61,6 @@ def enable_checkpointing(model: nn.Module) -> None:
 def progress_bar(total: int, start: int, enabled: bool) -> Callable[[int | None, float | None], None]:
     """A tqdm bar when enabled and installed; a no-op otherwise."""
     if not enabled:
-        return lambda step, loss: None
-    try:
-        from tqdm.auto import tqdm  # optional: comes with transformers
-    except ImportError:  # pragma: no cover
         return lambda step, loss: None
     bar = tqdm(total=total, initial=start, desc="train", file=sys.stderr, dynamic_ncols=True)
 

@@ -46,6 +46,7 @@ from typing import Any, NamedTuple, TypedDict
 
 import numpy as np
 
+from peftlab import optional
 from peftlab.errors import PeftlabError
 
 __all__ = [
@@ -361,12 +362,11 @@ def _load(info: TaskInfo, split: str, data_dir: str | os.PathLike[str] | None) -
     hub = f"{info.hub_id} (config {info.hub_config!r}, split {info.hub_splits[split]!r})"
     reason = _hub_offline()
     if reason is None:
-        try:
-            import datasets
-        except ImportError:
+        if not optional.available("datasets"):
             reason = "the `datasets` package is not installed"
         else:
             try:
+                datasets = optional.require("datasets", "loading from the hub")
                 rows = datasets.load_dataset(info.hub_id, info.hub_config, split=info.hub_splits[split])
                 # The hub marks the unlabelled test rows with label -1.
                 unlabelled = {"label": None} if split == "test" else {}

@@ -1,0 +1,47 @@
+"""Optional dependencies, all declared here and imported the same way: where they are used, through
+:func:`require`, so peftlab runs without them and a missing one is one line naming what needs it and how to
+install it. Everything else is imported at the top of the module that uses it."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+from peftlab.errors import PeftlabError
+
+#: importable name -> how to install it
+INSTALL = {
+    "botorch": 'pip install "peftlab[bo]"',
+    "matplotlib": 'pip install "peftlab[bench]"',
+    "peft": 'pip install "peftlab[bench]"',
+    "optuna_dashboard": 'pip install "peftlab[dashboard]"',
+    "psycopg2": 'pip install "peftlab[postgres]"',
+    "datasets": "pip install datasets",
+    "yaml": "pip install pyyaml",
+}
+#: peftlab modules that import an optional package at their top, and that package
+WRAPPERS = {"peftlab.search.bo": "botorch"}
+
+
+def available(name: str) -> bool:
+    """Whether the optional package ``name`` is installed (without importing it)."""
+    return importlib.util.find_spec(name) is not None
+
+
+def require(name: str, needed_for: str) -> ModuleType:
+    """The module ``name`` (a submodule too) of an optional package, or a PeftlabError saying ``needed_for`` needs
+    it and how to install it."""
+    top = WRAPPERS.get(name, name).split(".")[0]
+    if top not in INSTALL:
+        raise ValueError(f"'{top}' is not one of peftlab's optional dependencies: {', '.join(INSTALL)}")
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise PeftlabError(f"{needed_for} needs {top}: {INSTALL[top]}") from None
+
+
+def plotting() -> ModuleType:
+    """matplotlib's pyplot on the file-only backend (plots are written, never shown)."""
+    require("matplotlib", "plotting").use("Agg")
+    return require("matplotlib.pyplot", "plotting")
