@@ -36,6 +36,7 @@ from torch import nn
 
 import peftlab
 from peftlab.bench import cpu_model
+from peftlab.modules.whole import head_copy
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "lora_step.md"
 
@@ -130,7 +131,7 @@ def copy_lab_into_peft(pm: peftlab.PeftModel, pp: nn.Module) -> int:
             if target.scaling[adapter] != m.scaling:
                 theirs = target.scaling[adapter]
                 raise SystemExit(f"LoRA scaling differs: peft {theirs} vs peftlab {m.scaling}")
-        head = pm.adapters[pm.active_adapter].head
+        head = head_copy(pm.adapters[pm.active_adapter])
         if head is not None:
             wrapped = inner.get_submodule("classifier")
             wrapped.modules_to_save[adapter].load_state_dict(head.state_dict())

@@ -18,6 +18,7 @@ import peftlab
 from peftlab.core.spec import Spec
 from peftlab.errors import AdapterLoadError, PeftlabError
 from peftlab.modules.linear import LoraSettings
+from peftlab.modules.whole import head_copy
 
 peft = pytest.importorskip("peft")
 
@@ -169,7 +170,7 @@ def test_peft_adapter_runs_in_peftlab_with_the_same_outputs(case: str, tmp_path:
     with warns:
         pm = peftlab.load(_base(name, absolute_prefix), tmp_path)
     assert isinstance(pm, peftlab.PeftModel)
-    assert (pm.adapters["default"].head is not None) == (HEADS[name] == "seq-cls")
+    assert (head_copy(pm.adapters["default"]) is not None) == (HEADS[name] == "seq-cls")
     torch.testing.assert_close(logits(pm, batch), expected, atol=ATOL, rtol=0)
 
 

@@ -56,11 +56,6 @@ class Adapter(nn.Module):
         for kind, part in self.parts.items():
             yield module_key(None, kind), part
 
-    @property
-    def head(self) -> nn.Module | None:
-        """The adapter's copy of the task head, if it trains one."""
-        return self.parts["head"].head if "head" in self.parts else None
-
     def backbone_parameters(self) -> list[nn.Parameter]:
         return [p for _, m in self.all_modules() for p in m.backbone_parameters()]
 

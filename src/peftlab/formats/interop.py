@@ -34,7 +34,7 @@ from peftlab.formats.native import read_json_object
 from peftlab.modules import Dims, Settings
 from peftlab.modules.linear import IA3Settings, LoraSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
-from peftlab.modules.whole import HeadCopy
+from peftlab.modules.whole import HeadCopy, head_copy
 
 if TYPE_CHECKING:
     from peftlab.core.peft_model import PeftModel
@@ -185,11 +185,12 @@ def peft_files(pm: PeftModel, adapter_name: str) -> dict[str, Callable[[Path], N
     config, tensors = _EXPORTERS[kind](pm, adapter, placed, names)
     prompt_learning = kind in ("prefix", "prompt")
     modules_to_save = None
-    if adapter.head is not None:
+    head = head_copy(adapter)
+    if head is not None:
         head_name, _ = find_head(base, pm.anatomy)
         modules_to_save = [head_name]
         prefix = _key_root(prompt_learning) + head_name
-        tensors |= {f"{prefix}.{k}": v for k, v in adapter.head.state_dict().items()}
+        tensors |= {f"{prefix}.{k}": v for k, v in head.state_dict().items()}
     config = {
         "peft_type": _PEFT_TYPES[kind],
         "task_type": _task_type(base),

@@ -131,6 +131,12 @@ class FullTuning(InPlace):
         return self._model[0].state_dict()
 
 
+def head_copy(adapter: Any) -> nn.Module | None:
+    """An adapter's own copy of the task head, if it trains one."""
+    part = dict(adapter.parts.items()).get(HeadSettings.kind)
+    return part.head if part is not None else None
+
+
 def whole_model_parts(spec: Any) -> dict[str, Settings]:
     """The parts a spec's flags ask for, keyed by kind (full fine-tuning already trains head and embeddings)."""
     if spec.full:
