@@ -98,8 +98,8 @@ def test_no_imports_inside_functions() -> None:
 
 
 def test_optional_dependencies_fail_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(optional.INSTALL, "nothing_such", "pip install nothing-such")
-    with pytest.raises(PeftlabError, match=r"^plotting needs nothing_such: pip install nothing-such$"):
+    monkeypatch.setitem(optional.INSTALL, "nothing_such", ("nothing-such", "pip install nothing-such"))
+    with pytest.raises(PeftlabError, match=r"^plotting needs nothing-such: pip install nothing-such$"):
         optional.require("nothing_such.pyplot", "plotting")
     with pytest.raises(ValueError, match="not one of peftlab's optional dependencies"):
         optional.require("json", "anything")

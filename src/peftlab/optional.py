@@ -10,15 +10,15 @@ from types import ModuleType
 
 from peftlab.errors import PeftlabError
 
-#: importable name -> how to install it
+#: importable name -> (the package's name, how to install it)
 INSTALL = {
-    "botorch": 'pip install "peftlab[bo]"',
-    "matplotlib": 'pip install "peftlab[bench]"',
-    "peft": 'pip install "peftlab[bench]"',
-    "optuna_dashboard": 'pip install "peftlab[dashboard]"',
-    "psycopg2": 'pip install "peftlab[postgres]"',
-    "datasets": "pip install datasets",
-    "yaml": "pip install pyyaml",
+    "botorch": ("BoTorch", 'pip install "peftlab[bo]"'),
+    "matplotlib": ("matplotlib", 'pip install "peftlab[bench]"'),
+    "peft": ("peft", 'pip install "peftlab[bench]"'),
+    "optuna_dashboard": ("optuna-dashboard", 'pip install "peftlab[dashboard]"'),
+    "psycopg2": ("psycopg2", 'pip install "peftlab[postgres]"'),
+    "datasets": ("datasets", "pip install datasets"),
+    "yaml": ("PyYAML", "pip install pyyaml"),
 }
 #: peftlab modules that import an optional package at their top, and that package
 WRAPPERS = {"peftlab.search.bo": "botorch"}
@@ -38,7 +38,8 @@ def require(name: str, needed_for: str) -> ModuleType:
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise PeftlabError(f"{needed_for} needs {top}: {INSTALL[top]}") from None
+        package, install = INSTALL[top]
+        raise PeftlabError(f"{needed_for} needs {package}: {install}") from None
 
 
 def plotting() -> ModuleType:
