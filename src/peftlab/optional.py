@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from types import ModuleType
 
 from peftlab.errors import PeftlabError
@@ -25,7 +26,10 @@ WRAPPERS = {"peftlab.search.bo": "botorch"}
 
 
 def available(name: str) -> bool:
-    """Whether the optional package ``name`` is installed (without importing it)."""
+    """Whether the optional package ``name`` can be imported (without importing it; one already imported, or
+    blocked with ``sys.modules[name] = None``, answers for itself)."""
+    if name in sys.modules:
+        return sys.modules[name] is not None
     return importlib.util.find_spec(name) is not None
 
 
