@@ -84,7 +84,33 @@ class PrefixPool(nn.Module):
         return torch.tanh(self.down(self.embedding[:length]))
 
 
+def _configs(model: nn.Module) -> list[PretrainedConfig]:
+    seen: dict[int, PretrainedConfig] = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if isinstance(cfg, PretrainedConfig):
+            seen[id(cfg)] = cfg
+    return list(seen.values())
+
+
+def use_prefix_attention(model: nn.Module, on: bool) -> None:
+    """Route the model's attention through :func:`prefix_attention` (or back to what it was)."""
+    for cfg in _configs(model):
+        current = cfg._attn_implementation
+        if on and current != ATTN_NAME:
+            if current not in ("sdpa", "eager", None):
+                raise SpecError(
+                    f"prefix tuning needs attn_implementation 'sdpa' or 'eager', this model uses '{current}'"
+                )
+            setattr(cfg, _ORIGINAL_ATTR, current)
+            cfg._attn_implementation_internal = ATTN_NAME
+        elif not on and current == ATTN_NAME:
+            cfg._attn_implementation_internal = getattr(cfg, _ORIGINAL_ATTR, "sdpa")
+
+
 class Prefix(PeftModule):
+    model_switches = (use_prefix_attention,)
+
     def __init__(self, ctx: BuildContext, s: PrefixSettings) -> None:
         super().__init__(ctx)
         d = ctx.dims
@@ -189,32 +215,6 @@ def _full_mask(*args: Any, **kwargs: Any):
 AttentionInterface.register(ATTN_NAME, prefix_attention)
 AttentionMaskInterface.register(ATTN_NAME, _full_mask)
 
-
-def _configs(model: nn.Module) -> list[PretrainedConfig]:
-    seen: dict[int, PretrainedConfig] = {}
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if isinstance(cfg, PretrainedConfig):
-            seen[id(cfg)] = cfg
-    return list(seen.values())
-
-
-def use_prefix_attention(model: nn.Module, on: bool) -> None:
-    """Route the model's attention through :func:`prefix_attention` (or back to what it was)."""
-    for cfg in _configs(model):
-        current = cfg._attn_implementation
-        if on and current != ATTN_NAME:
-            if current not in ("sdpa", "eager", None):
-                raise SpecError(
-                    f"prefix tuning needs attn_implementation 'sdpa' or 'eager', this model uses '{current}'"
-                )
-            setattr(cfg, _ORIGINAL_ATTR, current)
-            cfg._attn_implementation_internal = ATTN_NAME
-        elif not on and current == ATTN_NAME:
-            cfg._attn_implementation_internal = getattr(cfg, _ORIGINAL_ATTR, "sdpa")
-
-
-Prefix.model_switches = (use_prefix_attention,)
 
 #: The forward argument that carries the key/value cache: ``past_key_values`` up to transformers 5.23, ``cache``
 #: from 5.24 on.
