@@ -31,7 +31,7 @@ from peftlab.search.dashboard import serve
 from peftlab.search.refine import refine
 from peftlab.search.results import export, front_table, summary
 from peftlab.search.storage import hide_password
-from peftlab.search.study import SearchConfig, load_study, none_completed, print_trial, run_search
+from peftlab.search.study import NUTS_DEFAULTS, SearchConfig, load_study, none_completed, print_trial, run_search
 from peftlab.space import load_space
 from peftlab.train import RUN_FIELDS, TrainConfig, default_device, evaluate, load_for_task, task_encoder, train
 from peftlab.train.tasks import get_task, make_splits
@@ -149,6 +149,9 @@ def cmd_search(args: argparse.Namespace) -> None:
         seed=args.sampler_seed,
         heartbeat=args.heartbeat,
         train=_train_settings(args),
+        nuts_warmup=args.nuts_warmup,
+        nuts_samples=args.nuts_samples,
+        nuts_thinning=args.nuts_thinning,
     )
     study = run_search(config, workers=args.workers, on_trial=print_trial)
     paths = export(study, Path(config.output) / "results", plots=not args.no_plots)
@@ -392,10 +395,19 @@ def _add_spec_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_train_args(p: argparse.ArgumentParser) -> None:
-    """The budget and optimisation flags of `peftlab train` (also the trials' fidelity in `peftlab search`)."""
+def _add_train_args(p: argparse.ArgumentParser, search: bool = False) -> None:
+    """The budget and optimisation flags of `peftlab train` (also the trials' fidelity in `peftlab search`, where
+    giving no budget flag means AutoPEFT's low fidelity, so --epochs has no default of its own)."""
     p.add_argument("--max-steps", type=int, help="budget in optimiser steps")
-    p.add_argument("--epochs", type=float, default=3.0, help="the full run in epochs (default 3)")
+    if search:
+        p.add_argument(
+            "--epochs",
+            type=float,
+            help="the full run in epochs (default 3; with none of --max-steps, --fraction, --epochs, trials train "
+            "--fraction 0.05 of --epochs 20, i.e. 1 epoch: AutoPEFT's low fidelity)",
+        )
+    else:
+        p.add_argument("--epochs", type=float, default=3.0, help="the full run in epochs (default 3)")
     p.add_argument("--fraction", type=float, help="budget as a fraction of the full run (low-fidelity trials)")
     p.add_argument("--k", type=int, help="train on K examples drawn with --data-seed (low-resource setup)")
     p.add_argument("--dev-size", type=int, help="examples held out from train for model selection (default 1000)")
@@ -495,8 +507,8 @@ def _add_search_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--space", default="autopeft", help="autopeft, s4 or a space file (default autopeft)")
     p.add_argument(
         "--sampler",
-        default="tpe",
-        help="random, tpe, nsga2, gp or autopeft (BoTorch SAAS-GP + qLogNEHVI; needs peftlab[bo]); default tpe",
+        help="random, tpe, nsga2, gp or autopeft (BoTorch SAAS-GP + qLogNEHVI; needs peftlab[bo]); default "
+        "autopeft when BoTorch is installed, else tpe",
     )
     p.add_argument("--trials", type=int, default=20, help="finished trials the study should hold (default 20)")
     _add_study_args(p, "peftlab", "search")
@@ -511,13 +523,28 @@ def _add_search_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--ref-point",
-        help="hypervolume reference point SCORE,STORED_PERCENT (default 0 and the "
-        "budget, else the space's costliest point)",
+        help="hypervolume reference point SCORE,STORED_PERCENT, for the report and the autopeft sampler (default: "
+        "the constant prediction's dev score and the budget, else 1.1 x the space's costliest point)",
     )
     p.add_argument("--startup-trials", type=int, default=8, help="random trials before model-based sampling")
     p.add_argument("--bo-batch", type=int, default=1, help="autopeft sampler: candidates chosen jointly")
+    p.add_argument(
+        "--nuts-warmup", type=int, default=NUTS_DEFAULTS["warmup_steps"], help="autopeft sampler: NUTS warm-up steps"
+    )
+    p.add_argument(
+        "--nuts-samples",
+        type=int,
+        default=NUTS_DEFAULTS["num_samples"],
+        help="autopeft sampler: NUTS samples per GP fit",
+    )
+    p.add_argument(
+        "--nuts-thinning",
+        type=int,
+        default=NUTS_DEFAULTS["thinning"],
+        help="autopeft sampler: keep every N-th NUTS sample (samples / thinning GP samples; the paper: 512, 256, 16)",
+    )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
-    _add_train_args(p)
+    _add_train_args(p, search=True)
     p.set_defaults(fn=cmd_search)
 
 

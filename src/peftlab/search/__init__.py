@@ -23,6 +23,7 @@ from peftlab.search.study import (
     none_completed,
     print_trial,
     run_search,
+    search_defaults,
     trial_rows,
     work,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "none_completed",
     "print_trial",
     "run_search",
+    "search_defaults",
     "trial_rows",
     "work",
 ]

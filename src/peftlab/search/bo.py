@@ -157,9 +157,10 @@ class AutoPEFTSampler(BaseSampler):
             takes most of a fit's time, so shorter chains save little; the defaults (256, 128, 16: 8 GP samples)
             halve the acquisition's cost (one term per GP sample) against the paper's 16 samples.
         max_tree_depth: NUTS tree depth (BoTorch's default).
-        ref_point: hypervolume reference point in the study's objective space (score, cost[, ...]); ``None``:
-            BoTorch's ``infer_reference_point`` on the observed Pareto front (its nadir moved back by 10% of
-            each objective's range), recomputed every step.
+        ref_point: hypervolume reference point in the study's objective space (score, cost[, ...]), so that
+            points the study gives no credit (e.g. scores at the constant prediction's) improve nothing; a
+            ``None`` value (or ``ref_point=None``: every value) is BoTorch's ``infer_reference_point`` on the
+            observed Pareto front (its nadir moved back by 10% of each objective's range), recomputed every step.
         budget: with ``cost``, points whose cost exceeds it are never suggested (they are left out of local
             search); trials the random start draws are not filtered.
         mc_samples: QMC samples of the joint posterior per acquisition value (BoTorch uses 128; with several
@@ -182,7 +183,7 @@ class AutoPEFTSampler(BaseSampler):
         num_samples: int = 128,
         thinning: int = 16,
         max_tree_depth: int = 6,
-        ref_point: Sequence[float] | None = None,
+        ref_point: Sequence[float | None] | None = None,
         budget: float | None = None,
         mc_samples: int = 32,
         n_random_starts: int = 5,
@@ -203,7 +204,7 @@ class AutoPEFTSampler(BaseSampler):
         self.seed = seed
         self.warmup_steps, self.num_samples, self.thinning = warmup_steps, num_samples, thinning
         self.max_tree_depth = max_tree_depth
-        self.ref_point = None if ref_point is None else [float(r) for r in ref_point]
+        self.ref_point = None if ref_point is None else [None if r is None else float(r) for r in ref_point]
         self.budget = budget
         self.mc_samples = mc_samples
         self.n_random_starts = n_random_starts
@@ -353,10 +354,10 @@ class AutoPEFTSampler(BaseSampler):
             Y[:, 1] = signs[1] * torch.tensor([self._cost_of(tuple(v)) for v in vectors], dtype=_DTYPE)
         model = self._model(X, Y, signs, n)
         t_fit = time.perf_counter() - t0
+        ref = infer_reference_point(Y[is_non_dominated(Y)])
         if self.ref_point is not None:
-            ref = torch.tensor(self.ref_point, dtype=_DTYPE) * signs
-        else:
-            ref = infer_reference_point(Y[is_non_dominated(Y)])
+            given = torch.tensor([math.nan if r is None else r for r in self.ref_point], dtype=_DTYPE) * signs
+            ref = torch.where(given.isnan(), ref, given)
         front = vectors[is_non_dominated(Y).numpy()]
         rng = np.random.default_rng(self._seed(n, 1))
         chosen: list[tuple[int, ...]] = []

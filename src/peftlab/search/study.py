@@ -16,12 +16,14 @@ trials are never run again. Stale trials of killed workers are detected by Optun
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import multiprocessing as mp
 import os
+import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -40,11 +42,21 @@ from peftlab.search.params import distributions, suggest, to_vector
 from peftlab.search.storage import hide_password, open_storage, storage_url
 from peftlab.space import Backbone, SearchSpace, load_space
 from peftlab.train import RUN_FIELDS, TrainConfig, train
+from peftlab.train.baseline import constant_scores
+from peftlab.train.data import task_splits
 from peftlab.train.tasks import get_task
 
 #: Objectives a search can have and their directions; ``score`` and ``stored`` are always the first two.
 OBJECTIVES = {"score": "maximize", "stored": "minimize", "memory": "minimize", "latency": "minimize"}
 SAMPLERS = ("random", "tpe", "nsga2", "gp", "autopeft")
+#: What the autopeft sampler imports: BoTorch, and the NumPyro (on JAX) its SAAS-GP fit runs on.
+AUTOPEFT_NEEDS = ("botorch", "jax", "numpyro")
+#: The TrainConfig fields that set a trial's training budget.
+BUDGET_FIELDS = ("max_steps", "fraction", "epochs")
+#: The trials' budget when a search gives none: AutoPEFT's low fidelity, 5% of a 20-epoch run (1 epoch).
+LOW_FIDELITY = {"epochs": 20.0, "fraction": 0.05}
+#: The autopeft sampler's NUTS settings by default (its own; Eriksson & Jankowiak's are 512, 256, 16).
+NUTS_DEFAULTS = {"warmup_steps": 256, "num_samples": 128, "thinning": 16}
 #: Trial statuses that count as finished (a killed worker's trial has none and is retried).
 FINISHED = ("completed", "early-stopped", "over-budget", "diverged", "error")
 _SEARCH_ATTR = "peftlab_search"
@@ -71,12 +83,14 @@ class CostModel(Backbone):
 @dataclass
 class SearchConfig:
     """A search: what is searched (model, task, space, objectives, budget, training) and how (sampler,
-    trials, storage). ``train`` holds :class:`~peftlab.train.TrainConfig` fields (the trials' fidelity)."""
+    trials, storage). ``train`` holds :class:`~peftlab.train.TrainConfig` fields (the trials' fidelity).
+    :func:`search_defaults` fills in what is left open: the sampler (``None``: autopeft when BoTorch is
+    installed, else tpe) and a training budget (none of ``BUDGET_FIELDS``: ``LOW_FIDELITY``)."""
 
     model: str
     task: str
     space: str = "autopeft"
-    sampler: str = "tpe"
+    sampler: str | None = None
     trials: int = 20
     study: str = "peftlab"
     storage: str | None = None
@@ -89,9 +103,14 @@ class SearchConfig:
     seed: int = 0
     heartbeat: int = 10
     train: dict[str, Any] = field(default_factory=dict)
+    #: the autopeft sampler's NUTS chain per GP fit: warm-up steps, samples drawn, and every how many kept
+    nuts_warmup: int = NUTS_DEFAULTS["warmup_steps"]
+    nuts_samples: int = NUTS_DEFAULTS["num_samples"]
+    nuts_thinning: int = NUTS_DEFAULTS["thinning"]
 
     def check(self) -> None:
-        if self.sampler not in (*SAMPLERS, "s4-refine"):  # s4-refine: set by peftlab.search.refine, not a sampler
+        # None: chosen by search_defaults; s4-refine: set by peftlab.search.refine, not a sampler
+        if self.sampler not in (*SAMPLERS, "s4-refine", None):
             raise PeftlabError(f"unknown sampler '{self.sampler}'; samplers: {', '.join(SAMPLERS)}")
         if (
             tuple(self.objectives[:2]) != ("score", "stored")
@@ -106,9 +125,22 @@ class SearchConfig:
                 "the memory objective needs a CUDA GPU: on the CPU the peak RSS belongs to the "
                 "whole worker process, not to one trial"
             )
-        for name in ("trials", "startup_trials", "batch_size", "heartbeat"):
+        for name in (
+            "trials",
+            "startup_trials",
+            "batch_size",
+            "heartbeat",
+            "nuts_warmup",
+            "nuts_samples",
+            "nuts_thinning",
+        ):
             if getattr(self, name) < 1:
                 raise PeftlabError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.nuts_thinning > self.nuts_samples:
+            raise PeftlabError(
+                f"nuts_thinning ({self.nuts_thinning}) keeps every n-th of nuts_samples ({self.nuts_samples}): "
+                "it must not exceed nuts_samples, or no sample is kept"
+            )
         if self.budget is not None and not 0 < self.budget <= 100:
             raise PeftlabError(f"budget is a % of the backbone's parameters in (0, 100], got {self.budget}")
         known = {f.name for f in fields(TrainConfig)} - set(RUN_FIELDS)
@@ -116,6 +148,11 @@ class SearchConfig:
         if unknown:
             raise PeftlabError(f"unknown training settings {unknown}; allowed: {', '.join(sorted(known))}")
         TrainConfig(model=self.model, task=self.task, **self.train).check()
+
+    @property
+    def nuts(self) -> dict[str, int]:
+        """The NUTS settings as the autopeft sampler takes them."""
+        return {"warmup_steps": self.nuts_warmup, "num_samples": self.nuts_samples, "thinning": self.nuts_thinning}
 
     @property
     def storage_url(self) -> str:
@@ -146,7 +183,28 @@ class SearchConfig:
             "train": self.train,
             "ref_point": list(self.ref_point) if self.ref_point else None,
             "sampler": self.sampler,
+            "nuts": self.nuts if self.sampler == "autopeft" else None,
         }
+
+
+def search_defaults(config: SearchConfig) -> SearchConfig:
+    """``config`` with the paper's method where it leaves the choice open: the autopeft sampler (tpe, said in one
+    line on stderr, when BoTorch is not installed) and AutoPEFT's low-fidelity budget. Budget fields set to
+    ``None`` count as not given."""
+    sampler = config.sampler
+    if sampler is None:
+        sampler = "autopeft" if all(optional.available(m) for m in AUTOPEFT_NEEDS) else "tpe"
+        if sampler == "tpe":
+            print(
+                "peftlab search: BoTorch (with JAX and NumPyro) is not installed, so the tpe sampler is used instead "
+                'of autopeft (pip install "peftlab[bo]")',
+                file=sys.stderr,
+                flush=True,
+            )
+    train = {k: v for k, v in config.train.items() if k not in BUDGET_FIELDS or v is not None}
+    if not any(k in train for k in BUDGET_FIELDS):
+        train |= LOW_FIDELITY
+    return dataclasses.replace(config, sampler=sampler, train=train)
 
 
 def load_study(storage: str, study: str) -> tuple[optuna.Study, dict[str, Any]]:
@@ -175,8 +233,12 @@ def make_sampler(
     cost: Callable[[list[int]], float],
     budget: float | None = None,
     batch_size: int = 1,
+    ref_point: Sequence[float | None] | None = None,
+    nuts: Mapping[str, int] | None = None,
 ) -> optuna.samplers.BaseSampler:
-    """A sampler by name: random, tpe, nsga2, gp (Optuna's), autopeft (BoTorch SAAS-GP + qLogNEHVI)."""
+    """A sampler by name: random, tpe, nsga2, gp (Optuna's), autopeft (BoTorch SAAS-GP + qLogNEHVI, whose
+    hypervolume is measured from ``ref_point``, one value per objective, ``None`` for one it infers, and whose
+    GP fits take the ``nuts`` settings)."""
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "tpe":
@@ -188,7 +250,14 @@ def make_sampler(
     if name == "autopeft":
         bo = optional.require("peftlab.search.bo", "the autopeft sampler")  # BoTorch
         return bo.AutoPEFTSampler(
-            space=space, cost=cost, n_startup_trials=startup, batch_size=batch_size, seed=seed, budget=budget
+            space=space,
+            cost=cost,
+            n_startup_trials=startup,
+            batch_size=batch_size,
+            seed=seed,
+            budget=budget,
+            ref_point=ref_point,
+            **(nuts or NUTS_DEFAULTS),
         )
     raise PeftlabError(f"unknown sampler '{name}'; samplers: {', '.join(SAMPLERS)}")
 
@@ -307,7 +376,12 @@ def create_study(config: SearchConfig) -> tuple[optuna.Study, SearchSpace]:
         # the API with only some settings, is the same search when its omitted settings have the default value.
         mine, theirs = (
             {**mine, "train": _with_defaults(mine["train"])},
-            {**theirs, "train": _with_defaults(theirs.get("train") or {})},
+            # a study made before the NUTS settings were stored ran the sampler's defaults
+            {
+                "nuts": NUTS_DEFAULTS if theirs.get("sampler") == "autopeft" else None,
+                **theirs,
+                "train": _with_defaults(theirs.get("train") or {}),
+            },
         )
         diff = [
             k
@@ -346,18 +420,27 @@ def _with_defaults(train: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in defaults.items() if k not in RUN_FIELDS} | train
 
 
+def constant_score(config: SearchConfig) -> float:
+    """The dev score of the best constant prediction, on the dev split the search's trials build: a configuration
+    scoring no more has learned nothing. 0 when there is no dev split (the trials' score is then minus the loss)."""
+    task, splits = task_splits(TrainConfig(model=config.model, task=config.task, **config.train))
+    return float(constant_scores(task, splits.dev)[task.main_metric]) if splits.dev else 0.0
+
+
 def default_ref_point(space: SearchSpace, config: SearchConfig) -> list[float]:
-    """Score 0 (no better than chance for accuracy/F1/MCC/correlation) and the budget, else 1.1 x the
-    costliest of the space's corner (every dimension at its last choice) and 64 random points."""
+    """The constant prediction's dev score (:func:`constant_score`: no credit for learning nothing) and the
+    budget, else 1.1 x the costliest of the space's corner (every dimension at its last choice) and 64 random
+    points."""
+    score = constant_score(config)
     if config.budget is not None:
-        return [0.0, float(config.budget)]
+        return [score, float(config.budget)]
     cost = CostModel.for_search(config)
     points = [[len(d.choices) - 1 for d in space.dimensions()], *(space.random_vector(k) for k in range(64))]
     costs = []
     for v in points:
         with contextlib.suppress(SpecError):  # points that cannot be built fail as trials, not here
             costs.append(cost.stored(space.decode(v)))
-    return [0.0, round(1.1 * max(costs), 4) if costs else 100.0]
+    return [score, round(1.1 * max(costs), 4) if costs else 100.0]
 
 
 def work(
@@ -366,7 +449,9 @@ def work(
     threads: int | None = None,
     on_trial: Callable[[FrozenTrial], None] | None = None,
 ) -> None:
-    """One worker: ask, train, tell, until the study holds ``config.trials`` finished trials."""
+    """One worker: ask, train, tell, until the study holds ``config.trials`` finished trials. The sampler measures
+    hypervolume from the study's reference point (the extra objectives' from the data)."""
+    config = search_defaults(config)
     if threads:
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -374,6 +459,7 @@ def work(
     storage = open_storage(config.storage_url, heartbeat=config.heartbeat)
     cost = CostModel.for_search(config)
     seed = config.seed + 7919 * worker + len(study.get_trials(deepcopy=False))  # fresh draws when resumed
+    ref = definition_of(study)["ref_point"]
     sampler = make_sampler(
         config.sampler,
         space,
@@ -382,6 +468,8 @@ def work(
         lambda v: cost.stored(space.decode(v)),
         config.budget,
         config.batch_size,
+        ref_point=[*ref, *[None] * (len(config.objectives) - len(ref))],
+        nuts=config.nuts,
     )
     study = optuna.load_study(study_name=config.study, storage=storage, sampler=sampler)
     objective = Objective(config, space, cost)
@@ -426,6 +514,7 @@ def run_search(
     if workers < 1:
         raise PeftlabError(f"workers must be >= 1, got {workers}")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    config = search_defaults(config)
     create_study(config)
     if workers == 1:
         work(config, 0, on_trial=on_trial)
