@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from peftlab.train.baseline import constant_scores, prior_loss
+from peftlab.train.baseline import constant_scores, hopeless, prior_loss
 from peftlab.train.tasks import Example, get_task, make_splits
 
 
@@ -42,3 +42,15 @@ def test_real_dev_split_baselines() -> None:
     acc = constant_scores(task, splits.dev)["accuracy"]
     assert 0.5 <= acc < 0.6
     assert 0.6 < prior_loss(task, splits.train) <= math.log(2)
+
+
+def test_hopeless_needs_the_score_and_the_loss_to_agree() -> None:
+    # Learned nothing: the constant prediction's score and a loss still at the prior (a random head starts above it).
+    reason = hopeless("accuracy", 0.5, 0.5, 0.70, math.log(2))
+    assert reason is not None and "accuracy 0.5000 <= constant prediction's 0.5000" in reason and "0.6931" in reason
+    # Merely slow: predictions not flipped yet, but the loss is already on its way below the prior.
+    assert hopeless("accuracy", 0.4, 0.5, 0.66, math.log(2)) is None
+    # Above the constant prediction: learning, whatever the loss says.
+    assert hopeless("accuracy", 0.5 + 1e-6, 0.5, 0.70, math.log(2)) is None
+    # Text-to-text (no comparable loss): the score decides.
+    assert hopeless("f1", 0.5, 0.6, None, None) is not None

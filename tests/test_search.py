@@ -19,7 +19,15 @@ from peftlab.cli import main
 from peftlab.errors import PeftlabError
 from peftlab.search import results
 from peftlab.search.params import distributions, suggest, to_params, to_vector
-from peftlab.search.study import SearchConfig, counted, create_study, load_study, make_sampler, run_search
+from peftlab.search.study import (
+    SearchConfig,
+    counted,
+    create_study,
+    load_study,
+    make_sampler,
+    print_trial,
+    run_search,
+)
 
 DATA = Path(os.environ.get("PEFTLAB_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 pytestmark = pytest.mark.skipif(not (DATA / "glue" / "SST-2").is_dir(), reason=f"no GLUE data under {DATA}")
@@ -80,11 +88,16 @@ def test_search_trains_points_and_exports_the_front(tmp_path: Path) -> None:
     for t in done:
         assert 0 <= t.values[0] <= 1 and t.values[1] == pytest.approx(t.user_attrs["stored_percent"])
         assert (Path(t.user_attrs["run"]) / "record.json").is_file() or "copied_from" in t.user_attrs
-        assert set(t.user_attrs["test"]) == {"accuracy"}
+        assert t.user_attrs.get("test") is None  # trials never look at test
     curve = results.hypervolume_curve(study)
     assert len(curve) == 5 and curve == sorted(curve) and curve[-1] > 0
     front = results.pareto_trials(study)
     assert front and all(not any(o.values[0] >= f.values[0] and o.values[1] < f.values[1] for o in done) for f in front)
+    # After the trials, the front (and only the front) is scored on test, from the adapters its trials saved.
+    tested = {r["number"]: r.get("test_accuracy") for r in results.trial_rows(study)}
+    assert {n for n, v in tested.items() if v is not None} == {t.number for t in front}
+    assert all(set(r["test"]) == {"accuracy"} for r in results.summary(study)["pareto"])
+    assert all(line.split()[3] != "-" for line in results.front_table(study).splitlines()[1:])  # the test column
     paths = results.export(study, tmp_path / "out")
     assert {p.name for p in paths} >= {"trials.csv", "pareto.json", "hypervolume.csv", "front.png", "hypervolume.png"}
     assert json.loads((tmp_path / "out" / "pareto.json").read_text())["hypervolume"] == pytest.approx(curve[-1])
@@ -109,6 +122,26 @@ def test_failed_and_diverged_trials_are_recorded_and_the_search_goes_on(tmp_path
     diverged = run_search(_config(tmp_path / "d", trials=2, train=TRAIN | {"lr": 1e30}))
     assert {t.user_attrs["status"] for t in diverged.trials} == {"diverged"}
     assert all(t.state == optuna.trial.TrialState.FAIL for t in diverged.trials)
+
+
+def test_hopeless_trials_are_finished_with_their_reason_and_the_search_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 32 examples / batch 8: the first evaluation at step 4 of 8; at lr 1e-9 nothing is learned.
+    train = TRAIN | {"max_steps": 8, "eval_every": 4, "lr": 1e-9}
+    study = run_search(_config(tmp_path, trials=3, train=train), on_trial=print_trial)
+    assert counted(study) == (3, 0)
+    for t in study.trials:
+        assert t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs["status"] == "hopeless"
+        assert t.user_attrs["steps"] == 4 and t.values[0] == t.user_attrs["dev"]["score"]
+        assert t.user_attrs["message"].startswith("stopped at step 4: dev accuracy")
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(": hopeless, dev score" in line and "constant prediction" in line for line in lines)
+    assert results.summary(study)["statuses"] == {"hopeless": 3}
+    assert {r["status"] for r in results.trial_rows(study)} == {"hopeless"}
+    # Turned off, the same trials train to their budget.
+    full = run_search(_config(tmp_path / "off", trials=1, train=train | {"stop_hopeless": False}))
+    assert full.trials[0].user_attrs["status"] == "completed" and full.trials[0].user_attrs["steps"] == 8
 
 
 def test_over_budget_points_are_pruned_untrained(tmp_path: Path) -> None:
@@ -259,6 +292,11 @@ def test_cli_search_pareto_and_retrain(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["pareto", "show", "--storage", db, "--study", "peftlab", "--json"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert shown["trials"] == 3 and shown["pareto"]
+    assert {k: shown["definition"]["train"][k] for k in ("score_test", "stop_hopeless")} == {
+        "score_test": False,
+        "stop_hopeless": True,
+    }
+    assert all(r["test"] for r in shown["pareto"])  # scored after the trials
     best = shown["pareto"][0]["number"]
     assert (
         main(
@@ -337,6 +375,13 @@ QUICK = ["search", *FLAGS, "--sampler", "random", "--trials", "1", "--max-steps"
 
 def _runs(study: optuna.Study) -> dict[str, bytes]:
     return {t.user_attrs["run"]: (Path(t.user_attrs["run"]) / "record.json").read_bytes() for t in study.trials}
+
+
+def test_cli_search_can_score_every_trial_and_train_every_trial_to_its_budget(tmp_path: Path) -> None:
+    assert main([*QUICK, "--score-test", "--no-stop-hopeless", "--output", str(tmp_path)]) == 0
+    study, definition = load_study(str(tmp_path / "study.db"), "peftlab")
+    assert definition["train"]["score_test"] is True and definition["train"]["stop_hopeless"] is False
+    assert set(study.trials[0].user_attrs["test"]) == {"accuracy"}
 
 
 def test_default_output_is_the_studys_own(

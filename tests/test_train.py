@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,48 @@ def test_loss_goes_down_on_real_data() -> None:
         "transformers",
         "peftlab",
     }
+
+
+def test_a_run_that_cannot_learn_stops_after_its_first_evaluation(tmp_path: Path) -> None:
+    config = _config(tmp_path, max_steps=40, eval_every=8, lr=1e-9, stop_hopeless=True, score_test=False)
+    record = train(methods.lora(r=4), config)
+    assert record.status == "hopeless" and record.steps == 8 and len(record.evaluations) == 1
+    assert record.message.startswith("stopped at step 8: dev accuracy")
+    assert "constant prediction's" in record.message and "label prior's" in record.message
+    assert record.test is None  # score_test off: the test split is left alone
+    assert (tmp_path / "adapter").is_dir()
+    assert json.loads((tmp_path / "record.json").read_text())["status"] == "hopeless"
+
+
+def _keyword_task(folder: Path) -> Path:
+    """A task a tiny random model learns in a few dozen steps: the label is one keyword among random words."""
+    words = ["red", "blue", "tall", "small", "cat", "dog", "tree", "rock", "sky", "sea"]
+    rng = random.Random(0)
+    lines = [f"{' '.join(rng.sample(words, 3))} {'great' if i % 2 else 'awful'},{i % 2}\n" for i in range(96)]
+    path = folder / "train.csv"
+    path.write_text("text,label\n" + "".join(lines))
+    return path
+
+
+def test_a_run_that_learns_is_not_stopped(tmp_path: Path) -> None:
+    config = TrainConfig(
+        model="shape:tiny-bert",
+        task="keyword",
+        train_file=str(_keyword_task(tmp_path)),
+        dev_size=32,
+        batch_size=8,
+        max_length=16,
+        max_steps=32,
+        eval_every=16,
+        lr=1e-2,
+        warmup_ratio=0.0,
+        dropout=0.0,
+        progress=False,
+        stop_hopeless=True,
+    )
+    record = train(methods.full(), config)
+    assert record.status == "completed" and record.steps == 32 and record.message is None
+    assert record.evaluations[0]["accuracy"] > 0.6 and record.test is not None
 
 
 def test_budgets_in_steps_epochs_and_fractions() -> None:

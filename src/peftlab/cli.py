@@ -31,7 +31,15 @@ from peftlab.search.dashboard import serve
 from peftlab.search.refine import refine
 from peftlab.search.results import export, front_table, summary
 from peftlab.search.storage import hide_password
-from peftlab.search.study import NUTS_DEFAULTS, SearchConfig, load_study, none_completed, print_trial, run_search
+from peftlab.search.study import (
+    NUTS_DEFAULTS,
+    SEARCH_TRAINING,
+    SearchConfig,
+    load_study,
+    none_completed,
+    print_trial,
+    run_search,
+)
 from peftlab.space import load_space
 from peftlab.train import RUN_FIELDS, TrainConfig, default_device, evaluate, load_for_task, task_encoder, train
 from peftlab.train.tasks import get_task, make_splits
@@ -121,6 +129,8 @@ def _train_config(args: argparse.Namespace, output: str | None):
         text_pair_column=args.text_pair_column,
         label_column=args.label_column,
         label_names=args.labels.split(",") if args.labels else None,
+        score_test=args.score_test,
+        stop_hopeless=args.stop_hopeless,
     )
 
 
@@ -285,6 +295,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         record = train(spec, _train_config(args, args.output))
     summary = {
         "status": record.status,
+        "message": record.message,
         "steps": record.steps,
         "best": record.best,
         "test": record.test,
@@ -464,6 +475,23 @@ def _add_study_args(p: argparse.ArgumentParser, study: str, output: str) -> None
     )
 
 
+def _add_trial_training_args(p: argparse.ArgumentParser) -> None:
+    """How a search's trials train beyond the training flags (the defaults: peftlab.search.study.SEARCH_TRAINING)."""
+    p.add_argument(
+        "--score-test",
+        action="store_true",
+        help="score every trial on the test split (default: only the Pareto set, after the trials)",
+    )
+    p.add_argument(
+        "--no-stop-hopeless",
+        dest="stop_hopeless",
+        action="store_false",
+        help="train every trial to its budget (default: stop one whose first dev evaluation shows it has not "
+        "started to learn; see README, Search)",
+    )
+    p.set_defaults(**SEARCH_TRAINING)
+
+
 def _add_methods_parser(sub: argparse._SubParsersAction) -> None:
     """`peftlab methods`: the presets."""
     p = sub.add_parser("methods", help="list the method presets, one line each")
@@ -493,7 +521,13 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     _add_spec_args(p)
     p.add_argument("--output", required=True, help="folder for the adapter, record.json and checkpoints")
     _add_train_args(p)
-    p.set_defaults(fn=cmd_train)
+    p.add_argument(
+        "--stop-hopeless",
+        action="store_true",
+        help="stop after the first dev evaluation if the run has not started to learn: dev score at the constant "
+        "prediction's and training loss at the label prior's (status hopeless)",
+    )
+    p.set_defaults(fn=cmd_train, score_test=True)
 
 
 def _add_search_parser(sub: argparse._SubParsersAction) -> None:
@@ -545,6 +579,7 @@ def _add_search_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     _add_train_args(p, search=True)
+    _add_trial_training_args(p)
     p.set_defaults(fn=cmd_search)
 
 
@@ -561,6 +596,7 @@ def _add_refine_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stages", help="comma-separated stages to run, in order (default: all; see `peftlab space`)")
     _add_study_args(p, "refine", "refine")
     _add_train_args(p)
+    _add_trial_training_args(p)
     p.set_defaults(fn=cmd_refine)
 
 

@@ -15,26 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from peftlab import optional
 from peftlab.atomic import write_json, write_text, write_with
 from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError
-from peftlab.search.pareto import hypervolume_history, pareto_indices
-from peftlab.search.study import definition_of, finished_points, trial_rows
+from peftlab.search.holdout import trial_test
+from peftlab.search.pareto import hypervolume_history
+from peftlab.search.study import definition_of, finished_points, pareto_trials, trial_rows
 from peftlab.train import RunRecord, TrainConfig, train
 
 
 def ref_point(study: optuna.Study) -> tuple[float, float]:
     ref = definition_of(study)["ref_point"]
     return float(ref[0]), float(ref[1])
-
-
-def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
-    """The completed trials on the (dev score, stored %) front, by increasing stored %."""
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    return [done[i] for i in pareto_indices([(t.values[0], t.values[1]) for t in done])]
 
 
 def hypervolume_curve(study: optuna.Study) -> list[float]:
@@ -57,17 +52,17 @@ def summary(study: optuna.Study) -> dict[str, Any]:
         "statuses": statuses,
         "ref_point": list(ref_point(study)),
         "hypervolume": curve[-1] if curve else 0.0,
-        "pareto": [_front_row(t) for t in front],
+        "pareto": [_front_row(t, study.user_attrs) for t in front],
     }
 
 
-def _front_row(t: FrozenTrial) -> dict[str, Any]:
+def _front_row(t: FrozenTrial, study_attrs: dict[str, Any]) -> dict[str, Any]:
     return {
         "number": t.number,
         "score": t.values[0],
         "stored_percent": t.values[1],
         "trainable_percent": t.user_attrs.get("trainable_percent"),
-        "test": t.user_attrs.get("test"),
+        "test": trial_test(study_attrs, t),
         "params": t.params,
         "spec": t.user_attrs.get("spec"),
     }
@@ -76,8 +71,9 @@ def _front_row(t: FrozenTrial) -> dict[str, Any]:
 def front_table(study: optuna.Study) -> str:
     """The Pareto set as an aligned text table (the CLI prints it)."""
     lines = [f"{'trial':>5}  {'dev score':>9}  {'stored %':>9}  {'test':>8}  params"]
+    attrs = study.user_attrs
     for t in pareto_trials(study):
-        test = t.user_attrs.get("test") or {}
+        test = trial_test(attrs, t) or {}
         main = (t.user_attrs.get("dev") or {}).get("metric")
         shown = f"{test[main]:.4f}" if main in test else "-"
         params = " ".join(f"{k}={v}" for k, v in t.params.items())
@@ -218,7 +214,7 @@ def retrain(
         for n in numbers:
             trial_spec(study, n)  # an unknown trial fails here, before any training
     chosen = [study.trials[n] for n in numbers] if numbers else pareto_trials(study)
-    settings = dict(definition["train"])
+    settings = dict(definition["train"]) | {"score_test": True, "stop_hopeless": False}  # full runs, test-scored
     if overrides:  # one budget: the given one replaces the search's low fidelity
         for key in ("max_steps", "fraction"):
             settings.pop(key, None)

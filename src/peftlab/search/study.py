@@ -4,8 +4,12 @@ A trial's parameters are the space's dimensions by name, as :mod:`peftlab.search
 
 A trial decodes its point into a spec, counts the spec's stored parameters exactly (meta device,
 milliseconds), and, unless that breaks the parameter budget, trains it with :func:`peftlab.train.train` at
-the search's (low) fidelity. Its values are the best *dev* score (the test split is recorded, never used to
-choose) and the stored parameters as % of the backbone; optionally peak memory (CUDA) or training latency.
+the search's (low) fidelity. Its values are the best *dev* score and the stored parameters as % of the
+backbone; optionally peak memory (CUDA) or training latency. Trials do not score the test split (unless the
+training settings say ``score_test``): after the trials the Pareto set is scored on it
+(:mod:`peftlab.search.holdout`), so test never chooses. A trial whose first evaluation shows it has not started
+to learn stops there (``stop_hopeless``, on by default in searches): it is finished, with status "hopeless", its
+reason, and its dev score (the constant prediction's), which the sampler sees as that point's result.
 Over-budget points are pruned without training; runs that diverge or raise are recorded as failed with
 their reason, and the search goes on. Everything lives in the Optuna storage (an SQLite file by default,
 PostgreSQL for workers on several machines): the study's user attributes hold the search's definition, so
@@ -38,7 +42,9 @@ from peftlab import optional
 from peftlab.backbone.zoo import load_model
 from peftlab.core.spec import SpecError
 from peftlab.errors import PeftlabError
+from peftlab.search.holdout import score_front, trial_test
 from peftlab.search.params import distributions, suggest, to_vector
+from peftlab.search.pareto import pareto_indices
 from peftlab.search.storage import hide_password, open_storage, storage_url
 from peftlab.space import Backbone, SearchSpace, load_space
 from peftlab.train import RUN_FIELDS, TrainConfig, train
@@ -58,7 +64,10 @@ LOW_FIDELITY = {"epochs": 20.0, "fraction": 0.05}
 #: The autopeft sampler's NUTS settings by default (its own; Eriksson & Jankowiak's are 512, 256, 16).
 NUTS_DEFAULTS = {"warmup_steps": 256, "num_samples": 128, "thinning": 16}
 #: Trial statuses that count as finished (a killed worker's trial has none and is retried).
-FINISHED = ("completed", "early-stopped", "over-budget", "diverged", "error")
+FINISHED = ("completed", "early-stopped", "hopeless", "over-budget", "diverged", "error")
+#: Training settings of a search's trials unless it gives its own: dev alone chooses (test is scored for the
+#: Pareto set at the end), and trials that have not started to learn at their first evaluation stop there.
+SEARCH_TRAINING = {"score_test": False, "stop_hopeless": True}
 _SEARCH_ATTR = "peftlab_search"
 #: The file in a search's output folder that names the study (and storage) its trial runs belong to.
 OWNER_FILE = "study.json"
@@ -107,6 +116,9 @@ class SearchConfig:
     nuts_warmup: int = NUTS_DEFAULTS["warmup_steps"]
     nuts_samples: int = NUTS_DEFAULTS["num_samples"]
     nuts_thinning: int = NUTS_DEFAULTS["thinning"]
+
+    def __post_init__(self) -> None:
+        self.train = SEARCH_TRAINING | self.train
 
     def check(self) -> None:
         # None: chosen by search_defaults; s4-refine: set by peftlab.search.refine, not a sampler
@@ -310,7 +322,7 @@ class Objective:
             raise optuna.TrialPruned(f"stored {pct['stored']:.3f}% > budget {budget}%")
         same = _same_point(trial, params)
         if same is not None:  # training is deterministic for a seed: the same point gives the same result
-            for k in ("run", "wall_time_s", "steps", "dev", "test", "status"):
+            for k in ("run", "wall_time_s", "steps", "dev", "test", "status", "message"):
                 trial.set_user_attr(k, same.user_attrs.get(k))
             trial.set_user_attr("copied_from", same.number)
             return list(same.values)
@@ -334,6 +346,8 @@ class Objective:
         trial.set_user_attr("dev", record.best)
         trial.set_user_attr("test", record.test)
         trial.set_user_attr("status", record.status)
+        if record.message:  # a hopeless run's reason
+            trial.set_user_attr("message", record.message)
         values = [float(record.best["score"]), pct["stored"]]
         if "memory" in self.config.objectives:
             values.append(record.peak_memory_bytes / 2**20)
@@ -510,7 +524,8 @@ def _spawned(config: SearchConfig, worker: int, threads: int) -> None:
 def run_search(
     config: SearchConfig, workers: int = 1, on_trial: Callable[[FrozenTrial], None] | None = None
 ) -> optuna.Study:
-    """Run (or resume, or join) a search with ``workers`` local processes; returns the study."""
+    """Run (or resume, or join) a search with ``workers`` local processes, then score its Pareto set on the test
+    split (:func:`peftlab.search.holdout.score_front`); returns the study."""
     if workers < 1:
         raise PeftlabError(f"workers must be >= 1, got {workers}")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -537,7 +552,15 @@ def run_search(
                 f"{len(bad)} worker(s) exited with codes {bad}; finished trials are kept in the "
                 "study: run the same command again to resume"
             )
-    return optuna.load_study(study_name=config.study, storage=open_storage(config.storage_url))
+    study = optuna.load_study(study_name=config.study, storage=open_storage(config.storage_url))
+    score_front(study, pareto_trials(study), definition_of(study))
+    return study
+
+
+def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The completed trials on the (dev score, stored %) front, by increasing stored %."""
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    return [done[i] for i in pareto_indices([(t.values[0], t.values[1]) for t in done])]
 
 
 def none_completed(study: optuna.Study) -> str | None:
@@ -574,8 +597,9 @@ def print_trial(t: FrozenTrial) -> None:
 def trial_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """Every trial as a flat row: number, status, values, counts, dev and test scores, parameters."""
     rows = []
+    attrs = study.user_attrs
     for t in study.get_trials(deepcopy=False):
-        test = t.user_attrs.get("test") or {}
+        test = trial_test(attrs, t) or {}
         row: dict[str, Any] = {
             "number": t.number,
             "state": t.state.name,

@@ -57,6 +57,12 @@ class TrainConfig:
     text_pair_column: str | None = None
     label_column: str = "label"
     label_names: list[str] | None = None
+    #: score the test split at the end (a search's trials do not: dev alone chooses, and the search scores its
+    #: Pareto set on test once, after the trials)
+    score_test: bool = True
+    #: stop after the first dev evaluation a run that has not started to learn (status "hopeless"; see
+    #: peftlab.train.baseline.hopeless)
+    stop_hopeless: bool = False
 
     def check(self) -> None:
         budgets = [b for b in (self.max_steps, self.fraction) if b is not None]
@@ -93,7 +99,8 @@ class TrainConfig:
 @dataclass
 class RunRecord:
     """The JSON record every run writes (``evaluations``: per evaluation the step, the mean training loss
-    since the previous evaluation and the dev metrics)."""
+    since the previous evaluation and the dev metrics). ``status``: completed, early-stopped, hopeless (stopped
+    after its first evaluation, ``message`` says why) or diverged; ``test`` is None when not scored."""
 
     config: dict[str, Any]
     spec: dict[str, Any]

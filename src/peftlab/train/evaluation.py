@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
+from peftlab.formats.loading import load
 from peftlab.train import metrics as metric_fns
-from peftlab.train.data import Encoder, text_length
+from peftlab.train.config import TrainConfig
+from peftlab.train.data import Encoder, load_for_task, task_encoder, task_splits, text_length
+from peftlab.train.environment import default_device
 from peftlab.train.tasks import Example
 
 
@@ -60,3 +65,14 @@ def evaluate(
     preds = predict(pm, encoder, rows, batch_size, device)
     labels = [r["label"] for r in rows]
     return metric_fns.compute(encoder.task.metrics, preds, labels)
+
+
+def score_saved(config: TrainConfig, adapter: str | Path) -> dict[str, float]:
+    """The test scores of an adapter a run of ``config`` saved, on that run's test split (a search scores its
+    Pareto set so, once, after trials that did not look at test)."""
+    task, splits = task_splits(config)
+    model, seq2seq = load_for_task(config.model, task)
+    device = default_device()
+    model.to(device)
+    encoder = task_encoder(config.model, model, task, config.max_length, seq2seq)
+    return evaluate(load(model, adapter), encoder, splits.test, config.eval_batch_size, device)

@@ -25,6 +25,7 @@ from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError
 from peftlab.memory import peak_memory
 from peftlab.modules.base import TrainingLoss
+from peftlab.train.baseline import constant_scores, hopeless, prior_loss
 from peftlab.train.checkpoint import load_checkpoint, restore, save_checkpoint, snapshot, trainable
 from peftlab.train.config import CHECKPOINT, RunRecord, TrainConfig
 from peftlab.train.data import Encoder, batches, load_for_task, task_encoder, task_splits, text_length
@@ -148,9 +149,20 @@ class Run:
         self.out = Path(config.output) if config.output else None
         self.ckpt = self.out / CHECKPOINT if self.out else None
         self.state: dict[str, Any] = {"step": 0, "best_state": None, "bad_evals": 0, "tokens": 0, "elapsed": 0.0}
+        self.limits = self._learned_nothing() if config.stop_hopeless else None
         self._resume()
         self.autocast = _autocast(config.precision)
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+
+    def _learned_nothing(self) -> tuple[float, float | None] | None:
+        """What a run that learned nothing shows: the constant prediction's dev score and the label prior's
+        loss on train (None where the training loss is not the head's alone: text-to-text, or an extra
+        objective such as AdaMix's consistency); None without a labelled dev split to compare on."""
+        dev, task = self.splits.dev, self.encoder.task
+        if not dev or any(r["label"] is None for r in dev):
+            return None
+        prior = None if self.encoder.seq2seq or self.weight else prior_loss(task, self.splits.train)
+        return constant_scores(task, dev)[task.main_metric], prior
 
     def _resume(self) -> None:
         """Continue from the output's checkpoint; refuse an output that holds a finished run."""
@@ -197,7 +209,8 @@ class Run:
         return loss_sum
 
     def _evaluate(self, step: int, loss: float) -> bool:
-        """Evaluate on the dev split, keep the best state; True when early stopping says to stop."""
+        """Evaluate on the dev split, keep the best state; True when early stopping says to stop, or (with
+        ``stop_hopeless``) the first evaluation shows a run that has not started to learn."""
         dev, config, record = self.splits.dev, self.config, self.record
         scores = evaluate(self.pm, self.encoder, dev, config.eval_batch_size, self.device) if dev else {}
         main = scores.get(self.encoder.task.main_metric, -loss)
@@ -209,6 +222,11 @@ class Run:
             self.state["bad_evals"] = 0
         else:
             self.state["bad_evals"] += 1
+        reason = None
+        if self.limits is not None and len(record.evaluations) == 1 and step < self.total:
+            reason = hopeless(self.encoder.task.main_metric, main, self.limits[0], loss, self.limits[1])
+        if reason is not None:
+            record.status, record.message = "hopeless", f"stopped at step {step}: {reason}"
         if is_main():
             shown = ", ".join(f"dev {k} {v:.4f}" for k, v in scores.items())
             log.info(
@@ -219,7 +237,9 @@ class Run:
                 f", {shown}" if shown else "",
                 " (best so far)" if better else "",
             )
-        return config.patience is not None and self.state["bad_evals"] >= config.patience
+            if reason is not None:
+                log.info("%s", record.message)
+        return reason is not None or (config.patience is not None and self.state["bad_evals"] >= config.patience)
 
     def loop(self, on_step: StepCallback | None) -> None:
         """Train until the budget is spent, early stopping says so, or the loss stops being finite."""
@@ -261,7 +281,8 @@ class Run:
         self.record.wall_time_s = time.perf_counter() - start
 
     def finish(self) -> RunRecord:
-        """Restore the best state, score the test split, write the adapter and the record."""
+        """Restore the best state, score the test split (unless the config says not to), write the adapter and
+        the record."""
         record = self.record
         record.train_tokens = self.state["tokens"] * self.world
         record.tokens_per_s = record.train_tokens / record.wall_time_s if record.wall_time_s else 0.0
@@ -270,7 +291,7 @@ class Run:
             record.status = "early-stopped" if record.steps < self.total else "completed"
         if self.state["best_state"] is not None:
             restore(self.pm, self.state["best_state"])
-        if record.status != "diverged":
+        if record.status != "diverged" and self.config.score_test:
             record.test = evaluate(self.pm, self.encoder, self.splits.test, self.config.eval_batch_size, self.device)
         if self.out is not None and self.rank == 0:
             if record.status != "diverged":
