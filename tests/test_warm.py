@@ -50,7 +50,7 @@ def test_a_reused_backbone_gives_the_records_of_fresh_loads() -> None:
         (methods.prefix(length=4, hidden=16), {}),
         (methods.houlsby(size=8), {"seed": 1}),
         (methods.bitfit(), {"seed": 1, "gradient_checkpointing": True}),
-        (methods.lora(r=4), {}),
+        (methods.lora(r=4), {"seed": 1}),
     ]
     warm = WarmStart()
     served = []
@@ -60,7 +60,7 @@ def test_a_reused_backbone_gives_the_records_of_fresh_loads() -> None:
         served.append(warm.last)
         assert _result(reused) == _result(fresh), (spec.to_dict(), kw)
     # a new seed draws a new head: the backbone is loaded again then, and reused otherwise
-    assert served == ["loaded", "reused", "reused", "reused", "loaded", "reused", "loaded"]
+    assert served == ["loaded", "reused", "reused", "reused", "loaded", "reused", "reused"]
 
 
 def test_the_backbone_lent_again_is_as_loaded() -> None:

@@ -84,10 +84,10 @@ class Loaded:
                     pm.delete_adapter(name)
             except Exception:  # e.g. a merged adapter: the backbone's weights are its own again after a reload
                 return False
-        if _hooks(self.model) != self.hooks:
-            return False
         model = self.model
         _checkpointing_off(model)
+        if _hooks(model) != self.hooks:
+            return False
         with torch.no_grad():
             for name, t in _state(model):
                 t.copy_(self.tensors[name])
@@ -104,12 +104,15 @@ class Loaded:
 
 
 def _checkpointing_off(model: nn.Module) -> None:
-    """transformers 5.24 renamed the methods (``gradient_`` to ``activation_checkpointing``)."""
+    """Checkpointing off, and the hook that enabling it put on the input embeddings removed (disabling leaves it).
+    transformers 5.24 renamed the methods (``gradient_`` to ``activation_checkpointing``)."""
     if hasattr(model, "activation_checkpointing_disable"):
         if model.is_activation_checkpointing:
             model.activation_checkpointing_disable()
     elif model.is_gradient_checkpointing:
         model.gradient_checkpointing_disable()
+    if getattr(model, "_require_grads_hook", None) is not None:
+        model.disable_input_require_grads()
 
 
 def _state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
