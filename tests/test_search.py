@@ -227,6 +227,12 @@ def test_killed_search_resumes_without_losing_finished_trials(tmp_path: Path) ->
     for number in killed:  # failed as stale, and its point queued again
         assert states[number] == optuna.trial.TrialState.FAIL
         assert any(t.system_attrs.get("failed_trial") == number for t in study.trials)
+    trained = [
+        t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE and "copied_from" not in t.user_attrs
+    ]
+    # each process loaded its backbone once and lent it to its later trials, which say where their time went
+    assert {t.user_attrs["backbone"] for t in trained} == {"loaded", "reused"}
+    assert all(t.user_attrs["timings"]["train_s"] > 0 and "other_s" in t.user_attrs["timings"] for t in trained)
 
 
 def test_running_trial_without_heartbeat_goes_stale(tmp_path: Path) -> None:

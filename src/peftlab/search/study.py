@@ -51,6 +51,7 @@ from peftlab.train import RUN_FIELDS, TrainConfig, train
 from peftlab.train.baseline import constant_scores
 from peftlab.train.data import task_splits
 from peftlab.train.tasks import get_task
+from peftlab.train.warm import WarmStart
 
 #: Objectives a search can have and their directions; ``score`` and ``stored`` are always the first two.
 OBJECTIVES = {"score": "maximize", "stored": "minimize", "memory": "minimize", "latency": "minimize"}
@@ -293,11 +294,14 @@ def counted(study: optuna.Study) -> tuple[int, int]:
 
 
 class Objective:
-    """One trial: decode, count, (maybe) train, report. Identical points reuse the first result."""
+    """One trial: decode, count, (maybe) train, report. Identical points reuse the first result. The worker's
+    backbone and token ids are kept between its trials (:class:`~peftlab.train.warm.WarmStart`), so a trial's time
+    goes to training: its ``timings`` attribute says where the rest went."""
 
     def __init__(self, config: SearchConfig, space: SearchSpace, cost: CostModel) -> None:
         self.config, self.space, self.cost = config, space, cost
         self.dists = distributions(space)
+        self.warm = WarmStart()
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         params = suggest(trial, self.dists)
@@ -311,6 +315,7 @@ class Objective:
             raise
 
     def _run(self, trial: optuna.Trial, params: dict[str, Any]) -> list[float]:
+        start = time.perf_counter()
         spec = self.space.decode(to_vector(self.space, params))
         pct = self.cost.percents(spec)
         trial.set_user_attr("spec", spec.to_dict())
@@ -331,12 +336,17 @@ class Objective:
             model=self.config.model, task=self.config.task, output=str(out), progress=False, **self.config.train
         )
         try:
-            record = train(spec, config)
+            record = train(spec, config, warm=self.warm)
         except PeftlabError as e:
             trial.set_user_attr("status", "error")
             trial.set_user_attr("message", str(e))
             raise TrialFailed(str(e)) from None
         trial.set_user_attr("run", str(out))
+        trial.set_user_attr("backbone", self.warm.last)
+        total = time.perf_counter() - start
+        trial.set_user_attr(
+            "timings", {**record.timings, "other_s": total - sum(record.timings.values()), "total_s": total}
+        )
         trial.set_user_attr("wall_time_s", record.wall_time_s)
         trial.set_user_attr("steps", record.steps)
         if record.status == "diverged":

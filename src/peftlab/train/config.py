@@ -120,6 +120,10 @@ class RunRecord:
     #: python, torch, transformers and peftlab versions: records written months apart stay comparable
     versions: dict[str, str] = field(default_factory=dict)
     message: str | None = None
+    #: seconds spent reading the splits (data_s), loading the backbone and applying the spec (setup_s), encoding
+    #: examples (tokenize_s), in training steps (train_s), evaluating (eval_s) and writing checkpoints
+    #: (checkpoint_s): what a search trial spends besides training shows here
+    timings: dict[str, float] = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         write_json(path, asdict(self))

@@ -3,6 +3,7 @@ encoder that turns examples into padded tensors."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -15,14 +16,26 @@ from peftlab.backbone.zoo import CHECKPOINTS, SHAPES, load_model
 from peftlab.errors import PeftlabError
 from peftlab.train.config import TrainConfig
 from peftlab.train.tasks import Example, Splits, TaskInfo, get_task, load_user_data, make_splits
+from peftlab.train.tokens import Encoded, TokenCache, TokenMemo
 
 
 class Encoder:
-    """Examples -> padded tensors for the model class (classifier labels, or text targets for T5)."""
+    """Examples -> padded tensors for the model class (classifier labels, or text targets for T5). With a
+    ``cache``, each example is tokenized once per worker; ``elapsed`` is the time spent encoding (a run reports it)."""
 
-    def __init__(self, tokenizer: Any, task: TaskInfo, max_length: int, seq2seq: bool, left_pad: bool) -> None:
+    def __init__(
+        self,
+        tokenizer: Any,
+        task: TaskInfo,
+        max_length: int,
+        seq2seq: bool,
+        left_pad: bool,
+        cache: TokenCache | None = None,
+    ) -> None:
         self.tok, self.task, self.max_length = tokenizer, task, max_length
         self.seq2seq, self.left_pad = seq2seq, left_pad
+        self.memo = cache.memo(tokenizer, task.name, max_length, seq2seq) if cache is not None else None
+        self.elapsed = 0.0
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = 0 if pad is None else pad
         if seq2seq:
@@ -35,19 +48,37 @@ class Encoder:
     def label_text(self, label: float | int) -> str:
         return self.task.label_names[int(label)] if self.task.label_names else f"{float(label):.1f}"
 
-    def __call__(self, rows: list[Example]) -> dict[str, torch.Tensor]:
+    def _encode(self, rows: list[Example], paired: bool) -> list[Encoded]:
+        """Each example's ids, unpadded (the same whatever other examples it is tokenized with); ``paired``: as
+        pairs, a missing second text empty (as when any example of the batch has one)."""
         texts = [r["text"] for r in rows]
         pairs = [r["text_pair"] for r in rows]
         if self.seq2seq:
             name = self.task.name.split("/")[-1]
             texts = [f"{name} {a}" + (f" | {b}" if b else "") for a, b in zip(texts, pairs, strict=True)]
             enc = self.tok(texts, truncation=True, max_length=self.max_length)
-        elif any(p is not None for p in pairs):
+        elif paired:
             enc = self.tok(texts, [p or "" for p in pairs], truncation=True, max_length=self.max_length)
         else:
             enc = self.tok(texts, truncation=True, max_length=self.max_length)
         keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc]
-        batch = pad_batch([{k: enc[k][i] for k in keys} for i in range(len(rows))], self.pad_id, self.left_pad)
+        return [{k: enc[k][i] for k in keys} for i in range(len(rows))]
+
+    def _memoised(self, rows: list[Example], memo: TokenMemo) -> list[Encoded]:
+        """:meth:`_encode` through the memo: only examples it has not seen are tokenized."""
+        paired = _paired(rows)
+        keys = [(r["text"], r["text_pair"], paired) for r in rows]
+        new = {k: r for k, r in zip(keys, rows, strict=True) if k not in memo.ids}
+        memo.misses += len(new)
+        memo.hits += len(rows) - len(new)
+        if new:
+            memo.ids.update(zip(new, self._encode(list(new.values()), paired), strict=True))
+        return [memo.ids[k] for k in keys]
+
+    def __call__(self, rows: list[Example]) -> dict[str, torch.Tensor]:
+        start = time.perf_counter()
+        encoded = self._encode(rows, _paired(rows)) if self.memo is None else self._memoised(rows, self.memo)
+        batch = pad_batch(encoded, self.pad_id, self.left_pad)
         if self.seq2seq:
             targets = [self._target_ids(self.label_text(r["label"])) if r["label"] is not None else [0] for r in rows]
             labels = pad_batch([{"input_ids": t} for t in targets], -100)["input_ids"]
@@ -55,7 +86,12 @@ class Encoder:
         elif rows[0]["label"] is not None:
             dtype = torch.float if self.task.is_regression else torch.long
             batch["labels"] = torch.tensor([r["label"] for r in rows], dtype=dtype)
+        self.elapsed += time.perf_counter() - start
         return batch
+
+
+def _paired(rows: list[Example]) -> bool:
+    return any(r["text_pair"] is not None for r in rows)
 
 
 def input_limit(model: nn.Module, wanted: int) -> int:
@@ -67,14 +103,23 @@ def input_limit(model: nn.Module, wanted: int) -> int:
     return min(wanted, limit - model_type_facts(cfg.model_type).position_offset(cfg))
 
 
-def task_encoder(model_name: str, model: nn.Module, task: TaskInfo, max_length: int, seq2seq: bool) -> Encoder:
-    """The tokenizer-backed encoder for a model and task; gives the model a pad token id if it lacks one.
-    Decoders are padded on the left so that their last position is a real token."""
-    tokenizer = get_tokenizer(model_name, model)
+def task_encoder(
+    model_name: str,
+    model: nn.Module,
+    task: TaskInfo,
+    max_length: int,
+    seq2seq: bool,
+    tokenizer: Any | None = None,
+    cache: TokenCache | None = None,
+) -> Encoder:
+    """The tokenizer-backed encoder for a model and task (``tokenizer``: one already loaded for the model); gives
+    the model a pad token id if it lacks one. Decoders are padded on the left so that their last position is a
+    real token."""
+    tokenizer = tokenizer if tokenizer is not None else get_tokenizer(model_name, model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = getattr(tokenizer, "pad_token_id", 0)
     decoder_only = not seq2seq and model_type_facts(model.config.model_type).decoder_only
-    return Encoder(tokenizer, task, input_limit(model, max_length), seq2seq, left_pad=decoder_only)
+    return Encoder(tokenizer, task, input_limit(model, max_length), seq2seq, left_pad=decoder_only, cache=cache)
 
 
 def text_length(row: Example) -> int:

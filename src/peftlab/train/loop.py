@@ -33,6 +33,7 @@ from peftlab.train.environment import default_device, device_name, library_versi
 from peftlab.train.evaluation import evaluate
 from peftlab.train.parallel import all_reduce, dist_setup, is_main
 from peftlab.train.tasks import Example
+from peftlab.train.warm import WarmStart
 
 log = logging.getLogger("peftlab.train")
 
@@ -76,20 +77,25 @@ def progress_bar(total: int, start: int, enabled: bool) -> Callable[[int | None,
 
 
 def _prepare_model(
-    spec: Spec, config: TrainConfig, task: Any, model: nn.Module | None, device: torch.device
+    spec: Spec, config: TrainConfig, task: Any, model: nn.Module | None, device: torch.device, warm: WarmStart | None
 ) -> tuple[PeftModel, Encoder]:
-    """The backbone in the task's class (or the one given), on the device, with the spec applied."""
-    if model is None:
+    """The backbone in the task's class (the one given, or the worker's), on the device, with the spec applied."""
+    if model is None and warm is not None:
+        model, seq2seq = warm.backbone(config.model, task)
+    elif model is None:
         model, seq2seq = load_for_task(config.model, task)
     else:
         seq2seq = model_type_facts(model.config.model_type).seq2seq
-    encoder = task_encoder(config.model, model, task, config.max_length, seq2seq)
+    tokenizer, tokens = (warm.tokenizer(config.model, model), warm.tokens) if warm is not None else (None, None)
+    encoder = task_encoder(config.model, model, task, config.max_length, seq2seq, tokenizer, tokens)
     model.to(device)
     if config.dropout is not None:  # the backbone's dropout, e.g. 0 for runs that must be reproducible
         for m in model.modules():
             if isinstance(m, nn.Dropout):
                 m.p = config.dropout
     pm = apply(model, spec) if not isinstance(model, PeftModel) else model
+    if warm is not None:
+        warm.lend(model, pm)
     if config.gradient_checkpointing:
         enable_checkpointing(pm.base_model)
     return pm, encoder
@@ -110,17 +116,20 @@ def _autocast(precision: str) -> AbstractContextManager:
 
 class Run:
     """One training run: its model, data, optimiser and record, and the state a checkpoint keeps
-    (``step``, ``best_state``, ``bad_evals``, ``tokens``, ``elapsed``)."""
+    (``step``, ``best_state``, ``bad_evals``, ``tokens``, ``elapsed``). ``warm``: a worker's backbone and token ids,
+    kept between runs (the search's trials)."""
 
-    def __init__(self, spec: Spec, config: TrainConfig, model: nn.Module | None) -> None:
+    def __init__(self, spec: Spec, config: TrainConfig, model: nn.Module | None, warm: WarmStart | None = None) -> None:
+        start = time.perf_counter()
         config.check()
         self.config = config
         self.rank, self.world = dist_setup()
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.task, self.splits = task_splits(config)
+        data = time.perf_counter()
         self.device = default_device()
-        self.pm, self.encoder = _prepare_model(spec, config, self.task, model, self.device)
+        self.pm, self.encoder = _prepare_model(spec, config, self.task, model, self.device, warm)
         self.per_rank = config.batch_size // self.world
         if self.per_rank * self.world != config.batch_size:
             raise PeftlabError(f"batch_size {config.batch_size} must be divisible by the {self.world} processes")
@@ -153,6 +162,11 @@ class Run:
         self._resume()
         self.autocast = _autocast(config.precision)
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+        self.timings = {  # RunRecord.timings
+            "data_s": data - start,
+            "setup_s": time.perf_counter() - data,
+            **dict.fromkeys(("tokenize_s", "train_s", "eval_s", "checkpoint_s"), 0.0),
+        }
 
     def _learned_nothing(self) -> tuple[float, float | None] | None:
         """What a run that learned nothing shows: the constant prediction's dev score and the label prior's
@@ -212,7 +226,7 @@ class Run:
         """Evaluate on the dev split, keep the best state; True when early stopping says to stop, or (with
         ``stop_hopeless``) the first evaluation shows a run that has not started to learn."""
         dev, config, record = self.splits.dev, self.config, self.record
-        scores = evaluate(self.pm, self.encoder, dev, config.eval_batch_size, self.device) if dev else {}
+        scores = self._score(dev) if dev else {}
         main = scores.get(self.encoder.task.main_metric, -loss)
         record.evaluations.append({"step": step, "loss": loss, **scores})
         better = record.best is None or main > record.best["score"]
@@ -241,9 +255,22 @@ class Run:
                 log.info("%s", record.message)
         return reason is not None or (config.patience is not None and self.state["bad_evals"] >= config.patience)
 
+    def _score(self, rows: list[Example]) -> dict[str, float]:
+        """The metrics on ``rows``; the time it takes, less encoding, is evaluation time."""
+        start, encoding = time.perf_counter(), self.encoder.elapsed
+        scores = evaluate(self.pm, self.encoder, rows, self.config.eval_batch_size, self.device)
+        self.timings["eval_s"] += time.perf_counter() - start - (self.encoder.elapsed - encoding)
+        return scores
+
+    def _save_checkpoint(self) -> None:
+        start = time.perf_counter()
+        save_checkpoint(self.ckpt, self.pm, self.opt, self.sched, self.record, self.state)
+        self.timings["checkpoint_s"] += time.perf_counter() - start
+
     def loop(self, on_step: StepCallback | None) -> None:
         """Train until the budget is spent, early stopping says so, or the loss stops being finite."""
         config = self.config
+        before = (time.perf_counter(), self.encoder.elapsed, self.timings["eval_s"], self.timings["checkpoint_s"])
         self.pm.train()
         step = self.state["step"]
         start = time.perf_counter() - self.state["elapsed"]
@@ -272,13 +299,16 @@ class Run:
                     stop = self._evaluate(step, mean_loss)
                     self.state["step"], self.state["elapsed"] = step, time.perf_counter() - start
                     if self.ckpt is not None and self.rank == 0:
-                        save_checkpoint(self.ckpt, self.pm, self.opt, self.sched, self.record, self.state)
+                        self._save_checkpoint()
                 if step >= self.total or stop:
                     stop = True
                     break
         bar(None, None)
         self.record.steps = step
         self.record.wall_time_s = time.perf_counter() - start
+        spent = (time.perf_counter(), self.encoder.elapsed, self.timings["eval_s"], self.timings["checkpoint_s"])
+        elapsed, encoding, evaluating, saving = (a - b for a, b in zip(spent, before, strict=True))
+        self.timings["train_s"] += elapsed - encoding - evaluating - saving
 
     def finish(self) -> RunRecord:
         """Restore the best state, score the test split (unless the config says not to), write the adapter and
@@ -292,7 +322,9 @@ class Run:
         if self.state["best_state"] is not None:
             restore(self.pm, self.state["best_state"])
         if record.status != "diverged" and self.config.score_test:
-            record.test = evaluate(self.pm, self.encoder, self.splits.test, self.config.eval_batch_size, self.device)
+            record.test = self._score(self.splits.test)
+        self.timings["tokenize_s"] = self.encoder.elapsed
+        record.timings = dict(self.timings)
         if self.out is not None and self.rank == 0:
             if record.status != "diverged":
                 self.pm.save(self.out / "adapter", overwrite=True)
@@ -303,9 +335,14 @@ class Run:
 
 
 def train(
-    spec: Spec, config: TrainConfig, on_step: StepCallback | None = None, model: nn.Module | None = None
+    spec: Spec,
+    config: TrainConfig,
+    on_step: StepCallback | None = None,
+    model: nn.Module | None = None,
+    warm: WarmStart | None = None,
 ) -> RunRecord:
-    """Train ``spec`` on ``config.task``; returns (and writes, under ``config.output``) the run record."""
-    run = Run(spec, config, model)
+    """Train ``spec`` on ``config.task``; returns (and writes, under ``config.output``) the run record. ``warm``
+    lends the run a worker's loaded backbone and token ids instead of loading and tokenizing afresh."""
+    run = Run(spec, config, model, warm)
     run.loop(on_step)
     return run.finish()
