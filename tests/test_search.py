@@ -196,8 +196,9 @@ def _kill_during_a_trial(cmd: list[str], db: Path) -> tuple[dict[int, tuple], li
     return before, killed
 
 
-def test_killed_search_resumes_without_losing_finished_trials(tmp_path: Path) -> None:
-    cmd = [
+def _random_search_cli(trials: int, steps: int) -> list[str]:
+    """A ``peftlab search`` process: random sampling, ``trials`` trials of ``steps`` steps on the tiny task."""
+    return [
         sys.executable,
         "-m",
         "peftlab.cli",
@@ -206,9 +207,15 @@ def test_killed_search_resumes_without_losing_finished_trials(tmp_path: Path) ->
         "--sampler",
         "random",
         "--trials",
-        "5",
+        str(trials),
         "--max-steps",
-        "12",
+        str(steps),
+    ]
+
+
+def test_killed_search_resumes_without_losing_finished_trials(tmp_path: Path) -> None:
+    cmd = [
+        *_random_search_cli(trials=5, steps=12),
         "--output",
         str(tmp_path),
         "--heartbeat",
@@ -249,17 +256,7 @@ def test_running_trial_without_heartbeat_goes_stale(tmp_path: Path) -> None:
 
 def test_two_workers_on_postgresql_share_one_study(tmp_path: Path, postgres_url: str) -> None:  # noqa: F811
     cmd = [
-        sys.executable,
-        "-m",
-        "peftlab.cli",
-        "search",
-        *FLAGS,
-        "--sampler",
-        "random",
-        "--trials",
-        "6",
-        "--max-steps",
-        "3",
+        *_random_search_cli(trials=6, steps=3),
         "--storage",
         postgres_url,
         "--study",
