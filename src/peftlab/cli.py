@@ -41,7 +41,8 @@ from peftlab.search.study import (
     run_search,
 )
 from peftlab.space import load_space
-from peftlab.train import RUN_FIELDS, TrainConfig, default_device, evaluate, load_for_task, task_encoder, train
+from peftlab.train import RUN_FIELDS, TrainConfig, evaluate, train
+from peftlab.train.evaluation import scoring_backbone
 from peftlab.train.tasks import get_task, make_splits
 
 
@@ -310,10 +311,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise PeftlabError(f"--batch-size must be >= 1, got {args.batch_size}")
     task = get_task(args.task)
-    model, seq2seq = load_for_task(args.model, task)
-    device = default_device()
-    model.to(device)
-    encoder = task_encoder(args.model, model, task, args.max_length, seq2seq)
+    model, encoder, device = scoring_backbone(args.model, task, args.max_length)
     try:
         pm = load(model, args.adapter)
     except AdapterLoadError as err:
@@ -328,7 +326,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def _trained_task(adapter: Path) -> str | None:
     """The task in the run record beside an adapter folder written by ``peftlab train`` (None if there is none)."""
-
     try:
         name = json.loads((adapter.parent / "record.json").read_text())["config"]["task"]
         return get_task(name).name

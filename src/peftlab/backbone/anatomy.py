@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+from transformers import PretrainedConfig
 
 from peftlab.errors import SpecError
 
@@ -339,3 +340,13 @@ def stack_names(blocks: list[Block]) -> list[str]:
         first = b.stack.path.split(".")[0]
         names.append(first if first in ("encoder", "decoder") else "layers")
     return names
+
+
+def model_configs(model: nn.Module) -> list[PretrainedConfig]:
+    """Every config object the model's modules hold, once each (sub-models such as T5's stacks keep their own)."""
+    seen: dict[int, PretrainedConfig] = {}
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if isinstance(cfg, PretrainedConfig):
+            seen[id(cfg)] = cfg
+    return list(seen.values())

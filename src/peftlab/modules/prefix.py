@@ -14,10 +14,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AttentionInterface, PretrainedConfig
+from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from peftlab.backbone.anatomy import model_configs
 from peftlab.errors import SpecError
 from peftlab.modules.base import BuildContext, Gate, PeftModule, Settings, need_choice, need_int, register
 
@@ -84,18 +85,9 @@ class PrefixPool(nn.Module):
         return torch.tanh(self.down(self.embedding[:length]))
 
 
-def _configs(model: nn.Module) -> list[PretrainedConfig]:
-    seen: dict[int, PretrainedConfig] = {}
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if isinstance(cfg, PretrainedConfig):
-            seen[id(cfg)] = cfg
-    return list(seen.values())
-
-
 def use_prefix_attention(model: nn.Module, on: bool) -> None:
     """Route the model's attention through :func:`prefix_attention` (or back to what it was)."""
-    for cfg in _configs(model):
+    for cfg in model_configs(model):
         current = cfg._attn_implementation
         if on and current != ATTN_NAME:
             if current not in ("sdpa", "eager", None):

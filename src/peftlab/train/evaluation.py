@@ -12,7 +12,7 @@ from peftlab.train import metrics as metric_fns
 from peftlab.train.config import TrainConfig
 from peftlab.train.data import Encoder, load_for_task, task_encoder, task_splits, text_length
 from peftlab.train.environment import default_device
-from peftlab.train.tasks import Example
+from peftlab.train.tasks import Example, TaskInfo
 
 
 @torch.no_grad()
@@ -71,8 +71,14 @@ def score_saved(config: TrainConfig, adapter: str | Path) -> dict[str, float]:
     """The test scores of an adapter a run of ``config`` saved, on that run's test split (a search scores its
     Pareto set so, once, after trials that did not look at test)."""
     task, splits = task_splits(config)
-    model, seq2seq = load_for_task(config.model, task)
+    model, encoder, device = scoring_backbone(config.model, task, config.max_length)
+    return evaluate(load(model, adapter), encoder, splits.test, config.eval_batch_size, device)
+
+
+def scoring_backbone(model_name: str, task: TaskInfo, max_length: int) -> tuple[nn.Module, Encoder, torch.device]:
+    """The backbone in the task's class on this process's device, with its encoder: what scoring a saved adapter
+    starts from."""
+    model, seq2seq = load_for_task(model_name, task)
     device = default_device()
     model.to(device)
-    encoder = task_encoder(config.model, model, task, config.max_length, seq2seq)
-    return evaluate(load(model, adapter), encoder, splits.test, config.eval_batch_size, device)
+    return model, task_encoder(model_name, model, task, max_length, seq2seq), device

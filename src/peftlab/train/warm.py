@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from peftlab.backbone.anatomy import model_configs
 from peftlab.backbone.tokenize import get_tokenizer
 from peftlab.core.peft_model import PeftModel
 from peftlab.train.data import load_for_task
@@ -33,16 +34,6 @@ def _hooks(model: nn.Module) -> int:
     """The hooks registered on the model's modules (all kinds torch keeps per module)."""
     kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks")
     return sum(len(getattr(m, k, {})) for m in model.modules() for k in kinds)
-
-
-def _configs(model: nn.Module) -> list[PretrainedConfig]:
-    """Every config object the model's modules hold (sub-models keep their own)."""
-    seen = {id(model.config): model.config}
-    for m in model.modules():
-        cfg = getattr(m, "config", None)
-        if isinstance(cfg, PretrainedConfig):
-            seen[id(cfg)] = cfg
-    return list(seen.values())
 
 
 def _copy_values(attrs: dict[str, Any]) -> dict[str, Any]:
@@ -71,7 +62,7 @@ class Loaded:
         loaded = cls(model, seq2seq, before, torch.get_rng_state())
         loaded.tensors = {n: t.detach().clone() for n, t in _state(model)}
         loaded.dropout = {m: m.p for m in model.modules() if isinstance(m, nn.Dropout)}
-        loaded.configs = [(cfg, _copy_values(vars(cfg))) for cfg in _configs(model)]
+        loaded.configs = [(cfg, _copy_values(vars(cfg))) for cfg in model_configs(model)]
         loaded.hooks = _hooks(model)
         return loaded
 
