@@ -29,6 +29,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +306,8 @@ class Objective:
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         params = suggest(trial, self.dists)
+        # Optuna starts a trial's clock before the sampler chooses its point: what passed since is the suggestion
+        trial.set_user_attr("suggest_s", (datetime.now() - trial.datetime_start).total_seconds())
         try:
             return self._run(trial, params)
         except (TrialFailed, optuna.TrialPruned):

@@ -63,6 +63,10 @@ class TrainConfig:
     #: stop after the first dev evaluation a run that has not started to learn (status "hopeless"; see
     #: peftlab.train.baseline.hopeless)
     stop_hopeless: bool = False
+    #: with ``stop_hopeless``, look at the run once this fraction of its budget is spent when its first evaluation
+    #: comes later (on a sample of the dev split: cheap; a run that looks hopeless there gets a full evaluation,
+    #: which decides), so that a one-evaluation trial is not trained to its end before it can be stopped
+    hopeless_check: float = 0.25
 
     def check(self) -> None:
         budgets = [b for b in (self.max_steps, self.fraction) if b is not None]
@@ -72,6 +76,8 @@ class TrainConfig:
             raise PeftlabError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.fraction is not None and not 0 < self.fraction <= 1:
             raise PeftlabError(f"fraction must be in (0, 1], got {self.fraction}")
+        if not 0 < self.hopeless_check <= 1:
+            raise PeftlabError(f"hopeless_check must be in (0, 1], got {self.hopeless_check}")
         if self.epochs <= 0:
             raise PeftlabError(f"epochs must be > 0, got {self.epochs}")
         for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "eval_every", "patience"):

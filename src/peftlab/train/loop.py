@@ -36,6 +36,9 @@ from peftlab.train.tasks import Example
 from peftlab.train.warm import WarmStart
 
 log = logging.getLogger("peftlab.train")
+#: dev examples the early hopeless check scores (a random sample: the dev split is drawn at random); a score at
+#: the constant prediction's on 200 examples is worth a full evaluation, which decides
+CHECK_SIZE = 200
 
 StepCallback = Callable[[int, float], None]
 
@@ -159,6 +162,7 @@ class Run:
         self.ckpt = self.out / CHECKPOINT if self.out else None
         self.state: dict[str, Any] = {"step": 0, "best_state": None, "bad_evals": 0, "tokens": 0, "elapsed": 0.0}
         self.limits = self._learned_nothing() if config.stop_hopeless else None
+        self.check_at = self._check_step()
         self._resume()
         self.autocast = _autocast(config.precision)
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
@@ -177,6 +181,20 @@ class Run:
             return None
         prior = None if self.encoder.seq2seq or self.weight else prior_loss(task, self.splits.train)
         return constant_scores(task, dev)[task.main_metric], prior
+
+    def _check_step(self) -> int | None:
+        """The step of the early hopeless check: a fraction of the budget, when the first evaluation is later."""
+        if self.limits is None:
+            return None
+        step = max(1, round(self.config.hopeless_check * self.total))
+        return step if step < min(self.eval_every, self.total) else None
+
+    def _looks_hopeless(self, loss: float) -> bool:
+        """The early check: the hopeless rule on a sample of the dev split, against that sample's own constant
+        prediction."""
+        sample, metric = self.splits.dev[:CHECK_SIZE], self.encoder.task.main_metric
+        baseline = constant_scores(self.encoder.task, sample)[metric]
+        return hopeless(metric, self._score(sample)[metric], baseline, loss, self.limits[1]) is not None
 
     def _resume(self) -> None:
         """Continue from the output's checkpoint; refuse an output that holds a finished run."""
@@ -293,7 +311,10 @@ class Run:
                 bar(step, loss)
                 if on_step is not None:
                     on_step(step, loss)
-                if step % self.eval_every == 0 or step == self.total:
+                due = step % self.eval_every == 0 or step == self.total
+                if not due and step == self.check_at:  # a full evaluation only where the sample says hopeless
+                    due = self._looks_hopeless(interval_loss / max(1, step - interval_start))
+                if due:
                     mean_loss = interval_loss / max(1, step - interval_start)  # the training loss since the last eval
                     interval_loss, interval_start = 0.0, step
                     stop = self._evaluate(step, mean_loss)
