@@ -1,0 +1,301 @@
+"""Sampler efficiency with error bars: several seeds of each sampler's search on the real MiniLM over the AutoPEFT
+space, hypervolume against trials and against compute seconds.
+
+Every study is a ``peftlab search`` in a fresh process, with the defaults a user gets except what the protocol
+pins (below). Studies advance in rounds of ``--chunk`` trials, every study of the plan to the same count before
+any goes further, so a run stopped at any point leaves a balanced comparison; ``run`` resumes where the studies
+stand (each study is a SQLite file under ``--runs``; a trial that was running when the process died is retried by
+the next call). A file ``PAUSE`` in the runs folder makes ``run`` wait before its next search call (so timings
+taken elsewhere see a quiet machine); delete it to go on.
+
+    python benchmarks/search_evidence.py run --plan sst2:random sst2:autopeft --seeds 0 1 2 --trials 60
+    python benchmarks/search_evidence.py report
+
+Protocol (pinned for every study, so their numbers compare): MiniLM, batch 16, ``--group-by-length``, lr 1e-3,
+``--max-steps`` per task (the low fidelity), one dev evaluation per trial (the hopeless check at a quarter of the
+budget), a 1000-example dev split held out from train with data seed 0 (the same split for every seed; the test
+split, GLUE's dev set, is not looked at during the search), 10 random start-up trials for every model-based
+sampler, the AutoPEFT sampler's NUTS settings at the library defaults written out (so a later change of default
+does not change a running benchmark), one worker with one thread per study. Seed s sets both ``--seed``
+(training) and ``--sampler-seed``. The reference point is the search's default: the constant prediction's dev
+score and 1.1 x the space's costliest point, the same for every study of a task.
+
+compute_s of a trial is its Optuna duration: from the trial's creation, through the sampler's suggestion
+(recorded alone as ``suggest_s``), to its result; process start-up, backbone loading and the Pareto set's test
+scoring after each call are not in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from peftlab.errors import PeftlabError
+from peftlab.search import results
+from peftlab.search.pareto import hypervolume_history
+from peftlab.search.study import counted, load_study
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "search_evidence"
+RUNS = RESULTS / "runs"  # studies and trial adapters: git-ignored (runs/), the exported tables are committed
+TASKS = {  # task -> flags of its trials
+    "sst2": ["--max-length", "64", "--max-steps", "100"],
+    "mrpc": ["--max-length", "128", "--max-steps", "150"],
+}
+MARKS = (10, 20, 30, 40, 50, 60)
+
+
+def _env() -> dict[str, str]:
+    return os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _name(task: str, sampler: str, seed: int) -> str:
+    return f"{task}-{sampler}-s{seed}"
+
+
+def command(task: str, sampler: str, seed: int, trials: int, data_dir: str, runs: Path) -> list[str]:
+    """The ``peftlab search`` arguments of one study, up to ``trials`` finished trials."""
+    name = _name(task, sampler, seed)
+    return [
+        "search",
+        "--model",
+        "minilm",
+        "--task",
+        task,
+        "--space",
+        "autopeft",
+        "--sampler",
+        sampler,
+        "--study",
+        name,
+        "--output",
+        str(runs / name),
+        "--trials",
+        str(trials),
+        "--seed",
+        str(seed),
+        "--sampler-seed",
+        str(seed),
+        "--batch-size",
+        "16",
+        "--group-by-length",
+        "--dev-size",
+        "1000",
+        "--lr",
+        "0.001",
+        "--startup-trials",
+        "10",
+        "--nuts-warmup",
+        "256",
+        "--nuts-samples",
+        "128",
+        "--nuts-thinning",
+        "16",
+        "--no-plots",
+        "--no-progress",
+        "--data-dir",
+        data_dir,
+        *TASKS[task],
+    ]
+
+
+def _load(runs: Path, name: str):
+    """The study (None before its first call)."""
+    if not (runs / name / "study.db").is_file():
+        return None
+    try:
+        return load_study(str(runs / name / "study.db"), name)[0]
+    except (PeftlabError, optuna.exceptions.OptunaError):
+        return None
+
+
+def _finished(runs: Path, name: str) -> int:
+    study = _load(runs, name)
+    return counted(study)[0] if study is not None else 0
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    runs = Path(args.runs)
+    runs.mkdir(parents=True, exist_ok=True)
+    plan = [(*item.split(":"), seed) for seed in args.seeds for item in args.plan]
+    for task, _, _ in plan:
+        if task not in TASKS:
+            raise SystemExit(f"unknown task {task!r}: one of {', '.join(TASKS)}")
+    for target in range(args.chunk, args.trials + args.chunk, args.chunk):
+        target = min(target, args.trials)
+        for task, sampler, seed in plan:
+            name = _name(task, sampler, seed)
+            if _finished(runs, name) >= target:
+                continue
+            while (runs / "PAUSE").exists():
+                time.sleep(10)
+            cmd = command(task, sampler, seed, target, args.data_dir, runs)
+            print(f"{datetime.now(UTC):%H:%M} $ peftlab {shlex.join(cmd)}", flush=True)
+            with (runs / f"{name}.log").open("a") as log:
+                code = subprocess.call(
+                    [sys.executable, "-m", "peftlab.cli", *cmd], stdout=log, stderr=subprocess.STDOUT, env=_env()
+                )
+            if code:
+                raise SystemExit(f"peftlab search failed ({code}); see {runs / f'{name}.log'}")
+        cmd_export(args)
+
+
+def _trial_rows(study) -> list[dict]:
+    """One row per trial in number order: status, values, suggestion and compute seconds, the parameters."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        if not t.state.is_finished():
+            continue
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else 0.0
+        timings = t.user_attrs.get("timings") or {}
+        rows.append(
+            {
+                "trial": t.number,
+                "state": t.state.name.lower(),
+                "status": t.user_attrs.get("status", ""),
+                "score": t.values[0] if t.state == TrialState.COMPLETE else "",
+                "stored_percent": t.user_attrs.get("stored_percent", ""),
+                "steps": t.user_attrs.get("steps", ""),
+                "suggest_s": round(t.user_attrs.get("suggest_s", 0.0), 3),
+                "compute_s": round(seconds, 3),
+                **{k: round(v, 3) for k, v in timings.items()},
+                "params": json.dumps(t.params, sort_keys=True),
+            }
+        )
+    return rows
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Per study a trial table, and the long hypervolume CSV of all of them."""
+    runs = Path(args.runs)
+    long_rows, refs = [], {}
+    for folder in sorted(p for p in runs.iterdir() if (p / "study.db").is_file()):
+        study = _load(runs, folder.name)
+        if study is None:
+            continue
+        task, sampler, seed = folder.name.rsplit("-", 2)
+        rows = _trial_rows(study)
+        (RESULTS / task).mkdir(parents=True, exist_ok=True)
+        _write_csv(RESULTS / task / f"{folder.name}.csv", rows)
+        ref = results.ref_point(study)
+        refs.setdefault(task, ref)
+        if refs[task] != ref:
+            raise SystemExit(f"{folder.name}: reference point {ref} differs from {refs[task]} of the task's others")
+        points = [(r["score"], r["stored_percent"]) if r["state"] == "complete" else None for r in rows]
+        compute = 0.0
+        for n, (r, hv) in enumerate(zip(rows, hypervolume_history(points, ref), strict=True), 1):
+            compute += r["compute_s"]
+            long_rows.append(
+                {
+                    "sampler": sampler,
+                    "seed": int(seed[1:]),
+                    "task": task,
+                    "trial": n,
+                    "hypervolume": round(hv, 6),
+                    "compute_s": round(compute, 1),
+                }
+            )
+    _write_csv(RESULTS / "hypervolume.csv", long_rows)
+    (RESULTS / "reference_points.json").write_text(json.dumps(refs, indent=2) + "\n")
+
+
+def _curves() -> dict[tuple[str, str], dict[int, list[tuple[float, float]]]]:
+    """(task, sampler) -> seed -> [(hypervolume, cumulative compute_s)] by trial count."""
+    out: dict = {}
+    with (RESULTS / "hypervolume.csv").open() as f:
+        for r in csv.DictReader(f):
+            seeds = out.setdefault((r["task"], r["sampler"]), {})
+            seeds.setdefault(int(r["seed"]), []).append((float(r["hypervolume"]), float(r["compute_s"])))
+    return out
+
+
+def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return ""
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {sd:.3f} ({len(values)})"
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    curves = _curves()
+    refs = json.loads((RESULTS / "reference_points.json").read_text())
+    lines = [
+        "# Sampler efficiency: MiniLM over the AutoPEFT space",
+        "",
+        f"- written {datetime.now(UTC).isoformat(timespec='minutes')}; {platform.processor() or 'cpu'}, "
+        f"{os.cpu_count()} cores, one worker with one thread per study; python {platform.python_version()}",
+        "- protocol and commands: `benchmarks/search_evidence.py` (its docstring); per-study trial tables "
+        "`search_evidence/TASK/TASK-SAMPLER-sSEED.csv`; all curves: `search_evidence/hypervolume.csv`",
+        "",
+        "Hypervolume of (dev score, stored %) after N trials, mean ± sample std over seeds (number of seeds in "
+        "brackets); reference points: " + ", ".join(f"{t} {tuple(r)}" for t, r in refs.items()) + ".",
+        "",
+        "| task | sampler | " + " | ".join(f"N={n}" for n in MARKS) + " | compute s / trial | suggest s / trial |",
+        "|---|---|" + "---:|" * (len(MARKS) + 2),
+    ]
+    for (task, sampler), seeds in sorted(curves.items()):
+        cells = [_mean_sd([c[n - 1][0] for c in seeds.values() if len(c) >= n]) for n in MARKS]
+        per_trial = [c[-1][1] / len(c) for c in seeds.values()]
+        table = [_table(task, sampler, s) for s in seeds]
+        suggest = [statistics.mean(float(r["suggest_s"]) for r in t) for t in table if t]
+        lines.append(
+            f"| {task} | {sampler} | " + " | ".join(cells) + f" | {statistics.mean(per_trial):.1f} | "
+            f"{statistics.mean(suggest):.2f} |"
+        )
+    lines += ["", "## Statuses", "", "| task | sampler | seed | trials | statuses |", "|---|---|---:|---:|---|"]
+    for (task, sampler), seeds in sorted(curves.items()):
+        for seed in sorted(seeds):
+            rows = _table(task, sampler, seed)
+            counts: dict[str, int] = {}
+            for r in rows:
+                counts[r["status"] or r["state"]] = counts.get(r["status"] or r["state"], 0) + 1
+            lines.append(f"| {task} | {sampler} | {seed} | {len(rows)} | {counts} |")
+    text = "\n".join(lines) + "\n"
+    (HERE / "results" / "search_evidence.md").write_text(text)
+    print(text)
+
+
+def _table(task: str, sampler: str, seed: int) -> list[dict]:
+    path = RESULTS / task / f"{_name(task, sampler, seed)}.csv"
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("phase", choices=["run", "export", "report"])
+    p.add_argument("--plan", nargs="+", default=["sst2:random", "sst2:autopeft"], help="TASK:SAMPLER items")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--trials", type=int, default=60)
+    p.add_argument("--chunk", type=int, default=10, help="trials per study per round")
+    p.add_argument("--runs", default=str(RUNS))
+    p.add_argument("--data-dir", default=os.environ.get("PEFTLAB_DATA_DIR", str(HERE.parent.parent / "shared/data")))
+    args = p.parse_args()
+    {"run": cmd_run, "export": cmd_export, "report": cmd_report}[args.phase](args)
+
+
+if __name__ == "__main__":
+    main()
