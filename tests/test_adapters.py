@@ -151,7 +151,7 @@ def test_loading_bad_folders(tiny_bert, tmp_path) -> None:
     pm = peftlab.apply(make_model("tiny-bert", "seq-cls"), methods.lora())
     pm.save(tmp_path / "ok")
     (tmp_path / "ok" / "peftlab_adapter.json").write_text("{not json")
-    with pytest.raises(AdapterLoadError, match="not a readable peftlab adapter"):
+    with pytest.raises(AdapterLoadError, match=r"peftlab adapter description .* is not valid JSON"):
         peftlab.load(tiny_bert, tmp_path / "ok")
 
 

@@ -158,12 +158,13 @@ def test_over_budget_points_are_pruned_untrained(tmp_path: Path) -> None:
 
 def test_joining_a_study_with_other_settings_is_refused(tmp_path: Path) -> None:
     run_search(_config(tmp_path, trials=1))
-    with pytest.raises(PeftlabError, match="different search: its task is 'sst2'"):
+    with pytest.raises(PeftlabError, match=r"different search \(task: 'sst2' → 'rte': the study's → this"):
         run_search(_config(tmp_path, trials=1, task="rte"))
     # Settings left out are their defaults: a study made before a setting existed is still the same search.
     create_study(_config(tmp_path, trials=1, train=TRAIN | {"seed": 0, "consistency": None}))
-    with pytest.raises(PeftlabError, match="different search: its train is"):
+    with pytest.raises(PeftlabError, match=r"different search \(train.seed: 0 → 1: ") as refused:
         create_study(_config(tmp_path, trials=1, train=TRAIN | {"seed": 1}))
+    assert "batch_size" not in str(refused.value)  # only what differs, not the whole settings dict
     with pytest.raises(PeftlabError, match="no study 'nope'"):
         load_study(str(tmp_path / "study.db"), "nope")
 

@@ -308,8 +308,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    if args.batch_size < 1:
-        raise PeftlabError(f"--batch-size must be >= 1, got {args.batch_size}")
+    for flag in ("batch_size", "max_length"):
+        if getattr(args, flag) < 1:
+            raise PeftlabError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     task = get_task(args.task)
     model, encoder, device = scoring_backbone(args.model, task, args.max_length)
     try:
@@ -723,7 +724,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PeftlabError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted; {_kept(args)}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
     return 0
+
+
+def _kept(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves, and how to go on."""
+    if args.fn is cmd_train:
+        return f"the checkpoint of its last evaluation in '{args.output}' is kept: the same command resumes from it"
+    if args.fn in (cmd_search, cmd_refine):
+        return "finished trials are kept in the study: the same command resumes it (the interrupted trial is run again)"
+    return "nothing was changed"
 
 
 if __name__ == "__main__":

@@ -236,5 +236,13 @@ def _pretrained(
     if meta:
         return _from_config(config, head, True, dtype, 0)
     extra = {"dtype": dtype} if dtype is not None else {}
-    model = HEADS[head].from_pretrained(source, config=config, attn_implementation="sdpa", **kw, **extra)
+    if "gguf_file" not in kw:
+        extra["use_safetensors"] = True  # pickled weights can run code when loaded: never unpickle
+    try:
+        model = HEADS[head].from_pretrained(source, config=config, attn_implementation="sdpa", **kw, **extra)
+    except OSError as e:
+        raise PeftlabError(
+            f"cannot load the weights of model '{source}': peftlab reads safetensors weights only (it never "
+            f"unpickles); {str(e).splitlines()[0]}"
+        ) from None
     return model.eval()

@@ -21,6 +21,7 @@ from peftlab.errors import SpecError
 from peftlab.modules import KINDS, Settings
 from peftlab.modules.base import Gate, TrainingLoss
 from peftlab.modules.whole import HeadSettings, whole_model_parts
+from peftlab.reading import parse_json, read_text
 
 SPEC_VERSION = 1
 _RANGE = re.compile(r"^(\d+)-(\d+)$")
@@ -154,23 +155,23 @@ class Spec:
                 for site, v in sites.items()
             }
         model_in = data.pop("model", {}) or {}
+        if not isinstance(model_in, dict):
+            raise SpecError(f"'model' must be an object mapping model-level sites to module settings, got {model_in!r}")
         model = {s: Settings.from_dict(_settings(v, f"model.{s}"), f"model.{s}") for s, v in model_in.items()}
         return cls(layers=layers, model=model, **data)
 
     @classmethod
     def from_json(cls, text: str) -> Spec:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"spec is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(parse_json(text, "spec", SpecError))
 
     @classmethod
     def load(cls, path: str | Path) -> Spec:
         p = Path(path)
-        if not p.is_file():
-            raise SpecError(f"spec file '{p}' does not exist")
-        return cls.from_json(p.read_text())
+        text = read_text(p, "spec file", SpecError)
+        try:
+            return cls.from_json(text)
+        except SpecError as e:
+            raise SpecError(f"spec file '{p}': {e}") from None
 
     def save(self, path: str | Path) -> None:
         write_text(path, self.to_json() + "\n")
@@ -221,6 +222,7 @@ def _settings(value: Any, where: str) -> dict[str, Any]:
         value = {"kind": value}
     if not isinstance(value, dict):
         raise SpecError(f"{where}: module settings must be an object with a 'kind', got {value!r}")
-    if value.get("kind") not in KINDS:
-        raise SpecError(f"{where}: unknown module kind {value.get('kind')!r}; known kinds: {', '.join(sorted(KINDS))}")
+    kind = value.get("kind")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise SpecError(f"{where}: unknown module kind {kind!r}; known kinds: {', '.join(sorted(KINDS))}")
     return value

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from peftlab.backbone.anatomy import Block, LinearRef, anatomy_for, find_blocks, find_head, find_suffix, stack_names
@@ -31,6 +31,7 @@ from peftlab.core.spec import Spec
 from peftlab.errors import AdapterLoadError, PeftlabError
 from peftlab.formats.keys import module_key, tensor_key
 from peftlab.formats.native import read_json_object
+from peftlab.formats.weights import read_weights
 from peftlab.modules import Dims, Settings
 from peftlab.modules.linear import IA3Settings, LoraSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
@@ -389,7 +390,9 @@ _EXPORTERS = {"lora": _export_lora, "ia3": _export_ia3, "prefix": _export_prefix
 
 
 # -- import -------------------------------------------------------------------------------------------------
-def read_peft(base: nn.Module, directory: Path) -> tuple[Spec, dict[str, torch.Tensor], str]:
+def read_peft(
+    base: nn.Module, directory: Path, allow_non_finite: bool = False
+) -> tuple[Spec, dict[str, torch.Tensor], str]:
     """The peftlab spec and tensors (by the adapter key scheme) of a peft adapter folder for ``base``."""
     config = _read_config(directory)
     peft_type = config.get("peft_type")
@@ -398,12 +401,7 @@ def read_peft(base: nn.Module, directory: Path) -> tuple[Spec, dict[str, torch.T
             f"'{directory}': peft_type {peft_type!r} cannot be imported; peftlab imports {', '.join(IMPORTABLE)}"
         )
     _check_fields(config, peft_type, directory)
-    if not (directory / WEIGHTS).is_file():
-        raise AdapterLoadError(
-            f"'{directory}' has no {WEIGHTS}; peftlab reads safetensors only (it never "
-            "unpickles), re-save the adapter with safe_serialization=True"
-        )
-    state = load_file(str(directory / WEIGHTS))
+    state = read_weights(directory / WEIGHTS, allow_non_finite=allow_non_finite)
     blocks = find_blocks(base, anatomy_for(base.config.model_type))
     spec, tensors = _IMPORTERS[peft_type](base, blocks, config, state, directory)
     spec.method = IMPORTABLE[peft_type]

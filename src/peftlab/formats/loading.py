@@ -16,6 +16,7 @@ from peftlab.errors import AdapterLoadError
 from peftlab.formats import interop
 from peftlab.formats import native as saving
 from peftlab.formats.keys import load_tensors
+from peftlab.formats.weights import pickled_files
 
 
 def load(
@@ -24,8 +25,12 @@ def load(
     adapter_name: str | None = None,
     check_base: bool = True,
     activate: bool = True,
+    check: bool = True,
+    allow_non_finite: bool = False,
 ) -> PeftModel:
-    """Load a saved adapter (peftlab or peft format) onto ``model`` (a transformers model or a PeftModel)."""
+    """Load a saved adapter (peftlab or peft format) onto ``model`` (a transformers model or a PeftModel).
+    ``check``: the weights file against the checksum saved with it (peftlab format); ``allow_non_finite``: load
+    tensors holding NaN or Inf (refused by default: what a diverged run or a damaged file leaves)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise AdapterLoadError(f"adapter folder '{directory}' does not exist")
@@ -34,11 +39,15 @@ def load(
         current = None
         if check_base:
             current = model.fingerprint if isinstance(model, PeftModel) else saving.fingerprint(base)
-        spec, state, saved_name = saving.read_adapter(directory, current)
+        spec, state, saved_name = saving.read_adapter(directory, current, check, allow_non_finite)
     elif (directory / interop.CONFIG).is_file():
-        spec, state, saved_name = interop.read_peft(base, directory)
+        spec, state, saved_name = interop.read_peft(base, directory, allow_non_finite)
     else:
-        raise AdapterLoadError(f"'{directory}' holds neither a peftlab adapter ({saving.META}) nor a peft adapter")
+        pickled = pickled_files(directory)
+        found = f" (it has {', '.join(pickled)}: peftlab reads safetensors only, it never unpickles)" if pickled else ""
+        raise AdapterLoadError(
+            f"'{directory}' holds neither a peftlab adapter ({saving.META}) nor a peft adapter{found}"
+        )
     name = adapter_name or saved_name
     if isinstance(model, PeftModel):
         model.add_adapter(name, spec)

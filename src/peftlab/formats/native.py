@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftlab.atomic import write_files
@@ -21,6 +20,8 @@ from peftlab.backbone.anatomy import Anatomy, anatomy_for, find_blocks
 from peftlab.core.spec import Spec
 from peftlab.errors import AdapterLoadError, PeftlabError
 from peftlab.formats.keys import stored_tensors
+from peftlab.formats.weights import checksum, encode, read_weights
+from peftlab.reading import parse_json, read_text
 
 WEIGHTS = "adapter.safetensors"
 META = "peftlab_adapter.json"
@@ -98,20 +99,22 @@ def adapter_files(pm: Any, adapter: str) -> dict[str, Callable[[Path], None]]:
         "fingerprint": pm.fingerprint,
         "spec": spec.stored().to_dict(),
     }
-    state = _contiguous(stored_tensors(pm.adapters[adapter]))
+    data = encode(_contiguous(stored_tensors(pm.adapters[adapter])))
+    meta["checksums"] = {WEIGHTS: checksum(data)}
     return {
-        WEIGHTS: lambda p: save_file(state, str(p), metadata={"format": "pt"}),
+        WEIGHTS: lambda p: p.write_bytes(data),
         META: lambda p: p.write_text(json.dumps(meta, indent=2) + "\n"),
     }
 
 
 def _check_base(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
-    if saved["config_sha256"] != current["config_sha256"]:
+    if saved.get("config_sha256") != current["config_sha256"]:
         raise AdapterLoadError(
-            f"adapter '{where}' was trained on a different base model (architecture {saved['architecture']}); "
+            f"adapter '{where}' was trained on a different base model (architecture {saved.get('architecture')}); "
             f"this model is {current['architecture']}"
         )
-    if saved["weights_sha256"] and current["weights_sha256"] and saved["weights_sha256"] != current["weights_sha256"]:
+    theirs, mine = saved.get("weights_sha256"), current["weights_sha256"]
+    if theirs and mine and theirs != mine:
         raise AdapterLoadError(
             f"adapter '{where}' was trained on a base model with different weights (same architecture); "
             "load the base it was trained on, or pass check_base=False to load it anyway"
@@ -120,10 +123,7 @@ def _check_base(saved: dict[str, Any], current: dict[str, Any], where: Path) -> 
 
 def read_json_object(path: Path, what: str) -> dict[str, Any]:
     """A JSON object from an adapter folder, or one AdapterLoadError naming the file and what it should be."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise AdapterLoadError(f"'{path}' is not a readable {what}: {e}") from None
+    data = parse_json(read_text(path, what, AdapterLoadError), f"{what} '{path}'", AdapterLoadError)
     if not isinstance(data, dict):
         raise AdapterLoadError(f"'{path}' is not a {what} (not a JSON object)")
     return data
@@ -134,14 +134,26 @@ def read_meta(directory: Path) -> dict[str, Any]:
     meta = read_json_object(path, "peftlab adapter description")
     if meta.get("format") != "peftlab-adapter" or meta.get("format_version") != FORMAT_VERSION:
         raise AdapterLoadError(f"'{path}' is not a peftlab adapter of format version {FORMAT_VERSION}")
+    for key in ("spec", "fingerprint"):
+        if not isinstance(meta.get(key), dict):
+            raise AdapterLoadError(f"'{path}' has no '{key}' object: the file is damaged; save the adapter again")
     return meta
 
 
-def read_adapter(directory: Path, current: dict[str, Any] | None) -> tuple[Spec, dict[str, torch.Tensor], str]:
+def read_adapter(
+    directory: Path, current: dict[str, Any] | None, check: bool = True, allow_non_finite: bool = False
+) -> tuple[Spec, dict[str, torch.Tensor], str]:
     """The spec, tensors and name of a peftlab adapter folder; ``current`` (the base's fingerprint) is checked
-    against the one it was trained on unless None."""
+    against the one it was trained on unless None; ``check``: the weights file against its saved checksum (older
+    adapters have none)."""
     meta = read_meta(directory)
-    spec = Spec.from_dict(meta["spec"])
+    try:
+        spec = Spec.from_dict(meta["spec"])
+    except PeftlabError as e:
+        raise AdapterLoadError(f"'{directory / META}' holds no valid spec: {e}") from None
     if current is not None:
         _check_base(meta["fingerprint"], current, directory)
-    return spec, load_file(str(directory / WEIGHTS)), meta.get("adapter_name", "default")
+    sums = meta.get("checksums")
+    expected = sums.get(WEIGHTS) if isinstance(sums, dict) else None
+    state = read_weights(directory / WEIGHTS, expected, check, allow_non_finite)
+    return spec, state, meta.get("adapter_name", "default")

@@ -177,7 +177,7 @@ class Settings:
     def from_dict(cls, data: dict[str, Any], where: str) -> Settings:
         data = dict(data)
         kind = data.pop("kind", None)
-        if kind not in KINDS:
+        if not isinstance(kind, str) or kind not in KINDS:
             raise SpecError(f"{where}: unknown module kind '{kind}'; known kinds: {', '.join(sorted(KINDS))}")
         settings_cls = KINDS[kind]
         names = {f.name for f in dataclasses.fields(settings_cls)}

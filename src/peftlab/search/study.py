@@ -42,7 +42,7 @@ from optuna.trial import FrozenTrial, TrialState
 from peftlab import optional
 from peftlab.backbone.zoo import load_model
 from peftlab.core.spec import SpecError
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, changes
 from peftlab.search.holdout import score_front, trial_test
 from peftlab.search.params import distributions, suggest, to_vector
 from peftlab.search.pareto import pareto_indices
@@ -410,16 +410,14 @@ def create_study(config: SearchConfig) -> tuple[optuna.Study, SearchSpace]:
                 "train": _with_defaults(theirs.get("train") or {}),
             },
         )
-        diff = [
-            k
-            for k in mine
-            if k != "ref_point" and json.dumps(mine[k], sort_keys=True) != json.dumps(theirs.get(k), sort_keys=True)
-        ]
+        diff = changes(
+            {k: v for k, v in theirs.items() if k in mine and k != "ref_point"},
+            {k: v for k, v in mine.items() if k != "ref_point"},
+        )
         if diff:
-            k = diff[0]
             raise PeftlabError(
-                f"study '{config.study}' is a different search: its {k} is {theirs.get(k)!r}, "
-                f"this command gives {mine[k]!r}; use the same settings or another --study"
+                f"study '{config.study}' is a different search ({'; '.join(diff)}: the study's → this command's); "
+                "use the same settings or another --study"
             )
     Path(config.output).mkdir(parents=True, exist_ok=True)
     (Path(config.output) / OWNER_FILE).write_text(json.dumps(config.owner, indent=2) + "\n")
@@ -531,7 +529,10 @@ def fail_stale(study: optuna.Study, storage: RDBStorage, adopted: set[int]) -> N
 
 
 def _spawned(config: SearchConfig, worker: int, threads: int) -> None:
-    work(config, worker, threads, on_trial=print_trial)
+    try:
+        work(config, worker, threads, on_trial=print_trial)
+    except KeyboardInterrupt:  # Ctrl-C reaches every worker: the parent process says it once
+        sys.exit(130)
 
 
 def run_search(

@@ -14,8 +14,9 @@ from torch import nn
 
 from peftlab import optional
 from peftlab.core.spec import Spec
-from peftlab.errors import PeftlabError, SpecError
+from peftlab.errors import SpecError
 from peftlab.modules import Settings
+from peftlab.reading import parse_json, read_text
 from peftlab.space.backbone import Backbone
 
 
@@ -155,9 +156,7 @@ class SearchSpace:
     def from_file(cls, path: str | Path, model: str | nn.Module | Backbone | None = None) -> SearchSpace:
         """A space from a JSON file (YAML for .yaml / .yml when PyYAML is installed)."""
         p = Path(path)
-        if not p.is_file():
-            raise PeftlabError(f"space file '{p}' does not exist")
-        text = p.read_text()
+        text = read_text(p, "space file")
         try:
             if p.suffix in (".yaml", ".yml"):
                 yaml = optional.require("yaml", f"space file '{p}': reading YAML (or write the space as JSON)")
@@ -166,10 +165,7 @@ class SearchSpace:
                 except yaml.YAMLError as e:
                     raise SpecError(f"not valid YAML: {' '.join(str(e).split())}") from None
             else:
-                try:
-                    data = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise SpecError(f"not valid JSON: {e}") from None
+                data = parse_json(text, "it", SpecError)
             return cls.from_dict(data, model)
         except SpecError as e:
             msg = str(e)

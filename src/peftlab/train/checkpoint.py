@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from peftlab.atomic import write_files
+from peftlab.errors import PeftlabError, changes
 from peftlab.train.config import RunRecord
 
 
@@ -39,12 +41,32 @@ def save_checkpoint(path: Path, pm, opt, sched, record: RunRecord, state: dict) 
     write_files(path, {"state.pt": lambda p: torch.save(saved, p), "record.json": record.save})
 
 
+#: settings a checkpoint must share with the run that continues it (the rest, e.g. the output, may change)
+SAME_RUN = ("model", "task", "train_file", "seed", "data_seed", "k", "dev_size", "batch_size", "grad_accum")
+
+
 def load_checkpoint(path: Path, pm, opt, sched, record: RunRecord) -> dict:
-    saved = torch.load(path / "state.pt", weights_only=True)
+    """Continue from a checkpoint of the same run; one that belongs to another (another spec or data) is refused
+    with what differs, and left as it is."""
+    earlier = json.loads((path / "record.json").read_text())
+    spec = earlier.get("spec") or {}
+    theirs = {"method": spec.get("method"), "spec": spec, **{k: earlier.get("config", {}).get(k) for k in SAME_RUN}}
+    mine = {"method": record.spec.get("method"), "spec": record.spec, **{k: record.config.get(k) for k in SAME_RUN}}
+    diff = changes(theirs, json.loads(json.dumps(mine)))  # as JSON, as the checkpoint's record was stored
+    if diff:
+        shown = "; ".join(diff[:4]) + ("; ..." if len(diff) > 4 else "")
+        raise PeftlabError(
+            f"'{path}' holds the checkpoint of another run ({shown}: the checkpoint's → this command's); choose "
+            "another --output, or delete that folder to start over (nothing was changed)"
+        )
+    try:
+        saved = torch.load(path / "state.pt", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        where = path / "state.pt"
+        raise PeftlabError(f"'{where}' is not a readable checkpoint ({e}); delete it to start over") from None
     restore(pm, saved["trainable"])
     opt.load_state_dict(saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
-    earlier = json.loads((path / "record.json").read_text())
     record.evaluations, record.best = earlier["evaluations"], earlier["best"]
     return saved["state"]

@@ -76,6 +76,8 @@ class TrainConfig:
             raise PeftlabError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.fraction is not None and not 0 < self.fraction <= 1:
             raise PeftlabError(f"fraction must be in (0, 1], got {self.fraction}")
+        if self.output is not None and Path(self.output).exists() and not Path(self.output).is_dir():
+            raise PeftlabError(f"--output '{self.output}' is a file; give a folder for the run (nothing was changed)")
         if not 0 < self.hopeless_check <= 1:
             raise PeftlabError(f"hopeless_check must be in (0, 1], got {self.hopeless_check}")
         if self.epochs <= 0:

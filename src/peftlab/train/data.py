@@ -173,6 +173,11 @@ def user_task(config: TrainConfig) -> tuple[TaskInfo, Splits]:
         hub_splits={},
     )
     n_dev = min(1000, len(pool) // 5) if config.dev_size is None else config.dev_size
+    if n_dev < 1:
+        raise PeftlabError(
+            f"{config.train_file}: {len(pool)} example(s) leave an empty dev split (a fifth is held out for dev by "
+            "default): give at least 5 examples, or set --dev-size"
+        )
     order = torch.randperm(len(pool), generator=torch.Generator().manual_seed(config.data_seed)).tolist()
     dev = [pool[i] for i in order[:n_dev]]
     rest = [pool[i] for i in order[n_dev:]]

@@ -36,8 +36,9 @@ Where data comes from
 from __future__ import annotations
 
 import csv
-import json
+import io
 import logging
+import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ import numpy as np
 
 from peftlab import optional
 from peftlab.errors import PeftlabError
+from peftlab.reading import parse_json, read_text
 
 __all__ = [
     "DATA_DIR_ENV",
@@ -308,17 +310,13 @@ def _read_tsv(path: Path, info: TaskInfo) -> Iterator[tuple[int, dict[str, Any]]
 
 
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8") as fh:
-        for i, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskDataError(f"{path}:{i}: invalid JSON ({exc})") from exc
-            if not isinstance(row, dict):
-                raise TaskDataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-            yield i, row
+    for i, line in enumerate(read_text(path, "data file", TaskDataError).splitlines(), start=1):
+        if not line.strip():
+            continue
+        row = parse_json(line, f"data file {path}:{i}", TaskDataError)
+        if not isinstance(row, dict):
+            raise TaskDataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
+        yield i, row
 
 
 def _read_local(info: TaskInfo, path: Path) -> list[Example]:
@@ -436,8 +434,16 @@ def make_splits(
 
 
 def _read_csv(path: Path, delimiter: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    with path.open(encoding="utf-8-sig", newline="") as fh:
-        yield from enumerate(csv.DictReader(fh, delimiter=delimiter), start=2)
+    text = read_text(path, "data file", TaskDataError).removeprefix("\ufeff")
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        yield from enumerate(reader, start=2)
+    except csv.Error as e:
+        raise TaskDataError(f"data file {path}:{reader.line_num}: not valid CSV ({e})") from None
+
+
+#: the largest integer label read as a class id (a task with more classes names them with label_names)
+MAX_CLASS_ID = 9_999
 
 
 def _user_label(raw: Any, label_names: Sequence[str] | None) -> int | float:
@@ -447,14 +453,25 @@ def _user_label(raw: Any, label_names: Sequence[str] | None) -> int | float:
             raise ValueError(f"label {raw!r} is not one of label_names {list(label_names)}")
         return list(label_names).index(str(raw))
     if isinstance(raw, bool | int | float):
-        return int(raw) if isinstance(raw, bool) else raw
-    text = str(raw).strip() if raw is not None else ""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    raise ValueError(f"label {raw!r} is not a number; pass label_names to map label strings to ids")
+        value = int(raw) if isinstance(raw, bool) else raw
+    else:
+        text = str(raw).strip() if raw is not None else ""
+        for cast in (int, float):
+            try:
+                value = cast(text)
+                break
+            except ValueError:
+                pass
+        else:
+            raise ValueError(f"label {raw!r} is not a number; pass label_names to map label strings to ids")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"label {raw!r} is not a finite number")
+    if isinstance(value, int) and not 0 <= value <= MAX_CLASS_ID:
+        raise ValueError(
+            f"label {raw!r} is not a class id: integer labels are class ids 0..{MAX_CLASS_ID} "
+            "(write regression targets with a decimal point, e.g. 1.0)"
+        )
+    return value
 
 
 def load_user_data(
