@@ -374,4 +374,3 @@ def _hand_over(states: torch.Tensor, hidden_states: torch.Tensor, *args: Any, **
             f"{tuple(hidden_states.shape[:2])}; this is a peftlab bug"
         )
     return states
-
