@@ -16,7 +16,7 @@ from peftlab.backbone.zoo import load_model
 from peftlab.core.peft_model import PeftModel
 from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError
-from peftlab.train import TrainConfig, train
+from peftlab.train import TrainConfig, enable_checkpointing, train
 from peftlab.train.frozen import FrozenCache, FrozenPrefix
 from peftlab.train.warm import WarmStart
 
@@ -119,6 +119,16 @@ def test_the_cached_forward_gives_the_uncached_logits_loss_and_gradients(spec: S
     # the cached forward leaves the model as it was: the next plain forward is the same again
     assert not any("forward" in vars(b.module) for b in pm.blocks)
     _same(plain, _step(pm, batch))
+
+
+def test_gradient_checkpointing_with_the_cache_gives_the_same_gradients() -> None:
+    pm = _applied(_lora("2-3"))
+    plain = _step(pm, _batch())
+    enable_checkpointing(pm.base_model)
+    frozen = FrozenPrefix(pm, FrozenCache(), budget_mb=16)
+    _same(plain, _step(pm, _batch(), frozen))
+    _same(plain, _step(pm, _batch(), frozen))
+    assert frozen.hits == 4
 
 
 def test_examples_are_found_in_any_batch_and_padding() -> None:

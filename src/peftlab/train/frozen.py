@@ -4,8 +4,9 @@ touches, computed once per example and reused across steps, epochs and the trial
 When nothing of the adapter acts below layer k (no prompt, no trained embeddings, no module in layers 0..k-1), the
 hidden states entering layer k are a function of the input alone, provided the layers below run in eval mode. With
 the cache they do: **dropout is off below k** (at dropout 0 a run gives the uncached run's results, up to float
-rounding: an example's states may be computed in a batch padded to another length). A step then runs layers k..
-and the head only: no embedding lookups or lower layers forward, and (as without the cache) no backward below k.
+rounding: an example's states may be computed in a batch padded to another length). A step then skips the blocks
+below k (the embeddings, cheap, still run: the model builds its attention mask from them) and runs layers k.. and
+the head; as without the cache, nothing is back-propagated below k.
 
 k is read off the built model, not off kind names: each host module the adapter's callbacks sit on and each backbone
 tensor it trains in place is placed in the forward pass, by its block, or, outside the blocks, by the order in which
