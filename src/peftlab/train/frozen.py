@@ -53,6 +53,25 @@ from peftlab.errors import PeftlabError
 SUPPORTED = "encoder"
 #: elements sampled from each tensor below k for the key (with the tensor's sum, which sees every element)
 _SAMPLE = 4096
+#: config entries that do not change the states below k: the head's, the dropouts' (the layers below k run in eval
+#: mode), the dtype (keyed as the weights'), provenance
+_NOT_BELOW = frozenset(
+    {
+        "id2label",
+        "label2id",
+        "num_labels",
+        "problem_type",
+        "finetuning_task",
+        "architectures",
+        "classifier_dropout",
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "dtype",
+        "torch_dtype",
+        "transformers_version",
+        "_name_or_path",
+    }
+)
 
 
 class _Captured(Exception):
@@ -178,10 +197,13 @@ def frozen_part(pm: PeftModel, k: int, found: Probe) -> list[nn.Module]:
 
 
 def table_key(pm: PeftModel, k: int, found: Probe) -> str:
-    """What the states entering layer k depend on besides the input and the autocast: the config, every tensor below
-    k (sampled, and summed), k, the live model-wide switches, and the dtype and device they are computed in."""
+    """What the states entering layer k depend on besides the input and the autocast: the config (less the head's
+    and the dropouts' entries), every tensor below k (sampled, and summed), k, the live model-wide switches, and the
+    dtype and device they are computed in."""
     h = hashlib.sha256()
-    h.update(json.dumps(pm.fingerprint.get("architecture", {}), sort_keys=True, default=str).encode())
+    config = {k: v for k, v in pm.config.to_dict().items() if k not in _NOT_BELOW}
+    config["attention"] = getattr(pm.config, "_attn_implementation", None)
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
     for i, m in enumerate(frozen_part(pm, k, found)):
         for name, t in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]:
             _tensor_digest(h, f"{i}.{name}", t)
