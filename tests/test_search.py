@@ -169,6 +169,13 @@ def test_joining_a_study_with_other_settings_is_refused(tmp_path: Path) -> None:
         load_study(str(tmp_path / "study.db"), "nope")
 
 
+#: a layer space for the top layer of tiny-bert alone (LoRA and a serial adapter; both off: the head alone)
+UPPER_MODULES = [
+    {"name": "lora", "kind": "lora", "sites": ["q", "v"], "size": "r", "choices": [0, 2, 4, 8, 16]},
+    {"name": "serial", "kind": "adapter", "sites": ["after_ffn"], "size": "size", "choices": [0, 4, 8, 16]},
+]
+
+
 def _kill_during_a_trial(cmd: list[str], db: Path) -> tuple[dict[int, tuple], list[int]]:
     """Start ``cmd``, kill -9 it while it trains a trial after two finished ones; (finished, killed trial numbers).
 
@@ -216,14 +223,23 @@ def _random_search_cli(trials: int, steps: int) -> list[str]:
     ]
 
 
-def test_killed_search_resumes_without_losing_finished_trials(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cache", [False, True], ids=["uncached", "cache-frozen"])
+def test_killed_search_resumes_without_losing_finished_trials(tmp_path: Path, cache: bool) -> None:
+    """With ``--cache-frozen`` too, over a space of modules in the upper layer (so every trial caches): the cache
+    lives in the worker's memory, so a killed worker loses only it, and the resumed search computes again what it
+    needs."""
     cmd = [
         *_random_search_cli(trials=5, steps=12),
         "--output",
-        str(tmp_path),
+        str(tmp_path / "search"),
         "--heartbeat",
         "1",
     ]
+    if cache:
+        space = tmp_path / "upper.json"
+        space.write_text(json.dumps({"type": "layers", "layers": [1], "modules": UPPER_MODULES}))
+        cmd += ["--cache-frozen", "--space", str(space)]
+    tmp_path = tmp_path / "search"
     before, killed = _kill_during_a_trial(cmd, tmp_path / "study.db")
     assert len(before) >= 2 and len(before) < 5, "the search was not killed after two trials and before the end"
     assert killed, "no trial was running when the search was killed"
@@ -243,6 +259,13 @@ def test_killed_search_resumes_without_losing_finished_trials(tmp_path: Path) ->
     # each process loaded its backbone once and lent it to its later trials, which say where their time went
     assert {t.user_attrs["backbone"] for t in trained} == {"loaded", "reused"}
     assert all(t.user_attrs["timings"]["train_s"] > 0 and "other_s" in t.user_attrs["timings"] for t in trained)
+    if cache:  # each trial says where its steps started (layer 1, or 2 for the head alone) and what it found
+        assert all(t.user_attrs["timings"]["cache_s"] > 0 for t in trained)
+        caches = [t.user_attrs["cache"] for t in trained]
+        assert all(c["layer"] in (1, 2) and c["misses"] + c["hits"] > 0 for c in caches)
+        assert load_study(str(tmp_path / "study.db"), "peftlab")[1]["train"]["cache_frozen"] is True  # workers agree
+    else:
+        assert all("cache" not in t.user_attrs for t in trained)
 
 
 def test_running_trial_without_heartbeat_goes_stale(tmp_path: Path) -> None:

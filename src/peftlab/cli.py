@@ -132,6 +132,8 @@ def _train_config(args: argparse.Namespace, output: str | None):
         label_names=args.labels.split(",") if args.labels else None,
         score_test=args.score_test,
         stop_hopeless=args.stop_hopeless,
+        cache_frozen=args.cache_frozen,
+        cache_frozen_mb=args.cache_frozen_mb,
     )
 
 
@@ -441,6 +443,22 @@ def _add_train_args(p: argparse.ArgumentParser, search: bool = False) -> None:
         metavar="W",
         help="weight of AdaMix's consistency loss between two randomly routed passes (default: 1 for "
         "specs with AdaMix modules, else 0; 0 turns it off)",
+    )
+    p.add_argument(
+        "--cache-frozen",
+        action="store_true",
+        help="compute the hidden states entering the lowest layer the spec touches once per example and reuse them "
+        "(across steps, epochs and a search worker's trials), so steps run only the layers from there up; the "
+        "layers below run in eval mode, i.e. WITHOUT their dropout (same results as uncached at --dropout 0). "
+        "Encoder models (BERT, RoBERTa, MiniLM); specs that act below the first layer (prompt, embeddings, "
+        "full, BitFit/LN of the embeddings) run uncached",
+    )
+    p.add_argument(
+        "--cache-frozen-mb",
+        type=float,
+        default=512.0,
+        metavar="MB",
+        help="memory for those states (default 512); examples beyond it are computed each time they come",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("your own data (CSV, TSV or JSONL; --task then just names it)")

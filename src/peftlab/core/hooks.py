@@ -39,6 +39,15 @@ class HookRegistry:
         """Set ``host.<name>`` to the list of live callbacks registered under that name."""
         self.add(host, f"attr:{name}", owner, fn)
 
+    def hosts(self, adapter_name: str) -> list[nn.Module]:
+        """The host modules the adapter's callbacks sit on, live or not (merged modules changed their host's
+        weights): where in the backbone the adapter acts."""
+        return [
+            self._hosts[host_id]
+            for (host_id, _), callbacks in self._callbacks.items()
+            if any(c.owner.adapter_name == adapter_name for c in callbacks)
+        ]
+
     def remove_owner_adapter(self, adapter_name: str) -> None:
         for key in list(self._callbacks):
             kept = [c for c in self._callbacks[key] if c.owner.adapter_name != adapter_name]

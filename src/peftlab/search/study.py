@@ -346,6 +346,8 @@ class Objective:
             raise TrialFailed(str(e)) from None
         trial.set_user_attr("run", str(out))
         trial.set_user_attr("backbone", self.warm.last)
+        if record.cache is not None:  # --cache-frozen: the layer its steps started at, hits and misses
+            trial.set_user_attr("cache", record.cache)
         total = time.perf_counter() - start
         trial.set_user_attr(
             "timings", {**record.timings, "other_s": total - sum(record.timings.values()), "total_s": total}

@@ -67,6 +67,12 @@ class TrainConfig:
     #: comes later (on a sample of the dev split: cheap; a run that looks hopeless there gets a full evaluation,
     #: which decides), so that a one-evaluation trial is not trained to its end before it can be stopped
     hopeless_check: float = 0.25
+    #: reuse the hidden states entering the lowest layer the spec touches, computed once per example with the layers
+    #: below in eval mode (so without their dropout); encoder models only (peftlab.train.frozen)
+    cache_frozen: bool = False
+    #: the byte budget of those states in MB (a search worker's trials share it); examples beyond it are computed
+    #: on the fly
+    cache_frozen_mb: float = 512.0
 
     def check(self) -> None:
         budgets = [b for b in (self.max_steps, self.fraction) if b is not None]
@@ -98,6 +104,8 @@ class TrainConfig:
             raise PeftlabError(f"consistency must be a number >= 0 (0 turns it off), got {self.consistency}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise PeftlabError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.cache_frozen_mb) and self.cache_frozen_mb >= 0):
+            raise PeftlabError(f"cache_frozen_mb must be a number >= 0, got {self.cache_frozen_mb}")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise PeftlabError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.precision != "fp32" and not torch.cuda.is_available():
@@ -130,8 +138,13 @@ class RunRecord:
     message: str | None = None
     #: seconds spent reading the splits (data_s), loading the backbone and applying the spec (setup_s), encoding
     #: examples (tokenize_s), in training steps (train_s), evaluating (eval_s) and writing checkpoints
-    #: (checkpoint_s): what a search trial spends besides training shows here
+    #: (checkpoint_s), and, with ``cache_frozen``, gathering the cached states of the layers below the spec
+    #: (cache_s: lookups, and the forward passes that compute the states not cached yet): what a search trial
+    #: spends besides training shows here
     timings: dict[str, float] = field(default_factory=dict)
+    #: with ``cache_frozen``: the layer the cached states enter (0: nothing cached, the spec acts below the first
+    #: layer), the module that decided it, and the examples found (hits), computed (misses), kept, over the budget
+    cache: dict[str, Any] | None = None
 
     def save(self, path: Path) -> None:
         write_json(path, asdict(self))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -12,12 +13,22 @@ from peftlab.train import metrics as metric_fns
 from peftlab.train.config import TrainConfig
 from peftlab.train.data import Encoder, load_for_task, task_encoder, task_splits, text_length
 from peftlab.train.environment import default_device
+from peftlab.train.frozen import FrozenPrefix
 from peftlab.train.tasks import Example, TaskInfo
 
 
 @torch.no_grad()
-def predict(pm: nn.Module, encoder: Encoder, rows: list[Example], batch_size: int, device: torch.device) -> list:
-    """Predictions for ``rows``: class ids or scores; T5 ranks the label words by likelihood."""
+def predict(
+    pm: nn.Module,
+    encoder: Encoder,
+    rows: list[Example],
+    batch_size: int,
+    device: torch.device,
+    frozen: FrozenPrefix | None = None,
+) -> list:
+    """Predictions for ``rows``: class ids or scores; T5 ranks the label words by likelihood. ``frozen``: start the
+    forward passes from a run's cached states (the dev split, which every evaluation of a run, and of a worker's
+    runs, scores again)."""
     was_training = pm.training
     pm.eval()
     order = sorted(range(len(rows)), key=lambda i: text_length(rows[i]))  # similar lengths pad less
@@ -28,7 +39,8 @@ def predict(pm: nn.Module, encoder: Encoder, rows: list[Example], batch_size: in
         if encoder.seq2seq:
             preds = rank_labels(pm, encoder, batch)
         else:
-            logits = pm(**batch).logits.float()
+            with frozen.feeding(batch) if frozen is not None else nullcontext():
+                logits = pm(**batch).logits.float()
             preds = logits[:, 0].tolist() if encoder.task.is_regression else logits.argmax(-1).tolist()
         for j, p in zip(ids, preds, strict=True):
             out[j] = p
@@ -60,9 +72,14 @@ def rank_labels(pm: nn.Module, encoder: Encoder, batch: dict[str, torch.Tensor])
 
 
 def evaluate(
-    pm: nn.Module, encoder: Encoder, rows: list[Example], batch_size: int, device: torch.device
+    pm: nn.Module,
+    encoder: Encoder,
+    rows: list[Example],
+    batch_size: int,
+    device: torch.device,
+    frozen: FrozenPrefix | None = None,
 ) -> dict[str, float]:
-    preds = predict(pm, encoder, rows, batch_size, device)
+    preds = predict(pm, encoder, rows, batch_size, device, frozen)
     labels = [r["label"] for r in rows]
     return metric_fns.compute(encoder.task.metrics, preds, labels)
 

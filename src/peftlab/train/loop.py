@@ -10,7 +10,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from peftlab.train.config import CHECKPOINT, RunRecord, TrainConfig
 from peftlab.train.data import Encoder, batches, load_for_task, task_encoder, task_splits, text_length
 from peftlab.train.environment import default_device, device_name, library_versions
 from peftlab.train.evaluation import evaluate
+from peftlab.train.frozen import FrozenCache, FrozenPrefix
 from peftlab.train.parallel import all_reduce, dist_setup, is_main
 from peftlab.train.tasks import Example
 from peftlab.train.warm import WarmStart
@@ -104,6 +105,20 @@ def _prepare_model(
     return pm, encoder
 
 
+def _frozen_prefix(pm: PeftModel, config: TrainConfig, warm: WarmStart | None) -> FrozenPrefix | None:
+    """With ``cache_frozen``, the run's use of the frozen layers' cache: the worker's (its trials share it), else
+    the run's own."""
+    if not config.cache_frozen:
+        return None
+    frozen = FrozenPrefix(pm, warm.frozen if warm is not None else FrozenCache(), config.cache_frozen_mb)
+    if is_main():
+        if frozen.active:
+            log.info("frozen-layer cache: steps start at layer %d (%s acts there)", frozen.layer, frozen.where)
+        else:
+            log.info("frozen-layer cache: not used, the spec acts below the first layer (at %s)", frozen.where)
+    return frozen
+
+
 def _schedule(opt: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up to the peak rate, then linear decay to zero at ``total``."""
     return torch.optim.lr_scheduler.LambdaLR(
@@ -133,6 +148,7 @@ class Run:
         data = time.perf_counter()
         self.device = default_device()
         self.pm, self.encoder = _prepare_model(spec, config, self.task, model, self.device, warm)
+        self.frozen = _frozen_prefix(self.pm, config, warm)
         self.per_rank = config.batch_size // self.world
         if self.per_rank * self.world != config.batch_size:
             raise PeftlabError(f"batch_size {config.batch_size} must be divisible by the {self.world} processes")
@@ -170,6 +186,7 @@ class Run:
             "data_s": data - start,
             "setup_s": time.perf_counter() - data,
             **dict.fromkeys(("tokenize_s", "train_s", "eval_s", "checkpoint_s"), 0.0),
+            **({"cache_s": 0.0} if self.frozen is not None else {}),
         }
 
     def _learned_nothing(self) -> tuple[float, float | None] | None:
@@ -221,7 +238,7 @@ class Run:
             rows: list[Example] = [self.splits.train[j] for j in mine]
             batch = {k: v.to(self.device) for k, v in self.encoder(rows).items()}
             self.state["tokens"] += int(batch["attention_mask"].sum())
-            with self.autocast:
+            with self.autocast, self.frozen.feeding(batch) if self.frozen is not None else nullcontext():
                 loss = batch_loss(self.pm, batch, self.objective, self.weight) * (len(mine) / len(group))
             (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += loss.detach().item()
@@ -273,11 +290,17 @@ class Run:
                 log.info("%s", record.message)
         return reason is not None or (config.patience is not None and self.state["bad_evals"] >= config.patience)
 
-    def _score(self, rows: list[Example]) -> dict[str, float]:
-        """The metrics on ``rows``; the time it takes, less encoding, is evaluation time."""
-        start, encoding = time.perf_counter(), self.encoder.elapsed
-        scores = evaluate(self.pm, self.encoder, rows, self.config.eval_batch_size, self.device)
-        self.timings["eval_s"] += time.perf_counter() - start - (self.encoder.elapsed - encoding)
+    def _cache_s(self) -> float:
+        return self.frozen.elapsed if self.frozen is not None else 0.0
+
+    def _score(self, rows: list[Example], cached: bool = True) -> dict[str, float]:
+        """The metrics on ``rows`` (``cached``: from the frozen layers' cached states, if the run has them); the
+        time it takes, less encoding and gathering cached states, is evaluation time."""
+        start, encoding, caching = time.perf_counter(), self.encoder.elapsed, self._cache_s()
+        frozen = self.frozen if cached else None
+        scores = evaluate(self.pm, self.encoder, rows, self.config.eval_batch_size, self.device, frozen)
+        spent = time.perf_counter() - start - (self.encoder.elapsed - encoding) - (self._cache_s() - caching)
+        self.timings["eval_s"] += spent
         return scores
 
     def _save_checkpoint(self) -> None:
@@ -288,7 +311,7 @@ class Run:
     def loop(self, on_step: StepCallback | None) -> None:
         """Train until the budget is spent, early stopping says so, or the loss stops being finite."""
         config = self.config
-        before = (time.perf_counter(), self.encoder.elapsed, self.timings["eval_s"], self.timings["checkpoint_s"])
+        before = self._clocks()
         self.pm.train()
         step = self.state["step"]
         start = time.perf_counter() - self.state["elapsed"]
@@ -327,9 +350,16 @@ class Run:
         bar(None, None)
         self.record.steps = step
         self.record.wall_time_s = time.perf_counter() - start
-        spent = (time.perf_counter(), self.encoder.elapsed, self.timings["eval_s"], self.timings["checkpoint_s"])
-        elapsed, encoding, evaluating, saving = (a - b for a, b in zip(spent, before, strict=True))
-        self.timings["train_s"] += elapsed - encoding - evaluating - saving
+        elapsed, *others = (a - b for a, b in zip(self._clocks(), before, strict=True))
+        self.timings["train_s"] += elapsed - sum(others)
+        if self.frozen is not None:
+            self.timings["cache_s"] = self.frozen.elapsed
+
+    def _clocks(self) -> tuple[float, ...]:
+        """The wall clock, then the clocks of what a step's time is not: encoding, evaluating, checkpoints, and
+        gathering cached states."""
+        t = self.timings
+        return (time.perf_counter(), self.encoder.elapsed, t["eval_s"], t["checkpoint_s"], self._cache_s())
 
     def finish(self) -> RunRecord:
         """Restore the best state, score the test split (unless the config says not to), write the adapter and
@@ -343,7 +373,10 @@ class Run:
         if self.state["best_state"] is not None:
             restore(self.pm, self.state["best_state"])
         if record.status != "diverged" and self.config.score_test:
-            record.test = self._score(self.splits.test)
+            record.test = self._score(self.splits.test, cached=False)  # scored once: caching would only cost
+        if self.frozen is not None:
+            record.cache = self.frozen.summary()
+            self.timings["cache_s"] = self.frozen.elapsed
         self.timings["tokenize_s"] = self.encoder.elapsed
         record.timings = dict(self.timings)
         if self.out is not None and self.rank == 0:

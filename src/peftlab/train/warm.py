@@ -26,6 +26,7 @@ from peftlab.backbone.anatomy import model_configs
 from peftlab.backbone.tokenize import get_tokenizer
 from peftlab.core.peft_model import PeftModel
 from peftlab.train.data import load_for_task
+from peftlab.train.frozen import FrozenCache
 from peftlab.train.tasks import TaskInfo
 from peftlab.train.tokens import TokenCache
 
@@ -111,12 +112,15 @@ def _state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 
 
 class WarmStart:
-    """What one worker keeps between runs: its latest backbone, each model's tokenizer, and the token ids."""
+    """What one worker keeps between runs: its latest backbone, each model's tokenizer, the token ids, and the
+    states of frozen layers (``--cache-frozen``; keyed by the weights they came from, so a reloaded backbone with the
+    same weights finds them again)."""
 
     def __init__(self) -> None:
         self._loaded: dict[tuple[str, int], Loaded] = {}
         self._tokenizers: dict[str, Any] = {}
         self.tokens = TokenCache()
+        self.frozen = FrozenCache()
         #: how the latest :meth:`backbone` was served: "loaded" or "reused"
         self.last = ""
 
