@@ -27,6 +27,11 @@ from pathlib import Path
 
 import pytest
 
+try:  # the driver SQLAlchemy 2 uses for postgresql:// URLs (peftlab[postgres])
+    import psycopg
+except ImportError:
+    psycopg = None
+
 USER = "peftlab"
 DATABASE = "peftlab_test"
 PREFIX = "peftlab-pg-"
@@ -89,7 +94,7 @@ class PostgresServer:
 
     @property
     def url(self) -> str:
-        return f"postgresql+psycopg2://{USER}@127.0.0.1:{self.port}/{DATABASE}"
+        return f"postgresql://{USER}@127.0.0.1:{self.port}/{DATABASE}"  # the plain form the README documents
 
     def _run(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run a server program as the server's user, in the temporary directory, with a clean locale."""
@@ -135,15 +140,8 @@ class PostgresServer:
         self._create_database()
 
     def _create_database(self) -> None:
-        import psycopg2
-
-        connection = psycopg2.connect(host="127.0.0.1", port=self.port, user=USER, dbname="postgres")
-        try:
-            connection.autocommit = True
-            with connection.cursor() as cursor:
-                cursor.execute(f"CREATE DATABASE {DATABASE}")
-        finally:
-            connection.close()
+        with psycopg.connect(host="127.0.0.1", port=self.port, user=USER, dbname="postgres", autocommit=True) as c:
+            c.execute(f"CREATE DATABASE {DATABASE}")
 
     def stop(self) -> None:
         """Stop the server (immediately: nothing is kept) and delete its directory; safe to call twice."""
@@ -171,7 +169,8 @@ def postgres_server() -> Iterator[PostgresServer]:
     bin_dir = find_bin_dir()
     if bin_dir is None:
         pytest.skip(SKIP_REASON)
-    pytest.importorskip("psycopg2", reason='PostgreSQL tests need psycopg2: pip install "peftlab[postgres]"')
+    if psycopg is None:
+        pytest.skip('PostgreSQL tests need psycopg: pip install "peftlab[postgres]"')
     _reap_orphans(bin_dir)
     server = PostgresServer(bin_dir)
     atexit.register(server.stop)
@@ -185,7 +184,7 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
-    """SQLAlchemy URL (``postgresql+psycopg2://peftlab@127.0.0.1:PORT/peftlab_test``) of an empty database on a
+    """SQLAlchemy URL (``postgresql://peftlab@127.0.0.1:PORT/peftlab_test``) of an empty database on a
     throw-away PostgreSQL server shared by the whole test session (give each test its own study name)."""
     with postgres_server() as server:
         yield server.url

@@ -129,3 +129,13 @@ def test_train_then_eval_agree(tmp_path, capsys) -> None:
     other = ["--model", "shape:tiny-bert", "--task", "stsb", "--data-dir", str(data)]
     assert main(["eval", *other, "--adapter", str(tmp_path / "run" / "adapter")]) == 2
     assert "it was trained on glue/rte, not glue/stsb" in capsys.readouterr().err
+
+
+def test_version_for_bug_reports(capsys) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("peftlab ")
+    assert main(["version", "--json"]) == 0
+    versions = json.loads(capsys.readouterr().out)
+    assert set(versions) == {"python", "peftlab", "torch", "transformers", "peft", "optuna"}
+    assert versions["torch"].startswith("2.") and versions["optuna"][0].isdigit()

@@ -94,9 +94,15 @@ def test_serves_a_postgresql_study(postgres_url):
     check_served(postgres_url, name)
 
 
-def test_storage_url():
+def test_storage_url(monkeypatch):
     assert storage_url("postgresql+psycopg2://u@127.0.0.1:5432/db") == "postgresql+psycopg2://u@127.0.0.1:5432/db"
     assert storage_url("sqlite:///:memory:") == "sqlite:///:memory:"
+    # the documented plain form gets the driver that is installed (SQLAlchemy 2 alone would pick psycopg 3)
+    assert storage_url("postgresql://u@127.0.0.1:5432/db") == "postgresql+psycopg://u@127.0.0.1:5432/db"
+    monkeypatch.setitem(sys.modules, "psycopg", None)
+    monkeypatch.setitem(sys.modules, "psycopg2", None)
+    with pytest.raises(PeftlabError, match=r"storage postgresql://u:\*\*\*@h/db needs a PostgreSQL driver: pip"):
+        storage_url("postgresql://u:secret@h/db")
 
 
 def test_storage_url_of_a_path(tmp_path, monkeypatch):
@@ -152,7 +158,7 @@ def test_bad_port(tmp_path):
 
 
 def test_unreachable_postgresql_names_the_url_without_password():
-    url = f"postgresql+psycopg2://user:secret@127.0.0.1:{free_port()}/nothing"
+    url = f"postgresql://user:secret@127.0.0.1:{free_port()}/nothing"
     with pytest.raises(PeftlabError, match="cannot read storage") as error:
         serve(url, port=free_port())
     assert "secret" not in str(error.value)

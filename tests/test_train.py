@@ -53,6 +53,8 @@ def test_loss_goes_down_on_real_data() -> None:
         "python",
         "torch",
         "transformers",
+        "peft",
+        "optuna",
         "peftlab",
     }
 

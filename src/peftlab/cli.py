@@ -19,7 +19,7 @@ from pathlib import Path
 
 from transformers.utils import logging as hf_logging
 
-from peftlab import methods
+from peftlab import __version__, methods
 from peftlab.backbone.zoo import HEADS, MODEL_NAMES, load_model
 from peftlab.bench import BenchConfig, markdown, run
 from peftlab.core.peft_model import apply
@@ -42,6 +42,7 @@ from peftlab.search.study import (
 )
 from peftlab.space import load_space
 from peftlab.train import RUN_FIELDS, TrainConfig, evaluate, train
+from peftlab.train.environment import library_versions
 from peftlab.train.evaluation import scoring_backbone
 from peftlab.train.tasks import get_task, make_splits
 
@@ -716,9 +717,25 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_bench)
 
 
+def cmd_version(args: argparse.Namespace) -> None:
+    versions = library_versions()
+    if args.json:
+        print(json.dumps(versions, indent=2))
+    else:
+        print("\n".join(f"{name} {version}" for name, version in versions.items()))
+
+
+def _add_version_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("version", help="the versions of peftlab and the libraries it runs on (for bug reports)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_version)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning lab.")
+    parser.add_argument("--version", action="version", version=f"peftlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_version_parser(sub)
     _add_methods_parser(sub)
     _add_show_parser(sub)
     _add_train_parser(sub)

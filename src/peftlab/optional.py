@@ -17,7 +17,7 @@ INSTALL = {
     "matplotlib": ("matplotlib", 'pip install "peftlab[bench]"'),
     "peft": ("peft", 'pip install "peftlab[bench]"'),
     "optuna_dashboard": ("optuna-dashboard", 'pip install "peftlab[dashboard]"'),
-    "psycopg2": ("psycopg2", 'pip install "peftlab[postgres]"'),
+    "psycopg": ("psycopg", 'pip install "peftlab[postgres]"'),
     "datasets": ("datasets", "pip install datasets"),
     "yaml": ("PyYAML", "pip install pyyaml"),
 }

@@ -18,6 +18,7 @@ import sqlalchemy.exc
 from optuna.exceptions import ExperimentalWarning
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
+from peftlab import optional
 from peftlab.errors import PeftlabError
 
 #: The first 16 bytes of every SQLite 3 database file.
@@ -30,11 +31,12 @@ def storage_url(value: str, must_exist: bool = True) -> str:
     A path (anything without ``://``) becomes ``sqlite:///<absolute path>``. A missing SQLite file is an error when
     ``must_exist`` (the default, for commands that only read): SQLAlchemy would otherwise silently create an empty
     database and the user would look at nothing instead of learning about the typo. Commands that write a new study
-    pass ``must_exist=False``. Other URLs (``postgresql+psycopg2://...``) are returned unchanged.
+    pass ``must_exist=False``. A plain ``postgresql://`` URL gets the installed driver; other URLs are returned
+    unchanged.
     """
     value = str(value).strip()
     if not value:
-        raise PeftlabError("empty storage: give an SQLite file (study.db) or a URL (postgresql+psycopg2://...)")
+        raise PeftlabError("empty storage: give an SQLite file (study.db) or a URL (postgresql://user@host/db)")
     if "://" not in value:
         path = Path(value).expanduser().resolve()
         if must_exist:
@@ -44,7 +46,19 @@ def storage_url(value: str, must_exist: bool = True) -> str:
         database = _sqlite_database(value)
         if database is not None:
             _check_sqlite_file(Path(database).expanduser(), value)
+    if value.startswith(("postgresql://", "postgres://")):
+        return _postgres_driver(value)
     return value
+
+
+def _postgres_driver(url: str) -> str:
+    """A plain ``postgresql://`` URL with the driver that is installed: SQLAlchemy 2 picks psycopg (3) for it and
+    fails on a machine that has only psycopg2; one without either gets told what to install."""
+    rest = url.split("://", 1)[1]
+    for driver in ("psycopg", "psycopg2"):
+        if optional.available(driver):
+            return f"postgresql+{driver}://{rest}"
+    raise PeftlabError(f"storage {hide_password(url)} needs a PostgreSQL driver: {optional.INSTALL['psycopg'][1]}")
 
 
 def open_storage(url: str, heartbeat: int | None = None, retry: bool = True) -> RDBStorage:

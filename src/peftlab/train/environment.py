@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from importlib import metadata
 
 import torch
 import transformers
@@ -12,13 +13,24 @@ from peftlab import __version__
 
 
 def library_versions() -> dict[str, str]:
-    """python, torch, transformers and peftlab versions: what a reader needs to compare records and benchmarks."""
+    """python, torch, transformers, peft, optuna and peftlab versions: what a reader needs to compare records and
+    benchmarks, and what a bug report starts with (``peftlab version``)."""
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "peft": _installed("peft"),
+        "optuna": _installed("optuna"),
         "peftlab": __version__,
     }
+
+
+def _installed(package: str) -> str:
+    """A package's installed version, read from its metadata (without importing it)."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def default_device() -> torch.device:
