@@ -41,12 +41,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
+from peftlab.cli import build_parser, search_config
 from peftlab.errors import PeftlabError
 from peftlab.search import results
 from peftlab.search.pareto import hypervolume_history
-from peftlab.search.study import counted, load_study
+from peftlab.search.study import counted, create_study, load_study, search_defaults
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "search_evidence"
@@ -56,6 +57,7 @@ TASKS = {  # task -> flags of its trials
     "mrpc": ["--max-length", "128", "--max-steps", "150"],
 }
 MARKS = (10, 20, 30, 40, 50, 60)
+STARTUP = 10  # random start-up trials of every model-based sampler
 
 
 def _env() -> dict[str, str]:
@@ -97,7 +99,7 @@ def command(task: str, sampler: str, seed: int, trials: int, data_dir: str, runs
         "--lr",
         "0.001",
         "--startup-trials",
-        "10",
+        str(STARTUP),
         "--nuts-warmup",
         "256",
         "--nuts-samples",
@@ -127,6 +129,39 @@ def _finished(runs: Path, name: str) -> int:
     return counted(study)[0] if study is not None else 0
 
 
+def share_startup(runs: Path, task: str, sampler: str, seed: int, data_dir: str) -> bool:
+    """Give a new model-based study of seed s the random study's first STARTUP trials of seed s, instead of training
+    them again: its start-up trials are drawn by ``RandomSampler(s)``, the random study's sampler, so they are the
+    same points, and training is deterministic for a seed (for seed 0 both studies trained all 10 and got identical
+    values). The copies keep their timings, so compute_s counts them in both studies. False when the random
+    study has not got that far yet (the model-based one then trains its own)."""
+    name, source = _name(task, sampler, seed), _load(runs, _name(task, "random", seed))
+    if sampler != "autopeft" or _load(runs, name) is not None or source is None:
+        return False
+    done = [t for t in source.get_trials(deepcopy=False) if t.state.is_finished()][:STARTUP]
+    if len(done) < STARTUP:
+        return False
+    config = search_defaults(search_config(build_parser().parse_args(command(task, sampler, seed, 1, data_dir, runs))))
+    study, _ = create_study(config)
+    for t in done:
+        copy = FrozenTrial(
+            number=t.number,
+            state=t.state,
+            value=None,
+            values=t.values,
+            datetime_start=t.datetime_start,
+            datetime_complete=t.datetime_complete,
+            params=t.params,
+            distributions=t.distributions,
+            user_attrs={**t.user_attrs, "copied_from_study": source.study_name},
+            system_attrs={},
+            intermediate_values={},
+            trial_id=t._trial_id,
+        )
+        study.add_trial(copy)
+    return True
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
@@ -142,6 +177,8 @@ def cmd_run(args: argparse.Namespace) -> None:
                 continue
             while (runs / "PAUSE").exists():
                 time.sleep(10)
+            if share_startup(runs, task, sampler, seed, args.data_dir):
+                print(f"{name}: start-up trials shared with {_name(task, 'random', seed)}", flush=True)
             cmd = command(task, sampler, seed, target, args.data_dir, runs)
             print(f"{datetime.now(UTC):%H:%M} $ peftlab {shlex.join(cmd)}", flush=True)
             with (runs / f"{name}.log").open("a") as log:

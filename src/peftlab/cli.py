@@ -145,8 +145,9 @@ def _train_settings(args: argparse.Namespace) -> dict:
     return {k: v for k, v in config.items() if k not in RUN_FIELDS}
 
 
-def cmd_search(args: argparse.Namespace) -> None:
-    config = SearchConfig(
+def search_config(args: argparse.Namespace) -> SearchConfig:
+    """The search that ``peftlab search`` arguments describe."""
+    return SearchConfig(
         model=args.model,
         task=args.task,
         space=args.space,
@@ -167,6 +168,10 @@ def cmd_search(args: argparse.Namespace) -> None:
         nuts_samples=args.nuts_samples,
         nuts_thinning=args.nuts_thinning,
     )
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    config = search_config(args)
     study = run_search(config, workers=args.workers, on_trial=print_trial)
     paths = export(study, Path(config.output) / "results", plots=not args.no_plots)
     s = summary(study)
