@@ -6,11 +6,26 @@ import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 import peftlab
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+settings.register_profile("peftlab", max_examples=30)  # tests/test_fuzz.py: a few dozen files of each kind
+settings.register_profile("fuzz-long", max_examples=1000)
+settings.load_profile("peftlab")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fuzz-long", action="store_true", help="many more generated examples in tests/test_fuzz.py")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--fuzz-long"):
+        settings.load_profile("fuzz-long")
+
 
 #: (shape, model class) pairs covering every family and every model class peftlab supports.
 BACKBONES = [

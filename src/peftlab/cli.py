@@ -762,12 +762,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.fn(args)
     except PeftlabError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"error: interrupted; {_kept(args)}", file=sys.stderr)
         return 130  # 128 + SIGINT, as shells report it
     return 0
+
+
+def _one_line(message: str) -> str:
+    """The message on one line: characters that would break it or not show (newlines, control characters from a
+    user's file) are written as escapes."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in message)
 
 
 def _kept(args: argparse.Namespace) -> str:
