@@ -101,13 +101,15 @@ def mutated(draw: st.DrawFn, original: bytes) -> bytes:
     return bytes(data[:i]) + draw(st.binary(max_size=16)) + bytes(data[i + draw(st.integers(0, 8)) :])
 
 
-def _accepted_or_one_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+def _accepted_or_one_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> bool:
+    """Run the command line; True when it accepted the input, False when it refused it in one line."""
     capsys.readouterr()
     code = main(argv)
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code in (0, 2)
     if code == 2:
         assert len(err) == 1 and err[0].startswith("error: "), err
+    return code == 0
 
 
 VALID_SPEC = methods.lora(r=2).to_json().encode()
@@ -154,7 +156,8 @@ def test_data_files(content: bytes, suffix: str, tmp_path: Path, capsys: pytest.
     path.write_bytes(content)
     out = Path(tempfile.mkdtemp(dir=tmp_path)) / "run"  # a new run per example (tmp_path is shared by all)
     argv = ["train", *TINY, "--task", "mine", "--train-file", str(path), "--method", "bitfit", "--max-steps", "1"]
-    _accepted_or_one_error([*argv, "--output", str(out), "--no-progress", "--max-length", "8"], capsys)
+    if not _accepted_or_one_error([*argv, "--output", str(out), "--no-progress", "--max-length", "8"], capsys):
+        assert not out.exists()  # refused before anything was written
     assert path.read_bytes() == content
 
 

@@ -144,7 +144,7 @@ class SearchSpace:
             raise SpecError(f"a space must be a JSON object, got {type(data).__name__}")
         kinds = SearchSpace.types
         kind = data.get("type", "layers")
-        if kind not in kinds:
+        if not isinstance(kind, str) or kind not in kinds:
             raise SpecError(f"unknown space type {kind!r}; types are: {', '.join(kinds)}")
         return kinds[kind]._parse(data, model)
 
