@@ -207,6 +207,7 @@ def _trial_rows(study) -> list[dict]:
                 "stored_percent": t.user_attrs.get("stored_percent", ""),
                 "steps": t.user_attrs.get("steps", ""),
                 "suggest_s": round(t.user_attrs.get("suggest_s", 0.0), 3),
+                "copied_from_study": t.user_attrs.get("copied_from_study", ""),
                 "compute_s": round(seconds, 3),
                 **{k: round(v, 3) for k, v in timings.items()},
                 "params": json.dumps(t.params, sort_keys=True),
@@ -310,9 +311,45 @@ def cmd_report(args: argparse.Namespace) -> None:
             for r in rows:
                 counts[r["status"] or r["state"]] = counts.get(r["status"] or r["state"], 0) + 1
             lines.append(f"| {task} | {sampler} | {seed} | {len(rows)} | {counts} |")
+    lines += _breakdown(curves)
     text = "\n".join(lines) + "\n"
     (HERE / "results" / "search_evidence.md").write_text(text)
     print(text)
+
+
+TIMINGS = ("suggest_s", "data_s", "setup_s", "tokenize_s", "train_s", "eval_s", "checkpoint_s", "other_s")
+
+
+def _breakdown(curves: dict) -> list[str]:
+    """Where a trial's time goes (mean seconds over the trials each study trained itself, not the shared or copied
+    ones), and the non-training share."""
+    lines = [
+        "",
+        "## Where a trial's time goes",
+        "",
+        "Mean seconds per trained trial (a hopeless trial stops at a quarter of its steps). suggest: the sampler; "
+        "data / setup / tokenize: splits, the backbone (lent by the worker after its first trial) and token ids "
+        "(cached per worker); eval: the dev split (1000 examples) and the hopeless check's 200; other: the rest.",
+        "",
+        "| task | sampler | trials | " + " | ".join(t.removesuffix("_s") for t in TIMINGS) + " | total | not train |",
+        "|---|---|---:|" + "---:|" * (len(TIMINGS) + 2),
+    ]
+    for task, sampler in sorted(curves):
+        rows = [
+            r
+            for seed in curves[(task, sampler)]
+            for r in _table(task, sampler, seed)
+            if r.get("train_s") and not r.get("copied_from_study")
+        ]
+        if not rows:
+            continue
+        means = {k: statistics.mean(float(r.get(k) or 0) for r in rows) for k in TIMINGS}
+        total = sum(means.values())
+        cells = " | ".join(f"{means[k]:.1f}" for k in TIMINGS)
+        lines.append(
+            f"| {task} | {sampler} | {len(rows)} | {cells} | {total:.1f} | {1 - means['train_s'] / total:.0%} |"
+        )
+    return lines
 
 
 def _table(task: str, sampler: str, seed: int) -> list[dict]:

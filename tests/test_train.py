@@ -95,7 +95,6 @@ def test_a_run_that_learns_is_not_stopped(tmp_path: Path) -> None:
         dropout=0.0,
         progress=False,
         stop_hopeless=True,
-        hopeless_check=0.5,  # looked at first at step 16, its first evaluation (at step 8 it has not learned yet)
     )
     record = train(methods.full(), config)
     assert record.status == "completed" and record.steps == 32 and record.message is None
@@ -342,11 +341,11 @@ def test_a_negative_consistency_weight_is_refused() -> None:
         train(methods.adamix(), _config(max_steps=2, consistency=-1.0))
 
 
-def test_a_one_evaluation_run_is_checked_at_a_quarter_of_its_budget(tmp_path: Path) -> None:
+def test_a_one_evaluation_run_is_checked_at_half_its_budget(tmp_path: Path) -> None:
     config = _config(tmp_path, max_steps=16, eval_every=16, lr=1e-9, stop_hopeless=True, score_test=False)
     record = train(methods.lora(r=4), config)
-    assert record.status == "hopeless" and record.steps == 4 and len(record.evaluations) == 1
-    assert record.message.startswith("stopped at step 4: dev accuracy")
+    assert record.status == "hopeless" and record.steps == 8 and len(record.evaluations) == 1
+    assert record.message.startswith("stopped at step 8: dev accuracy")
     # Without the stop, the same run evaluates once, at its end.
     full = train(methods.lora(r=4), _config(tmp_path / "off", max_steps=16, eval_every=16, lr=1e-9, score_test=False))
     assert full.status == "completed" and full.steps == 16 and [e["step"] for e in full.evaluations] == [16]

@@ -45,15 +45,15 @@ def prior_loss(task: TaskInfo, rows: list[Example]) -> float | None:
 #: the same metric up to float rounding, and any real improvement is at least one example (>= 1 / dev size).
 SCORE_TOLERANCE = 1e-9
 #: A mean training loss above (1 - this) x the label prior is still at the prior: a random head starts above it,
-#: a model that learned only the label frequencies sits on it, and one that uses its inputs goes below it. The
-#: mean since the start still carries the first steps, so 1% is already a clear move below.
+#: a model that learned only the label frequencies sits on it, and one that uses its inputs goes below it. The loss
+#: judged is the mean over the later half of the steps so far (the first steps sit at the prior in every run).
 LOSS_TOLERANCE = 0.01
 
 
 def hopeless(metric: str, score: float, baseline: float, loss: float | None, prior: float | None) -> str | None:
     """Why a run has not started to learn at its first evaluation, or None. Both signals must agree: its dev
-    ``score`` at or below the constant prediction's ``baseline`` AND its mean training ``loss`` since the start
-    still at the label ``prior``. A merely slow run (loss already falling, predictions not yet flipped) goes on;
+    ``score`` at or below the constant prediction's ``baseline`` AND its recent mean training ``loss`` still at the
+    label ``prior``. A merely slow run (loss already falling, predictions not yet flipped) goes on;
     with no comparable loss (``prior`` None: text-to-text, or an extra training objective) the score decides."""
     if score > baseline + SCORE_TOLERANCE:
         return None

@@ -65,8 +65,9 @@ class TrainConfig:
     stop_hopeless: bool = False
     #: with ``stop_hopeless``, look at the run once this fraction of its budget is spent when its first evaluation
     #: comes later (on a sample of the dev split: cheap; a run that looks hopeless there gets a full evaluation,
-    #: which decides), so that a one-evaluation trial is not trained to its end before it can be stopped
-    hopeless_check: float = 0.25
+    #: which decides), so that a one-evaluation trial is not trained to its end before it can be stopped. At a
+    #: quarter, slow learners were stopped (benchmarks/hopeless_check.py)
+    hopeless_check: float = 0.5
     #: reuse the hidden states entering the lowest layer the spec touches, computed once per example with the layers
     #: below in eval mode (so without their dropout); encoder models only (peftlab.train.frozen)
     cache_frozen: bool = False

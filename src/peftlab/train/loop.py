@@ -9,7 +9,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -23,6 +23,7 @@ from peftlab.backbone.anatomy import model_type_facts
 from peftlab.core.peft_model import PeftModel, apply
 from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError
+from peftlab.formats.keys import stored_tensors
 from peftlab.memory import peak_memory
 from peftlab.modules.base import TrainingLoss
 from peftlab.train.baseline import constant_scores, hopeless, prior_loss
@@ -179,6 +180,7 @@ class Run:
         self.state: dict[str, Any] = {"step": 0, "best_state": None, "bad_evals": 0, "tokens": 0, "elapsed": 0.0}
         self.limits = self._learned_nothing() if config.stop_hopeless else None
         self.check_at = self._check_step()
+        self.losses: list[float] = []  # each optimiser step's loss (since this process started the run)
         self._resume()
         self.autocast = _autocast(config.precision)
         self.scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
@@ -206,12 +208,18 @@ class Run:
         step = max(1, round(self.config.hopeless_check * self.total))
         return step if step < min(self.eval_every, self.total) else None
 
-    def _looks_hopeless(self, loss: float) -> bool:
+    def _recent_loss(self) -> float | None:
+        """The mean training loss over the later half of this process's steps: where the loss is now (the mean since
+        the start still carries the flat first steps, in which every run sits at the prior)."""
+        recent = self.losses[len(self.losses) // 2 :]
+        return sum(recent) / len(recent) if recent else None
+
+    def _looks_hopeless(self) -> bool:
         """The early check: the hopeless rule on a sample of the dev split, against that sample's own constant
         prediction."""
         sample, metric = self.splits.dev[:CHECK_SIZE], self.encoder.task.main_metric
         baseline = constant_scores(self.encoder.task, sample)[metric]
-        return hopeless(metric, self._score(sample)[metric], baseline, loss, self.limits[1]) is not None
+        return hopeless(metric, self._score(sample)[metric], baseline, self._recent_loss(), self.limits[1]) is not None
 
     def _resume(self) -> None:
         """Continue from the output's checkpoint; refuse an output that holds a finished run."""
@@ -261,6 +269,9 @@ class Run:
         """Evaluate on the dev split, keep the best state; True when early stopping says to stop, or (with
         ``stop_hopeless``) the first evaluation shows a run that has not started to learn."""
         dev, config, record = self.splits.dev, self.config, self.record
+        if not _finite(self.params):  # a finite loss, then a step too far
+            record.status, record.message = "diverged", f"non-finite weights after step {step}"
+            return True
         scores = self._score(dev) if dev else {}
         main = scores.get(self.encoder.task.main_metric, -loss)
         record.evaluations.append({"step": step, "loss": loss, **scores})
@@ -273,7 +284,7 @@ class Run:
             self.state["bad_evals"] += 1
         reason = None
         if self.limits is not None and len(record.evaluations) == 1 and step < self.total:
-            reason = hopeless(self.encoder.task.main_metric, main, self.limits[0], loss, self.limits[1])
+            reason = hopeless(self.encoder.task.main_metric, main, self.limits[0], self._recent_loss(), self.limits[1])
         if reason is not None:
             record.status, record.message = "hopeless", f"stopped at step {step}: {reason}"
         if is_main():
@@ -331,12 +342,13 @@ class Run:
                     break
                 step += 1
                 interval_loss += loss
+                self.losses.append(loss)
                 bar(step, loss)
                 if on_step is not None:
                     on_step(step, loss)
                 due = step % self.eval_every == 0 or step == self.total
                 if not due and step == self.check_at:  # a full evaluation only where the sample says hopeless
-                    due = self._looks_hopeless(interval_loss / max(1, step - interval_start))
+                    due = self._looks_hopeless()
                 if due:
                     mean_loss = interval_loss / max(1, step - interval_start)  # the training loss since the last eval
                     interval_loss, interval_start = 0.0, step
@@ -372,6 +384,11 @@ class Run:
             record.status = "early-stopped" if record.steps < self.total else "completed"
         if self.state["best_state"] is not None:
             restore(self.pm, self.state["best_state"])
+        if record.status != "diverged" and not _finite(
+            stored_tensors(self.pm.adapters[self.pm.active_adapter]).values()
+        ):
+            # finite weights can still overflow into what is stored (e.g. prefix tuning's MLP output)
+            record.status, record.message = "diverged", f"non-finite adapter values after step {record.steps}"
         if record.status != "diverged" and self.config.score_test:
             record.test = self._score(self.splits.test, cached=False)  # scored once: caching would only cost
         if self.frozen is not None:
@@ -386,6 +403,10 @@ class Run:
             if self.ckpt is not None and record.status != "diverged":
                 shutil.rmtree(self.ckpt, ignore_errors=True)
         return record
+
+
+def _finite(tensors: Iterable[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
 def train(
