@@ -108,7 +108,7 @@ def test_reference_point_and_nuts_settings_reach_the_autopeft_sampler(
 
     samplers: list[optuna.samplers.BaseSampler] = []
     make = study_module.make_sampler
-    monkeypatch.setattr(bo, "fit_fully_bayesian_model_nuts", fake_nuts)
+    monkeypatch.setattr(bo, "fit_saas_nuts", fake_nuts)
     monkeypatch.setattr(study_module, "make_sampler", lambda *a, **kw: samplers.append(make(*a, **kw)) or samplers[-1])
     config = SearchConfig(
         model="shape:tiny-bert",
