@@ -24,7 +24,11 @@ repetition's number, the same for every setting.
    that reference's own suggestion (1 = as good a point as the reference found; the reference against its own other
    seeds gives its seed-to-seed spread).
 
-    python benchmarks/bo_cost.py   # about 25 minutes on one busy core; writes benchmarks/results/bo_cost.{md,json}
+    OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \
+        python benchmarks/bo_cost.py --botorch-seeds 2   # about 12 minutes on one busy core
+    python benchmarks/bo_cost.py --report   # the tables again from benchmarks/results/bo_cost.json
+
+Writes ``benchmarks/results/bo_cost.md`` and ``.json``.
 """
 
 from __future__ import annotations
@@ -62,6 +66,8 @@ from peftlab.space import load_space
 HERE = Path(__file__).resolve().parent
 EXPORTS = HERE / "results" / "search_minilm" / "sst2" / "exports"
 OUT = HERE / "results" / "bo_cost"
+#: the environment variables that set threads, recorded with the command
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "XLA_FLAGS")
 #: NUTS settings (warm-up, samples, thinning); the first is the reference
 SETTINGS = {
     "paper 512/256/16": (512, 256, 16),
@@ -428,11 +434,16 @@ def main() -> None:
     p.add_argument("--botorch-seeds", type=int, default=3, help="seeds of the BoTorch-fit cross-validation (slow)")
     p.add_argument("--output", default=str(OUT))
     p.add_argument("--skip-first", action="store_true", help="no fresh-process suggestions (a quick check)")
+    p.add_argument("--report", action="store_true", help="only write the Markdown tables from the JSON results")
     p.add_argument("--first", choices=["peftlab", "botorch"], help=argparse.SUPPRESS)
     args = p.parse_args()
     torch.set_num_threads(1)
     if args.first:
         print(json.dumps(first_in_process(args.first)))
+        return
+    out = Path(args.output)
+    if args.report:
+        out.with_suffix(".md").write_text(report(json.loads(out.with_suffix(".json").read_text())))
         return
     t_start = time.perf_counter()
 
@@ -440,7 +451,10 @@ def main() -> None:
         print(f"[{time.perf_counter() - t_start:6.0f} s] {msg}", flush=True)
 
     data: dict[str, Any] = {
-        "command": shlex.join(["python", "benchmarks/bo_cost.py", *sys.argv[1:]]),
+        "command": " ".join(
+            [f"{k}={shlex.quote(os.environ[k])}" for k in THREAD_VARS if k in os.environ]
+            + [shlex.join(["python", "benchmarks/bo_cost.py", *sys.argv[1:]])]
+        ),
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, "
         f"1 thread (OMP/MKL/XLA), python {platform.python_version()}",
@@ -488,7 +502,6 @@ def main() -> None:
         load.append(os.getloadavg()[0])
     data["load"] = "1-minute load average during the run " + ", ".join(f"{x:.1f}" for x in load)
     data["seconds"] = time.perf_counter() - t_start
-    out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(data, indent=1, default=str) + "\n")
     out.with_suffix(".md").write_text(report(data))

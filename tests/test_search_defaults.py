@@ -44,7 +44,7 @@ def test_the_default_sampler_is_autopeft_with_botorch(tmp_path: Path, capsys: py
     assert capsys.readouterr().err == ""
     _, definition = load_study(str(out / "study.db"), "peftlab")
     assert definition["sampler"] == "autopeft"
-    assert definition["nuts"] == {"warmup_steps": 256, "num_samples": 128, "thinning": 16}
+    assert definition["nuts"] == {"warmup_steps": 64, "num_samples": 32, "thinning": 4}
     config = _trial_config(out)  # the user's budget wins over the low-fidelity default
     assert (config["max_steps"], config["fraction"], config["epochs"]) == (1, None, 3.0)
 

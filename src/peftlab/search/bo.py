@@ -28,11 +28,25 @@ is its index / (n - 1) (the log scale is already what the index measures), a cat
 set of strategies) is one-hot, one input per value, since its values have no order and an index would make
 "uniform" lie between "increasing" and "decreasing"; SAAS gives each one-hot input its own relevance.
 
-NUTS runs on NumPyro (JAX) in BoTorch 0.18+ (``botorch[fully-bayesian]``): each fit compiles the sampler
-anew (5-10 s of CPU, whatever the chain length; the first fit of a process also pays ~15 s of JAX start-up),
-so the number of fits matters far more than their length. Measured on a shared 2-core machine under load
-(load average 5-6), 30 points of BERT-base's space: fit 18 s with the defaults, 19 s with the paper's
-settings, then ~1-3 ms per acquisition value (about 2,700 values per suggestion).
+NUTS runs on NumPyro (JAX; ``botorch[fully-bayesian]``) with BoTorch's SAAS model and NUTS, but not through
+BoTorch's ``fit_fully_bayesian_model_nuts``: that closes over the data, so JAX compiled the sampler anew on every
+fit (7-8 s of a 7-9 s fit, up to 22 s on a busy core), while the chain itself runs in 0.1-2 s. :func:`fit_saas_nuts`
+passes the data as arguments, padded to 16, 24, 32, 48, 64, ... rows (padded rows are independent of the rest and
+change no posterior), so a process compiles once per size and setting (7-15 s; two sizes in a 20-trial search).
+
+Measured (``benchmarks/bo_cost.py``, ``benchmarks/results/bo_cost.md``; the real MiniLM SST-2 search trials, 9 GP
+inputs, one busy core, medians over 3 seeds): a suggestion at n = 10 / 20 / 40 observations took 9.4 / 10.1 / 11.8 s
+before (BoTorch's fit at 256/128/16: fit 7.2-9.0 s, nearly all compiling), 0.27-0.34 of a 35 s trial. With the
+compiled-once fit and the defaults of then it takes 1.8 / 2.8 / 3.2 s (fit 0.2-1.0 s), with the new defaults
+(64/32/4) 1.1 / 2.1 / 2.4 s (fit 0.07-0.3 s): 0.03-0.07 of a trial; the paper's 512/256/16 3.8 / 6.5 / 5.8 s (16 GP
+samples double the acquisition). The acquisition (about 1,000 values) is now most of a suggestion; 0.4-1.2 s of it is
+the exact cost of candidates the sampler has not priced before (6-8 ms a point; 6.6 of 8.2 s in the first step of a
+fresh process). The first suggestion of a process: 21 s (30 s before), 12 s when JAX's persistent compilation cache
+(``JAX_COMPILATION_CACHE_DIR``) holds the program from an earlier process. Quality (the paper's 512/256/16 as the
+reference, 4 NUTS seeds): the score GP's 5-fold cross-validated Spearman and log predictive density, and the EHVI of
+each setting's suggestion under the reference's acquisition, are within the reference's own seed-to-seed range, or
+above it, for 256/128/16 and 64/32/4; 128/64/8 fell just below it in 3 of 6 cross-validation cells, which says how
+large the seed noise is. Not measured beyond 40 observations.
 """
 
 from __future__ import annotations
@@ -167,9 +181,9 @@ def _nuts(
 def fit_saas_nuts(
     model: SaasFullyBayesianSingleTaskGP,
     *,
-    warmup_steps: int = 256,
-    num_samples: int = 128,
-    thinning: int = 16,
+    warmup_steps: int = 64,
+    num_samples: int = 32,
+    thinning: int = 4,
     max_tree_depth: int = 6,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -270,9 +284,10 @@ class AutoPEFTSampler(BaseSampler):
         seed: seeds the startup ``RandomSampler``, NUTS, the QMC samples and the random local-search starts;
             the same seed and the same trials give the same suggestions.
         warmup_steps, num_samples, thinning: NUTS settings. The paper keeps the SAAS paper's (512 warm-up
-            steps, 256 samples, thinning 16: 16 GP samples). BoTorch's NUTS is compiled by JAX per fit, which
-            takes most of a fit's time, so shorter chains save little; the defaults (256, 128, 16: 8 GP samples)
-            halve the acquisition's cost (one term per GP sample) against the paper's 16 samples.
+            steps, 256 samples, thinning 16: 16 GP samples). The defaults (64, 32, 4: 8 GP samples; 256, 128, 16
+            before) fit 3-4x faster and halve the acquisition's cost (one term per GP sample) against the paper's,
+            with held-out quality and suggestions within the paper setting's own seed-to-seed spread on the real
+            MiniLM trials (n <= 40; see the module docstring).
         max_tree_depth: NUTS tree depth (BoTorch's default).
         ref_point: hypervolume reference point in the study's objective space (score, cost[, ...]), so that
             points the study gives no credit (e.g. scores at the constant prediction's) improve nothing; a
@@ -296,9 +311,9 @@ class AutoPEFTSampler(BaseSampler):
         n_startup_trials: int = 10,
         batch_size: int = 1,
         seed: int | None = None,
-        warmup_steps: int = 256,
-        num_samples: int = 128,
-        thinning: int = 16,
+        warmup_steps: int = 64,
+        num_samples: int = 32,
+        thinning: int = 4,
         max_tree_depth: int = 6,
         ref_point: Sequence[float | None] | None = None,
         budget: float | None = None,
