@@ -153,16 +153,17 @@ def _nuts(
     num_samples: int,
     thinning: int,
     max_tree_depth: int,
-) -> tuple[dict[str, jax.Array], jax.Array]:
+) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
     """One NUTS chain as NumPyro's ``MCMC`` runs it for BoTorch (uniform start in [-2, 2] unconstrained, dense mass
     matrix and step size adapted during warm-up), as one program whose data are arguments: BoTorch's fit closes
-    over the data, so every fit compiles anew (5-20 s; the chain itself takes 0.2-4 s). Returns the kept samples
-    (constrained) and the number of divergent transitions after warm-up."""
+    over the data, so every fit compiles anew (7-22 s on a busy core; the chain itself takes 0.1-2 s). Returns the
+    kept samples (constrained), the number of divergent transitions after warm-up, and whether a valid start (finite
+    density and gradient) was found."""
     args = (X, Y, mask)
     k_init, k_run = jax.random.split(key)
     d = X.shape[-1]
     prototype = {k: jnp.zeros(d if k == "_kernel_inv_length_sq" else ()) for k in _SITES}
-    (z, _, _), _ = find_valid_initial_params(
+    (z, _, _), valid = find_valid_initial_params(
         k_init, _saas_model, init_strategy=init_to_uniform, model_args=args, prototype_params=prototype
     )
     init_kernel, sample_kernel = hmc(potential_fn=partial(potential_energy, _saas_model, args, {}), algo="NUTS")
@@ -175,7 +176,7 @@ def _nuts(
     _, (zs, diverging) = jax.lax.scan(step, state, None, length=warmup_steps + num_samples)
     kept = jax.tree.map(lambda a: a[warmup_steps::thinning], zs)
     samples = jax.vmap(lambda z: constrain_fn(_saas_model, args, {}, z))(kept)
-    return samples, diverging[warmup_steps:].sum()
+    return samples, diverging[warmup_steps:].sum(), valid
 
 
 def fit_saas_nuts(
@@ -207,8 +208,11 @@ def fit_saas_nuts(
     compiled = key not in _COMPILED
     # numpy float64 in, JAX's default float out: float32 unless x64 is on, as in BoTorch's fit
     data = (jnp.asarray(Xp), jnp.asarray(yp), jnp.asarray(mask))
-    samples, diverging = _nuts(jax.random.PRNGKey(seed), *data, **settings)
+    samples, diverging, valid = _nuts(jax.random.PRNGKey(seed), *data, **settings)
     _COMPILED.add(key)
+    if not bool(valid) or not all(bool(jnp.isfinite(samples[k]).all()) for k in _SITES):
+        # as NumPyro's MCMC would refuse; the sampler draws the trial at random instead
+        raise RuntimeError("NUTS found no valid start for the SAAS-GP, or its samples are not finite")
     model.train()
     model.load_mcmc_samples(pm.postprocess_mcmc_samples({k: samples[k] for k in _SITES}))
     model.eval()
