@@ -124,6 +124,8 @@ def test_bo_beats_random_search_hypervolume(problem):
     hv_random, hv_bo = np.array(list(results.values())).T
     assert hv_bo.mean() > hv_random.mean()
     assert (hv_bo > hv_random).sum() > len(seeds) / 2
+    # every seed fitted 8 points: the NUTS program compiled for their padded size (16 rows) is reused
+    assert sampler.last_step["nuts"][0]["padded"] == 16 and not sampler.last_step["nuts"][0]["compiled"]
 
 
 # -- unit tests ------------------------------------------------------------------------------------------------
@@ -243,7 +245,7 @@ def test_batch_without_cost_three_objectives_no_repeats_running_pending(problem,
     import peftlab.search.bo
     from peftlab.search.bo import AutoPEFTSampler
 
-    monkeypatch.setattr(peftlab.search.bo, "fit_fully_bayesian_model_nuts", _fake_nuts)
+    monkeypatch.setattr(peftlab.search.bo, "fit_saas_nuts", _fake_nuts)
     study = optuna.create_study(
         directions=["maximize", "minimize", "maximize"], sampler=optuna.samplers.RandomSampler(1)
     )
@@ -257,6 +259,10 @@ def test_batch_without_cost_three_objectives_no_repeats_running_pending(problem,
     assert len(set(keys)) == 3 and not set(keys) & (tried | {sampler.key(running)})
     assert sampler.last_step["pending"] == [tuple(running)] and sampler.last_step["chosen"] == got
     assert len(sampler.last_step["ref_point"]) == 3
+    # the trial the step served keeps its cost (one step for the batch of 3)
+    stepped = [t.user_attrs["bo_step"] for t in study.trials if "bo_step" in t.user_attrs]
+    assert len(stepped) == 1 and stepped[0]["observations"] == 6 and stepped[0]["fit_s"] >= 0
+    assert len(sampler.last_step["nuts"]) == 3  # one GP per objective
 
 
 @needs_bo
@@ -264,7 +270,7 @@ def test_same_seed_same_suggestions_and_failed_fit_falls_back(problem, monkeypat
     import peftlab.search.bo
     from peftlab.search.bo import AutoPEFTSampler
 
-    monkeypatch.setattr(peftlab.search.bo, "fit_fully_bayesian_model_nuts", _fake_nuts)
+    monkeypatch.setattr(peftlab.search.bo, "fit_saas_nuts", _fake_nuts)
     study = _random_study(problem, 5, seed=2)
     batches = []
     for _ in range(2):
@@ -278,7 +284,7 @@ def test_same_seed_same_suggestions_and_failed_fit_falls_back(problem, monkeypat
     def broken(model, **_):
         raise RuntimeError("cholesky failed")
 
-    monkeypatch.setattr(peftlab.search.bo, "fit_fully_bayesian_model_nuts", broken)
+    monkeypatch.setattr(peftlab.search.bo, "fit_saas_nuts", broken)
     study.sampler = AutoPEFTSampler(space=problem.space, n_startup_trials=5, seed=0)
     with pytest.warns(UserWarning, match="BO step failed"):
         assert len(problem.suggest(study.ask())) == 15  # drawn at random instead
@@ -321,6 +327,49 @@ def test_s4_design_space_with_budget(problem):
     tried = [params.to_vector(s4, t.params) for t in study.trials[:5]]
     assert got[0] != got[1] and not any(v in tried for v in got)
     assert all(cost(v) <= 4.0 for v in got)
+
+
+@needs_bo
+def test_padded_size_ladder():
+    from peftlab.search.bo import padded_size
+
+    sizes = [padded_size(n) for n in (1, 16, 17, 24, 25, 33, 48, 49, 65, 97, 129)]
+    assert sizes == [16, 16, 24, 24, 32, 48, 48, 64, 96, 128, 192]
+
+
+@needs_bo
+def test_saas_model_is_botorchs_and_padding_changes_no_posterior():
+    """The compiled fit's model has BoTorch's SAAS log density; padded rows add the same constant at every parameter
+    value (so NUTS samples the same posterior). No NUTS run: log densities at random parameters."""
+    import jax.numpy as jnp
+    from botorch.models.fully_bayesian import SaasPyroModel
+    from numpyro.infer.util import log_density
+
+    from peftlab.search.bo import _saas_model
+
+    rng = np.random.default_rng(0)
+    n, d, pad = 7, 5, 16
+    X, Y = torch.rand(n, d, dtype=torch.double), torch.randn(n, 1, dtype=torch.double)
+    botorch_model = SaasPyroModel()
+    botorch_model.set_inputs(X, Y)
+    Xp, Yp, mask = np.zeros((pad, d)), np.zeros(pad), np.zeros(pad)
+    Xp[:n], Yp[:n], mask[:n] = X.numpy(), Y.numpy()[:, 0], 1.0
+    full = (jnp.asarray(X.numpy()), jnp.asarray(Y.numpy()[:, 0]), jnp.ones(n))
+    padded = (jnp.asarray(Xp), jnp.asarray(Yp), jnp.asarray(mask))
+    gaps = []
+    for _ in range(5):  # well-conditioned values (JAX computes in float32)
+        values = {
+            "outputscale": jnp.asarray(rng.uniform(0.5, 3.0)),
+            "mean": jnp.asarray(rng.normal()),
+            "noise": jnp.asarray(rng.uniform(0.01, 0.5)),
+            "kernel_tausq": jnp.asarray(rng.uniform(0.05, 1.0)),
+            "_kernel_inv_length_sq": jnp.asarray(rng.uniform(0.1, 3.0, d)),
+        }
+        theirs = float(log_density(botorch_model.sample, (), {}, values)[0])
+        mine = float(log_density(_saas_model, full, {}, values)[0])
+        assert mine == pytest.approx(theirs, rel=1e-4, abs=1e-3)
+        gaps.append(float(log_density(_saas_model, padded, {}, values)[0]) - mine)
+    assert max(gaps) - min(gaps) < 1e-3 and gaps[0] == pytest.approx(-(pad - n) / 2 * math.log(2 * math.pi), abs=1e-3)
 
 
 def test_missing_botorch_error(monkeypatch):

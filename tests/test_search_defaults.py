@@ -44,7 +44,7 @@ def test_the_default_sampler_is_autopeft_with_botorch(tmp_path: Path, capsys: py
     assert capsys.readouterr().err == ""
     _, definition = load_study(str(out / "study.db"), "peftlab")
     assert definition["sampler"] == "autopeft"
-    assert definition["nuts"] == {"warmup_steps": 256, "num_samples": 128, "thinning": 16}
+    assert definition["nuts"] == {"warmup_steps": 64, "num_samples": 32, "thinning": 4}
     config = _trial_config(out)  # the user's budget wins over the low-fidelity default
     assert (config["max_steps"], config["fraction"], config["epochs"]) == (1, None, 3.0)
 
@@ -108,7 +108,7 @@ def test_reference_point_and_nuts_settings_reach_the_autopeft_sampler(
 
     samplers: list[optuna.samplers.BaseSampler] = []
     make = study_module.make_sampler
-    monkeypatch.setattr(bo, "fit_fully_bayesian_model_nuts", fake_nuts)
+    monkeypatch.setattr(bo, "fit_saas_nuts", fake_nuts)
     monkeypatch.setattr(study_module, "make_sampler", lambda *a, **kw: samplers.append(make(*a, **kw)) or samplers[-1])
     config = SearchConfig(
         model="shape:tiny-bert",

@@ -28,11 +28,25 @@ is its index / (n - 1) (the log scale is already what the index measures), a cat
 set of strategies) is one-hot, one input per value, since its values have no order and an index would make
 "uniform" lie between "increasing" and "decreasing"; SAAS gives each one-hot input its own relevance.
 
-NUTS runs on NumPyro (JAX) in BoTorch 0.18+ (``botorch[fully-bayesian]``): each fit compiles the sampler
-anew (5-10 s of CPU, whatever the chain length; the first fit of a process also pays ~15 s of JAX start-up),
-so the number of fits matters far more than their length. Measured on a shared 2-core machine under load
-(load average 5-6), 30 points of BERT-base's space: fit 18 s with the defaults, 19 s with the paper's
-settings, then ~1-3 ms per acquisition value (about 2,700 values per suggestion).
+NUTS runs on NumPyro (JAX; ``botorch[fully-bayesian]``) with BoTorch's SAAS model and NUTS, but not through
+BoTorch's ``fit_fully_bayesian_model_nuts``: that closes over the data, so JAX compiled the sampler anew on every
+fit (7-8 s of a 7-9 s fit, up to 22 s on a busy core), while the chain itself runs in 0.1-2 s. :func:`fit_saas_nuts`
+passes the data as arguments, padded to 16, 24, 32, 48, 64, ... rows (padded rows are independent of the rest and
+change no posterior), so a process compiles once per size and setting (7-15 s; two sizes in a 20-trial search).
+
+Measured (``benchmarks/bo_cost.py``, ``benchmarks/results/bo_cost.md``; the real MiniLM SST-2 search trials, 9 GP
+inputs, one busy core, medians over 3 seeds): a suggestion at n = 10 / 20 / 40 observations took 9.4 / 10.1 / 11.8 s
+before (BoTorch's fit at 256/128/16: fit 7.2-9.0 s, nearly all compiling), 0.27-0.34 of a 35 s trial. With the
+compiled-once fit and the defaults of then it takes 1.8 / 2.8 / 3.2 s (fit 0.2-1.0 s), with the new defaults
+(64/32/4) 1.1 / 2.1 / 2.4 s (fit 0.07-0.3 s): 0.03-0.07 of a trial; the paper's 512/256/16 3.8 / 6.5 / 5.8 s (16 GP
+samples double the acquisition). The acquisition (about 1,000 values) is now most of a suggestion; 0.4-1.2 s of it is
+the exact cost of candidates the sampler has not priced before (6-8 ms a point; 6.6 of 8.2 s in the first step of a
+fresh process). The first suggestion of a process: 21 s (30 s before), 12 s when JAX's persistent compilation cache
+(``JAX_COMPILATION_CACHE_DIR``) holds the program from an earlier process. Quality (the paper's 512/256/16 as the
+reference, 4 NUTS seeds): the score GP's 5-fold cross-validated Spearman and log predictive density, and the EHVI of
+each setting's suggestion under the reference's acquisition, are within the reference's own seed-to-seed range, or
+above it, for 256/128/16 and 64/32/4; 128/64/8 fell just below it in 3 of 6 cross-validation cells, which says how
+large the seed noise is. Not measured beyond 40 observations.
 """
 
 from __future__ import annotations
@@ -42,6 +56,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -60,11 +75,11 @@ MISSING_BOTORCH = 'the autopeft sampler needs BoTorch: pip install "peftlab[bo]"
 try:
     from botorch.acquisition.multi_objective.logei import qLogNoisyExpectedHypervolumeImprovement
     from botorch.exceptions.errors import BotorchError
-    from botorch.fit import fit_fully_bayesian_model_nuts
     from botorch.models.deterministic import GenericDeterministicModel
-    from botorch.models.fully_bayesian import SaasFullyBayesianSingleTaskGP
+    from botorch.models.fully_bayesian import SaasFullyBayesianSingleTaskGP, SaasPyroModel, matern52_kernel
     from botorch.models.model import Model, ModelList
     from botorch.models.transforms.outcome import Standardize
+    from botorch.models.utils.gpytorch_modules import MIN_INFERRED_NOISE_LEVEL
     from botorch.sampling.get_sampler import get_sampler
     from botorch.utils.multi_objective.hypervolume import infer_reference_point
     from botorch.utils.multi_objective.pareto import is_non_dominated
@@ -72,16 +87,136 @@ except ImportError:
     raise PeftlabError(MISSING_BOTORCH) from None
 
 try:  # BoTorch's NUTS runs on NumPyro (its 'fully-bayesian' extra)
-    import jax  # noqa: F401
-    import numpyro  # noqa: F401
+    import jax
+    import jax.numpy as jnp
+    import numpyro
+    import numpyro.distributions as dist
+    from numpyro.infer.hmc import hmc
+    from numpyro.infer.initialization import init_to_uniform
+    from numpyro.infer.util import constrain_fn, find_valid_initial_params, potential_energy
 except ImportError:
     raise PeftlabError(
         MISSING_BOTORCH + ' (its SAAS-GP fit needs JAX and NumPyro: pip install "botorch[fully-bayesian]")'
     ) from None
 
-__all__ = ["AutoPEFTSampler", "Encoder", "neighbours"]
+__all__ = ["AutoPEFTSampler", "Encoder", "fit_saas_nuts", "neighbours", "padded_size"]
 
 _DTYPE = torch.double
+
+
+# -- the SAAS-GP's NUTS fit, compiled once per size ------------------------------------------------------------
+#: The latent sites of BoTorch's SAAS model, as its ``postprocess_mcmc_samples`` takes them.
+_SITES = ("outputscale", "mean", "noise", "kernel_tausq", "_kernel_inv_length_sq")
+#: (rows, inputs, dtype, NUTS settings) the NUTS program has been compiled for in this process.
+_COMPILED: set[tuple[Any, ...]] = set()
+
+
+def padded_size(n: int) -> int:
+    """The rows the NUTS program is compiled for at ``n`` observations: 16, 24, 32, 48, 64, 96, ... (half-octave
+    steps). JAX compiles once per shape, so a search compiles once per step of this ladder instead of once per
+    fit; the padding costs at most 1.5x the rows."""
+    size = 16
+    while size < n:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+    return size
+
+
+def _saas_model(X: jax.Array, Y: jax.Array, mask: jax.Array) -> None:
+    """BoTorch's SAAS model (``SaasPyroModel``: Matern-5/2 kernel, inverse squared lengthscales half-Cauchy(1) times
+    a global half-Cauchy(0.1), Gamma output scale and noise, standard-normal mean) on padded data: a row with
+    mask 0 is an independent standard normal observed at 0, which adds a constant to the log density and so
+    changes no posterior."""
+    d = X.shape[-1]
+    outputscale = numpyro.sample(
+        "outputscale",
+        dist.Gamma(
+            jnp.array(SaasPyroModel._outputscale_prior_concentration), jnp.array(SaasPyroModel._outputscale_prior_rate)
+        ),
+    )
+    mean = numpyro.sample("mean", dist.Normal(jnp.array(0.0), jnp.array(1.0)))
+    noise = MIN_INFERRED_NOISE_LEVEL + numpyro.sample("noise", dist.Gamma(jnp.array(0.9), jnp.array(10.0)))
+    tausq = numpyro.sample("kernel_tausq", dist.HalfCauchy(jnp.array(0.1)))
+    inv_length_sq = numpyro.sample("_kernel_inv_length_sq", dist.HalfCauchy(jnp.ones(d)))
+    K = outputscale * matern52_kernel(X, 1.0 / jnp.sqrt(tausq * inv_length_sq)) + noise * jnp.eye(X.shape[0])
+    K = K * (mask[:, None] * mask[None, :]) + jnp.diag(1.0 - mask)
+    numpyro.sample("Y", dist.MultivariateNormal(loc=mean * mask, covariance_matrix=K), obs=Y * mask)
+
+
+@partial(jax.jit, static_argnames=("warmup_steps", "num_samples", "thinning", "max_tree_depth"))
+def _nuts(
+    key: jax.Array,
+    X: jax.Array,
+    Y: jax.Array,
+    mask: jax.Array,
+    *,
+    warmup_steps: int,
+    num_samples: int,
+    thinning: int,
+    max_tree_depth: int,
+) -> tuple[dict[str, jax.Array], jax.Array, jax.Array]:
+    """One NUTS chain as NumPyro's ``MCMC`` runs it for BoTorch (uniform start in [-2, 2] unconstrained, dense mass
+    matrix and step size adapted during warm-up), as one program whose data are arguments: BoTorch's fit closes
+    over the data, so every fit compiles anew (7-22 s on a busy core; the chain itself takes 0.1-2 s). Returns the
+    kept samples (constrained), the number of divergent transitions after warm-up, and whether a valid start (finite
+    density and gradient) was found."""
+    args = (X, Y, mask)
+    k_init, k_run = jax.random.split(key)
+    d = X.shape[-1]
+    prototype = {k: jnp.zeros(d if k == "_kernel_inv_length_sq" else ()) for k in _SITES}
+    (z, _, _), valid = find_valid_initial_params(
+        k_init, _saas_model, init_strategy=init_to_uniform, model_args=args, prototype_params=prototype
+    )
+    init_kernel, sample_kernel = hmc(potential_fn=partial(potential_energy, _saas_model, args, {}), algo="NUTS")
+    state = init_kernel(z, warmup_steps, dense_mass=True, max_tree_depth=max_tree_depth, rng_key=k_run)
+
+    def step(s, _):
+        s = sample_kernel(s)
+        return s, (s.z, s.diverging)
+
+    _, (zs, diverging) = jax.lax.scan(step, state, None, length=warmup_steps + num_samples)
+    kept = jax.tree.map(lambda a: a[warmup_steps::thinning], zs)
+    samples = jax.vmap(lambda z: constrain_fn(_saas_model, args, {}, z))(kept)
+    return samples, diverging[warmup_steps:].sum(), valid
+
+
+def fit_saas_nuts(
+    model: SaasFullyBayesianSingleTaskGP,
+    *,
+    warmup_steps: int = 64,
+    num_samples: int = 32,
+    thinning: int = 4,
+    max_tree_depth: int = 6,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """BoTorch's ``fit_fully_bayesian_model_nuts`` (the same model, priors and NUTS), compiled once per
+    :func:`padded_size` rather than once per fit. Loads every ``thinning``-th of ``num_samples`` samples into
+    ``model``; returns the padded size, whether this fit compiled, and the divergent transitions."""
+    pm = model.pyro_model
+    X = pm.train_X.detach().cpu().numpy()
+    y = pm.train_Y.detach().cpu().numpy().reshape(-1)
+    n, d = X.shape
+    size = padded_size(n)
+    Xp, yp, mask = np.zeros((size, d)), np.zeros(size), np.zeros(size)
+    Xp[:n], yp[:n], mask[:n] = X, y, 1.0
+    settings = {
+        "warmup_steps": warmup_steps,
+        "num_samples": num_samples,
+        "thinning": thinning,
+        "max_tree_depth": max_tree_depth,
+    }
+    key = (size, d, bool(jax.config.jax_enable_x64), *settings.values())
+    compiled = key not in _COMPILED
+    # numpy float64 in, JAX's default float out: float32 unless x64 is on, as in BoTorch's fit
+    data = (jnp.asarray(Xp), jnp.asarray(yp), jnp.asarray(mask))
+    samples, diverging, valid = _nuts(jax.random.PRNGKey(seed), *data, **settings)
+    _COMPILED.add(key)
+    if not bool(valid) or not all(bool(jnp.isfinite(samples[k]).all()) for k in _SITES):
+        # as NumPyro's MCMC would refuse; the sampler draws the trial at random instead
+        raise RuntimeError("NUTS found no valid start for the SAAS-GP, or its samples are not finite")
+    model.train()
+    model.load_mcmc_samples(pm.postprocess_mcmc_samples({k: samples[k] for k in _SITES}))
+    model.eval()
+    return {"padded": size, "compiled": compiled, "divergences": int(diverging)}
 
 
 class Encoder:
@@ -153,9 +288,10 @@ class AutoPEFTSampler(BaseSampler):
         seed: seeds the startup ``RandomSampler``, NUTS, the QMC samples and the random local-search starts;
             the same seed and the same trials give the same suggestions.
         warmup_steps, num_samples, thinning: NUTS settings. The paper keeps the SAAS paper's (512 warm-up
-            steps, 256 samples, thinning 16: 16 GP samples). BoTorch's NUTS is compiled by JAX per fit, which
-            takes most of a fit's time, so shorter chains save little; the defaults (256, 128, 16: 8 GP samples)
-            halve the acquisition's cost (one term per GP sample) against the paper's 16 samples.
+            steps, 256 samples, thinning 16: 16 GP samples). The defaults (64, 32, 4: 8 GP samples; 256, 128, 16
+            before) fit 3-4x faster and halve the acquisition's cost (one term per GP sample) against the paper's,
+            with held-out quality and suggestions within the paper setting's own seed-to-seed spread on the real
+            MiniLM trials (n <= 40; see the module docstring).
         max_tree_depth: NUTS tree depth (BoTorch's default).
         ref_point: hypervolume reference point in the study's objective space (score, cost[, ...]), so that
             points the study gives no credit (e.g. scores at the constant prediction's) improve nothing; a
@@ -179,9 +315,9 @@ class AutoPEFTSampler(BaseSampler):
         n_startup_trials: int = 10,
         batch_size: int = 1,
         seed: int | None = None,
-        warmup_steps: int = 256,
-        num_samples: int = 128,
-        thinning: int = 16,
+        warmup_steps: int = 64,
+        num_samples: int = 32,
+        thinning: int = 4,
         max_tree_depth: int = 6,
         ref_point: Sequence[float | None] | None = None,
         budget: float | None = None,
@@ -220,8 +356,10 @@ class AutoPEFTSampler(BaseSampler):
         self._queue_key: tuple[Any, ...] | None = None
         self._cost_cache: dict[tuple[int, ...], float] = {}
         self._lock = threading.RLock()
-        #: what the last BO step did (times in seconds, candidates evaluated, pending points): for logs and tests
+        #: what the last BO step did (times in seconds, its NUTS fits, candidates evaluated, pending points): for
+        #: logs and tests; the trial it served also keeps its times (user attribute ``bo_step``)
         self.last_step: dict[str, Any] = {}
+        self._fits: list[dict[str, Any]] = []
 
     # -- Optuna interface --------------------------------------------------------------------------------
     def reseed_rng(self) -> None:
@@ -287,6 +425,7 @@ class AutoPEFTSampler(BaseSampler):
                 v = self._queue.pop(0)
                 if self.key(v) not in blocked:
                     return params.to_params(self.space, list(v))
+        self.last_step = {}
         try:
             batch = self._step(directions, completed, blocked, pending)
         except PeftlabError:
@@ -301,7 +440,23 @@ class AutoPEFTSampler(BaseSampler):
             warnings.warn("the autopeft sampler found no untried point: drawing one at random", stacklevel=3)
             return {}
         self._queue, self._queue_key = batch[1:], key
+        if self.last_step:
+            self._record(study, trial)
         return params.to_params(self.space, list(batch[0]))
+
+    def _record(self, study: Study, trial: FrozenTrial) -> None:
+        """The step's cost on the trial it served, so that a study tells what its suggestions cost."""
+        step = self.last_step
+        study._storage.set_trial_user_attr(
+            trial._trial_id,
+            "bo_step",
+            {
+                "observations": step["observations"],
+                "fit_s": round(step["fit_s"], 3),
+                "acquisition_s": round(step["acquisition_s"], 3),
+                "compiled": any(f.get("compiled", False) for f in step["nuts"]),
+            },
+        )
 
     def _observations(self, study: Study, trial: FrozenTrial):
         """(completed trials with their points, every point tried or running, the running points)."""
@@ -364,14 +519,7 @@ class AutoPEFTSampler(BaseSampler):
         evaluated = 0
         for j in range(self.batch_size):
             X_pending = self.encoder.encode(pending + chosen) if pending or chosen else None
-            acqf = qLogNoisyExpectedHypervolumeImprovement(
-                model=model,
-                ref_point=ref.tolist(),
-                X_baseline=X,
-                X_pending=X_pending,
-                prune_baseline=True,
-                sampler=get_sampler(model.posterior(X[:1]), torch.Size([self.mc_samples]), seed=self._seed(n, 2, j)),
-            )
+            acqf = self.acquisition(model, X, ref, X_pending, self._seed(n, 2, j))
             taken = blocked | {self.key(c) for c in chosen}
             best, count = self.local_search(acqf, self._starts(front, rng, taken), taken)
             evaluated += count
@@ -380,10 +528,13 @@ class AutoPEFTSampler(BaseSampler):
             if best is None:
                 break
             chosen.append(best)
+        total = time.perf_counter() - t0
         self.last_step = {
             "observations": n,
             "fit_s": t_fit,
-            "total_s": time.perf_counter() - t0,
+            "acquisition_s": total - t_fit,
+            "total_s": total,
+            "nuts": self._fits,
             "evaluated": evaluated,
             "pending": list(pending),
             "chosen": list(chosen),
@@ -391,27 +542,47 @@ class AutoPEFTSampler(BaseSampler):
         }
         return chosen
 
+    def acquisition(
+        self, model: Model, X: torch.Tensor, ref: torch.Tensor, X_pending: torch.Tensor | None, seed: int
+    ) -> qLogNoisyExpectedHypervolumeImprovement:
+        """qLogNEHVI of ``model`` (objectives maximised) over the observed inputs ``X`` from ``ref``, with ``seed``
+        fixing its QMC samples (so that values of different points compare)."""
+        return qLogNoisyExpectedHypervolumeImprovement(
+            model=model,
+            ref_point=ref.tolist(),
+            X_baseline=X,
+            X_pending=X_pending,
+            prune_baseline=True,
+            sampler=get_sampler(model.posterior(X[:1]), torch.Size([self.mc_samples]), seed=seed),
+        )
+
     def _model(self, X: torch.Tensor, Y: torch.Tensor, signs: torch.Tensor, n: int) -> Model:
         models: list[Model] = []
+        self._fits = []
         for i in range(Y.shape[1]):
             if self.cost is not None and i == 1:
                 sign = float(signs[1])
                 models.append(GenericDeterministicModel(lambda x, s=sign: self._cost_tensor(x) * s, num_outputs=1))
                 continue
             gp = SaasFullyBayesianSingleTaskGP(X, Y[:, i : i + 1], outcome_transform=Standardize(m=1))
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                fit_fully_bayesian_model_nuts(
-                    gp,
-                    max_tree_depth=self.max_tree_depth,
-                    warmup_steps=self.warmup_steps,
-                    num_samples=self.num_samples,
-                    thinning=self.thinning,
-                    disable_progbar=True,
-                    seed=self._seed(n, 0, i),
-                )
+            t0 = time.perf_counter()
+            info = self._fit_gp(gp, self._seed(n, 0, i))
+            self._fits.append({"objective": i, "seconds": time.perf_counter() - t0, **(info or {})})
             models.append(gp)
         return ModelList(*models)
+
+    def _fit_gp(self, gp: SaasFullyBayesianSingleTaskGP, seed: int) -> dict[str, Any] | None:
+        """NUTS with this sampler's settings (:func:`fit_saas_nuts`); its report, if any."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fit_saas_nuts(
+                gp,
+                max_tree_depth=self.max_tree_depth,
+                warmup_steps=self.warmup_steps,
+                num_samples=self.num_samples,
+                thinning=self.thinning,
+                seed=seed,
+            )
 
     def _cost_tensor(self, X: torch.Tensor) -> torch.Tensor:
         vectors = self.encoder.decode(X)

@@ -63,8 +63,11 @@ AUTOPEFT_NEEDS = ("botorch", "jax", "numpyro")
 BUDGET_FIELDS = ("max_steps", "fraction", "epochs")
 #: The trials' budget when a search gives none: AutoPEFT's low fidelity, 5% of a 20-epoch run (1 epoch).
 LOW_FIDELITY = {"epochs": 20.0, "fraction": 0.05}
-#: The autopeft sampler's NUTS settings by default (its own; Eriksson & Jankowiak's are 512, 256, 16).
-NUTS_DEFAULTS = {"warmup_steps": 256, "num_samples": 128, "thinning": 16}
+#: The autopeft sampler's NUTS settings by default (its own, measured in benchmarks/results/bo_cost.md; Eriksson &
+#: Jankowiak's are 512, 256, 16).
+NUTS_DEFAULTS = {"warmup_steps": 64, "num_samples": 32, "thinning": 4}
+#: The NUTS settings of autopeft studies made before the settings were stored in a study (the defaults then).
+NUTS_UNSTORED = {"warmup_steps": 256, "num_samples": 128, "thinning": 16}
 #: Trial statuses that count as finished (a killed worker's trial has none and is retried).
 FINISHED = ("completed", "early-stopped", "hopeless", "over-budget", "diverged", "error")
 #: Training settings of a search's trials unless it gives its own: dev alone chooses (test is scored for the
@@ -405,9 +408,9 @@ def create_study(config: SearchConfig) -> tuple[optuna.Study, SearchSpace]:
         # the API with only some settings, is the same search when its omitted settings have the default value.
         mine, theirs = (
             {**mine, "train": _with_defaults(mine["train"])},
-            # a study made before the NUTS settings were stored ran the sampler's defaults
+            # a study made before the NUTS settings were stored ran the defaults of then
             {
-                "nuts": NUTS_DEFAULTS if theirs.get("sampler") == "autopeft" else None,
+                "nuts": NUTS_UNSTORED if theirs.get("sampler") == "autopeft" else None,
                 **theirs,
                 "train": _with_defaults(theirs.get("train") or {}),
             },
