@@ -112,27 +112,22 @@ def _accepted_or_one_error(argv: list[str], capsys: pytest.CaptureFixture[str]) 
     return code == 0
 
 
-VALID_SPEC = methods.lora(r=2).to_json().encode()
+#: the JSON files the command line reads: (command, flag, a valid file to mutate)
+JSON_FILES = {
+    "spec": ("show", "--spec", methods.lora(r=2).to_json().encode()),
+    "space": ("space", "--space", load_space("autopeft", "shape:tiny-bert").to_json().encode()),
+}
 
 
+@pytest.mark.parametrize("kind", sorted(JSON_FILES))
 @FUZZ
-@given(content=st.one_of(json_values.map(lambda v: json.dumps(v).encode()), mutated(VALID_SPEC)))
-def test_spec_files(content: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = tmp_path / "spec.json"
+@given(data=st.data())
+def test_json_files(kind: str, data: st.DataObject, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    command, flag, valid = JSON_FILES[kind]
+    content = data.draw(st.one_of(json_values.map(lambda v: json.dumps(v).encode()), mutated(valid)))
+    path = tmp_path / f"{kind}.json"
     path.write_bytes(content)
-    _accepted_or_one_error(["show", *TINY, "--spec", str(path)], capsys)
-    assert path.read_bytes() == content
-
-
-VALID_SPACE = load_space("autopeft", "shape:tiny-bert").to_json().encode()
-
-
-@FUZZ
-@given(content=st.one_of(json_values.map(lambda v: json.dumps(v).encode()), mutated(VALID_SPACE)))
-def test_space_files(content: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    path = tmp_path / "space.json"
-    path.write_bytes(content)
-    _accepted_or_one_error(["space", *TINY, "--space", str(path)], capsys)
+    _accepted_or_one_error([command, *TINY, flag, str(path)], capsys)
     assert path.read_bytes() == content
 
 
