@@ -62,6 +62,17 @@ def test_a_broken_spec_file_is_one_line(name: str, tmp_path: Path, capsys: pytes
     assert path.read_bytes() == SPECS[name]
 
 
+def test_train_and_search_read_spec_and_space_files_the_same_way(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "file.json"
+    path.write_bytes(SPECS["binary"])
+    common = [*TINY, "--task", "sst2", "--data-dir", str(DATA), "--output", str(tmp_path / "out")]
+    assert "not UTF-8" in one_error(["train", *common, "--spec", str(path)], capsys)
+    assert "not UTF-8" in one_error(["search", *common, "--space", str(path)], capsys)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", ["binary", "deep", "latin-1"])
 def test_a_broken_space_file_is_one_line(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "space.json"
@@ -95,6 +106,10 @@ def _broken_copy(saved: Path, tmp_path: Path, breakage: str) -> Path:
     elif breakage == "pickle-only":
         weights.unlink()
         (folder / "adapter.bin").write_bytes(b"\x80\x04K\x01.")
+    elif breakage == "bin-only":  # a folder with nothing but pickled weights
+        weights.unlink()
+        meta.unlink()
+        (folder / "adapter.bin").write_bytes(b"\x80\x04K\x01.")
     elif breakage == "flipped-bytes":  # the header intact, a value's bytes changed: only a checksum sees it
         weights.write_bytes(data[:-4] + bytes(b ^ 0x55 for b in data[-4:]))
     elif breakage == "non-finite":
@@ -108,6 +123,7 @@ BREAKAGES = {
     "header-weights": "adapter.safetensors",
     "binary-meta": "peftlab_adapter.json",
     "pickle-only": "never unpickles",
+    "bin-only": "never unpickles",
     "flipped-bytes": "checksum",
     "non-finite": "checksum",
 }
