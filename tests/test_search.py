@@ -19,6 +19,7 @@ from peftlab.cli import main
 from peftlab.errors import PeftlabError
 from peftlab.search import results
 from peftlab.search.params import distributions, suggest, to_params, to_vector
+from peftlab.search.refine import Stage
 from peftlab.search.study import (
     SearchConfig,
     counted,
@@ -488,9 +489,21 @@ def test_s4_refinement_fixes_one_dimension_per_stage_and_resumes(
             assert max(c["mean"] for c in s["candidates"]) == next(
                 c["mean"] for c in s["candidates"] if c["value"] == s["chosen"]
             )
+    assert "sigma unknown with 1 sample" in text  # one sample per candidate: no spread to judge the margin by
     trials = len(load_study(str(tmp_path / "r" / "study.db"), "refine")[0].trials)
     assert main(cmd) == 0  # resumed: every evaluation is already in the study
     assert len(load_study(str(tmp_path / "r" / "study.db"), "refine")[0].trials) == trials
+
+
+def test_a_refinement_stage_reports_its_margin_in_standard_errors() -> None:
+    clear = Stage("grouping", ["a", "b", "c"], [[0.80, 0.82, 0.81], [0.70, 0.71, 0.69], [0.5, 0.5]], chosen="a")
+    diff, sigma = clear.margin()
+    assert diff == pytest.approx(0.81 - 0.70)  # against the runner-up, not the worst
+    assert sigma == pytest.approx(0.11 / ((0.01**2 / 3) * 2) ** 0.5)
+    noisy = Stage("tuned", ["a", "b"], [[0.80, 0.70, 0.90], [0.78, 0.68, 0.88]], chosen="a")
+    assert 0 < noisy.margin()[1] < 2 and noisy.to_dict()["margin_sigma"] == noisy.margin()[1]
+    assert Stage("x", ["a", "b"], [[0.8], [0.7]], chosen="a").margin() == pytest.approx((0.1, None))
+    assert Stage("x", ["a"], [[0.8]], chosen="a", skipped="one value").margin() is None
 
 
 def test_local_workers_share_an_sqlite_study(tmp_path: Path) -> None:

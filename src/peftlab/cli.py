@@ -267,8 +267,14 @@ def cmd_refine(args: argparse.Namespace) -> None:
             f"{c['value']}: {c['mean']:.4f}" if c["mean"] is not None else f"{c['value']}: -"
             for c in stage.to_dict()["candidates"]
         )
+        margin = stage.margin()
+        by = ""
+        if margin is not None:
+            sigma = f"{margin[1]:.1f} sigma" if margin[1] is not None else "sigma unknown with 1 sample"
+            by = f" by {margin[0]:+.4f} ({sigma}{', within noise' if margin[1] is not None and margin[1] < 2 else ''})"
         print(
-            f"{stage.name}: " + (f"skipped ({stage.skipped})" if stage.skipped else f"chose {stage.chosen}   ({shown})")
+            f"{stage.name}: "
+            + (f"skipped ({stage.skipped})" if stage.skipped else f"chose {stage.chosen}{by}   ({shown})")
         )
     print("design: " + ", ".join(f"{k}={v}" for k, v in result.design.items()))
     if result.spec is not None:

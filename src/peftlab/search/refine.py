@@ -8,10 +8,12 @@ the space of the next stage. After the last stage every dimension holds one valu
 the budget on the model, is the result.
 
 With a handful of samples per candidate this compares small samples, not the score distributions the paper
-estimated from 100 models per candidate: the result says which design won here, at this fidelity, and the
-per-candidate scores are kept so that the margin can be judged. Every evaluation is a trial of an Optuna
-study (sampler ``s4-refine``), so a killed refinement resumes where it stopped and ``peftlab pareto`` and the
-dashboard read it like any search.
+estimated from 100 models per candidate: the result says which design won here, at this fidelity. Each stage
+reports its margin (the chosen mean minus the runner-up's) in standard errors of that difference, so a choice
+inside the noise is seen as one: give ``samples`` enough for the margins that matter to clear 2 sigma.
+
+Every evaluation is a trial of an Optuna study (sampler ``s4-refine``), so a killed refinement resumes where it
+stopped and ``peftlab pareto`` and the dashboard read it like any search.
 """
 
 from __future__ import annotations
@@ -46,13 +48,31 @@ class Stage:
     chosen: str
     skipped: str | None = None
 
+    def margin(self) -> tuple[float, float | None] | None:
+        """The chosen candidate's mean minus the runner-up's, and that margin in standard errors of the difference
+        (sqrt(se_chosen^2 + se_runner_up^2); None with fewer than 2 samples on either side, where no spread is
+        known); None without a runner-up. Under 2 sigma, the stage's choice cannot be told from noise."""
+        scored = [(v, s) for v, s in zip(self.values, self.scores, strict=True) if s]
+        if self.skipped or len(scored) < 2:
+            return None
+        best = next(s for v, s in scored if v == self.chosen)
+        runner_up = max((s for v, s in scored if v != self.chosen), key=_key)
+        diff = statistics.mean(best) - statistics.mean(runner_up)
+        if min(len(best), len(runner_up)) < 2:
+            return diff, None
+        se = (_sem(best) ** 2 + _sem(runner_up) ** 2) ** 0.5
+        return diff, (diff / se if se > 0 else float("inf"))
+
     def to_dict(self) -> dict[str, Any]:
+        margin = self.margin()
         return {
             "stage": self.name,
             "chosen": self.chosen,
             "skipped": self.skipped,
+            "margin": margin[0] if margin else None,
+            "margin_sigma": margin[1] if margin else None,
             "candidates": [
-                {"value": v, "scores": s, "mean": _mean(s), "median": _median(s)}
+                {"value": v, "scores": s, "mean": _mean(s), "median": _median(s), "sem": _sem(s)}
                 for v, s in zip(self.values, self.scores, strict=True)
             ],
         }
@@ -82,6 +102,11 @@ def _mean(xs: list[float]) -> float | None:
 
 def _median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
+
+
+def _sem(xs: list[float]) -> float | None:
+    """The standard error of the mean (None below 2 samples)."""
+    return statistics.stdev(xs) / len(xs) ** 0.5 if len(xs) > 1 else None
 
 
 def _key(scores: list[float]) -> tuple[float, float]:
