@@ -279,4 +279,5 @@ def test_ctrl_c_during_search_is_one_line_and_the_same_command_resumes(tmp_path:
     assert errors == [errors[0]] and errors[0].startswith("error: interrupted; finished trials are kept")
     assert subprocess.run(cmd, capture_output=True, text=True, timeout=300).returncode == 0
     study = optuna.load_study(study_name="peftlab", storage=f"sqlite:///{db}")
-    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) == 3
+    # two workers may each start the last trial at once: a search holds at least --trials finished trials
+    assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) >= 3
