@@ -6,7 +6,6 @@ User mistakes end with one ``error:`` line and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import json
 import logging
@@ -49,16 +48,7 @@ from peftlab.train.tasks import get_task, make_splits
 
 def _kwargs(pairs: Sequence[str]) -> dict:
     """``--set r=16 --set targets=qkv`` -> {"r": 16, "targets": "qkv"} (Python literals, else strings)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise PeftlabError(f"--set expects KEY=VALUE, got '{pair}'")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
+    return methods.parse_settings(pairs, "--set")
 
 
 def spec_from_args(args: argparse.Namespace) -> Spec:
