@@ -22,12 +22,14 @@ no prediction, with the reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from peftlab.backbone.anatomy import LINEAR_SITES, Block, find_head
 from peftlab.core.peft_model import PeftModel
 from peftlab.modules import Dims
+from peftlab.space import Backbone
 from peftlab.train.frozen import touched
 
 #: measured over predicted above this marks an optimisation target
@@ -84,11 +86,27 @@ def lowest_layer(pm: PeftModel) -> int:
     return k
 
 
+def _uncovered(config: Any) -> str | None:
+    """Why this cost model cannot predict the model's cost, or None."""
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder: the decoder runs on the labels, which the cost model does not cover"
+    return None
+
+
+def predict_floor(backbone: Backbone, batch: int, seq: int) -> tuple[StepFlops | None, str | None]:
+    """The floor's step FLOPs on ``backbone``, or None and why there is no prediction."""
+    why = _uncovered(backbone.model.config)
+    if why:
+        return None, why
+    return floor(backbone.blocks, backbone.dims, batch, seq), None
+
+
 def predict(pm: PeftModel, batch: int, seq: int) -> tuple[StepFlops | None, str | None]:
     """The active adapter's step FLOPs on a ``batch`` × ``seq`` batch, or None and why there is no prediction."""
     config = pm.base_model.config
-    if getattr(config, "is_encoder_decoder", False):
-        return None, "encoder-decoder: the decoder runs on the labels, which the model does not cover"
+    why = _uncovered(config)
+    if why:
+        return None, why
     adapter = pm.adapters[pm.active_adapter]
     modules = list(adapter.all_modules())
     missing = sorted({m.kind for _, m in modules if m.flops_per_token() is None})
