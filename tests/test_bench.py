@@ -97,6 +97,7 @@ def test_score_is_the_test_metric_of_a_short_training_run() -> None:
         kind="score",
         impl="peftlab",
         method="lora",
+        spec=methods.get("lora").to_dict(),
         model="shape:tiny-bert",
         head="seq-cls",
         batch=8,
