@@ -97,6 +97,7 @@ def test_score_is_the_test_metric_of_a_short_training_run() -> None:
         kind="score",
         impl="peftlab",
         method="lora",
+        spec=methods.get("lora").to_dict(),
         model="shape:tiny-bert",
         head="seq-cls",
         batch=8,
@@ -118,7 +119,8 @@ def test_score_is_the_test_metric_of_a_short_training_run() -> None:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> tuple:
-    """One run: head and lora, with peft's LoRA; a large batch so that training clearly needs more memory."""
+    """One run: the floor, head and lora, with peft's LoRA (full left out); a large batch so that training clearly needs
+    more memory."""
     out = tmp_path_factory.mktemp("bench")
     argv = [
         "bench",
@@ -126,6 +128,7 @@ def run(tmp_path_factory) -> tuple:
         "shape:tiny-bert",
         "--methods",
         "head,lora",
+        "--no-full",
         "--compare-peft",
         "--output",
         str(out),
@@ -147,9 +150,15 @@ def test_cli_writes_markdown_csv_json_and_plot(run) -> None:
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
     md = (out / "bench.md").read_text()
     assert report["command"] in md and "| lora |" in md and "| lora (peft) |" in md and "| head |" in md
+    assert "| floor |" in md and "## Cost model" in md and "--no-full" in report["command"]
     assert "torch: " in md and "## Legend" in md
     rows = list(csv.DictReader((out / "bench.csv").open()))
-    assert [(r["method"], r["impl"]) for r in rows] == [("head", "peftlab"), ("lora", "peftlab"), ("lora", "peft")]
+    assert [(r["method"], r["impl"]) for r in rows] == [
+        ("floor", "peftlab"),
+        ("head", "peftlab"),
+        ("lora", "peftlab"),
+        ("lora", "peft"),
+    ]
     by = {(r["method"], r["impl"]): r for r in report["rows"]}
     lab = by[("lora", "peftlab")]
     assert lab["trainable_params"] == report["methods"]["lora"]["counts"]["trainable_params"] == 2114
@@ -160,7 +169,7 @@ def test_cli_writes_markdown_csv_json_and_plot(run) -> None:
     assert by[("head", "peftlab")]["merged_tok_s"] is None  # nothing to merge
     setup = report["setup"]
     assert setup["tokens"] == sum(setup["lengths"]) < setup["padded_tokens"] == 256 * 64
-    train = next(r for r in report["runs"] if r["job"]["kind"] == "train")
+    train = next(r for r in report["runs"] if r["job"]["kind"] == "train" and r["job"]["method"] == "lora")
     assert lab["train_tok_s"] != pytest.approx(setup["padded_tokens"] / train["step_s"][0])  # padding not counted
     assert all(r["tokens"] == setup["tokens"] for r in report["runs"])
 
@@ -180,7 +189,7 @@ def test_compare_peft_reports_ratios(run) -> None:
 def test_every_measurement_is_its_own_process(run) -> None:
     _, report = run
     runs = report["runs"]
-    assert len(runs) == 7  # head: train, infer; lora: train, infer, merged; peft lora: train, infer
+    assert len(runs) == 9  # floor, head: train, infer; lora: train, infer, merged; peft lora: train, infer
     pids = [r["pid"] for r in runs]
     assert len(set(pids)) == len(pids) and os.getpid() not in pids
     # Peak memory is per process: an inference right after a training process does not inherit its peak (a
@@ -191,6 +200,111 @@ def test_every_measurement_is_its_own_process(run) -> None:
         assert before["peak_bytes"] - before["loaded_bytes"] > 32 * MB
         assert after["peak_bytes"] <= before["peak_bytes"]
     assert any(after["peak_bytes"] < before["peak_bytes"] for before, after in pairs)
+
+
+def test_the_floor_is_measured_first_and_every_row_is_set_against_it(run) -> None:
+    """The floor trains nothing and computes no weight gradient, yet its backward runs; every row gets its step over
+    the floor's, the cost model's prediction of it and measured over predicted (no timing asserted)."""
+    _, report = run
+    assert next(iter(report["methods"])) == "floor" and report["methods"]["floor"]["spec"] is None
+    floor_train = next(r for r in report["runs"] if r["job"]["method"] == "floor" and r["job"]["kind"] == "train")
+    assert floor_train["trainable_params"] == 0 and all(t > 0 for t in floor_train["fwd_bwd_s"])
+    by = {(r["method"], r["impl"]): r for r in report["rows"]}
+    floor = by[("floor", "peftlab")]
+    assert floor["step_over_floor"] == floor["predicted_over_floor"] == floor["measured_over_predicted"] == 1.0
+    for key, row in by.items():
+        assert row["step_over_floor"] > 0 and row["fwd_bwd_over_floor"] > 0, key
+        assert row["measured_over_predicted"] == pytest.approx(row["fwd_bwd_over_floor"] / row["predicted_over_floor"])
+        assert row["optimisation_target"] == (row["measured_over_predicted"] > 1.10)
+    assert by[("head", "peftlab")]["predicted_over_floor"] < 0.5  # no backward through the backbone
+    assert by[("lora", "peft")]["predicted_over_floor"] == by[("lora", "peftlab")]["predicted_over_floor"] > 1
+
+
+def test_methods_items_take_settings_and_keep_their_labels() -> None:
+    entries = bench.parse_methods("lora, lora:r=16:targets=all-linear ,houlsby:size=64,prefix:layers=[0, 1]:length=4")
+    assert [(e.label, e.method, e.settings) for e in entries] == [
+        ("lora", "lora", {}),
+        ("lora:r=16:targets=all-linear", "lora", {"r": 16, "targets": "all-linear"}),
+        ("houlsby:size=64", "houlsby", {"size": 64}),
+        ("prefix:layers=[0, 1]:length=4", "prefix", {"layers": [0, 1], "length": 4}),
+    ]
+    spec = entries[1].make("shape:tiny-bert")
+    assert spec.to_dict() == methods.get("lora", r=16, targets="all-linear").to_dict()
+    config = bench.BenchConfig(model="shape:tiny-bert", methods=["lora:r=4", "lora:r=2"], output="unused", seq=16)
+    _, plans = bench.plan(config)
+    assert list(plans) == ["floor", "full", "lora:r=4", "lora:r=2"]  # full added, the floor first
+    assert plans["lora:r=4"].counts["trainable_params"] == 2 * plans["lora:r=2"].counts["trainable_params"] - 66
+    assert {j.method for j in plans["lora:r=2"].jobs} == {"lora:r=2"}
+    no_full = bench.BenchConfig(model="shape:tiny-bert", methods=["head"], output="unused", full=False)
+    assert [e.label for e in no_full.entries()] == ["head"]
+    assert "--no-full" in no_full.command()
+
+
+def test_a_methods_file_gives_specs_or_presets_with_settings(tmp_path) -> None:
+    path = tmp_path / "specs.json"
+    custom = methods.get("lora", r=2).to_dict()
+    path.write_text(
+        json.dumps(
+            [
+                {"label": "my lora", "spec": custom},
+                {"method": "houlsby", "settings": {"size": 8}},
+                {"method": "prompt", "settings": {"length": 4}, "label": "short prompt"},
+            ]
+        )
+    )
+    config = bench.BenchConfig(model="shape:tiny-bert", methods=["ia3"], methods_file=str(path), output="x", seq=16)
+    assert [e.label for e in config.entries()] == ["full", "ia3", "my lora", "houlsby:size=8", "short prompt"]
+    _, plans = bench.plan(config)
+    assert plans["my lora"].spec == bench.Entry("my lora", spec=custom).make("shape:tiny-bert").to_dict()
+    assert plans["short prompt"].spec["model"]["input"]["length"] == 4
+    assert f"--methods-file {path}" in config.command()
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        (
+            "lora:rank=4",
+            "--methods item 'lora:rank=4': lora has no setting 'rank'; its settings are: r, alpha, targets",
+        ),
+        ("lora:r=0", "method 'lora:r=0': lora r must be an integer in [1, 4096], got 0"),
+        ("lora:targets=xyz", "method 'lora:targets=xyz': unknown target(s) xyz"),
+        ("lora:r", "--methods item 'lora:r' expects KEY=VALUE, got 'r'"),
+        ("lora:r=4,houlsby,lora:r=4", "method 'lora:r=4' is listed twice"),
+        ("full:r=4", "full has no setting 'r'; its settings are: (none)"),
+        ("floor", "--methods item 'floor': unknown method 'floor'"),
+        ("s4:size=3", "s4 has no setting 'size'; its settings are: budget, bitfit"),
+    ],
+)
+def test_bad_methods_items_are_one_line_naming_the_item(items: str, message: str, tmp_path, capsys) -> None:
+    argv = ["bench", "--model", "shape:tiny-bert", "--output", str(tmp_path / "out"), "--seq", "16", "--methods", items]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ({"method": "lora"}, "expected a JSON list of items, got dict"),
+        ([{"method": "nope"}], "item 1: unknown method 'nope'"),
+        ([{"method": "lora", "settings": {"rank": 2}}], "item 1: lora has no setting 'rank'"),
+        ([{"method": "lora", "settings": [1]}], "item 1: settings must be a JSON object"),
+        ([{"spec": {}}], "item 1: a spec item is"),
+        ([{"label": "x", "spec": {"layers": {"*": {"q": {"kind": "nope"}}}}}], "item 1 ('x'):"),
+        ([{"method": "lora"}, {"label": "lora", "spec": {}}], "method 'lora' is listed twice"),
+        ([{"label": "floor", "spec": {}}], "'floor' is the frozen-backbone row"),
+        ([{"method": "lora", "extra": 1}], "item 1: expected"),
+    ],
+)
+def test_bad_methods_files_are_one_line_naming_the_item(content, message: str, tmp_path, capsys) -> None:
+    path = tmp_path / "specs.json"
+    path.write_text(json.dumps(content))
+    argv = ["bench", "--model", "shape:tiny-bert", "--output", str(tmp_path / "out"), "--methods-file", str(path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
 
 
 @pytest.mark.parametrize(

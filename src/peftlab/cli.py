@@ -6,7 +6,6 @@ User mistakes end with one ``error:`` line and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import ast
 import contextlib
 import json
 import logging
@@ -22,6 +21,7 @@ from transformers.utils import logging as hf_logging
 from peftlab import __version__, methods
 from peftlab.backbone.zoo import HEADS, MODEL_NAMES, load_model
 from peftlab.bench import BenchConfig, markdown, run
+from peftlab.bench.entries import split_top
 from peftlab.core.peft_model import apply
 from peftlab.core.spec import Spec
 from peftlab.errors import AdapterLoadError, PeftlabError
@@ -49,16 +49,7 @@ from peftlab.train.tasks import get_task, make_splits
 
 def _kwargs(pairs: Sequence[str]) -> dict:
     """``--set r=16 --set targets=qkv`` -> {"r": 16, "targets": "qkv"} (Python literals, else strings)."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise PeftlabError(f"--set expects KEY=VALUE, got '{pair}'")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
+    return methods.parse_settings(pairs, "--set")
 
 
 def spec_from_args(args: argparse.Namespace) -> Spec:
@@ -351,7 +342,9 @@ def _trained_task(adapter: Path) -> str | None:
 def cmd_bench(args: argparse.Namespace) -> None:
     config = BenchConfig(
         model=args.model,
-        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
+        methods=[m.strip() for m in split_top(args.methods or "", ",") if m.strip()],
+        methods_file=args.methods_file,
+        full=not args.no_full,
         output=args.output,
         batch=args.batch,
         seq=args.seq,
@@ -691,7 +684,21 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         help="parameters, peak memory and train / inference throughput of methods, each measured in a fresh process",
     )
     p.add_argument("--model", required=True, help=MODEL_NAMES)
-    p.add_argument("--methods", required=True, help="comma-separated presets, e.g. full,head,lora,pfeiffer")
+    p.add_argument(
+        "--methods",
+        help="comma-separated presets, each NAME[:KEY=VALUE[:KEY=VALUE...]] with the settings of "
+        "`peftlab train --set`, e.g. lora,lora:r=16:targets=all-linear,houlsby:size=64; each row is labelled as given",
+    )
+    p.add_argument(
+        "--methods-file",
+        help='a JSON list of {"label": ..., "spec": {...}} or {"method": NAME, "settings": {...}} '
+        "(rows after --methods)",
+    )
+    p.add_argument(
+        "--no-full",
+        action="store_true",
+        help="leave out the full fine-tuning row (added otherwise; the frozen floor is always measured)",
+    )
     p.add_argument("--output", required=True, help="folder for bench.md, bench.csv, bench.json and bench.png")
     p.add_argument("--batch", type=int, default=8, help="sequences per batch")
     p.add_argument("--seq", type=int, default=128, help="padded length; rows get random lengths up to it")

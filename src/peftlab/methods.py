@@ -7,7 +7,9 @@ value, bottleneck 48, prefix length 10.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ast
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from torch import nn
@@ -47,6 +49,7 @@ def method(name: str, summary: str, paper: str) -> Callable[[Callable[..., Spec]
             return spec
 
         make.__name__, make.__doc__ = fn.__name__, fn.__doc__
+        make.__wrapped__ = fn  # inspect.signature(make) is fn's: the settings the preset takes
         METHODS[name] = Method(name, make, summary, paper)
         return make
 
@@ -281,3 +284,29 @@ def for_model(name: str, model: str | nn.Module | Backbone, **kwargs) -> Spec:
         return MODEL_METHODS[name].make(backbone.num_layers, backbone, **kwargs)
     except TypeError as e:
         raise SpecError(f"method '{name}': {e}") from None
+
+
+def settings_of(name: str) -> list[str]:
+    """The settings a preset takes (its keyword arguments; an s4 preset's model and depth come from the model):
+    what ``--set`` and ``peftlab bench --methods`` may give, named in their errors."""
+    if name in MODEL_METHODS:
+        return list(inspect.signature(MODEL_METHODS[name].make).parameters)[2:]
+    if name not in METHODS:
+        raise SpecError(f"unknown method '{name}'; methods are: {', '.join([*METHODS, *MODEL_METHODS])}")
+    return list(inspect.signature(METHODS[name].make).parameters)
+
+
+def parse_settings(pairs: Sequence[str], where: str = "--set") -> dict:
+    """``["r=16", "targets=qkv"]`` -> {"r": 16, "targets": "qkv"}: Python literals, else strings. The one reading of
+    method settings written as text (``peftlab train --set``, ``peftlab bench --methods``); ``where`` names the
+    source in the error."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SpecError(f"{where} expects KEY=VALUE, got '{pair}'")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out

@@ -10,26 +10,41 @@ Every measurement runs in a fresh process (``python -m peftlab.bench --worker JO
 so that its peak memory is its own: on the CPU the process's peak resident set (``ru_maxrss``), reported
 with the resident set of the loaded model it started from; on CUDA ``torch.cuda.max_memory_allocated``.
 Warm-up iterations are not timed; every statistic is the median with its interquartile range.
+
+Every run measures the frozen floor first (every weight frozen, gradients to the embedding output) and, unless left
+out, full fine-tuning; rows are ``--methods`` items ``NAME[:KEY=VALUE...]`` or methods-file items, labelled as given
+(:mod:`peftlab.bench.entries`), and each gets its step over the floor's beside the cost model's prediction of it
+from counted FLOPs (:mod:`peftlab.bench.flops`).
 """
 
 from peftlab.bench.batch import count_tokens, padded_batch
+from peftlab.bench.entries import FLOOR, FULL, Entry, parse_methods, read_methods_file
+from peftlab.bench.flops import StepFlops, predict, predict_floor
 from peftlab.bench.harness import BenchConfig, MethodPlan, plan, run
 from peftlab.bench.report import cpu_model, environment, markdown, ratios, rows, summarize, write_csv, write_outputs
 from peftlab.bench.worker import KINDS, Job, measure, run_worker, worker_main
 
 __all__ = [
+    "FLOOR",
+    "FULL",
     "KINDS",
     "BenchConfig",
+    "Entry",
     "Job",
     "MethodPlan",
+    "StepFlops",
     "count_tokens",
     "cpu_model",
     "environment",
     "markdown",
     "measure",
     "padded_batch",
+    "parse_methods",
     "plan",
+    "predict",
+    "predict_floor",
     "ratios",
+    "read_methods_file",
     "rows",
     "run",
     "run_worker",

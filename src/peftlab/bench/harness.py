@@ -18,23 +18,31 @@ import torch
 from peftlab import methods, optional
 from peftlab.backbone.anatomy import model_type_facts
 from peftlab.backbone.zoo import load_model
+from peftlab.bench import flops
 from peftlab.bench.batch import count_tokens, padded_batch
+from peftlab.bench.entries import FLOOR, FULL, Entry, check_labels, parse_methods, read_methods_file
 from peftlab.bench.report import MB, environment, ratios, rows, write_outputs
 from peftlab.bench.worker import Job, run_worker
+from peftlab.core.counting import Counts
 from peftlab.core.peft_model import apply
 from peftlab.errors import PeftlabError
 from peftlab.formats import interop
+from peftlab.space import Backbone
 from peftlab.train import input_limit
 from peftlab.train.tasks import get_task
 
 
 @dataclass
 class BenchConfig:
-    """Everything that determines a benchmark run; stored in bench.json."""
+    """Everything that determines a benchmark run; stored in bench.json. ``methods`` holds the ``--methods`` items as
+    given (``NAME[:KEY=VALUE...]``, see :mod:`peftlab.bench.entries`); ``full=False`` leaves out the full
+    fine-tuning row that is otherwise added."""
 
     model: str
     methods: list[str]
     output: str
+    methods_file: str | None = None
+    full: bool = True
     batch: int = 8
     seq: int = 128
     repeats: int = 10
@@ -49,15 +57,23 @@ class BenchConfig:
     data_dir: str | None = None
     seed: int = 0
 
+    def entries(self) -> list[Entry]:
+        """The rows after the floor: ``--methods`` then ``--methods-file``, full fine-tuning first unless listed or
+        left out. Bad items fail here, each naming itself."""
+        found = parse_methods(",".join(self.methods))
+        if self.methods_file is not None:
+            found += read_methods_file(self.methods_file)
+        check_labels(found)
+        listed = any(e.label == FULL or e.method == FULL or (e.spec or {}).get("full") for e in found)
+        if self.full and not listed:
+            found.insert(0, Entry(label=FULL, method=FULL))
+        return found
+
     def check(self) -> None:
-        if not self.methods:
+        if not self.methods and self.methods_file is None:
             every = [*methods.METHODS, *methods.MODEL_METHODS]
             raise PeftlabError(f"give at least one method (one of: {', '.join(every)})")
-        for m in self.methods:
-            if m not in methods.MODEL_METHODS:
-                methods.get(m)  # unknown names fail here, with the list of methods
-        if len(set(self.methods)) != len(self.methods):
-            raise PeftlabError(f"a method is listed twice in {','.join(self.methods)}")
+        self.entries()
         for name, low in (("batch", 1), ("seq", 2), ("repeats", 1), ("warmup", 0), ("rounds", 1), ("threads", 1)):
             if getattr(self, name) < low:
                 raise PeftlabError(f"{name} must be >= {low}, got {getattr(self, name)}")
@@ -80,30 +96,28 @@ class BenchConfig:
 
     def command(self) -> str:
         """The exact command line that reproduces this run."""
-        parts = [
-            "peftlab",
-            "bench",
-            "--model",
-            self.model,
-            "--methods",
-            ",".join(self.methods),
-            "--output",
-            self.output,
-        ]
+        parts = ["peftlab", "bench", "--model", self.model]
+        parts += ["--methods", ",".join(self.methods)] if self.methods else []
+        parts += ["--output", self.output]
         for f in ("batch", "seq", "repeats", "warmup", "rounds", "threads", "device", "dtype", "seed"):
             parts += [f"--{f}", str(getattr(self, f))]
-        for f in ("score_steps", "task", "data_dir"):
+        for f in ("methods_file", "score_steps", "task", "data_dir"):
             if getattr(self, f) is not None:
                 parts += [f"--{f.replace('_', '-')}", str(getattr(self, f))]
-        return shlex.join(parts + (["--compare-peft"] if self.compare_peft else []))
+        flags = (["--compare-peft"] if self.compare_peft else []) + ([] if self.full else ["--no-full"])
+        return shlex.join(parts + flags)
 
 
 @dataclass
 class MethodPlan:
-    """What is known about a method before anything runs: its counts and what to measure."""
+    """What is known about a method before anything runs: its spec (None: the floor), counts, predicted step FLOPs
+    (or why there is no prediction) and what to measure."""
 
+    spec: dict[str, Any] | None
     counts: dict[str, Any]
     mergeable: bool
+    flops: dict[str, float] | None = None
+    flops_note: str | None = None
     peft_config: dict[str, Any] | None = None
     peft_note: str | None = None
     jobs: list[Job] = field(default_factory=list)
@@ -128,11 +142,11 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
         dtype=config.dtype,
         seed=config.seed,
     )
-    plans: dict[str, MethodPlan] = {}
-    for name in config.methods:
+    plans: dict[str, MethodPlan] = {FLOOR: _floor_plan(config, head, base)}
+    for entry in config.entries():
         probe_model = load_model(config.model, head=head, meta=True)
-        pm = apply(probe_model, methods.for_model(name, probe_model))
-        spec = pm.adapters[pm.active_adapter].spec
+        spec = entry.make(probe_model)
+        pm = apply(probe_model, spec)
         extra = spec.added_length()
         if config.seq + extra > limit:
             raise PeftlabError(
@@ -140,20 +154,29 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
                 f"the {limit} positions of {config.model}; use a smaller --seq"
             )
         mergeable = any(m.mergeable for _, m in pm.adapters[pm.active_adapter].peft_modules())
-        p = MethodPlan(counts=pm.counts().to_dict(), mergeable=mergeable)
+        predicted, note = flops.predict(pm, config.batch, config.seq)
+        p = MethodPlan(
+            spec=spec.to_dict(),
+            counts=pm.counts().to_dict(),
+            mergeable=mergeable,
+            flops=asdict(predicted) if predicted else None,
+            flops_note=note,
+        )
         if config.compare_peft:
             p.peft_config, p.peft_note = interop.peft_equivalent(pm)
         for kind in ("train", "infer", "merged"):
             if kind == "merged" and not mergeable:
                 continue
-            p.jobs.append(Job(kind=kind, impl="peftlab", method=name, **base))
+            p.jobs.append(Job(kind=kind, impl="peftlab", method=entry.label, spec=p.spec, **base))
             if p.peft_config is not None and kind != "merged":
-                p.jobs.append(Job(kind=kind, impl="peft", method=name, peft_config=p.peft_config, **base))
-        plans[name] = p
+                p.jobs.append(
+                    Job(kind=kind, impl="peft", method=entry.label, spec=p.spec, peft_config=p.peft_config, **base)
+                )
+        plans[entry.label] = p
     facts = {
         "model_class": type(probe).__name__,
         "head": head,
-        "backbone_params": next(iter(plans.values())).counts["backbone_params"],
+        "backbone_params": plans[FLOOR].counts["backbone_params"],
     }
     batch = padded_batch(probe.config, config.batch, config.seq, config.seed + 1)
     facts |= {
@@ -162,6 +185,20 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
         "lengths": batch["attention_mask"].sum(1).tolist(),
     }
     return facts, plans
+
+
+def _floor_plan(config: BenchConfig, head: str, base: dict[str, Any]) -> MethodPlan:
+    """The frozen floor: no adapter (every count 0), its FLOPs, a training and an inference job (``spec=None``)."""
+    backbone = Backbone(load_model(config.model, head=head, meta=True))
+    predicted, note = flops.predict_floor(backbone, config.batch, config.seq)
+    return MethodPlan(
+        spec=None,
+        counts=Counts(backbone_params=backbone.params, method=FLOOR).to_dict(),
+        mergeable=False,
+        flops=asdict(predicted) if predicted else None,
+        flops_note=note,
+        jobs=[Job(kind=kind, impl="peftlab", method=FLOOR, spec=None, **base) for kind in ("train", "infer")],
+    )
 
 
 def run(config: BenchConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -181,13 +218,15 @@ def run(config: BenchConfig, log: Callable[[str], None] | None = None) -> dict[s
                 **{
                     **asdict(jobs[0]),
                     "kind": "score",
-                    "method": m,
+                    "method": label,
+                    "spec": p.spec,
                     "task": config.task,
                     "data_dir": config.data_dir,
                     "score_steps": config.score_steps,
                 }
             )
-            for m in config.methods
+            for label, p in plans.items()
+            if p.spec is not None  # the floor trains nothing
         ]
     t0 = time.perf_counter()
     runs = []

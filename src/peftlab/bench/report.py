@@ -16,6 +16,8 @@ import torch
 
 from peftlab import optional
 from peftlab.atomic import write_with
+from peftlab.bench.entries import FLOOR
+from peftlab.bench.flops import TARGET
 from peftlab.bench.worker import KINDS
 from peftlab.train import library_versions
 
@@ -88,11 +90,18 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             _put(row, "fwd_bwd_over_forward", _paired(train, "fwd_bwd_s", "forward_s"))
             _put(row, "infer_tok_s", [tokens / t for t in _pooled(infer, "forward_s")])
             _put(row, "merged_tok_s", [tokens / t for t in _pooled(merged, "forward_s")])
+            for col in ("step_s", "fwd_bwd_s"):
+                xs = _pooled(train, col)
+                row[f"{col}_median"] = statistics.median(xs) if xs else None
+            flops = info.get("flops")
+            row["predicted_gflop"] = (flops["forward"] + flops["backward"]) / 1e9 if flops else None
+            row["prediction_note"] = info.get("flops_note")
             row["n_train"], row["n_infer"] = len(_pooled(train, "step_s")), len(_pooled(infer, "forward_s"))
             score = mine["score"][0] if mine["score"] else None
             for col in ("score", "metric", "status"):
                 row[f"score_{col}" if col != "score" else col] = score[col] if score else None
             out.append(row)
+    _cost_model(out)
     full = next((r for r in out if r["method"] == "full" and r["impl"] == "peftlab"), None)
     for row in out:
         for col in ("train", "infer"):
@@ -100,6 +109,22 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             mine = row[f"{col}_tok_s"]
             row[f"{col}_pct_of_full"] = 100.0 * mine / ref if ref and mine is not None else None
     return out
+
+
+def _cost_model(table: list[dict[str, Any]]) -> None:
+    """Per row: its step and forward+backward over the floor's (ratios of medians), the cost model's prediction of the
+    latter (counted FLOPs over the floor's) and measured over predicted, a target above :data:`TARGET`."""
+    floor = next((r for r in table if r["method"] == FLOOR and r["impl"] == "peftlab"), None)
+    for row in table:
+        for col, name in (("step_s", "step_over_floor"), ("fwd_bwd_s", "fwd_bwd_over_floor")):
+            ref = floor[f"{col}_median"] if floor else None
+            mine = row[f"{col}_median"]
+            row[name] = mine / ref if ref and mine is not None else None
+        ref, mine = (floor["predicted_gflop"] if floor else None), row["predicted_gflop"]
+        row["predicted_over_floor"] = predicted = mine / ref if ref and mine is not None else None
+        measured = row["fwd_bwd_over_floor"]
+        row["measured_over_predicted"] = ratio = measured / predicted if measured is not None and predicted else None
+        row["optimisation_target"] = ratio is not None and ratio > TARGET
 
 
 def ratios(table: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -213,6 +238,7 @@ def markdown(report: dict[str, Any]) -> str:
             score = r["score"]
             cells.append(f"{r['score_metric']} {score:.4f}" if score is not None else r["score_status"] or "–")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## Cost model: a training step over the frozen floor", "", *_cost_table(report["rows"])]
     if report["ratios"]:
         lines += [
             "",
@@ -240,6 +266,30 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cost_table(table: list[dict[str, Any]]) -> list[str]:
+    """The cost-model table and the rows without a prediction (with why)."""
+    lines = [
+        "| method | step ÷ floor | (fwd+bwd) ÷ floor | predicted ÷ floor | measured ÷ predicted | predicted GFLOP | |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in table:
+        name = r["method"] + (" (peft)" if r["impl"] == "peft" else "")
+        cells = [
+            name,
+            _num(r["step_over_floor"], ".2f"),
+            _num(r["fwd_bwd_over_floor"], ".2f"),
+            _num(r["predicted_over_floor"], ".2f"),
+            _num(r["measured_over_predicted"], ".2f"),
+            _num(r["predicted_gflop"], ".3g"),
+            f"**> {TARGET:.2f}: optimisation target**" if r["optimisation_target"] else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = {r["method"]: r["prediction_note"] for r in table if r["prediction_note"]}
+    if notes:
+        lines += ["", "No prediction:", "", *[f"- {m}: {why}" for m, why in notes.items()]]
+    return lines
+
+
 LEGEND = [
     "- **trainable / stored / changed**: what the optimiser holds / what the saved adapter holds / parameters of "
     "the final model that differ from the backbone (`pm.counts()`); % is trainable over the backbone. peft rows "
@@ -256,6 +306,16 @@ LEGEND = [
     "iteration; **(fwd+bwd) / fwd** leaves out the optimiser. Expected about 3 for full fine-tuning (the backward "
     "computes activation and weight gradients), towards 2 for PEFT (activation gradients only) and about 1 for "
     "`head` (no backward through the backbone).",
+    "- **floor**: the backbone with every weight frozen and gradients flowing to the embedding output only: a forward "
+    "and a backward through every block's activations, no weight gradient, no optimiser; every run measures it "
+    "first. **full** (full fine-tuning) is added unless listed or left out (`--no-full`).",
+    "- **cost model** (`peftlab/bench/flops.py`): **step ÷ floor** is the median training step (optimiser included) "
+    "over the floor's; **(fwd+bwd) ÷ floor** leaves the optimiser out, and is what the model predicts: "
+    "**predicted ÷ floor** is the step's counted matmul FLOPs over the floor's (forward F; activation gradients ≈ F, "
+    "attention's 2×; weight gradients ≈ F of the weights trained; what each module adds, forward and 2× backward; "
+    "the longer sequence of a prompt; the backward only from the lowest layer a method acts on). **measured ÷ "
+    "predicted** above 1.10 marks an optimisation target: the method costs more than its arithmetic (elementwise "
+    "work, hooks, memory traffic, kernel choice).",
     "- **peftlab / peft**: ratio of medians (above 1: peftlab faster, or for memory: peftlab larger), in brackets "
     "q25(peftlab)/q75(peft) – q75(peftlab)/q25(peft). Both run the same backbone weights and batch in separate "
     "fresh processes. A peft process's peak RSS also holds the peft library itself (about 10 MB): Δ over loaded is "

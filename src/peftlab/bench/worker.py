@@ -17,10 +17,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab import methods, optional
+from peftlab import optional
 from peftlab.backbone.zoo import load_model
 from peftlab.bench.batch import count_tokens, padded_batch
 from peftlab.core.peft_model import apply
+from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError
 from peftlab.memory import current_rss, peak_rss
 from peftlab.train import TrainConfig, train
@@ -35,7 +36,7 @@ class Job:
 
     kind: str  # train | infer | merged | score
     impl: str  # peftlab | peft
-    method: str
+    method: str  # the row's label
     model: str
     head: str
     batch: int
@@ -46,6 +47,7 @@ class Job:
     device: str
     dtype: str
     seed: int
+    spec: dict[str, Any] | None = None  # what the row measures; None: the frozen floor
     peft_config: dict[str, Any] | None = None
     task: str | None = None
     data_dir: str | None = None
@@ -68,7 +70,8 @@ def _autocast(job: Job) -> AbstractContextManager:
 
 
 def _build(job: Job, device: torch.device) -> nn.Module:
-    """The backbone with the method attached by peftlab or by the peft library (same seed: same weights)."""
+    """The backbone with the method attached by peftlab or by the peft library (same seed: same weights), or for
+    the floor the backbone frozen whole."""
     torch.manual_seed(job.seed)
     model = load_model(job.model, head=job.head, seed=job.seed)
     if model.config.pad_token_id is None:
@@ -76,9 +79,23 @@ def _build(job: Job, device: torch.device) -> nn.Module:
     if job.impl == "peft":
         peft = optional.require("peft", "measuring the peft library")
         model = peft.get_peft_model(model, peft.get_peft_config(dict(job.peft_config)))
+    elif job.spec is None:
+        _freeze_to_embeddings(model)
     else:
-        model = apply(model, methods.for_model(job.method, model))
+        model = apply(model, Spec.from_dict(job.spec))
     return model.to(device)
+
+
+def _freeze_to_embeddings(model: nn.Module) -> None:
+    """The floor: every weight frozen, and the input embeddings' output made to need a gradient, so the backward
+    runs through every block's activations (the least any method that trains inside the backbone pays) and computes
+    no weight gradient."""
+    model.requires_grad_(False)
+    model.get_input_embeddings().register_forward_hook(_needs_grad)
+
+
+def _needs_grad(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    return out.requires_grad_() if torch.is_grad_enabled() else out
 
 
 def _memory(device: torch.device) -> dict[str, int]:
@@ -140,8 +157,10 @@ def _train(model: nn.Module, batch: dict[str, torch.Tensor], job: Job, device: t
     """Training steps (forward + backward + AdamW step + zero_grad) alternating with no-grad forwards of the
     same batch in the same mode, so step / forward compares like with like."""
     model.train()
-    # A tiny learning rate: the weights barely move, so every step does the same arithmetic.
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    # A tiny learning rate: the weights barely move, so every step does the same arithmetic. The floor has nothing to
+    # train: no optimiser.
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-6) if params else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     loaded = _memory(device)
@@ -152,8 +171,9 @@ def _train(model: nn.Module, batch: dict[str, torch.Tensor], job: Job, device: t
             loss = model(**batch).loss
         loss.backward()
         t1 = _now(device)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return t1 - t0
 
     def forward() -> None:
@@ -207,7 +227,7 @@ def _score(job: Job) -> dict[str, Any]:
         progress=False,
         precision="bf16" if job.dtype == "bf16" and job.device == "cuda" else "fp32",
     )
-    record = train(methods.for_model(job.method, job.model), config)
+    record = train(Spec.from_dict(job.spec), config)
     main = get_task(job.task).main_metric
     return {
         "pid": os.getpid(),

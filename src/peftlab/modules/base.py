@@ -36,6 +36,10 @@ On :class:`PeftModule` (per built module):
   ``state_prefix`` sets the tensors' key root (default ``layers.<layer>-<site>``).
 - ``fold()`` / ``unloadable``: what ``merge_and_unload`` does beyond ``merge`` (a head copy overwrites the
   head, so it unloads though it does not merge).
+- ``flops_per_token()`` / ``flops_per_step()``: the matmul FLOPs the module adds to a forward pass, per token it acts
+  on and once per pass (e.g. a prefix MLP); ``peftlab bench`` predicts a training step's cost from them (the
+  backward of matmuls with trained weights costing twice their forward). None (the default): not modelled, so a
+  spec using the kind gets no prediction.
 
 Parts several modules of one adapter share (Compacter's rules, the prefix MLP, UniPELT's LoRA gate)
 come from :meth:`BuildContext.share`, which records the kind that owns them and whether the saved
@@ -277,6 +281,16 @@ class PeftModule(nn.Module):
         or the parameters it adds when it cannot merge)."""
         return self.stored_numel()
 
+    def flops_per_token(self) -> float | None:
+        """Matmul FLOPs (2 per multiply-add) this module adds to the forward pass per token it acts on; 0 for
+        elementwise work, which the cost model leaves out like the backbone's; None: not modelled."""
+        return None
+
+    def flops_per_step(self) -> float:
+        """Matmul FLOPs this module's forward does once per pass, whatever the number of tokens (e.g. the prefix MLP
+        producing its key/values, DoRA's weight norm)."""
+        return 0.0
+
     def stored_state(self) -> dict[str, torch.Tensor]:
         """What ``save`` writes for this module (keys relative to the module)."""
         return {k: v.detach() for k, v in self.state_dict().items()}
@@ -295,6 +309,9 @@ class Gate(nn.Module):
     def __init__(self, features: int, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
         self.proj = nn.Linear(features, 1, device=device, dtype=dtype)
+
+    def flops_per_token(self) -> float:
+        return 2.0 * self.proj.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = torch.sigmoid(self.proj(x))  # (..., seq, 1)

@@ -36,6 +36,7 @@ class BottleneckModule(PeftModule):
     def __init__(self, ctx: BuildContext, scaling: float) -> None:
         super().__init__(ctx)
         self.parallel = ctx.site == "beside_ffn"
+        self.hidden = ctx.dims.hidden
         self.scaling = scaling
         self.gate = Gate(ctx.dims.hidden, ctx.device, ctx.dtype) if ctx.gated else None
         self._captured: torch.Tensor | None = None
@@ -63,6 +64,15 @@ class BottleneckModule(PeftModule):
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def bottleneck(self) -> int:
+        """The width of the down projection."""
+        raise NotImplementedError
+
+    def flops_per_token(self) -> float:
+        """The down and up projections (hidden × size each way), and the gate's projection where gated."""
+        gate = self.gate.flops_per_token() if self.gate is not None else 0.0
+        return 4.0 * self.hidden * self.bottleneck() + gate
 
 
 def _check_bottleneck(size: int, activation: str, scaling: float) -> None:
@@ -101,6 +111,9 @@ class Adapter(BottleneckModule):
         self.act = ACTIVATIONS[s.activation]
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
+
+    def bottleneck(self) -> int:
+        return self.down.out_features
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.down.weight.dtype)
@@ -166,6 +179,12 @@ class PHMLinear(nn.Module):
         n, c, d = b.shape
         return torch.einsum("iab,icd->acbd", a, b).reshape(n * c, n * d)
 
+    def weight_flops(self) -> float:
+        """Matmul FLOPs of :meth:`weight`: s·t (n of them), then n Kronecker products summed."""
+        n, c, rank = self.s.shape
+        d = self.t.shape[2]
+        return 2.0 * n * c * rank * d + 2.0 * n * (n * c) * (n * d)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.weight() + self.bias
 
@@ -180,6 +199,13 @@ class Compacter(BottleneckModule):
         self.down = PHMLinear(rules[0], s.n, ctx.dims.hidden, s.size, s.rank, zero=False, kw=kw)
         self.up = PHMLinear(rules[1], s.n, s.size, ctx.dims.hidden, s.rank, zero=True, kw=kw)
         self.act = ACTIVATIONS[s.activation]
+
+    def bottleneck(self) -> int:
+        return self.down.bias.numel()
+
+    def flops_per_step(self) -> float:
+        """Each pass forms both weights from their factors: s·t, then the sum of n Kronecker products."""
+        return self.down.weight_flops() + self.up.weight_flops()
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.down.s.dtype)
@@ -249,6 +275,9 @@ class AdaMix(BottleneckModule):
             for e in range(s.experts):
                 nn.init.kaiming_uniform_(self.down_w[e], a=math.sqrt(5))
         self.act = ACTIVATIONS[s.activation]
+
+    def bottleneck(self) -> int:
+        return self.down_w.shape[1]
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.down_w.dtype)

@@ -132,6 +132,16 @@ class LoRA(LinearModule):
             init = w.norm(dim=1) if ctx.device.type != "meta" else torch.empty(w.shape[0], device="meta")
             self.magnitude = nn.Parameter(init.to(**kw))
 
+    def flops_per_token(self) -> float:
+        """x·Aᵀ then ·Bᵀ, and the gate's projection where gated."""
+        r, d_in = self.lora_A.shape
+        gate = self._gate[0].flops_per_token() if self._gate else 0.0
+        return 2.0 * r * (d_in + self.lora_B.shape[0]) + gate
+
+    def flops_per_step(self) -> float:
+        """DoRA forms B·A once per pass for the weight norm."""
+        return 2.0 * self.lora_B.shape[0] * self.lora_A.numel() if self.magnitude is not None else 0.0
+
     def _scale(self, x: torch.Tensor) -> torch.Tensor | float:
         return self._gate[0](x) if self._gate else self.scaling
 
@@ -200,6 +210,9 @@ class IA3(LinearModule):
         self.on_input = ctx.site == "ffn_out"
         n = ctx.linear.in_features if self.on_input else ctx.linear.out_features
         self.ia3_l = nn.Parameter(torch.ones(n, device=ctx.device, dtype=ctx.dtype))
+
+    def flops_per_token(self) -> float:
+        return 0.0  # an elementwise rescaling
 
     def attach(self, ctx: BuildContext) -> None:
         if self.on_input:
@@ -280,6 +293,12 @@ class KronA(LinearModule):
         if ctx.device.type != "meta":
             nn.init.kaiming_uniform_(self.krona_A, a=math.sqrt(5))
         self.scale = scale
+
+    def flops_per_token(self) -> float:
+        """x (a_in × b_in) contracted with B, then with A."""
+        a_out, a_in = self.krona_A.shape
+        b_out, b_in = self.krona_B.shape
+        return 2.0 * (a_in * b_in * b_out + a_out * a_in * b_out)
 
     def output_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # (A ⊗ B) x without materialising the Kronecker product: x viewed as (a_in, b_in).

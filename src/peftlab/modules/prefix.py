@@ -108,6 +108,7 @@ class Prefix(PeftModule):
         d = ctx.dims
         kw = {"device": ctx.device, "dtype": ctx.dtype}
         self.length, self.kv_heads, self.head_dim = s.length, d.kv_heads, d.head_dim
+        self.heads = d.heads
         self.reparam = s.reparam
         if s.reparam:
             plan = ctx.plan if isinstance(ctx.plan, PrefixPlan) else PrefixPlan(s.length)
@@ -130,6 +131,19 @@ class Prefix(PeftModule):
     def _capture(self, x: torch.Tensor) -> torch.Tensor:
         self._gate_input = x
         return x
+
+    def flops_per_token(self) -> float:
+        """Every query also scores and averages ``length`` more keys and values (q·kᵀ and p·v, every head), and the
+        gate's projection where gated."""
+        gate = self.gate.flops_per_token() if self.gate is not None else 0.0
+        return 4.0 * self.length * self.heads * self.head_dim + gate
+
+    def flops_per_step(self) -> float:
+        """The MLP making this layer's key/values, once per pass (none when they are stored directly)."""
+        if not self.reparam:
+            return 0.0
+        down = self._pool[0].down
+        return 2.0 * self.length * (down.in_features * down.out_features + self.up.in_features * self.up.out_features)
 
     def prefix_kv(self) -> torch.Tensor:
         """(2, kv_heads, length, head_dim): what inference needs and ``save`` stores."""
@@ -261,6 +275,9 @@ class Prompt(PeftModule):
         host = ctx.model.get_encoder() if self._enc_dec else ctx.model
         self._host = (host,)  # a tuple: the backbone must not become a submodule of the adapter
         self._signatures = {id(m): inspect.signature(m.forward) for m in (ctx.model, host)}
+
+    def flops_per_token(self) -> float:
+        return 0.0  # a concatenation; the longer sequence it makes is the settings' added_length
 
     def attach(self, ctx: BuildContext) -> None:
         host = self._host[0]

@@ -55,6 +55,9 @@ class DeltaModule(PeftModule):
     def mergeable(self) -> bool:
         return True
 
+    def flops_per_token(self) -> float:
+        return 0.0  # elementwise additions (and a norm recomputed): no matmul
+
     def _targets(self) -> list[tuple[torch.Tensor, nn.Parameter]]:
         """(backbone tensor, its delta) pairs."""
         raise NotImplementedError

@@ -45,6 +45,9 @@ class HeadCopy(PeftModule):
     def attach(self, ctx: BuildContext) -> None:
         ctx.hooks.add(self._host[0], "post", self, lambda x, y: self.head(x))
 
+    def flops_per_token(self) -> float:
+        return 0.0  # runs instead of the head, on the head's few tokens: the cost model leaves heads out
+
     def stored_state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.head.state_dict().items()}
 
@@ -72,6 +75,9 @@ class InPlace(PeftModule):
 
     def attach(self, ctx: BuildContext) -> None:
         """Nothing to attach: the backbone computes with the trained tensors directly."""
+
+    def flops_per_token(self) -> float:
+        return 0.0  # no work of its own; the weight gradients of backbone_parameters() are the cost model's
 
     @property
     def unloadable(self) -> bool:

@@ -1,0 +1,107 @@
+"""The cost model of ``peftlab bench`` (``peftlab.bench.flops``) on tiny random-init shapes, against FLOPs worked out by
+hand: the floor, what LoRA and a prefix add, the longer sequence of a prompt, full fine-tuning's weight gradients,
+the backward that stops at the lowest layer a method touches, and no prediction where a kind has no count."""
+
+from __future__ import annotations
+
+import pytest
+
+import peftlab
+from peftlab import bench, methods
+from peftlab.modules import PeftModule
+from peftlab.modules.linear import IA3
+from peftlab.space import Backbone
+
+# shape:tiny-bert: hidden 32, FFN 64, 2 layers, 4 heads of 8
+H, FFN, LAYERS, HEADS = 32, 64, 2, 4
+LINEAR = 2 * (4 * H * H + 2 * H * FFN)  # per token and layer: q, k, v, o, FFN in and out
+
+
+def attention(keys: int) -> int:
+    return 4 * keys * H  # per query token and layer: q·kᵀ and p·v over every head
+
+
+def pm(name: str, **settings) -> peftlab.PeftModel:
+    return peftlab.apply(
+        peftlab.load_model("shape:tiny-bert", head="seq-cls", meta=True), methods.get(name, **settings)
+    )
+
+
+def floor(batch: int, seq: int) -> bench.StepFlops:
+    got, why = bench.predict_floor(
+        Backbone.of(peftlab.load_model("shape:tiny-bert", head="seq-cls", meta=True)), batch, seq
+    )
+    assert why is None
+    return got
+
+
+def predict(model: peftlab.PeftModel, batch: int = 8, seq: int = 32) -> bench.StepFlops:
+    got, why = bench.predict(model, batch, seq)
+    assert why is None, why
+    return got
+
+
+def test_the_floor_is_a_forward_and_the_activation_backward() -> None:
+    tokens = 8 * 32
+    got = floor(8, 32)
+    assert got.forward == tokens * LAYERS * (LINEAR + attention(32))
+    assert got.backward == tokens * LAYERS * (LINEAR + 2 * attention(32))  # attention: dq, dk and dp, dv
+
+
+@pytest.mark.parametrize("r", [1, 8])
+def test_lora_on_q_and_v_adds_its_two_matmuls_three_times(r: int) -> None:
+    tokens, base = 8 * 32, floor(8, 32)
+    added = tokens * LAYERS * 2 * 2 * r * (H + H)  # 2 sites, x·Aᵀ (H→r) and ·Bᵀ (r→H)
+    got = predict(pm("lora", r=r))
+    assert got.forward == base.forward + added
+    assert got.backward == base.backward + 2 * added  # input and weight gradients
+
+
+def test_a_prompt_lengthens_the_sequence_and_nothing_else() -> None:
+    got = predict(pm("prompt", length=8), 8, 32)
+    assert got == floor(8, 40)
+    linear_part = 8 * 40 * LAYERS * LINEAR
+    assert linear_part / (8 * 32 * LAYERS * LINEAR) == 40 / 32  # the linears grow with the sequence
+    assert got.forward - linear_part == 8 * 40 * LAYERS * attention(40)  # attention with its square
+
+
+def test_a_prefix_adds_keys_to_every_query_and_its_mlp_once_per_pass() -> None:
+    length, hidden, tokens = 5, 16, 8 * 32
+    keys = tokens * LAYERS * attention(length)
+    mlp = LAYERS * 2 * length * (H * hidden + hidden * 2 * H)  # per layer: the shared down, its own up
+    got, base = predict(pm("prefix", length=length, hidden=hidden)), floor(8, 32)
+    assert got.forward == base.forward + keys + mlp
+    assert got.backward == base.backward + 2 * (keys + mlp)
+
+
+def test_full_fine_tuning_is_the_floor_plus_every_weight_gradient() -> None:
+    got, base = predict(pm("full")), floor(8, 32)
+    assert got.forward == base.forward
+    assert got.backward == base.backward + 8 * 32 * LAYERS * LINEAR
+
+
+def test_the_backward_starts_at_the_lowest_layer_a_method_touches() -> None:
+    base = floor(8, 32)
+    head = predict(pm("head"))
+    assert (head.forward, head.backward) == (base.forward, 0)  # the head alone: no backward into the backbone
+    upper = predict(pm("prefix", length=5, hidden=16, layers=[1]))
+    assert upper.backward - 2 * (upper.forward - base.forward) == 8 * 32 * (LINEAR + 2 * attention(32))  # layer 1 only
+
+
+@pytest.mark.parametrize("name", sorted(methods.METHODS))
+def test_every_preset_has_a_prediction(name: str) -> None:
+    got = predict(pm(name))
+    assert got.forward >= floor(8, 32).forward or name == "head"
+
+
+def test_a_kind_without_a_count_gets_no_prediction(monkeypatch) -> None:
+    monkeypatch.setattr(IA3, "flops_per_token", PeftModule.flops_per_token)
+    got, why = bench.predict(pm("ia3"), 8, 32)
+    assert got is None and "ia3" in why and "flops_per_token" in why
+    assert bench.predict(pm("lora"), 8, 32)[0] is not None
+
+
+def test_encoder_decoders_get_no_prediction() -> None:
+    model = peftlab.apply(peftlab.load_model("shape:tiny-t5", head="seq2seq", meta=True), methods.get("lora"))
+    got, why = bench.predict(model, 8, 32)
+    assert got is None and "encoder-decoder" in why
