@@ -327,7 +327,7 @@ def _breakdown(curves: dict) -> list[str]:
         "",
         "## Where a trial's time goes",
         "",
-        "Mean seconds per trained trial (a hopeless trial stops at a quarter of its steps). suggest: the sampler; "
+        "Mean seconds per trained trial (a hopeless trial stops at half of its steps). suggest: the sampler; "
         "data / setup / tokenize: splits, the backbone (lent by the worker after its first trial) and token ids "
         "(cached per worker); eval: the dev split (1000 examples) and the hopeless check's 200; other: the rest.",
         "",
