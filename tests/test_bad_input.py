@@ -238,7 +238,9 @@ def test_a_checkpoint_of_another_method_is_named(tmp_path: Path, capsys: pytest.
 
 def _interrupt_when(cmd: list[str], ready) -> subprocess.CompletedProcess:
     """Start ``cmd``, send it SIGINT (Ctrl-C) once ``ready()`` is true; its exit code and output."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell's background jobs start with SIGINT ignored, and Python then installs no Ctrl-C handler: restore it
+    default = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default)
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not ready():
         time.sleep(0.1)
