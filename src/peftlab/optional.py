@@ -20,6 +20,8 @@ INSTALL = {
     "psycopg": ("psycopg", 'pip install "peftlab[postgres]"'),
     "datasets": ("datasets", "pip install datasets"),
     "yaml": ("PyYAML", "pip install pyyaml"),
+    "rouge_score": ("rouge-score", 'pip install "peftlab[generation]"'),
+    "trl": ("trl", "pip install trl"),
 }
 #: peftlab modules that import an optional package at their top, and that package
 WRAPPERS = {"peftlab.search.bo": "botorch"}

@@ -47,13 +47,15 @@ class HashTokenizer:
         text_pair: list[str | None] | None = None,
         truncation: bool = True,
         max_length: int = 128,
+        add_special_tokens: bool = True,
         **_: Any,
     ) -> dict[str, list[list[int]]]:
         pairs = text_pair or [None] * len(text)
         ids, types = [], []
+        start, end = ([self.bos_token_id], [self.sep_token_id]) if add_special_tokens else ([], [])
         for a, b in zip(text, pairs, strict=True):
-            first = [self.bos_token_id, *self._ids(a), self.sep_token_id]
-            second = [*self._ids(b), self.sep_token_id] if b else []
+            first = [*start, *self._ids(a), *end]
+            second = [*self._ids(b), *end] if b else []
             seq = (first + second)[:max_length] if truncation else first + second
             ids.append(seq)
             types.append(([0] * len(first) + [1] * len(second))[: len(seq)])

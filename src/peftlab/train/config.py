@@ -57,6 +57,24 @@ class TrainConfig:
     text_pair_column: str | None = None
     label_column: str = "label"
     label_names: list[str] | None = None
+    #: a generative user file: its prompt and response columns, or a JSONL column of chat turns (the last, the
+    #: assistant's, is the response); giving any of these makes the file a prompt → response task
+    prompt_column: str | None = None
+    response_column: str | None = None
+    messages_column: str | None = None
+    #: how a generative user file's generations are scored: exact (match after normalisation), rouge, or loss
+    #: (the dev loss alone; nothing is generated)
+    eval_metric: str = "exact"
+    #: generative tasks: choose the best evaluation by the dev loss over response tokens (cheap) or by the generated
+    #: metric (generates at every evaluation)
+    select_by: str = "loss"
+    #: generative tasks selected by loss: generate and score dev every this many evaluations too (0: only the final
+    #: model, on dev and test)
+    generate_every: int = 0
+    #: generative tasks: the most tokens generated per prompt when scoring (None: the task's, e.g. 256 for GSM8K)
+    max_new_tokens: int | None = None
+    #: render prompts with the model's chat template (rows with a messages column always are)
+    chat_template: bool = False
     #: score the test split at the end (a search's trials do not: dev alone chooses, and the search scores its
     #: Pareto set on test once, after the trials)
     score_test: bool = True
@@ -89,7 +107,9 @@ class TrainConfig:
             raise PeftlabError(f"hopeless_check must be in (0, 1], got {self.hopeless_check}")
         if self.epochs <= 0:
             raise PeftlabError(f"epochs must be > 0, got {self.epochs}")
-        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size", "eval_every", "patience"):
+        for name in (
+            "batch_size", "grad_accum", "max_length", "eval_batch_size", "eval_every", "patience", "max_new_tokens"
+        ):  # fmt: skip
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise PeftlabError(f"{name} must be >= 1, got {value}")
@@ -107,6 +127,14 @@ class TrainConfig:
             raise PeftlabError(f"dropout must be in [0, 1), got {self.dropout}")
         if not (math.isfinite(self.cache_frozen_mb) and self.cache_frozen_mb >= 0):
             raise PeftlabError(f"cache_frozen_mb must be a number >= 0, got {self.cache_frozen_mb}")
+        if self.eval_metric not in ("exact", "rouge", "loss"):
+            raise PeftlabError(f"eval_metric must be exact, rouge or loss, got {self.eval_metric!r}")
+        if self.select_by not in ("loss", "metric"):
+            raise PeftlabError(f"select_by must be loss or metric, got {self.select_by!r}")
+        if self.generate_every < 0:
+            raise PeftlabError(f"generate_every must be >= 0 (0: only at the end), got {self.generate_every}")
+        if self.messages_column and (self.prompt_column or self.response_column):
+            raise PeftlabError("give either --messages-column or --prompt-column/--response-column, not both")
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise PeftlabError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.precision != "fp32" and not torch.cuda.is_available():
@@ -146,6 +174,10 @@ class RunRecord:
     #: with ``cache_frozen``: the layer the cached states enter (0: nothing cached, the spec acts below the first
     #: layer), the module that decided it, and the examples found (hits), computed (misses), kept, over the budget
     cache: dict[str, Any] | None = None
+    #: generative tasks: a few dev prompts with the final model's greedy generation and the reference, and the
+    #: examples whose prompt or response max_length cut
+    samples: list[dict[str, str]] | None = None
+    cut: dict[str, int] | None = None
 
     def save(self, path: Path) -> None:
         write_json(path, asdict(self))

@@ -15,7 +15,18 @@ from peftlab.backbone.tokenize import get_tokenizer, pad_batch
 from peftlab.backbone.zoo import CHECKPOINTS, SHAPES, load_model
 from peftlab.errors import PeftlabError
 from peftlab.train.config import TrainConfig
-from peftlab.train.tasks import Example, Splits, TaskInfo, get_task, load_user_data, make_splits
+from peftlab.train.generative import Generation
+from peftlab.train.responses import ResponseEncoder
+from peftlab.train.tasks import (
+    Example,
+    Row,
+    Splits,
+    TaskInfo,
+    get_task,
+    load_user_data,
+    load_user_responses,
+    make_splits,
+)
 from peftlab.train.tokens import Encoded, TokenCache, TokenMemo
 
 
@@ -111,19 +122,26 @@ def task_encoder(
     seq2seq: bool,
     tokenizer: Any | None = None,
     cache: TokenCache | None = None,
-) -> Encoder:
+    chat_template: bool = False,
+    max_new_tokens: int | None = None,
+) -> Encoder | ResponseEncoder:
     """The tokenizer-backed encoder for a model and task (``tokenizer``: one already loaded for the model); gives
-    the model a pad token id if it lacks one. Decoders are padded on the left so that their last position is a
-    real token."""
+    the model a pad token id if it lacks one. Decoders classify from their last position, so their classification
+    batches are padded on the left; generative tasks have their own encoder."""
     tokenizer = tokenizer if tokenizer is not None else get_tokenizer(model_name, model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = getattr(tokenizer, "pad_token_id", 0)
+    if task.generative:
+        limit = input_limit(model, max_length)
+        return ResponseEncoder(tokenizer, task, limit, seq2seq, cache, chat_template, max_new_tokens)
     decoder_only = not seq2seq and model_type_facts(model.config.model_type).decoder_only
     return Encoder(tokenizer, task, input_limit(model, max_length), seq2seq, left_pad=decoder_only, cache=cache)
 
 
-def text_length(row: Example) -> int:
+def text_length(row: Row) -> int:
     """A tokenizer-free length proxy (characters) for grouping examples of similar length."""
+    if "prompt" in row:
+        return len(row["prompt"]) + len(row["response"])
     return len(row["text"]) + len(row["text_pair"] or "")
 
 
@@ -150,28 +168,9 @@ def user_task(config: TrainConfig) -> tuple[TaskInfo, Splits]:
             path, config.text_column, config.label_column, config.text_pair_column, config.label_names
         )
 
-    pool = read(config.train_file)
-    regression = isinstance(pool[0]["label"], float)
-    if config.label_names:
-        names = tuple(config.label_names)
-    elif regression:
-        names = None
-    else:
-        names = tuple(str(i) for i in range(int(max(ex["label"] for ex in pool)) + 1))
-    binary = names is not None and len(names) == 2
-    metrics = ("pearson", "spearman") if regression else ("accuracy", "f1" if binary else "macro_f1")
-    info = TaskInfo(
-        name=f"user/{config.task}",
-        text_fields=("text",),
-        label_names=names,
-        metrics=metrics,
-        main_metric=metrics[0 if not regression else 1],
-        local_dir="",
-        local_files={},
-        hub_id="",
-        hub_config="",
-        hub_splits={},
-    )
+    generative = bool(config.prompt_column or config.response_column or config.messages_column)
+    pool = user_responses(config, config.train_file) if generative else read(config.train_file)
+    info = _user_generative(config) if generative else _user_classification(config, pool)
     n_dev = min(1000, len(pool) // 5) if config.dev_size is None else config.dev_size
     if n_dev < 1:
         raise PeftlabError(
@@ -184,8 +183,62 @@ def user_task(config: TrainConfig) -> tuple[TaskInfo, Splits]:
     train_rows = rest if config.k is None else rest[: config.k]
     if not train_rows:
         raise PeftlabError(f"{config.train_file}: no examples left to train on after holding out {n_dev} for dev")
-    test = read(config.test_file) if config.test_file else dev
+    if config.test_file:
+        test = user_responses(config, config.test_file) if generative else read(config.test_file)
+    else:
+        test = dev
     return info, Splits(train=train_rows, dev=dev, test=test)
+
+
+def user_responses(config: TrainConfig, path: str) -> list[Row]:
+    """A generative user file's examples, by the config's columns."""
+    return load_user_responses(
+        path, config.prompt_column or "prompt", config.response_column or "response", config.messages_column
+    )
+
+
+def _user_generative(config: TrainConfig) -> TaskInfo:
+    """The task of a user's prompt → response file, scored by ``eval_metric``."""
+    generation = Generation(prompt=lambda r: r["prompt"], response=lambda r: r["response"], scoring=config.eval_metric,
+                            max_new_tokens=128)  # fmt: skip
+    return _user_info(config, None, generation.metrics, generation.metrics[0], generation)
+
+
+def _user_info(
+    config: TrainConfig,
+    names: tuple[str, ...] | None,
+    metrics: tuple[str, ...],
+    main: str,
+    generation: Generation | None = None,
+) -> TaskInfo:
+    return TaskInfo(
+        name=f"user/{config.task}",
+        text_fields=("text",),
+        label_names=names,
+        metrics=metrics,
+        main_metric=main,
+        local_dir="",
+        local_files={},
+        hub_id="",
+        hub_config="",
+        hub_splits={},
+        generation=generation,
+    )
+
+
+def _user_classification(config: TrainConfig, pool: list[Example]) -> TaskInfo:
+    """The task of a user's labelled file: classification when the labels are integers or named, regression when
+    they are floats."""
+    regression = isinstance(pool[0]["label"], float)
+    if config.label_names:
+        names = tuple(config.label_names)
+    elif regression:
+        names = None
+    else:
+        names = tuple(str(i) for i in range(int(max(ex["label"] for ex in pool)) + 1))
+    binary = names is not None and len(names) == 2
+    metrics = ("pearson", "spearman") if regression else ("accuracy", "f1" if binary else "macro_f1")
+    return _user_info(config, names, metrics, metrics[0 if not regression else 1])
 
 
 def task_splits(config: TrainConfig) -> tuple[TaskInfo, Splits]:
@@ -197,7 +250,8 @@ def task_splits(config: TrainConfig) -> tuple[TaskInfo, Splits]:
 
 
 def load_for_task(model_name: str, task: TaskInfo, meta: bool = False) -> tuple[nn.Module, bool]:
-    """The backbone in the class the task needs: T5 text-to-text, everything else a classifier."""
+    """The backbone in the class the task needs: T5 text-to-text, generative tasks a language model, everything
+    else a classifier."""
     if model_name.startswith("shape:") and model_name[6:] in SHAPES:
         model_type = SHAPES[model_name[6:]].model_type
     elif model_name in CHECKPOINTS:
@@ -205,5 +259,11 @@ def load_for_task(model_name: str, task: TaskInfo, meta: bool = False) -> tuple[
     else:
         model_type = AutoConfig.from_pretrained(model_name).model_type
     facts = model_type_facts(model_type)
-    model = load_model(model_name, head=facts.task_head, num_labels=task.num_labels, meta=meta)
+    if task.generative and facts.architecture == "encoder":
+        raise PeftlabError(
+            f"{task.name} is a generation task and {model_name} an encoder, which cannot generate: use a decoder "
+            "(e.g. smollm2-135m) or an encoder-decoder (T5)"
+        )
+    head = facts.default_head if task.generative else facts.task_head
+    model = load_model(model_name, head=head, num_labels=task.num_labels, meta=meta)
     return model, facts.seq2seq

@@ -14,7 +14,9 @@ from peftlab.train.config import TrainConfig
 from peftlab.train.data import Encoder, load_for_task, task_encoder, task_splits, text_length
 from peftlab.train.environment import default_device
 from peftlab.train.frozen import FrozenPrefix
-from peftlab.train.tasks import Example, TaskInfo
+from peftlab.train.generation import evaluate_generation
+from peftlab.train.responses import ResponseEncoder
+from peftlab.train.tasks import Example, Row, TaskInfo
 
 
 @torch.no_grad()
@@ -73,12 +75,17 @@ def rank_labels(pm: nn.Module, encoder: Encoder, batch: dict[str, torch.Tensor])
 
 def evaluate(
     pm: nn.Module,
-    encoder: Encoder,
-    rows: list[Example],
+    encoder: Encoder | ResponseEncoder,
+    rows: list[Row],
     batch_size: int,
     device: torch.device,
     frozen: FrozenPrefix | None = None,
+    generate: bool = True,
 ) -> dict[str, float]:
+    """The task's metrics on ``rows``; a generative task's are its dev loss and (with ``generate``) the metrics of
+    what the model generates."""
+    if isinstance(encoder, ResponseEncoder):
+        return evaluate_generation(pm, encoder, rows, batch_size, device, generate)
     preds = predict(pm, encoder, rows, batch_size, device, frozen)
     labels = [r["label"] for r in rows]
     return metric_fns.compute(encoder.task.metrics, preds, labels)
@@ -88,14 +95,21 @@ def score_saved(config: TrainConfig, adapter: str | Path) -> dict[str, float]:
     """The test scores of an adapter a run of ``config`` saved, on that run's test split (a search scores its
     Pareto set so, once, after trials that did not look at test)."""
     task, splits = task_splits(config)
-    model, encoder, device = scoring_backbone(config.model, task, config.max_length)
+    model, encoder, device = scoring_backbone(
+        config.model, task, config.max_length, config.chat_template, config.max_new_tokens
+    )
     return evaluate(load(model, adapter), encoder, splits.test, config.eval_batch_size, device)
 
 
-def scoring_backbone(model_name: str, task: TaskInfo, max_length: int) -> tuple[nn.Module, Encoder, torch.device]:
+def scoring_backbone(
+    model_name: str, task: TaskInfo, max_length: int, chat_template: bool = False, max_new_tokens: int | None = None
+) -> tuple[nn.Module, Encoder | ResponseEncoder, torch.device]:
     """The backbone in the task's class on this process's device, with its encoder: what scoring a saved adapter
     starts from."""
     model, seq2seq = load_for_task(model_name, task)
     device = default_device()
     model.to(device)
-    return model, task_encoder(model_name, model, task, max_length, seq2seq), device
+    encoder = task_encoder(
+        model_name, model, task, max_length, seq2seq, chat_template=chat_template, max_new_tokens=max_new_tokens
+    )
+    return model, encoder, device

@@ -33,8 +33,9 @@ from peftlab.train.data import Encoder, batches, load_for_task, task_encoder, ta
 from peftlab.train.environment import default_device, device_name, library_versions
 from peftlab.train.evaluation import evaluate
 from peftlab.train.frozen import FrozenCache, FrozenPrefix
+from peftlab.train.generation import samples
 from peftlab.train.parallel import all_reduce, dist_setup, is_main
-from peftlab.train.tasks import Example
+from peftlab.train.tasks import Example, Row
 from peftlab.train.warm import WarmStart
 
 log = logging.getLogger("peftlab.train")
@@ -92,7 +93,10 @@ def _prepare_model(
     else:
         seq2seq = model_type_facts(model.config.model_type).seq2seq
     tokenizer, tokens = (warm.tokenizer(config.model, model), warm.tokens) if warm is not None else (None, None)
-    encoder = task_encoder(config.model, model, task, config.max_length, seq2seq, tokenizer, tokens)
+    encoder = task_encoder(
+        config.model, model, task, config.max_length, seq2seq, tokenizer, tokens, config.chat_template,
+        config.max_new_tokens,
+    )  # fmt: skip
     model.to(device)
     if config.dropout is not None:  # the backbone's dropout, e.g. 0 for runs that must be reproducible
         for m in model.modules():
@@ -196,8 +200,8 @@ class Run:
         loss on train (None where the training loss is not the head's alone: text-to-text, or an extra
         objective such as AdaMix's consistency); None without a labelled dev split to compare on."""
         dev, task = self.splits.dev, self.encoder.task
-        if not dev or any(r["label"] is None for r in dev):
-            return None
+        if task.generative or not dev or any(r["label"] is None for r in dev):
+            return None  # a generative task has no constant prediction to compare with
         prior = None if self.encoder.seq2seq or self.weight else prior_loss(task, self.splits.train)
         return constant_scores(task, dev)[task.main_metric], prior
 
@@ -272,12 +276,13 @@ class Run:
         if not _finite(self.params):  # a finite loss, then a step too far
             record.status, record.message = "diverged", f"non-finite weights after step {step}"
             return True
-        scores = self._score(dev) if dev else {}
-        main = scores.get(self.encoder.task.main_metric, -loss)
-        record.evaluations.append({"step": step, "loss": loss, **scores})
+        metric = self._selection_metric()
+        scores = self._score(dev, generate=self._generates(len(record.evaluations) + 1)) if dev else {}
+        main = (-scores[metric] if metric == "loss" else scores[metric]) if metric in scores else -loss
+        record.evaluations.append({"step": step, "train_loss" if "loss" in scores else "loss": loss, **scores})
         better = record.best is None or main > record.best["score"]
         if better:
-            record.best = {"step": step, "score": main, "metric": self.encoder.task.main_metric}
+            record.best = {"step": step, "score": main, "metric": metric}
             self.state["best_state"] = snapshot(self.pm)
             self.state["bad_evals"] = 0
         else:
@@ -301,15 +306,31 @@ class Run:
                 log.info("%s", record.message)
         return reason is not None or (config.patience is not None and self.state["bad_evals"] >= config.patience)
 
+    def _selection_metric(self) -> str:
+        """The dev metric that chooses the best evaluation: the task's main metric, or for a generative task
+        selected by loss its dev loss (the record's ``best.score`` is then minus the loss: higher is better)."""
+        task = self.encoder.task
+        return "loss" if task.generative and self.config.select_by == "loss" else task.main_metric
+
+    def _generates(self, evaluation: int) -> bool:
+        """Whether evaluation number ``evaluation`` (from 1) of a generative task generates: always when generations
+        select, else every ``generate_every``-th."""
+        if not self.encoder.task.generative or self.config.select_by == "metric":
+            return True
+        every = self.config.generate_every
+        return bool(every) and evaluation % every == 0
+
     def _cache_s(self) -> float:
         return self.frozen.elapsed if self.frozen is not None else 0.0
 
-    def _score(self, rows: list[Example], cached: bool = True) -> dict[str, float]:
-        """The metrics on ``rows`` (``cached``: from the frozen layers' cached states, if the run has them); the
-        time it takes, less encoding and gathering cached states, is evaluation time."""
+    def _score(self, rows: list[Row], cached: bool = True, generate: bool = True) -> dict[str, float]:
+        """The metrics on ``rows`` (``cached``: from the frozen layers' cached states, if the run has them;
+        ``generate``: a generative task's generated metrics besides its loss); the time it takes, less encoding and
+        gathering cached states, is evaluation time."""
         start, encoding, caching = time.perf_counter(), self.encoder.elapsed, self._cache_s()
         frozen = self.frozen if cached else None
-        scores = evaluate(self.pm, self.encoder, rows, self.config.eval_batch_size, self.device, frozen)
+        batch = self.config.eval_batch_size
+        scores = evaluate(self.pm, self.encoder, rows, batch, self.device, frozen, generate)
         spent = time.perf_counter() - start - (self.encoder.elapsed - encoding) - (self._cache_s() - caching)
         self.timings["eval_s"] += spent
         return scores
@@ -367,6 +388,21 @@ class Run:
         if self.frozen is not None:
             self.timings["cache_s"] = self.frozen.elapsed
 
+    def _final_generations(self) -> None:
+        """A generative run's record: the final model's generated dev metrics (when the evaluations did not
+        generate), a few dev samples, and what max_length cut."""
+        record, dev = self.record, self.splits.dev
+        if dev and record.best is not None:
+            at_best = next(e for e in record.evaluations if e["step"] == record.best["step"])
+            record.best["dev"] = {m: at_best[m] for m in ("loss", *self.encoder.task.metrics) if m in at_best}
+            if any(m not in at_best for m in self.encoder.task.metrics):
+                record.best["dev"] = self._score(dev)  # the restored best state, generating
+        if dev:
+            start = time.perf_counter()
+            record.samples = samples(self.pm, self.encoder, dev, self.config.eval_batch_size, self.device)
+            self.timings["eval_s"] += time.perf_counter() - start
+        record.cut = self.encoder.report_cuts()
+
     def _clocks(self) -> tuple[float, ...]:
         """The wall clock, then the clocks of what a step's time is not: encoding, evaluating, checkpoints, and
         gathering cached states."""
@@ -391,6 +427,8 @@ class Run:
             record.status, record.message = "diverged", f"non-finite adapter values after step {record.steps}"
         if record.status != "diverged" and self.config.score_test:
             record.test = self._score(self.splits.test, cached=False)  # scored once: caching would only cost
+        if record.status != "diverged" and self.encoder.task.generative:
+            self._final_generations()
         if self.frozen is not None:
             record.cache = self.frozen.summary()
             self.timings["cache_s"] = self.frozen.elapsed

@@ -50,18 +50,23 @@ import numpy as np
 from peftlab import optional
 from peftlab.errors import PeftlabError
 from peftlab.reading import parse_json, read_text
+from peftlab.train import generative
+from peftlab.train.generative import Generation, GenExample
 
 __all__ = [
     "DATA_DIR_ENV",
     "SPLITS",
     "TASKS",
     "Example",
+    "GenExample",
+    "Row",
     "Splits",
     "TaskDataError",
     "TaskInfo",
     "get_task",
     "load_task",
     "load_user_data",
+    "load_user_responses",
     "make_splits",
 ]
 
@@ -84,6 +89,9 @@ class Example(TypedDict):
     text_pair: str | None
     label: int | float | None
 
+
+#: an example of either kind: classification / regression, or prompt → response (generative tasks)
+Row = Example | GenExample
 
 Formatter = Callable[[dict[str, Any]], tuple[str, str | None]]
 
@@ -109,10 +117,16 @@ class TaskInfo:
     local_columns: dict[str, str] = field(default_factory=dict)
     headerless_columns: tuple[str, ...] = ()  # column names for TSVs without a header row (CoLA)
     formatter: Formatter | None = field(default=None, repr=False, compare=False)
+    #: a generative task's prompt → response formatters and scoring (None: classification or regression)
+    generation: Generation | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def generative(self) -> bool:
+        return self.generation is not None
 
     @property
     def is_regression(self) -> bool:
-        return self.label_names is None
+        return self.label_names is None and self.generation is None
 
     @property
     def num_labels(self) -> int:
@@ -246,10 +260,72 @@ _REGISTRY = (
     ),
 )  # fmt: skip
 
-TASKS: dict[str, TaskInfo] = {info.name: info for info in _REGISTRY}
+
+def _generative(
+    task: str,
+    local_dir: str,
+    generation: Generation,
+    hub: tuple[str, str, dict[str, str]],
+    local_files: dict[str, tuple[str, ...]] | None = None,
+) -> TaskInfo:
+    """A generative task (``gen/<task>``): prompt → response, scored by what the model generates. ``hub``: the hub
+    dataset, its config and its split names."""
+    hub_id, hub_config, hub_splits = hub
+    return TaskInfo(
+        name=f"gen/{task}",
+        text_fields=(),
+        label_names=None,
+        metrics=generation.metrics,
+        main_metric=generation.metrics[0],
+        local_dir=local_dir,
+        local_files=local_files or {"train": ("train.jsonl",), "dev": ("val.jsonl",), "test": ("test.jsonl",)},
+        hub_id=hub_id,
+        hub_config=hub_config,
+        hub_splits=hub_splits,
+        generation=generation,
+    )
+
+
+_SG_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
+_SUPERGLUE_FILES = {"train": ("train.jsonl", "train32.jsonl"), "dev": ("val.jsonl",), "test": ("test.jsonl",)}
+_GENERATIVE = (
+    # GSM8K has no dev split: its test split is what make_splits scores (it holds dev out of train)
+    _generative(
+        "gsm8k", "gsm8k", generative.gsm8k(),
+        ("openai/gsm8k", "main", {"train": "train", "dev": "test", "test": "test"}),
+        {"train": ("train.jsonl",), "dev": ("test.jsonl",), "test": ("test.jsonl",)},
+    ),
+    _generative(
+        "boolq", "superglue/BoolQ", generative.superglue("boolq", ("no", "yes")),
+        ("aps/super_glue", "boolq", _SG_SPLITS), _SUPERGLUE_FILES,
+    ),
+    _generative(
+        "cb", "superglue/CB", generative.superglue("cb", ("entailment", "contradiction", "neutral")),
+        ("aps/super_glue", "cb", _SG_SPLITS), _SUPERGLUE_FILES,
+    ),
+    _generative(
+        "copa", "superglue/COPA", generative.superglue("copa", ()), ("aps/super_glue", "copa", _SG_SPLITS),
+        _SUPERGLUE_FILES,
+    ),
+    _generative(
+        "rte", "superglue/RTE", generative.superglue("rte", _NLI2), ("aps/super_glue", "rte", _SG_SPLITS),
+        _SUPERGLUE_FILES,
+    ),
+    _generative(
+        "cnn_dailymail", "cnn_dailymail", generative.summarization("article", "highlights"),
+        ("abisee/cnn_dailymail", "3.0.0", {"train": "train", "dev": "validation", "test": "test"}),
+    ),
+    _generative(
+        "xsum", "xsum", generative.summarization("document", "summary"),
+        ("EdinburghNLP/xsum", "default", {"train": "train", "dev": "validation", "test": "test"}),
+    ),
+)  # fmt: skip
+
+TASKS: dict[str, TaskInfo] = {info.name: info for info in (*_REGISTRY, *_GENERATIVE)}
 """Canonical task name -> TaskInfo."""
 
-# Bare names map to their task; built in reverse so that GLUE, listed first, wins "rte".
+# Bare names map to their task; built in reverse so that GLUE, listed first, wins "rte" (and the classification
+# tasks win their names over their gen/ text-to-text forms, which keep only their full names).
 _LOOKUP: dict[str, str] = {n.split("/", 1)[1]: n for n in reversed(TASKS)} | {n: n for n in TASKS}
 
 
@@ -288,7 +364,9 @@ def _to_label(info: TaskInfo, raw: Any) -> int | float | None:
     return value
 
 
-def _to_example(info: TaskInfo, row: dict[str, Any]) -> Example:
+def _to_example(info: TaskInfo, row: dict[str, Any]) -> Row:
+    if info.generation is not None:
+        return info.generation.example(row)
     text, pair = info.format(row)
     return {"text": text, "text_pair": pair, "label": _to_label(info, row.get("label"))}
 
@@ -319,7 +397,7 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         yield i, row
 
 
-def _read_local(info: TaskInfo, path: Path) -> list[Example]:
+def _read_local(info: TaskInfo, path: Path) -> list[Row]:
     rows = _read_jsonl(path) if path.suffix == ".jsonl" else _read_tsv(path, info)
     examples = []
     for line, row in rows:
@@ -343,7 +421,7 @@ def _hub_offline() -> str | None:
     return None
 
 
-def _load(info: TaskInfo, split: str, data_dir: str | os.PathLike[str] | None) -> tuple[list[Example], str]:
+def _load(info: TaskInfo, split: str, data_dir: str | os.PathLike[str] | None) -> tuple[list[Row], str]:
     """Load one split, local copy first, then the hub; returns the examples and where they came from."""
     root = _data_root(data_dir)
     if root is None:
@@ -374,7 +452,7 @@ def _load(info: TaskInfo, split: str, data_dir: str | os.PathLike[str] | None) -
     raise TaskDataError(f"cannot load {info.name} split {split!r}: {local}; Hugging Face hub {hub}: {reason}")
 
 
-def load_task(name: str, split: str, data_dir: str | os.PathLike[str] | None = None) -> list[Example]:
+def load_task(name: str, split: str, data_dir: str | os.PathLike[str] | None = None) -> list[Row]:
     """Load an official split (``train``, ``dev`` or ``test``; ``validation`` is an alias of ``dev``).
 
     The official test split is unlabelled (``label`` is ``None``); use ``make_splits`` for evaluation.
@@ -385,9 +463,9 @@ def load_task(name: str, split: str, data_dir: str | os.PathLike[str] | None = N
 class Splits(NamedTuple):
     """Train / model-selection / evaluation sets of one run."""
 
-    train: list[Example]
-    dev: list[Example]
-    test: list[Example]
+    train: list[Row]
+    dev: list[Row]
+    test: list[Row]
 
 
 def make_splits(
@@ -417,7 +495,7 @@ def make_splits(
         raise PeftlabError(f"dev_size must be >= 0, got {dev_size}")
     pool, source = _load(info, "train", data_dir)
     test = _load(info, "dev", data_dir)[0]
-    if any(ex["label"] is None for ex in pool):
+    if any(ex.get("label", 0) is None for ex in pool):
         raise TaskDataError(f"{info.name}: the train set at {source} has unlabelled examples")
     n_dev = min(1000, len(pool) // 2) if dev_size is None else dev_size
     available = len(pool) - n_dev
@@ -474,6 +552,22 @@ def _user_label(raw: Any, label_names: Sequence[str] | None) -> int | float:
     return value
 
 
+def _user_rows(path: Path, columns: Sequence[str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """The rows of a user's ``.csv``, ``.tsv`` or ``.jsonl`` file with their line numbers; each must have
+    ``columns``."""
+    suffix = path.suffix.lower()
+    if suffix not in {".csv", ".tsv", ".jsonl"}:
+        raise TaskDataError(f"unsupported file type {suffix or '(none)'!r} for {path}; use .csv, .tsv or .jsonl")
+    if not path.is_file():
+        raise TaskDataError(f"user data file not found: {path}")
+    rows = _read_jsonl(path) if suffix == ".jsonl" else _read_csv(path, "\t" if suffix == ".tsv" else ",")
+    for line, row in rows:
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise TaskDataError(f"{path}:{line}: missing column(s) {missing}; columns present: {sorted(map(str, row))}")
+        yield line, row
+
+
 def load_user_data(
     path: str | os.PathLike[str],
     text_column: str,
@@ -487,18 +581,9 @@ def load_user_data(
     are class ids; if any label is a float (``0.5``, ``1.0``), all become floats (a regression task).
     """
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix not in {".csv", ".tsv", ".jsonl"}:
-        raise TaskDataError(f"unsupported file type {suffix or '(none)'!r} for {path}; use .csv, .tsv or .jsonl")
-    if not path.is_file():
-        raise TaskDataError(f"user data file not found: {path}")
-    rows = _read_jsonl(path) if suffix == ".jsonl" else _read_csv(path, "\t" if suffix == ".tsv" else ",")
     columns = [c for c in (text_column, text_pair_column, label_column) if c is not None]
     examples: list[Example] = []
-    for line, row in rows:
-        missing = [c for c in columns if c not in row]
-        if missing:
-            raise TaskDataError(f"{path}:{line}: missing column(s) {missing}; columns present: {sorted(map(str, row))}")
+    for line, row in _user_rows(path, columns):
         texts = [row[text_column], row[text_pair_column] if text_pair_column else ""]
         if not all(isinstance(t, str) for t in texts):
             raise TaskDataError(f"{path}:{line}: text columns must hold strings, got {texts!r}")
@@ -513,4 +598,50 @@ def load_user_data(
     if any(isinstance(ex["label"], float) for ex in examples):
         for ex in examples:
             ex["label"] = float(ex["label"])
+    return examples
+
+
+def _chat(value: Any, where: str) -> tuple[list[dict[str, str]], str]:
+    """A ``messages`` value: a list of ``{"role", "content"}`` turns ending with the assistant's, which is the
+    response; returns the turns before it and the response."""
+    if not isinstance(value, list) or not value:
+        raise TaskDataError(f"{where}: messages must be a non-empty list of {{role, content}} objects")
+    for turn in value:
+        if not (isinstance(turn, dict) and isinstance(turn.get("role"), str) and isinstance(turn.get("content"), str)):
+            raise TaskDataError(f"{where}: each message needs string 'role' and 'content', got {turn!r}")
+    if value[-1]["role"] != "assistant" or len(value) < 2:
+        raise TaskDataError(f"{where}: messages must end with the assistant's turn (the response) after a prompt")
+    return value[:-1], value[-1]["content"]
+
+
+def load_user_responses(
+    path: str | os.PathLike[str],
+    prompt_column: str = "prompt",
+    response_column: str = "response",
+    messages_column: str | None = None,
+) -> list[GenExample]:
+    """Load a user's prompt → response file (``.csv``, ``.tsv`` or ``.jsonl``): two text columns, or (JSONL) one
+    ``messages_column`` of chat turns whose last, the assistant's, is the response. An empty response is refused:
+    there would be nothing to learn from it."""
+    path = Path(path)
+    columns = [messages_column] if messages_column else [prompt_column, response_column]
+    examples: list[GenExample] = []
+    for line, row in _user_rows(path, columns):
+        where = f"{path}:{line}"
+        if messages_column:
+            turns, response = _chat(row[messages_column], where)
+            example: GenExample = {"prompt": turns[-1]["content"], "response": response, "reference": response}
+            example["messages"] = turns
+        else:
+            prompt, response = row[prompt_column], row[response_column]
+            if not (isinstance(prompt, str) and isinstance(response, str)):
+                raise TaskDataError(
+                    f"{where}: prompt and response columns must hold strings, got {prompt!r}, {response!r}"
+                )
+            example = {"prompt": prompt, "response": response, "reference": response}
+        if not example["response"].strip():
+            raise TaskDataError(f"{where}: empty response; every example needs a response to learn")
+        examples.append(example)
+    if not examples:
+        raise TaskDataError(f"{path} contains no examples")
     return examples
