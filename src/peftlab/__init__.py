@@ -1,13 +1,14 @@
 """peftlab: parameter-efficient fine-tuning with a per-layer spec, honest counting and saved adapters."""
 
+__version__ = "0.1.0"  # first: submodules read it while the package is still importing
+
 from peftlab import methods
 from peftlab.backbone.zoo import load_model
 from peftlab.core.peft_model import PeftModel, apply
 from peftlab.core.spec import Spec
 from peftlab.errors import AdapterLoadError, PeftlabError, SpecError
 from peftlab.formats.loading import load
-
-__version__ = "0.1.0"
+from peftlab.inference import generate
 
 __all__ = [
     "AdapterLoadError",
@@ -17,6 +18,7 @@ __all__ = [
     "SpecError",
     "__version__",
     "apply",
+    "generate",
     "load",
     "load_model",
     "methods",

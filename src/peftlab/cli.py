@@ -19,6 +19,7 @@ from pathlib import Path
 from transformers.utils import logging as hf_logging
 
 from peftlab import __version__, methods
+from peftlab.atomic import write_text
 from peftlab.backbone.zoo import HEADS, MODEL_NAMES, load_model
 from peftlab.bench import BenchConfig, markdown, run
 from peftlab.bench.entries import split_top
@@ -26,6 +27,7 @@ from peftlab.core.peft_model import apply
 from peftlab.core.spec import Spec
 from peftlab.errors import AdapterLoadError, PeftlabError
 from peftlab.formats.loading import load
+from peftlab.inference import generate, language_model
 from peftlab.search import results
 from peftlab.search.dashboard import serve
 from peftlab.search.refine import refine
@@ -44,7 +46,8 @@ from peftlab.space import load_space
 from peftlab.train import RUN_FIELDS, TrainConfig, evaluate, train
 from peftlab.train.environment import library_versions
 from peftlab.train.evaluation import scoring_backbone
-from peftlab.train.tasks import get_task, make_splits
+from peftlab.train.generation import Sampling
+from peftlab.train.tasks import get_task, make_splits, read_prompts
 
 
 def _kwargs(pairs: Sequence[str]) -> dict:
@@ -122,6 +125,14 @@ def _train_config(args: argparse.Namespace, output: str | None):
         text_pair_column=args.text_pair_column,
         label_column=args.label_column,
         label_names=args.labels.split(",") if args.labels else None,
+        prompt_column=args.prompt_column,
+        response_column=args.response_column,
+        messages_column=args.messages_column,
+        eval_metric=args.eval_metric,
+        select_by=args.select_by,
+        generate_every=args.generate_every,
+        max_new_tokens=args.max_new_tokens,
+        chat_template=args.chat_template,
         score_test=args.score_test,
         stop_hopeless=args.stop_hopeless,
         cache_frozen=args.cache_frozen,
@@ -317,7 +328,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if getattr(args, flag) < 1:
             raise PeftlabError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     task = get_task(args.task)
-    model, encoder, device = scoring_backbone(args.model, task, args.max_length)
+    model, encoder, device = scoring_backbone(
+        args.model, task, args.max_length, args.chat_template, args.max_new_tokens
+    )
     try:
         pm = load(model, args.adapter)
     except AdapterLoadError as err:
@@ -328,6 +341,38 @@ def cmd_eval(args: argparse.Namespace) -> None:
     rows = make_splits(task.name, args.data_dir, dev_size=0).test
     scores = evaluate(pm, encoder, rows, args.batch_size, device)
     print(json.dumps({"task": task.name, "examples": len(rows), **scores}, indent=2))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    if (args.prompt is None) == (args.input_file is None):
+        raise PeftlabError("give one of --prompt TEXT or --input-file FILE")
+    for flag in ("batch_size", "max_new_tokens", "max_length"):
+        if getattr(args, flag) < 1:
+            raise PeftlabError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not (args.temperature > 0 and 0 < args.top_p <= 1 and args.top_k >= 0):
+        raise PeftlabError("sampling needs --temperature > 0, --top-p in (0, 1] and --top-k >= 0")
+    if args.output and Path(args.output).exists():
+        raise PeftlabError(f"--output '{args.output}' exists; choose a new file (nothing was changed)")
+    rows = (
+        [{"prompt": args.prompt, "response": "", "reference": ""}]
+        if args.prompt is not None
+        else read_prompts(args.input_file, args.prompt_column, args.messages_column)
+    )
+    model, merged = language_model(args.model, args.adapter, args.merge)
+    if args.merge:
+        logging.getLogger("peftlab").info("merged %d module(s) into the weights; the rest run unmerged", merged)
+    sampling = Sampling(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.top_k)
+    texts = generate(model, args.model, rows, sampling, args.batch_size, args.chat_template, args.max_length, args.seed)
+    if args.prompt is not None and not args.output:
+        print(texts[0])
+        return
+    lines = "".join(
+        json.dumps({"prompt": r["prompt"], "generated": t}) + "\n" for r, t in zip(rows, texts, strict=True)
+    )
+    if args.output:
+        write_text(Path(args.output), lines)
+    else:
+        sys.stdout.write(lines)
 
 
 def _trained_task(adapter: Path) -> str | None:
@@ -473,6 +518,36 @@ def _add_train_args(p: argparse.ArgumentParser, search: bool = False) -> None:
     g.add_argument("--text-pair-column", help="second text of sentence-pair tasks")
     g.add_argument("--label-column", default="label")
     g.add_argument("--labels", help="label names in class order, e.g. neg,pos (default: integer labels)")
+    g.add_argument("--prompt-column", help="a prompt → response file: the prompt column (default prompt)")
+    g.add_argument("--response-column", help="... its response column, what the loss is on (default response)")
+    g.add_argument(
+        "--messages-column",
+        help="a JSONL column of chat turns [{role, content}, ...] ending with the assistant's response, rendered "
+        "with the model's chat template",
+    )
+    g.add_argument(
+        "--eval-metric",
+        choices=["exact", "rouge", "loss"],
+        default="exact",
+        help="how a prompt → response file's generations are scored (default exact match after normalisation)",
+    )
+    g = p.add_argument_group("generation tasks (gsm8k, gen/boolq, gen/cnn_dailymail, ... and prompt → response files)")
+    g.add_argument(
+        "--select-by",
+        choices=["loss", "metric"],
+        default="loss",
+        help="choose the best evaluation by dev loss over response tokens (default; cheap) or by the generated "
+        "metric (generates at every evaluation)",
+    )
+    g.add_argument(
+        "--generate-every",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --select-by loss, also generate and score dev every N evaluations (default 0: the final model only)",
+    )
+    g.add_argument("--max-new-tokens", type=int, help="most tokens generated when scoring (default: the task's)")
+    g.add_argument("--chat-template", action="store_true", help="render prompts with the model's chat template")
 
 
 def _add_study_args(p: argparse.ArgumentParser, study: str, output: str) -> None:
@@ -674,7 +749,32 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     _add_model_task(p)
     p.add_argument("--adapter", required=True, help="a folder written by `peftlab train` (its adapter/ folder)")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, help="generation tasks: most tokens generated (default: the task's)")
+    p.add_argument("--chat-template", action="store_true", help="generation tasks: prompts through the chat template")
     p.set_defaults(fn=cmd_eval)
+
+
+def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
+    """`peftlab generate`: text from a model and a saved adapter."""
+    p = sub.add_parser("generate", help="generate text from a model, optionally with a saved adapter")
+    p.add_argument("--model", required=True, help=MODEL_NAMES)
+    p.add_argument("--adapter", help="an adapter folder (peftlab's or peft's format)")
+    p.add_argument("--merge", action="store_true", help="merge the adapter's mergeable modules into the weights first")
+    p.add_argument("--prompt", help="one prompt; the generated text is printed")
+    p.add_argument("--input-file", help="prompts, one per row (CSV, TSV or JSONL); JSON lines are written")
+    p.add_argument("--prompt-column", default="prompt")
+    p.add_argument("--messages-column", help="(JSONL) a column of chat turns to continue, via the chat template")
+    p.add_argument("--chat-template", action="store_true", help="render each prompt with the model's chat template")
+    p.add_argument("--output", help="write the JSON lines to this new file (default: standard output)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=2048, help="prompts are cut from the left to fit this")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    p.set_defaults(fn=cmd_generate)
 
 
 def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
@@ -763,6 +863,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dashboard_parser(sub)
     _add_space_parser(sub)
     _add_eval_parser(sub)
+    _add_generate_parser(sub)
     _add_bench_parser(sub)
     return parser
 

@@ -27,7 +27,8 @@ log = logging.getLogger("peftlab.train")
 
 
 class ResponseEncoder:
-    """Generative examples -> padded tensors (the :class:`peftlab.train.data.Encoder` of generative tasks). ``cut``
+    """Generative examples -> padded tensors (the :class:`peftlab.train.data.Encoder` of generative tasks; ``task``
+    None: prompts to generate from, outside any task). ``cut``
     counts the distinct examples whose prompt or response ``max_length`` cut; ``elapsed`` is the time spent
     encoding."""
 
@@ -36,7 +37,7 @@ class ResponseEncoder:
     def __init__(
         self,
         tokenizer: Any,
-        task: TaskInfo,
+        task: TaskInfo | None,
         max_length: int,
         seq2seq: bool,
         cache: TokenCache | None = None,
@@ -46,8 +47,9 @@ class ResponseEncoder:
         self.tok, self.task, self.max_length, self.seq2seq = tokenizer, task, max_length, seq2seq
         self.chat_template = chat_template
         #: the most tokens generated per prompt when scoring
-        self.max_new_tokens = max_new_tokens or (task.generation.max_new_tokens if task.generation else 64)
-        self.memo = cache.memo(tokenizer, f"{task.name}|chat={chat_template}", max_length, seq2seq) if cache else None
+        self.max_new_tokens = max_new_tokens or (task.generation.max_new_tokens if task and task.generation else 64)
+        name = task.name if task is not None else ""
+        self.memo = cache.memo(tokenizer, f"{name}|chat={chat_template}", max_length, seq2seq) if cache else None
         self.elapsed = 0.0
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = 0 if pad is None else pad

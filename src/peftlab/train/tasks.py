@@ -68,6 +68,7 @@ __all__ = [
     "load_user_data",
     "load_user_responses",
     "make_splits",
+    "read_prompts",
 ]
 
 logger = logging.getLogger(__name__)
@@ -645,3 +646,26 @@ def load_user_responses(
     if not examples:
         raise TaskDataError(f"{path} contains no examples")
     return examples
+
+
+def read_prompts(
+    path: str | os.PathLike[str], prompt_column: str = "prompt", messages_column: str | None = None
+) -> list[GenExample]:
+    """Prompts to generate from, one per row of a ``.csv``, ``.tsv`` or ``.jsonl`` file: a text column, or (JSONL) a
+    column of chat turns to continue (rendered with the model's chat template)."""
+    path = Path(path)
+    rows: list[GenExample] = []
+    for line, row in _user_rows(path, [messages_column or prompt_column]):
+        if messages_column:
+            turns = row[messages_column]
+            if not isinstance(turns, list) or not turns:
+                raise TaskDataError(f"{path}:{line}: messages must be a non-empty list of {{role, content}} objects")
+            _chat([*turns, {"role": "assistant", "content": ""}], f"{path}:{line}")
+            rows.append({"prompt": turns[-1]["content"], "response": "", "reference": "", "messages": turns})
+        else:
+            if not isinstance(row[prompt_column], str):
+                raise TaskDataError(f"{path}:{line}: the prompt column must hold strings, got {row[prompt_column]!r}")
+            rows.append({"prompt": row[prompt_column], "response": "", "reference": ""})
+    if not rows:
+        raise TaskDataError(f"{path} contains no prompts")
+    return rows
