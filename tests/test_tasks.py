@@ -47,7 +47,8 @@ def test_names_and_aliases() -> None:
     for name, info in tasks.TASKS.items():
         assert get_task(name) is info
         assert info.main_metric in info.metrics
-        assert info.num_labels == (1 if info.is_regression else len(info.label_names))
+        if not info.generative:
+            assert info.num_labels == (1 if info.is_regression else len(info.label_names))
     assert get_task("stsb").is_regression
     assert get_task("cb").num_labels == 3
 
@@ -95,8 +96,18 @@ def test_row_counts(data_dir: Path, no_hub: None, task: str, split: str, n: int)
     assert len(load_task(task, split, data_dir)) == n
 
 
-NOT_OFFLINE = {"glue/qqp", "glue/mnli", "glue/qnli"}  # README: not available offline
-LABELLED = [name for name in tasks.TASKS if name not in NOT_OFFLINE]
+NOT_OFFLINE = {"glue/qqp", "glue/mnli", "glue/qnli", "gen/cnn_dailymail", "gen/xsum"}  # README: hub only
+LABELLED = [name for name, info in tasks.TASKS.items() if name not in NOT_OFFLINE and not info.generative]
+GENERATIVE = [name for name, info in tasks.TASKS.items() if name not in NOT_OFFLINE and info.generative]
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("task", GENERATIVE)
+def test_generative_examples_are_well_formed(data_dir: Path, no_hub: None, task: str) -> None:
+    for split in ("train", "dev"):
+        for ex in load_task(task, split, data_dir):
+            assert set(ex) == {"prompt", "response", "reference"}
+            assert all(isinstance(ex[k], str) and ex[k].strip() for k in ex), ex
 
 
 @pytest.mark.real

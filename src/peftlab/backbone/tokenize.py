@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -21,8 +21,12 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 
 
 class HashTokenizer:
-    """Words -> ids in [3, vocab) by a stable hash; 0 pad, 1 start/CLS, 2 separator/EOS."""
+    """Words -> ids in [3, vocab) by a stable hash; 0 pad, 1 start/CLS, 2 separator/EOS. Decoding writes back the
+    words seen in this process (so generated text of a ``shape:`` model can be scored against words)."""
 
+    #: (vocabulary size, id) -> the first word this process saw with it: decode writes it back (ids are a function of
+    #: the word, so every tokenizer of one size shares them)
+    _words: ClassVar[dict[tuple[int, int], str]] = {}
     pad_token_id = 0
     bos_token_id = 1
     sep_token_id = 2
@@ -39,6 +43,7 @@ class HashTokenizer:
         for word in _WORD.findall(text.lower()):
             digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
             out.append(3 + int.from_bytes(digest, "little") % (self.vocab_size - 3))
+            HashTokenizer._words.setdefault((self.vocab_size, out[-1]), word)
         return out
 
     def __call__(
@@ -62,7 +67,9 @@ class HashTokenizer:
         return {"input_ids": ids, "token_type_ids": types, "attention_mask": [[1] * len(s) for s in ids]}
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        return " ".join(str(i) for i in ids if not (skip_special_tokens and i < 3))
+        """The words seen with these ids (an id not seen yet is written as ``<id>``), space-separated."""
+        words = (self._words.get((self.vocab_size, i), f"<{i}>") for i in ids if not (skip_special_tokens and i < 3))
+        return " ".join(words)
 
 
 def get_tokenizer(model_name: str, model: nn.Module):

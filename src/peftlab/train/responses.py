@@ -136,9 +136,9 @@ class ResponseEncoder:
 
     def prompts(self, rows: list[GenExample], room: int = 0) -> dict[str, torch.Tensor]:
         """The prompts of ``rows`` to generate from: decoders padded on the left and cut from the left to leave
-        ``room`` positions for the generated tokens within the model's limit."""
+        ``room`` positions for the generated tokens within the model's limit (but never to less than half of it)."""
         start = time.perf_counter()
-        limit = self.max_length if self.seq2seq else max(1, self.max_length - room)
+        limit = self.max_length if self.seq2seq else max(self.max_length - room, self.max_length // 2)
         ids = [self._prompt_ids(r)[-limit:] for r in rows]
         batch = _pad(ids, self.pad_id, left=not self.seq2seq)
         self.elapsed += time.perf_counter() - start
@@ -150,7 +150,7 @@ class ResponseEncoder:
     def report_cuts(self) -> dict[str, int]:
         """The number of distinct examples cut (and encoded: ``seen``), logged once per run when any were."""
         counts = {**{k: len(v) for k, v in self.cut.items()}, "seen": len(self.seen)}
-        if any(counts.values()):
+        if counts["prompt"] or counts["response"]:
             log.warning(
                 "max_length %d cut %d prompt(s) (from the left) and %d response(s) (from the right) of %d examples "
                 "seen; raise --max-length to keep them whole",

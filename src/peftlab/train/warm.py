@@ -117,7 +117,7 @@ class WarmStart:
     same weights finds them again)."""
 
     def __init__(self) -> None:
-        self._loaded: dict[tuple[str, int], Loaded] = {}
+        self._loaded: dict[tuple[str, int, bool], Loaded] = {}
         self._tokenizers: dict[str, Any] = {}
         self.tokens = TokenCache()
         self.frozen = FrozenCache()
@@ -126,7 +126,7 @@ class WarmStart:
 
     def backbone(self, model_name: str, task: TaskInfo) -> tuple[nn.Module, bool]:
         """The backbone for ``task``'s head, as a fresh load would give it at the current RNG state."""
-        key = (model_name, task.num_labels)
+        key = (model_name, task.num_labels, task.generative)  # the head: classifier or language model
         held = self._loaded.get(key)
         if held is not None and torch.equal(held.rng_before, torch.get_rng_state()) and held.restore():
             torch.set_rng_state(held.rng_after)
