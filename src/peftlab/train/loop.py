@@ -102,7 +102,7 @@ def _prepare_model(
         for m in model.modules():
             if isinstance(m, nn.Dropout):
                 m.p = config.dropout
-    pm = apply(model, spec) if not isinstance(model, PeftModel) else model
+    pm = model if isinstance(model, PeftModel) or foreign(model) else apply(model, spec)
     if warm is not None:
         warm.lend(model, pm)
     if config.gradient_checkpointing:
@@ -171,7 +171,7 @@ class Run:
         self.record = RunRecord(
             config=asdict(config),
             spec=spec.to_dict(),
-            counts=self.pm.counts().to_dict(),
+            counts=self.pm.counts().to_dict() if not foreign(self.pm) else _foreign_counts(self.pm),
             total_steps=self.total,
             world_size=self.world,
             device=device_name(self.device),
@@ -421,7 +421,7 @@ class Run:
         if self.state["best_state"] is not None:
             restore(self.pm, self.state["best_state"])
         if record.status != "diverged" and not _finite(
-            stored_tensors(self.pm.adapters[self.pm.active_adapter]).values()
+            _stored(self.pm)
         ):
             # finite weights can still overflow into what is stored (e.g. prefix tuning's MLP output)
             record.status, record.message = "diverged", f"non-finite adapter values after step {record.steps}"
@@ -436,11 +436,32 @@ class Run:
         record.timings = dict(self.timings)
         if self.out is not None and self.rank == 0:
             if record.status != "diverged":
-                self.pm.save(self.out / "adapter", overwrite=True)
+                if foreign(self.pm):
+                    self.pm.save_pretrained(self.out / "adapter")
+                else:
+                    self.pm.save(self.out / "adapter", overwrite=True)
             record.save(self.out / "record.json")
             if self.ckpt is not None and record.status != "diverged":
                 shutil.rmtree(self.ckpt, ignore_errors=True)
         return record
+
+
+def foreign(model: nn.Module) -> bool:
+    """A model the ``peft`` library made trainable (its PeftModel): trained as it is, counted by its trainable
+    parameters and saved by its own ``save_pretrained``. The benchmarks train peft's methods by this loop so that
+    the two libraries differ in nothing else."""
+    return hasattr(model, "peft_config") and not isinstance(model, PeftModel)
+
+
+def _foreign_counts(model: nn.Module) -> dict[str, int]:
+    return {"trainable": sum(p.numel() for _, p in trainable(model))}
+
+
+def _stored(pm: nn.Module) -> Iterable[torch.Tensor]:
+    """What the adapter file will hold."""
+    if foreign(pm):
+        return [p for _, p in trainable(pm)]
+    return stored_tensors(pm.adapters[pm.active_adapter]).values()
 
 
 def _finite(tensors: Iterable[torch.Tensor]) -> bool:

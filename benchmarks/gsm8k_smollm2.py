@@ -1,0 +1,171 @@
+"""SmolLM2-135M-Instruct (the packaged GGUF) fine-tuned on GSM8K by each method at one budget, scored by exact match
+of the final number it generates on a fixed subset of the test split; `peft`'s own LoRA trained by the same loop as a
+side-by-side row, and the base model zero-shot on the same prompt.
+
+    python benchmarks/gsm8k_smollm2.py run            # every row not done yet, each in a fresh process
+    python benchmarks/gsm8k_smollm2.py run --rows base lora
+    python benchmarks/gsm8k_smollm2.py report         # results/gsm8k_smollm2.md from the rows' JSON
+
+Budget (one CPU thread per row): 60 optimiser steps of batch 4 (240 of the TRAIN examples drawn with data seed 0),
+max length 320 tokens (no GSM8K example is cut), the method's default learning rate (peftlab's, from its paper), and
+the dev loss on 100 held-out training examples every 20 steps selects the state; then greedy generation (at most 160
+new tokens) on the first TEST examples of GSM8K's test split, the same prompt for every row. Peak memory is the row
+process's peak RSS; tokens/s counts non-padding training tokens over training time. Resumable: each finished row is
+a JSON file in results/gsm8k_smollm2/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "results" / "gsm8k_smollm2"
+REPORT = HERE / "results" / "gsm8k_smollm2.md"
+ROWS = ("base", "lora", "peft-lora", "dora", "ia3", "prompt", "prefix", "pfeiffer", "unipelt", "full")
+TEST = 200  # test examples scored: a binomial sigma of sqrt(p(1-p)/200), 1.5 points at p = 5%
+TRAIN = 1000  # training examples drawn (data seed 0); 60 steps x 4 see 240 of them
+SETTINGS = {
+    "model": "smollm2-135m",
+    "task": "gsm8k",
+    "k": TRAIN,
+    "dev_size": 100,
+    "max_steps": 60,
+    "batch_size": 4,
+    "eval_every": 20,
+    "max_length": 320,
+    "max_new_tokens": 160,
+    "eval_batch_size": 8,
+    "score_test": False,
+    "progress": False,
+}
+
+
+def _peft_lora(model):
+    """peft's LoRA with peftlab's lora() defaults: r 8, alpha 16, query and value, no dropout."""
+    import peft
+
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    return peft.get_peft_model(model, config)
+
+
+def run_row(name: str, data_dir: str) -> dict:
+    """Train (unless ``base``) and score one row in this process."""
+    import torch
+
+    from peftlab import methods
+    from peftlab.memory import peak_rss
+    from peftlab.train import TrainConfig
+    from peftlab.train.data import load_for_task, task_splits
+    from peftlab.train.generation import Sampling, generate_texts, response_loss
+    from peftlab.train.generative import score_texts
+    from peftlab.train.loop import Run
+
+    torch.manual_seed(0)
+    config = TrainConfig(data_dir=data_dir, **SETTINGS)
+    start = time.perf_counter()
+    # base: LoRA as initialised (B = 0), which leaves every output of the backbone exactly as it was
+    spec = methods.get("lora" if name in ("base", "peft-lora") else name)
+    model = None
+    if name == "peft-lora":
+        task, _ = task_splits(config)
+        model = _peft_lora(load_for_task(config.model, task)[0])
+        config.lr = spec.default_lr()
+    run = Run(spec, config, model)
+    if name == "base":
+        record = {"steps": 0, "tokens_per_s": None, "train_s": 0.0, "lr": None, "best_step": None}
+    else:
+        run.loop(None)
+        rec = run.finish()
+        record = {
+            "steps": rec.steps,
+            "tokens_per_s": rec.tokens_per_s,
+            "train_s": rec.timings["train_s"],
+            "lr": rec.config["lr"],
+            "best_step": rec.best["step"],
+            "trainable": rec.counts.get("trainable"),
+        }
+    batch, rows = config.eval_batch_size, run.splits.test[:TEST]
+    dev_loss = response_loss(run.pm, run.encoder, run.splits.dev, batch, run.device)
+    scoring = time.perf_counter()
+    test_loss = response_loss(run.pm, run.encoder, rows, batch, run.device)
+    texts = generate_texts(run.pm, run.encoder, rows, batch, run.device, Sampling(config.max_new_tokens))
+    p = score_texts("number", texts, [r["reference"] for r in rows])["exact_match"]
+    shown = [
+        {"question": r["prompt"], "generated": t, "reference": r["reference"]} for r, t in zip(rows, texts, strict=True)
+    ]
+    return {
+        "row": name,
+        **record,
+        "dev_loss": dev_loss,
+        "test_loss": test_loss,
+        "exact_match": p,
+        "sigma": math.sqrt(p * (1 - p) / TEST),
+        "test_examples": TEST,
+        "score_s": time.perf_counter() - scoring,
+        "wall_s": time.perf_counter() - start,
+        "peak_rss_bytes": peak_rss(),
+        "generations": shown,
+        "settings": SETTINGS,
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def cmd_row(args: argparse.Namespace) -> None:
+    result = run_row(args.name, args.data_dir)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for name in args.rows:
+        if (OUT / f"{name}.json").is_file():
+            continue
+        print(time.strftime("%H:%M"), "row", name, flush=True)
+        cmd = [sys.executable, __file__, "row", name, "--data-dir", args.data_dir]
+        subprocess.run(cmd, env=env, check=True)
+
+
+def cmd_report(_: argparse.Namespace) -> None:
+    rows = [json.loads((OUT / f"{n}.json").read_text()) for n in ROWS if (OUT / f"{n}.json").is_file()]
+    lines = [
+        "| row | lr | trainable | exact match (± σ) | dev loss | test loss | train tokens/s | peak RSS GiB | "
+        "train min | score min |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        tps = f"{r['tokens_per_s']:.0f}" if r["tokens_per_s"] else "-"
+        lines.append(
+            f"| {r['row']} | {r['lr'] or '-'} | {r.get('trainable') or '-'} | "
+            f"{100 * r['exact_match']:.1f} ± {100 * r['sigma']:.1f} | {r['dev_loss']:.3f} | {r['test_loss']:.3f} | "
+            f"{tps} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['train_s'] / 60:.1f} | {r['score_s'] / 60:.1f} |"
+        )
+    REPORT.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
+    p.add_argument("--data-dir", default=os.environ.get("PEFTLAB_DATA_DIR", "../shared/data"))
+    p.set_defaults(fn=cmd_run)
+    p = sub.add_parser("row")
+    p.add_argument("name", choices=ROWS)
+    p.add_argument("--data-dir", required=True)
+    p.set_defaults(fn=cmd_row)
+    sub.add_parser("report").set_defaults(fn=cmd_report)
+    args = parser.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
