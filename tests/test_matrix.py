@@ -98,3 +98,51 @@ def test_wrong_base_is_refused(shape: str, head: str, tmp_path) -> None:
     different = make_model("tiny-bert" if shape != "tiny-bert" else "tiny-roberta", "seq-cls")
     with pytest.raises(AdapterLoadError, match="different base model"):
         peftlab.load(different, tmp_path / "a")
+
+
+#: the backbones that generate: Llama and GPT-2 language models, T5 text-to-text
+GENERATORS = [(shape, head) for shape, head in BACKBONES if head in ("causal-lm", "seq2seq")]
+GENERATION_CASES = [
+    pytest.param(shape, head, name, id=f"{shape}-{name}")
+    for shape, head in GENERATORS
+    for name in methods.METHODS
+    if _applicable(shape, head, name)
+]
+
+
+def _generate(pm, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens and the logits they were chosen from (the KV cache on, as generation runs it)."""
+    out = pm.generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4, do_sample=False,
+        output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None,
+    )  # fmt: skip
+    return out.sequences, torch.stack(out.logits, 1)
+
+
+@pytest.mark.parametrize(("shape", "head", "name"), GENERATION_CASES)
+def test_method_generation_contract(shape: str, head: str, name: str, tmp_path) -> None:
+    """The generation row: identity at init, a changed adapter changes what is generated, merged generations are the
+    unmerged ones, and a saved adapter generates the same after loading."""
+    model = make_model(shape, head)
+    batch = make_batch(model)
+    batch["attention_mask"] = batch["attention_mask"].flip(1)  # decoders generate from left-padded prompts
+    batch.pop("decoder_input_ids", None)
+    base_ids, base_logits = _generate(model, batch)
+    pm = peftlab.apply(model, methods.get(name))
+    ids, _ = _generate(pm, batch)
+    if name not in NOT_IDENTITY:
+        assert torch.equal(ids, base_ids)
+    _perturb(pm)
+    tuned_ids, tuned_logits = _generate(pm, batch)
+    if name != "full":
+        assert not torch.allclose(tuned_logits, base_logits, atol=1e-4), "a changed adapter must change generation"
+    pm.merge()
+    merged_ids, merged_logits = _generate(pm, batch)
+    assert torch.equal(merged_ids, tuned_ids)
+    torch.testing.assert_close(merged_logits, tuned_logits, rtol=1e-4, atol=1e-4)
+    pm.unmerge()
+    pm.save(tmp_path / "adapter")
+    loaded = peftlab.load(make_model(shape, head), tmp_path / "adapter")
+    loaded_ids, loaded_logits = _generate(loaded, batch)
+    assert torch.equal(loaded_ids, tuned_ids)
+    torch.testing.assert_close(loaded_logits, tuned_logits, rtol=1e-5, atol=1e-5)
