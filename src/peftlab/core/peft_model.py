@@ -7,8 +7,10 @@ named adapters can be attached; one is active at a time.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import re
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -87,6 +89,15 @@ class PeftModel(nn.Module):
         self.set_adapter(adapter_name)
 
     # -- plumbing ----------------------------------------------------------------------------------
+    def __setattr__(self, name: str, value: Any) -> None:
+        """A forward patched onto the wrapper (TRL's fused LM head patches the model it is given) goes onto the
+        backbone, as it does for a peft model: the wrapper's forward only calls the backbone, whose hooks (prompts,
+        adapters) must run before any forward of it, patched or not."""
+        if name == "forward" and isinstance(value, types.MethodType) and value.__self__ is self:
+            self.base_model.forward = _patched(value.__func__, self.base_model)
+            return
+        super().__setattr__(name, value)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -304,8 +315,30 @@ class PeftModel(nn.Module):
         return saving.write_folder(Path(directory), _FORMATS[format](self, name), overwrite)
 
 
+#: set while a forward patched onto a backbone runs (see PeftModel.__setattr__)
+_IN_PATCH: contextvars.ContextVar[bool] = contextvars.ContextVar("peftlab_in_patch", default=False)
+
+
 def _call(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The wrapper's forward: the backbone's, hooks included. Called back from a patched forward (as its "original
+    forward"), the hooks have already run: the backbone's own forward then."""
+    if _IN_PATCH.get():
+        return type(model).forward(model, *args, **kwargs)
     return model(*args, **kwargs)
+
+
+def _patched(func: Callable[..., Any], model: nn.Module) -> Callable[..., Any]:
+    """``func`` (written against the wrapper) as the backbone's forward, marking its run for :func:`_call`."""
+
+    @functools.wraps(type(model).forward)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        token = _IN_PATCH.set(True)
+        try:
+            return func(model, *args, **kwargs)
+        finally:
+            _IN_PATCH.reset(token)
+
+    return forward
 
 
 def apply(model: nn.Module, spec: Spec, adapter_name: str = "default") -> PeftModel:

@@ -420,9 +420,7 @@ class Run:
             record.status = "early-stopped" if record.steps < self.total else "completed"
         if self.state["best_state"] is not None:
             restore(self.pm, self.state["best_state"])
-        if record.status != "diverged" and not _finite(
-            _stored(self.pm)
-        ):
+        if record.status != "diverged" and not _finite(_stored(self.pm)):
             # finite weights can still overflow into what is stored (e.g. prefix tuning's MLP output)
             record.status, record.message = "diverged", f"non-finite adapter values after step {record.steps}"
         if record.status != "diverged" and self.config.score_test:
