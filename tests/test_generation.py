@@ -252,3 +252,34 @@ def test_generate_matches_model_generate() -> None:
     out = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
                       pad_token_id=0, eos_token_id=2)  # fmt: skip
     assert text == tok.decode(out[0, ids.shape[1] :].tolist()).strip()
+
+
+# -- search and bench ---------------------------------------------------------------------------------------------
+
+
+def test_search_on_a_generation_task(tmp_path, capsys) -> None:
+    """Trials are chosen by dev loss; no credit below the base model's loss (the reference point's score)."""
+    out = tmp_path / "search"
+    argv = ["search", "--model", "shape:tiny-llama", "--task", "gsm8k", "--trials", "3", "--max-steps", "2", "--k", "8",
+            "--dev-size", "4", "--batch-size", "4", "--max-length", "64", "--max-new-tokens", "2", "--sampler",
+            "random", "--output", str(out), "--no-plots", "--no-progress", "--data-dir", _data_dir()]  # fmt: skip
+    assert main(argv) == 0
+    trials = json.loads((out / "results" / "trials.json").read_text())
+    done = [t for t in trials if t["status"] == "completed"]
+    assert done and all(t["score"] < 0 for t in done)  # minus the dev loss
+    ref = json.loads((out / "results" / "pareto.json").read_text())["ref_point"][0]
+    assert ref < 0 and all(t["score"] > ref - 0.05 for t in done)  # the untrained model's -loss, near every trial's
+
+
+def test_bench_generative_batches() -> None:
+    from peftlab.bench import padded_batch
+
+    config = make_model("tiny-llama", "causal-lm").config
+    batch = padded_batch(config, batch=3, seq=10, seed=0, response=4)
+    assert batch["input_ids"].shape == (3, 14)
+    answered = (batch["labels"] != -100).sum(1)
+    assert answered.tolist() == [4, 4, 4]  # the loss is on each row's 4 response tokens only
+    first = batch["labels"][0].tolist()
+    assert first[:10] == [-100] * 10 and first[10:] == batch["input_ids"][0, 10:].tolist()
+    t5 = padded_batch(make_model("tiny-t5", "seq2seq").config, batch=3, seq=10, seed=0, response=4)
+    assert t5["labels"].shape == (3, 4) and t5["input_ids"].shape == (3, 10)

@@ -393,6 +393,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         output=args.output,
         batch=args.batch,
         seq=args.seq,
+        response=args.response,
         repeats=args.repeats,
         warmup=args.warmup,
         rounds=args.rounds,
@@ -802,6 +803,13 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", required=True, help="folder for bench.md, bench.csv, bench.json and bench.png")
     p.add_argument("--batch", type=int, default=8, help="sequences per batch")
     p.add_argument("--seq", type=int, default=128, help="padded length; rows get random lengths up to it")
+    p.add_argument(
+        "--response",
+        type=int,
+        metavar="N",
+        help="generative batches: N response tokens after each prompt of up to --seq, the loss on them only (decoders "
+        "as language models, T5 with N-token targets); default: a task head's batch",
+    )
     p.add_argument("--repeats", type=int, default=10, help="timed iterations per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations before them")
     p.add_argument(

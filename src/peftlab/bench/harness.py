@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from peftlab import methods, optional
 from peftlab.backbone.anatomy import model_type_facts
@@ -56,6 +57,8 @@ class BenchConfig:
     task: str | None = None
     data_dir: str | None = None
     seed: int = 0
+    #: generative batches: this many response tokens after each prompt (the loss is on them only); None: a task head
+    response: int | None = None
 
     def entries(self) -> list[Entry]:
         """The rows after the floor: ``--methods`` then ``--methods-file``, full fine-tuning first unless listed or
@@ -69,7 +72,14 @@ class BenchConfig:
             found.insert(0, Entry(label=FULL, method=FULL))
         return found
 
+    def width(self, model: nn.Module) -> int:
+        """The padded length of a batch's rows: the prompt plus, for a decoder's generative batch, its response."""
+        seq2seq = getattr(model.config, "is_encoder_decoder", False)
+        return self.seq + (self.response or 0 if not seq2seq else 0)
+
     def check(self) -> None:
+        if self.response is not None and self.response < 1:
+            raise PeftlabError(f"--response must be >= 1 token, got {self.response}")
         if not self.methods and self.methods_file is None:
             every = [*methods.METHODS, *methods.MODEL_METHODS]
             raise PeftlabError(f"give at least one method (one of: {', '.join(every)})")
@@ -101,7 +111,7 @@ class BenchConfig:
         parts += ["--output", self.output]
         for f in ("batch", "seq", "repeats", "warmup", "rounds", "threads", "device", "dtype", "seed"):
             parts += [f"--{f}", str(getattr(self, f))]
-        for f in ("methods_file", "score_steps", "task", "data_dir"):
+        for f in ("methods_file", "score_steps", "task", "data_dir", "response"):
             if getattr(self, f) is not None:
                 parts += [f"--{f.replace('_', '-')}", str(getattr(self, f))]
         flags = (["--compare-peft"] if self.compare_peft else []) + ([] if self.full else ["--no-full"])
@@ -128,7 +138,10 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
 
     Every spec is applied here first, so a method the model cannot take fails before any process starts."""
     probe = load_model(config.model, meta=True)
-    head = model_type_facts(probe.config.model_type).task_head
+    facts_of = model_type_facts(probe.config.model_type)
+    if config.response and facts_of.architecture == "encoder":
+        raise PeftlabError(f"--response needs a model that generates; {config.model} is an encoder")
+    head = facts_of.default_head if config.response else facts_of.task_head
     limit = input_limit(probe, sys.maxsize)  # the position table, or no limit
     base = dict(
         model=config.model,
@@ -141,6 +154,7 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
         device=config.device,
         dtype=config.dtype,
         seed=config.seed,
+        response=config.response,
     )
     plans: dict[str, MethodPlan] = {FLOOR: _floor_plan(config, head, base)}
     for entry in config.entries():
@@ -148,13 +162,13 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
         spec = entry.make(probe_model)
         pm = apply(probe_model, spec)
         extra = spec.added_length()
-        if config.seq + extra > limit:
+        if config.seq + (config.response or 0) + extra > limit:
             raise PeftlabError(
                 f"--seq {config.seq}{f' plus the {extra} prompt tokens' if extra else ''} exceeds "
                 f"the {limit} positions of {config.model}; use a smaller --seq"
             )
         mergeable = any(m.mergeable for _, m in pm.adapters[pm.active_adapter].peft_modules())
-        predicted, note = flops.predict(pm, config.batch, config.seq)
+        predicted, note = flops.predict(pm, config.batch, config.width(probe))
         p = MethodPlan(
             spec=spec.to_dict(),
             counts=pm.counts().to_dict(),
@@ -178,7 +192,7 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
         "head": head,
         "backbone_params": plans[FLOOR].counts["backbone_params"],
     }
-    batch = padded_batch(probe.config, config.batch, config.seq, config.seed + 1)
+    batch = padded_batch(probe.config, config.batch, config.seq, config.seed + 1, config.response)
     facts |= {
         "tokens": count_tokens(batch),
         "padded_tokens": batch["attention_mask"].numel(),
@@ -190,7 +204,7 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
 def _floor_plan(config: BenchConfig, head: str, base: dict[str, Any]) -> MethodPlan:
     """The frozen floor: no adapter (every count 0), its FLOPs, a training and an inference job (``spec=None``)."""
     backbone = Backbone(load_model(config.model, head=head, meta=True))
-    predicted, note = flops.predict_floor(backbone, config.batch, config.seq)
+    predicted, note = flops.predict_floor(backbone, config.batch, config.width(backbone.model))
     return MethodPlan(
         spec=None,
         counts=Counts(backbone_params=backbone.params, method=FLOOR).to_dict(),

@@ -53,6 +53,7 @@ class Job:
     data_dir: str | None = None
     score_steps: int | None = None
     round: int = 0
+    response: int | None = None  # generative batches: response tokens after each prompt (bench.batch.padded_batch)
 
     @property
     def label(self) -> str:
@@ -138,7 +139,9 @@ def measure(job: Job) -> dict[str, Any]:
         return _score(job)
     device = torch.device(job.device)
     model = _build(job, device)
-    batch = {k: v.to(device) for k, v in padded_batch(model.config, job.batch, job.seq, job.seed + 1).items()}
+    batch = {
+        k: v.to(device) for k, v in padded_batch(model.config, job.batch, job.seq, job.seed + 1, job.response).items()
+    }
     out: dict[str, Any] = {
         "pid": os.getpid(),
         "job": asdict(job),

@@ -65,7 +65,8 @@ class Adapter(nn.Module):
 class PeftModel(nn.Module):
     """A backbone plus named adapters. Forward, ``generate`` and attribute access go to the backbone."""
 
-    def __init__(self, model: nn.Module, spec: Spec, adapter_name: str = "default") -> None:
+    def __init__(self, model: nn.Module, spec: Spec | None, adapter_name: str = "default") -> None:
+        """``spec`` None: the wrapper without an adapter yet (what counting attaches adapters to, one at a time)."""
         super().__init__()
         if isinstance(model, PeftModel):
             raise SpecError("this model already has peftlab adapters; use add_adapter() to add another")
@@ -85,8 +86,9 @@ class PeftModel(nn.Module):
         # Trainer and other tools inspect forward's signature: show the backbone's.
         self.forward = functools.wraps(model.forward)(functools.partial(_call, model))
         self.train(model.training)
-        self.add_adapter(adapter_name, spec)
-        self.set_adapter(adapter_name)
+        if spec is not None:
+            self.add_adapter(adapter_name, spec)
+            self.set_adapter(adapter_name)
 
     # -- plumbing ----------------------------------------------------------------------------------
     def __setattr__(self, name: str, value: Any) -> None:

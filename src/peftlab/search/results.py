@@ -25,6 +25,7 @@ from peftlab.search.holdout import trial_test
 from peftlab.search.pareto import hypervolume_history
 from peftlab.search.study import definition_of, finished_points, pareto_trials, trial_rows
 from peftlab.train import RunRecord, TrainConfig, train
+from peftlab.train.metrics import oriented
 
 
 def ref_point(study: optuna.Study) -> tuple[float, float]:
@@ -75,7 +76,7 @@ def front_table(study: optuna.Study) -> str:
     for t in pareto_trials(study):
         test = trial_test(attrs, t) or {}
         main = (t.user_attrs.get("dev") or {}).get("metric")
-        shown = f"{test[main]:.4f}" if main in test else "-"
+        shown = f"{oriented(main, test[main]):.4f}" if main in test else "-"
         params = " ".join(f"{k}={v}" for k, v in t.params.items())
         lines.append(f"{t.number:>5}  {t.values[0]:>9.4f}  {t.values[1]:>9.4f}  {shown:>8}  {params}")
     return "\n".join(lines)
@@ -241,7 +242,7 @@ def retrain(
             if record.status == "diverged" or not record.test:
                 continue
             metric = record.best["metric"]
-            scores.append(record.test[metric])
+            scores.append(oriented(metric, record.test[metric]))
             devs.append(record.best["score"])
             times.append(record.wall_time_s)
         rows.append(

@@ -51,7 +51,9 @@ from peftlab.space import Backbone, SearchSpace, load_space
 from peftlab.train import RUN_FIELDS, TrainConfig, train
 from peftlab.train.baseline import constant_scores
 from peftlab.train.data import task_splits
-from peftlab.train.tasks import get_task
+from peftlab.train.evaluation import scoring_backbone
+from peftlab.train.generation import response_loss
+from peftlab.train.tasks import TaskInfo, get_task
 from peftlab.train.warm import WarmStart
 
 #: Objectives a search can have and their directions; ``score`` and ``stored`` are always the first two.
@@ -453,8 +455,21 @@ def _with_defaults(train: dict[str, Any]) -> dict[str, Any]:
 def constant_score(config: SearchConfig) -> float:
     """The dev score of the best constant prediction, on the dev split the search's trials build: a configuration
     scoring no more has learned nothing. 0 when there is no dev split (the trials' score is then minus the loss)."""
-    task, splits = task_splits(TrainConfig(model=config.model, task=config.task, **config.train))
+    train = TrainConfig(model=config.model, task=config.task, **config.train)
+    task, splits = task_splits(train)
+    if task.generative:
+        return _untrained_score(train, task, splits.dev)
     return float(constant_scores(task, splits.dev)[task.main_metric]) if splits.dev else 0.0
+
+
+def _untrained_score(train: TrainConfig, task: TaskInfo, dev: list) -> float:
+    """A generative task's score of learning nothing: the base model's (minus its dev loss per response token when
+    trials are chosen by loss; 0 exact match or ROUGE when by generation, which an untrained model can score above)."""
+    by_loss = train.select_by == "loss" or task.generation.scoring == "loss"
+    if not by_loss or not dev:
+        return 0.0
+    model, encoder, device = scoring_backbone(train.model, task, train.max_length, train.chat_template)
+    return -response_loss(model, encoder, dev, train.eval_batch_size, device)
 
 
 def default_ref_point(space: SearchSpace, config: SearchConfig) -> list[float]:

@@ -12,7 +12,7 @@ from torch import nn
 from peftlab.backbone.anatomy import anatomy_for, find_blocks, find_head
 from peftlab.backbone.zoo import load_model
 from peftlab.core.hooks import HookRegistry
-from peftlab.core.peft_model import PeftModel, apply
+from peftlab.core.peft_model import PeftModel
 from peftlab.core.spec import Spec
 from peftlab.modules import BuildContext, Dims, Settings
 from peftlab.space.strategies import Strategy
@@ -82,7 +82,7 @@ class Backbone:
 
     @functools.cached_property
     def _peft(self) -> PeftModel:
-        return apply(self.model, Spec())
+        return PeftModel(self.model, None)
 
     def percents(self, spec: Spec) -> dict[str, float]:
         """``{"trainable": %, "stored": %}`` of a whole spec (head included) as % of the backbone's parameters."""

@@ -34,6 +34,7 @@ from peftlab.train.environment import default_device, device_name, library_versi
 from peftlab.train.evaluation import evaluate
 from peftlab.train.frozen import FrozenCache, FrozenPrefix
 from peftlab.train.generation import samples
+from peftlab.train.metrics import oriented
 from peftlab.train.parallel import all_reduce, dist_setup, is_main
 from peftlab.train.tasks import Example, Row
 from peftlab.train.warm import WarmStart
@@ -278,7 +279,7 @@ class Run:
             return True
         metric = self._selection_metric()
         scores = self._score(dev, generate=self._generates(len(record.evaluations) + 1)) if dev else {}
-        main = (-scores[metric] if metric == "loss" else scores[metric]) if metric in scores else -loss
+        main = oriented(metric, scores[metric]) if metric in scores else -loss
         record.evaluations.append({"step": step, "train_loss" if "loss" in scores else "loss": loss, **scores})
         better = record.best is None or main > record.best["score"]
         if better:

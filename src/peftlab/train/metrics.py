@@ -23,6 +23,7 @@ __all__ = [
     "f1",
     "macro_f1",
     "matthews_corr",
+    "oriented",
     "pearson",
     "spearman",
 ]
@@ -156,3 +157,9 @@ def compute(task_metrics: Sequence[str], preds: ArrayLike, labels: ArrayLike) ->
         p = scores.argmax(axis=-1) if scores.ndim == 2 else scores
         out[name] = METRICS[name](p, labels)
     return out
+
+
+def oriented(name: str, value: float) -> float:
+    """A metric as a score, higher is better: minus the loss (a generative task chosen by its dev loss), any other
+    metric as it is. Model selection, searches and their tables compare these."""
+    return -value if name == "loss" else value
