@@ -283,3 +283,17 @@ def test_bench_generative_batches() -> None:
     assert first[:10] == [-100] * 10 and first[10:] == batch["input_ids"][0, 10:].tolist()
     t5 = padded_batch(make_model("tiny-t5", "seq2seq").config, batch=3, seq=10, seed=0, response=4)
     assert t5["labels"].shape == (3, 4) and t5["input_ids"].shape == (3, 10)
+
+
+def test_gradient_checkpointing_on_a_decoder_changes_nothing(tmp_path) -> None:
+    """Recomputing each block in the backward pass saves memory, not results (dropout off)."""
+    data = _constant_task(tmp_path)
+
+    def run(checkpointing: bool) -> list[float]:
+        config = TrainConfig(
+            model="shape:tiny-llama", task="c", train_file=data, response_column="response", dev_size=8, max_steps=4,
+            eval_every=2, batch_size=8, dropout=0.0, gradient_checkpointing=checkpointing, progress=False, lr=1e-2,
+        )  # fmt: skip
+        return [e["loss"] for e in train(methods.get("lora", targets="all-linear"), config).evaluations]
+
+    assert run(True) == pytest.approx(run(False), rel=1e-5)
