@@ -9,11 +9,13 @@ from peftlab.core.spec import Spec
 from peftlab.errors import AdapterLoadError, PeftlabError, SpecError
 from peftlab.formats.loading import load
 from peftlab.inference import generate
+from peftlab.train.generation import Sampling
 
 __all__ = [
     "AdapterLoadError",
     "PeftModel",
     "PeftlabError",
+    "Sampling",
     "Spec",
     "SpecError",
     "__version__",
