@@ -297,3 +297,43 @@ def test_gradient_checkpointing_on_a_decoder_changes_nothing(tmp_path) -> None:
         return [e["loss"] for e in train(methods.get("lora", targets="all-linear"), config).evaluations]
 
     assert run(True) == pytest.approx(run(False), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("rows", "flags", "message"),
+    [
+        ([{"question": "a", "response": "b"}] * 6, ["--response-column", "response"], "missing column(s) ['prompt']"),
+        ([{"prompt": "a", "response": ""}] * 6, ["--response-column", "response"], "empty response"),
+        (
+            [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}] * 6,
+            ["--messages-column", "messages"],
+            "no chat template",
+        ),
+        ([{"prompt": "a", "response": "b"}] * 6, ["--response-column", "response", "--select-by", "x"], None),
+    ],
+    ids=["missing-column", "empty-response", "no-chat-template", "bad-select-by"],
+)
+def test_generative_bad_input_is_one_line(rows, flags, message, tmp_path, capsys) -> None:
+    data = _write_jsonl(tmp_path / "d.jsonl", rows)
+    argv = ["train", "--model", "shape:tiny-llama", "--task", "t", "--train-file", data, "--method", "lora",
+            "--max-steps", "1", "--output", str(tmp_path / "run"), "--no-progress", *flags]  # fmt: skip
+    if message is None:  # argparse refuses a choice outside the list before anything runs
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2
+        return
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_generative_file_not_utf8(tmp_path, capsys) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'{"prompt": "caf\xe9", "response": "b"}\n' * 6)
+    argv = ["train", "--model", "shape:tiny-llama", "--task", "t", "--train-file", str(data), "--response-column",
+            "response", "--method", "lora", "--max-steps", "1", "--no-progress", "--output",
+            str(tmp_path / "run")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "UTF-8" in err

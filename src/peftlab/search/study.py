@@ -50,7 +50,7 @@ from peftlab.search.storage import hide_password, open_storage, storage_url
 from peftlab.space import Backbone, SearchSpace, load_space
 from peftlab.train import RUN_FIELDS, TrainConfig, train
 from peftlab.train.baseline import constant_scores
-from peftlab.train.data import task_splits
+from peftlab.train.data import task_splits, uses_chat_template
 from peftlab.train.evaluation import scoring_backbone
 from peftlab.train.generation import response_loss
 from peftlab.train.tasks import TaskInfo, get_task
@@ -468,7 +468,7 @@ def _untrained_score(train: TrainConfig, task: TaskInfo, dev: list) -> float:
     by_loss = train.select_by == "loss" or task.generation.scoring == "loss"
     if not by_loss or not dev:
         return 0.0
-    model, encoder, device = scoring_backbone(train.model, task, train.max_length, train.chat_template)
+    model, encoder, device = scoring_backbone(train.model, task, train.max_length, uses_chat_template(train))
     return -response_loss(model, encoder, dev, train.eval_batch_size, device)
 
 

@@ -190,6 +190,11 @@ def user_task(config: TrainConfig) -> tuple[TaskInfo, Splits]:
     return info, Splits(train=train_rows, dev=dev, test=test)
 
 
+def uses_chat_template(config: TrainConfig) -> bool:
+    """Whether prompts go through the model's chat template: asked for, or chat turns to render."""
+    return config.chat_template or bool(config.messages_column)
+
+
 def user_responses(config: TrainConfig, path: str) -> list[Row]:
     """A generative user file's examples, by the config's columns."""
     return load_user_responses(

@@ -11,7 +11,7 @@ from torch import nn
 from peftlab.formats.loading import load
 from peftlab.train import metrics as metric_fns
 from peftlab.train.config import TrainConfig
-from peftlab.train.data import Encoder, load_for_task, task_encoder, task_splits, text_length
+from peftlab.train.data import Encoder, load_for_task, task_encoder, task_splits, text_length, uses_chat_template
 from peftlab.train.environment import default_device
 from peftlab.train.frozen import FrozenPrefix
 from peftlab.train.generation import evaluate_generation
@@ -96,7 +96,7 @@ def score_saved(config: TrainConfig, adapter: str | Path) -> dict[str, float]:
     Pareto set so, once, after trials that did not look at test)."""
     task, splits = task_splits(config)
     model, encoder, device = scoring_backbone(
-        config.model, task, config.max_length, config.chat_template, config.max_new_tokens
+        config.model, task, config.max_length, uses_chat_template(config), config.max_new_tokens
     )
     return evaluate(load(model, adapter), encoder, splits.test, config.eval_batch_size, device)
 

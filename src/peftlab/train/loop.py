@@ -29,7 +29,15 @@ from peftlab.modules.base import TrainingLoss
 from peftlab.train.baseline import constant_scores, hopeless, prior_loss
 from peftlab.train.checkpoint import load_checkpoint, restore, save_checkpoint, snapshot, trainable
 from peftlab.train.config import CHECKPOINT, RunRecord, TrainConfig
-from peftlab.train.data import Encoder, batches, load_for_task, task_encoder, task_splits, text_length
+from peftlab.train.data import (
+    Encoder,
+    batches,
+    load_for_task,
+    task_encoder,
+    task_splits,
+    text_length,
+    uses_chat_template,
+)
 from peftlab.train.environment import default_device, device_name, library_versions
 from peftlab.train.evaluation import evaluate
 from peftlab.train.frozen import FrozenCache, FrozenPrefix
@@ -95,7 +103,7 @@ def _prepare_model(
         seq2seq = model_type_facts(model.config.model_type).seq2seq
     tokenizer, tokens = (warm.tokenizer(config.model, model), warm.tokens) if warm is not None else (None, None)
     encoder = task_encoder(
-        config.model, model, task, config.max_length, seq2seq, tokenizer, tokens, config.chat_template,
+        config.model, model, task, config.max_length, seq2seq, tokenizer, tokens, uses_chat_template(config),
         config.max_new_tokens,
     )  # fmt: skip
     model.to(device)

@@ -46,6 +46,8 @@ class ResponseEncoder:
     ) -> None:
         self.tok, self.task, self.max_length, self.seq2seq = tokenizer, task, max_length, seq2seq
         self.chat_template = chat_template
+        if chat_template:
+            self._check_template()
         #: the most tokens generated per prompt when scoring
         self.max_new_tokens = max_new_tokens or (task.generation.max_new_tokens if task and task.generation else 64)
         name = task.name if task is not None else ""
@@ -68,13 +70,16 @@ class ResponseEncoder:
         messages = row.get("messages")
         if messages is None and not self.chat_template:
             return row["prompt"]
+        self._check_template()
+        turns = messages if messages is not None else [{"role": "user", "content": row["prompt"]}]
+        return self.tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+
+    def _check_template(self) -> None:
         if not getattr(self.tok, "chat_template", None):
             raise PeftlabError(
                 "this model's tokenizer has no chat template: give prompt/response columns (without "
                 "--chat-template) instead of a messages column"
             )
-        turns = messages if messages is not None else [{"role": "user", "content": row["prompt"]}]
-        return self.tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
 
     def _prompt_ids(self, row: GenExample) -> list[int]:
         templated = row.get("messages") is not None or self.chat_template
