@@ -7,6 +7,8 @@ import csv
 import itertools
 import json
 import os
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -324,3 +326,15 @@ def test_bad_input_is_one_line_and_status_2(extra: list[str], message: str, tmp_
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_peak_memory_of_a_fresh_process_is_its_own() -> None:
+    """ru_maxrss survives exec: a worker started by a large process would report its parent's peak. peak_rss does
+    not (VmHWM on Linux)."""
+    if not Path("/proc/self/status").is_file():
+        pytest.skip("the inherited high-water mark is a Linux matter")
+    ballast = bytearray(600 * MB)
+    ballast[::4096] = b"\1" * len(ballast[::4096])  # touch every page: resident
+    code = "from peftlab.memory import peak_rss; print(peak_rss())"
+    child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert child < 600 * MB <= len(ballast)

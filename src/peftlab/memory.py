@@ -15,7 +15,16 @@ import torch
 
 
 def peak_rss() -> int:
-    """Peak resident set of this process so far, in bytes (``ru_maxrss`` is kB on Linux, bytes on macOS)."""
+    """Peak resident set of this process so far, in bytes. On Linux ``VmHWM`` of /proc/self/status: ``ru_maxrss``
+    keeps the high-water mark of the process it was forked from across ``exec``, so a fresh worker started by a
+    large process (a test session, a notebook) would report its parent's size. Elsewhere ``ru_maxrss`` (kB on Linux,
+    bytes on macOS)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
