@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from peftlab.train import metrics
+from peftlab.train.generative import score_texts
 from peftlab.train.tasks import TASKS, TaskInfo
 
 skm = pytest.importorskip("sklearn.metrics")
@@ -123,6 +124,10 @@ def test_compute_rejects_bad_input() -> None:
 @pytest.mark.parametrize("info", TASKS.values(), ids=list(TASKS))
 def test_every_task_metric_is_computable(info: TaskInfo) -> None:
     assert info.main_metric in info.metrics
+    if info.generative:  # scored on generated text
+        out = score_texts(info.generation.scoring, ["yes", "#### 4", "a cat"], ["yes", "4", "the cat"])
+        assert set(out) == set(info.metrics) and all(0.0 <= v <= 1.0 for v in out.values())
+        return
     rng = np.random.default_rng(0)
     if info.is_regression:
         labels = rng.uniform(0, 5, 20)

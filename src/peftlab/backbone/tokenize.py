@@ -24,8 +24,8 @@ class HashTokenizer:
     """Words -> ids in [3, vocab) by a stable hash; 0 pad, 1 start/CLS, 2 separator/EOS. Decoding writes back the
     words seen in this process (so generated text of a ``shape:`` model can be scored against words)."""
 
-    #: (vocabulary size, id) -> the first word this process saw with it: decode writes it back (ids are a function of
-    #: the word, so every tokenizer of one size shares them)
+    #: (vocabulary size, id) -> the latest word this process saw with it: what decode writes back for an id this
+    #: tokenizer has not seen itself (ids are a function of the word, so tokenizers of one size share them)
     _words: ClassVar[dict[tuple[int, int], str]] = {}
     pad_token_id = 0
     bos_token_id = 1
@@ -37,13 +37,15 @@ class HashTokenizer:
         if vocab_size < 4:
             raise ValueError(f"vocab_size must be >= 4, got {vocab_size}")
         self.vocab_size = vocab_size
+        self._seen: dict[int, str] = {}  # this tokenizer's words by id: decode prefers them
 
     def _ids(self, text: str) -> list[int]:
         out = []
         for word in _WORD.findall(text.lower()):
             digest = hashlib.blake2b(word.encode(), digest_size=8).digest()
             out.append(3 + int.from_bytes(digest, "little") % (self.vocab_size - 3))
-            HashTokenizer._words.setdefault((self.vocab_size, out[-1]), word)
+            self._seen[out[-1]] = word
+            HashTokenizer._words[(self.vocab_size, out[-1])] = word
         return out
 
     def __call__(
@@ -67,9 +69,10 @@ class HashTokenizer:
         return {"input_ids": ids, "token_type_ids": types, "attention_mask": [[1] * len(s) for s in ids]}
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
-        """The words seen with these ids (an id not seen yet is written as ``<id>``), space-separated."""
-        words = (self._words.get((self.vocab_size, i), f"<{i}>") for i in ids if not (skip_special_tokens and i < 3))
-        return " ".join(words)
+        """The words seen with these ids (this tokenizer's first, then any of the process's; an id never seen is
+        written as ``<id>``), space-separated."""
+        kept = [i for i in ids if not (skip_special_tokens and i < 3)]
+        return " ".join(self._seen.get(i) or self._words.get((self.vocab_size, i), f"<{i}>") for i in kept)
 
 
 def get_tokenizer(model_name: str, model: nn.Module):
