@@ -100,6 +100,9 @@ def test_wrong_base_is_refused(shape: str, head: str, tmp_path) -> None:
         peftlab.load(different, tmp_path / "a")
 
 
+#: Methods whose gates average over the sequence (UniPELT, as its paper does for classification): with the KV cache a
+#: decoding step sees only its new token, so cached and uncached generation differ. Known; to be made causal.
+SEQUENCE_GATED = {"unipelt"}
 #: the backbones that generate: Llama and GPT-2 language models, T5 text-to-text
 GENERATORS = [(shape, head) for shape, head in BACKBONES if head in ("causal-lm", "seq2seq")]
 GENERATION_CASES = [
@@ -110,19 +113,19 @@ GENERATION_CASES = [
 ]
 
 
-def _generate(pm, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _generate(pm, batch: dict[str, torch.Tensor], use_cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy tokens and the logits they were chosen from (the KV cache on, as generation runs it)."""
     out = pm.generate(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=4, do_sample=False,
-        output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None,
+        output_logits=True, return_dict_in_generate=True, pad_token_id=0, eos_token_id=None, use_cache=use_cache,
     )  # fmt: skip
     return out.sequences, torch.stack(out.logits, 1)
 
 
 @pytest.mark.parametrize(("shape", "head", "name"), GENERATION_CASES)
 def test_method_generation_contract(shape: str, head: str, name: str, tmp_path) -> None:
-    """The generation row: identity at init, a changed adapter changes what is generated, merged generations are the
-    unmerged ones, and a saved adapter generates the same after loading."""
+    """The generation row: identity at init, a changed adapter changes what is generated, the same with and without the
+    KV cache, merged generations are the unmerged ones, and a saved adapter generates the same after loading."""
     model = make_model(shape, head)
     batch = make_batch(model)
     batch["attention_mask"] = batch["attention_mask"].flip(1)  # decoders generate from left-padded prompts
@@ -134,6 +137,10 @@ def test_method_generation_contract(shape: str, head: str, name: str, tmp_path) 
         assert torch.equal(ids, base_ids)
     _perturb(pm)
     tuned_ids, tuned_logits = _generate(pm, batch)
+    if name not in SEQUENCE_GATED:
+        uncached_ids, uncached_logits = _generate(pm, batch, use_cache=False)  # each module sees each position once
+        assert torch.equal(uncached_ids, tuned_ids)
+        torch.testing.assert_close(uncached_logits, tuned_logits, rtol=1e-4, atol=1e-4)
     if name != "full":
         assert not torch.allclose(tuned_logits, base_logits, atol=1e-4), "a changed adapter must change generation"
     pm.merge()
