@@ -461,7 +461,8 @@ def foreign(model: nn.Module) -> bool:
 
 
 def _foreign_counts(model: nn.Module) -> dict[str, int]:
-    return {"trainable": sum(p.numel() for _, p in trainable(model))}
+    """The one count a foreign model's record can give, under the name peftlab's counts use."""
+    return {"trainable_params": sum(p.numel() for _, p in trainable(model))}
 
 
 def _stored(pm: nn.Module) -> Iterable[torch.Tensor]:
