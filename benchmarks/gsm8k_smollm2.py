@@ -7,9 +7,10 @@ side-by-side row, and the base model zero-shot on the same prompt.
     python benchmarks/gsm8k_smollm2.py report         # results/gsm8k_smollm2.md from the rows' JSON
 
 Budget (one CPU thread per row): 60 optimiser steps of batch 4 (240 of the TRAIN examples drawn with data seed 0),
-max length 320 tokens (3 of the 340 examples a row sees have their response cut; counted in the log), the method's default learning rate (peftlab's, from its paper), and
-the dev loss on 100 held-out training examples every 20 steps selects the state; then greedy generation (at most 160
-new tokens) on the first TEST examples of GSM8K's test split, the same prompt for every row. Peak memory is the row
+max length 320 tokens (3 of the 340 examples a row sees have their response cut; counted in the log), the method's
+default learning rate (peftlab's, from its paper), and the dev loss on 100 held-out training examples every 20 steps
+selects the state; then greedy generation (at most 160 new tokens) on the first TEST examples of GSM8K's test split,
+the same prompt for every row. Peak memory is the row
 process's peak RSS; tokens/s counts non-padding training tokens over training time. Resumable: each finished row is
 a JSON file in results/gsm8k_smollm2/.
 """
