@@ -148,8 +148,20 @@ def cmd_report(_: argparse.Namespace) -> None:
             f"{100 * r['exact_match']:.1f} ± {100 * r['sigma']:.1f} | {r['dev_loss']:.3f} | {r['test_loss']:.3f} | "
             f"{tps} | {r['peak_rss_bytes'] / 2**30:.2f} | {r['train_s'] / 60:.1f} | {r['score_s'] / 60:.1f} |"
         )
-    REPORT.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    missing = [n for n in ROWS if n not in {r["row"] for r in rows}]
+    head = [
+        "# SmolLM2-135M-Instruct on GSM8K: every method at one budget",
+        "",
+        f"- written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python benchmarks/gsm8k_smollm2.py "
+        "report`; rows by `python benchmarks/gsm8k_smollm2.py run` (protocol: the script's docstring)",
+        f"- exact match of the final number on the first {TEST} test examples, greedy, at most "
+        f"{SETTINGS['max_new_tokens']} new tokens; σ = sqrt(p(1-p)/{TEST}) of one row",
+        "- one thread per row on a 2-core CPU shared with another benchmark: tokens/s and minutes are indicative only",
+        f"- rows not measured yet: {', '.join(missing) or 'none'}",
+        "",
+    ]
+    REPORT.write_text("\n".join(head + lines) + "\n")
+    print("\n".join(head + lines))
 
 
 def main() -> None:
