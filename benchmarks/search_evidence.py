@@ -37,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import optuna
@@ -46,6 +46,7 @@ from optuna.trial import FrozenTrial, TrialState
 from peftlab.cli import build_parser, search_config
 from peftlab.errors import PeftlabError
 from peftlab.search import results
+from peftlab.search.params import distributions
 from peftlab.search.pareto import hypervolume_history
 from peftlab.search.study import counted, create_study, load_study, search_defaults
 
@@ -162,6 +163,49 @@ def share_startup(runs: Path, task: str, sampler: str, seed: int, data_dir: str)
     return True
 
 
+def restore(runs: Path, task: str, sampler: str, seed: int, data_dir: str) -> bool:
+    """Rebuild a study whose SQLite file is gone (a new machine) from its committed trial table: the same points,
+    values, statuses and timings, so the sampler and the curves go on as if the study had never left. Its trials'
+    adapters are not restored (the table does not hold them). False when there is a study or no table."""
+    name, table = _name(task, sampler, seed), RESULTS / task / f"{_name(task, sampler, seed)}.csv"
+    if (runs / name / "study.db").exists() or not table.is_file():
+        return False
+    config = search_defaults(search_config(build_parser().parse_args(command(task, sampler, seed, 1, data_dir, runs))))
+    study, space = create_study(config)
+    dists = distributions(space)
+    clock = datetime(2026, 1, 1)  # Optuna keeps naive local times
+    for r in _table(task, sampler, seed):
+        start, clock = clock, clock + timedelta(seconds=float(r["compute_s"]))
+        complete = r["state"] == "complete"
+        attrs: dict = {"suggest_s": float(r["suggest_s"]), "timings": {}}
+        for key in ("status", "copied_from_study"):
+            if r[key]:
+                attrs[key] = r[key]
+        for key in ("stored_percent", "steps"):
+            if r[key]:
+                attrs[key] = float(r[key]) if key == "stored_percent" else int(r[key])
+        for key in (*TIMINGS[1:], "total_s"):
+            if r.get(key):
+                attrs["timings"][key] = float(r[key])
+        study.add_trial(
+            FrozenTrial(
+                number=int(r["trial"]),
+                state=TrialState.COMPLETE if complete else TrialState.FAIL,
+                value=None,
+                values=[float(r["score"]), float(r["stored_percent"])] if complete else None,
+                datetime_start=start,
+                datetime_complete=clock,
+                params=json.loads(r["params"]),
+                distributions=dists,
+                user_attrs=attrs,
+                system_attrs={},
+                intermediate_values={},
+                trial_id=int(r["trial"]),
+            )
+        )
+    return True
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     runs = Path(args.runs)
     runs.mkdir(parents=True, exist_ok=True)
@@ -169,6 +213,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     for task, _, _ in plan:
         if task not in TASKS:
             raise SystemExit(f"unknown task {task!r}: one of {', '.join(TASKS)}")
+    for task, sampler, seed in plan:
+        if restore(runs, task, sampler, seed, args.data_dir):
+            print(f"{_name(task, sampler, seed)}: restored from its trial table", flush=True)
     for target in range(args.chunk, args.trials + args.chunk, args.chunk):
         target = min(target, args.trials)
         for task, sampler, seed in plan:
