@@ -115,6 +115,7 @@ def _train_config(args: argparse.Namespace, output: str | None):
         patience=args.patience,
         precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing,
+        packing=args.packing,
         dropout=args.dropout,
         consistency=args.consistency,
         output=output,
@@ -487,6 +488,12 @@ def _add_train_args(p: argparse.ArgumentParser, search: bool = False) -> None:
     p.add_argument("--patience", type=int, help="stop after N evaluations without improvement")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="bf16/fp16 need a GPU")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--packing",
+        action="store_true",
+        help="generative decoders: pack each batch's examples end to end into rows of --max-length, each example "
+        "attending only to itself (less padding; the same loss)",
+    )
     p.add_argument("--dropout", type=float, help="override the backbone's dropout probability (e.g. 0)")
     p.add_argument(
         "--consistency",

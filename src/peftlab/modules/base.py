@@ -24,6 +24,8 @@ On :class:`Settings` (kind-wide):
   e.g. AdaMix's consistency between two randomly routed passes.
 - ``exclusive``: the kind changes the backbone itself, so it cannot be one of several adapters.
 - ``mergeable`` / ``gateable``: whether it folds into base weights / a UniPELT gate can scale it.
+- ``packable``: whether examples packed end to end into one row stay apart under it (not for soft prompts and
+  prefixes, which every position of a row attends to).
 
 On :class:`PeftModule` (per built module):
 
@@ -153,6 +155,8 @@ class Settings:
     training_loss: ClassVar[TrainingLoss | None] = None
     #: the kind changes the backbone itself: it cannot be one of several adapters
     exclusive: ClassVar[bool] = False
+    #: examples packed into one row stay apart under it (``--packing``)
+    packable: ClassVar[bool] = True
 
     def check(self) -> None:
         """Raise SpecError for out-of-range values."""

@@ -35,6 +35,7 @@ class PrefixSettings(Settings):
     training by an MLP (``hidden`` wide, shared by the layers of one adapter) that is dropped on save."""
 
     kind = "prefix"
+    packable = False  # every position of a packed row would attend to one set of prefix key/values
     roles = frozenset({"prefix"})
     gateable = True
     default_lr = 2e-4  # UniPELT's appendix B
@@ -234,6 +235,7 @@ class PromptSettings(Settings):
     ``init`` 'vocab' copies randomly drawn token embeddings, 'random' draws them from N(0, 0.02)."""
 
     kind = "prompt"
+    packable = False  # the soft prompt leads the row, not each example packed into it
     roles = frozenset({"prompt"})
     default_lr = 3e-1  # Lester et al.
 
