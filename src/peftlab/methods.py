@@ -206,6 +206,34 @@ def unipelt(size: int = 48, prefix_length: int = 10, prefix_hidden: int = 512, r
     return Spec(layers=_every_layer(sites), gates=True)
 
 
+_SURVEY = "the survey's Table 5 (Lialin et al. 2023)"
+_CROSS_QV = ("q", "v", "cross_q", "cross_v")
+
+
+@method("houlsby-64", "Houlsby adapters of size 64, the survey's setting", _SURVEY)
+def houlsby_64() -> Spec:
+    return houlsby(size=64)
+
+
+@method("pfeiffer-64", "Pfeiffer adapters of size 64, the survey's setting", _SURVEY)
+def pfeiffer_64() -> Spec:
+    return pfeiffer(size=64)
+
+
+@method(
+    "lora-qv",
+    "LoRA r 8 on every query and value, cross-attention's included (what peft's and AdapterHub's q,v select on T5)",
+    _SURVEY,
+)
+def lora_qv(r: int = 8, alpha: float = 16.0) -> Spec:
+    return lora(r=r, alpha=alpha, targets=list(_CROSS_QV))
+
+
+@method("lora-all", "LoRA r 8 on every linear of every block, the survey's 'LoRA (all)'", _SURVEY)
+def lora_all(r: int = 8, alpha: float = 16.0) -> Spec:
+    return lora(r=r, alpha=alpha, targets="all-linear")
+
+
 #: Presets that need the model: its depth for their layer groups, its sizes to meet a parameter budget. They
 #: are called as ``make(num_layers, model, **kwargs)`` and kept out of :data:`METHODS`, whose presets build
 #: without a model.
