@@ -14,11 +14,11 @@ from peftlab.errors import SpecError
 from peftlab.modules.base import Gate
 
 
-def _perturb(pm) -> None:
+def _perturb(pm, scale: float = 0.3) -> None:
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in pm.adapters[pm.active_adapter].parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+            p.add_(torch.randn(p.shape, generator=g) * scale)
 
 
 class Record:
@@ -238,3 +238,29 @@ def test_ablation_presets() -> None:
     assert sorted(dropped.adapters["default"].layers) == ["1-after_ffn"]
     with pytest.raises(SpecError, match="beyond the model's depth"):
         peftlab.apply(make_model("tiny-bert", "seq-cls"), methods.get("adapterdrop"))  # 5 of 2 layers
+
+
+def test_the_mask_watch_is_not_where_an_adapter_acts() -> None:
+    """The sequence view's hook on BertModel only reads the mask: a gated adapter on layer 1 still lets the frozen
+    cache skip layer 0."""
+    from peftlab.train.frozen import first_layer, probe
+
+    spec = Spec.from_dict({"layers": {"1": {"after_ffn": {"kind": "adapter", "size": 8}}}, "gates": True})
+    pm = peftlab.apply(make_model("tiny-bert", "seq-cls"), spec)
+    assert first_layer(pm, probe(pm))[0] == 1
+
+
+@pytest.mark.parametrize(("shape", "head"), [("tiny-llama", "causal-lm"), ("tiny-gpt2", "causal-lm")])
+def test_beam_search_with_gates_gives_the_uncached_beams(shape: str, head: str) -> None:
+    """Beam search reorders the cache's rows; the gates' running sums follow them (without that, the scores differ)."""
+    model = make_model(shape, head)
+    pm = peftlab.apply(model, methods.unipelt(size=8, prefix_length=3, prefix_hidden=16, r=2))
+    _perturb(pm, scale=1.0)
+    batch = make_batch(model)
+    batch["attention_mask"] = batch["attention_mask"].flip(1)
+    kw = {"max_new_tokens": 6, "num_beams": 3, "do_sample": False, "pad_token_id": 0, "eos_token_id": None}
+    kw |= {"output_scores": True, "return_dict_in_generate": True}
+    cached = pm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=True, **kw)
+    plain = pm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kw)
+    assert torch.equal(cached.sequences, plain.sequences)
+    torch.testing.assert_close(cached.sequences_scores, plain.sequences_scores, rtol=1e-4, atol=1e-4)

@@ -34,6 +34,7 @@ class SequenceView:
     """The padding mask and cached length of the forward in progress at one stack, for one adapter's modules."""
 
     merged = False  # a hook owner of the registry: never merged, live while its adapter is
+    observer = True  # it reads the forward's arguments and changes nothing (see HookRegistry.hosts)
 
     def __init__(self, adapter_name: str, root: nn.Module, causal: bool) -> None:
         self.adapter_name = adapter_name
