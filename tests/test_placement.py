@@ -264,3 +264,29 @@ def test_beam_search_with_gates_gives_the_uncached_beams(shape: str, head: str) 
     plain = pm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **kw)
     assert torch.equal(cached.sequences, plain.sequences)
     torch.testing.assert_close(cached.sequences_scores, plain.sequences_scores, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["ln", "bitfit"])
+def test_pfeiffer_reads_the_tuned_layernorm(kind: str) -> None:
+    """With LayerNorm tuning or BitFit beside it, the adapter reads and the block gives the tuned LayerNorm's output:
+    merging the tuned norm changes nothing."""
+    model = make_model("tiny-bert", "seq-cls")
+    spec = Spec.from_dict(
+        {
+            "layers": {
+                "*": {
+                    "after_ffn": {"kind": "adapter", "size": 8, "original_ln_before": True},
+                    ("norm" if kind == "ln" else "bias"): kind,
+                }
+            }
+        }
+    )
+    pm = peftlab.apply(model, spec)
+    _perturb(pm)
+    batch = make_batch(model)
+    pm.eval()
+    with torch.no_grad():
+        unmerged = pm(**batch).logits
+        pm.merge()
+        merged = pm(**batch).logits
+    torch.testing.assert_close(merged, unmerged, rtol=1e-4, atol=1e-5)

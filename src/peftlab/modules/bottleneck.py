@@ -102,6 +102,7 @@ class BottleneckModule(PeftModule):
         self.gate = Gate(ctx.dims.hidden, ctx.device, ctx.dtype, ctx.sequence()) if ctx.gated else None
         self._captured: torch.Tensor | None = None
         self._norm: tuple[nn.Module, ...] = ()
+        self._inside = False  # the norm is being called from this module's own hook
 
     def attach(self, ctx: BuildContext) -> None:
         block = ctx.block
@@ -115,7 +116,10 @@ class BottleneckModule(PeftModule):
         elif stack.post_norm:
             norm = block.sub(stack.serial_norms[ctx.site])
             self._norm = (norm,)  # a tuple: the norm belongs to the backbone
-            ctx.hooks.add(norm, "post", self, self._after_norm)
+            if self.placement.original_ln_after:
+                ctx.hooks.add(norm, "pre", self, self._before_norm)
+            else:
+                ctx.hooks.add(norm, "post", self, self._after_norm)
         else:  # pre-norm: the sub-layer's norm reads the residual stream r; the adapter reads h + r
             ctx.hooks.add(block.sub(stack.serial_norms[ctx.site]), "pre", self, self._capture)
             ctx.hooks.add(out_host, "post", self, self._after_residual)
@@ -139,12 +143,22 @@ class BottleneckModule(PeftModule):
         """Houlsby: y = h, the sub-layer output before its residual; h + f(h)."""
         return y + self._delta(y).to(y.dtype)
 
+    def _before_norm(self, z: torch.Tensor) -> torch.Tensor:
+        """Post-norm families, LayerNorm after the adapter: the norm's input z = h + r becomes z + f(LN(z)). LN(z) is
+        the norm's whole output, other modules' hooks on it included (LayerNorm tuning, BitFit), got by calling it
+        once more with this hook passing through."""
+        if self._inside:
+            return z
+        self._inside = True
+        try:
+            y = self._norm[0](z)
+        finally:
+            self._inside = False
+        return z + self._delta(y).to(z.dtype)
+
     def _after_norm(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Post-norm families: x = h + r, y = LN(h + r); the adapter reads y."""
-        delta = self._delta(y).to(y.dtype)
-        if self.placement.original_ln_after:  # residual before the LayerNorm: LN(h + r + f(y))
-            return self._norm[0].forward(x + delta)  # forward, not __call__: this hook must not run again
-        return y + delta
+        """Post-norm families, no LayerNorm after the adapter: x = h + r, y = LN(h + r); y + f(y)."""
+        return y + self._delta(y).to(y.dtype)
 
     def _after_residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Pre-norm families: y = h; the stream after the sub-layer becomes r + h + f(r + h)."""
