@@ -39,6 +39,17 @@ BACKBONES = [
 ]
 
 
+#: Preset settings the 2-layer tiny shapes need (AdapterDrop's default drops the adapters of the first 5 layers).
+TINY_SETTINGS: dict[str, dict] = {"adapterdrop": {"drop": 1}}
+
+
+def preset(name: str):
+    """The preset's spec, with the settings a tiny shape needs."""
+    from peftlab import methods
+
+    return methods.get(name, **TINY_SETTINGS.get(name, {}))
+
+
 def make_model(shape: str, head: str, seed: int = 0):
     return peftlab.load_model(f"shape:{shape}", head=head, seed=seed)
 

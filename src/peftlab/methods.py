@@ -17,7 +17,8 @@ from torch import nn
 from peftlab.backbone.anatomy import LINEAR_SITES
 from peftlab.core.spec import Spec
 from peftlab.errors import SpecError
-from peftlab.modules.bottleneck import AdaMixSettings, AdapterSettings, CompacterSettings
+from peftlab.modules.base import need_int
+from peftlab.modules.bottleneck import HOULSBY, PFEIFFER, AdaMixSettings, AdapterSettings, CompacterSettings, Placement
 from peftlab.modules.linear import IA3Settings, KronaSettings, LoraSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
 from peftlab.modules.selective import BitFitSettings, LNSettings
@@ -94,21 +95,44 @@ def dora(r: int = 8, alpha: float = 16.0, targets: str | list[str] = "qv", rslor
     return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
 
 
-def _adapter(size: int, scaling: float = 1.0, activation: str = "relu") -> AdapterSettings:
-    s = AdapterSettings(size=size, scaling=scaling, activation=activation)
+def _adapter(
+    size: int, scaling: float = 1.0, activation: str = "relu", placement: Placement = HOULSBY
+) -> AdapterSettings:
+    s = AdapterSettings(
+        size=size,
+        scaling=scaling,
+        activation=activation,
+        original_ln_before=placement.original_ln_before,
+        original_ln_after=placement.original_ln_after,
+        residual_before_ln=placement.residual_before_ln,
+    )
     s.check_at()
     return s
 
 
-@method("houlsby", "serial adapters after attention and after the FFN", "Houlsby et al. 2019")
+@method("houlsby", "serial adapters on the attention and FFN outputs, before residual", "Houlsby et al. 2019")
 def houlsby(size: int = 48, activation: str = "relu") -> Spec:
+    """Each adapter reads its sub-layer's output before the residual and LayerNorm (AdapterHub's ``double_seq_bn``)."""
     a = _adapter(size, activation=activation)
     return Spec(layers=_every_layer({"after_attn": a, "after_ffn": a}))
 
 
-@method("pfeiffer", "one serial adapter after the FFN", "Pfeiffer et al. 2021")
+@method("pfeiffer", "one serial adapter on the FFN's normalised output", "Pfeiffer et al. 2021")
 def pfeiffer(size: int = 48, activation: str = "relu") -> Spec:
-    return Spec(layers=_every_layer({"after_ffn": _adapter(size, activation=activation)}))
+    """The adapter reads the FFN output after residual and LayerNorm, its residual is the FFN output before them,
+    and the LayerNorm is applied again after it (AdapterHub's ``seq_bn``)."""
+    return Spec(layers=_every_layer({"after_ffn": _adapter(size, activation=activation, placement=PFEIFFER)}))
+
+
+@method("adapterdrop", "Pfeiffer adapters with the lowest layers' adapters dropped", "Rücklé et al. 2021")
+def adapterdrop(size: int = 48, drop: int = 5) -> Spec:
+    """AdapterDrop's specialised setting: no adapter in the first ``drop`` layers (5 of BERT-base's 12 keep most of
+    the accuracy and speed up training and inference), Pfeiffer adapters above. Layers count encoder then decoder."""
+    need_int("drop", drop, 0)
+    spec = pfeiffer(size)
+    if drop:
+        spec.layers[f"0-{drop - 1}"] = {"after_ffn": None}
+    return spec
 
 
 @method("parallel", "scaled parallel adapter beside the FFN", "He et al. 2022")
@@ -197,13 +221,36 @@ def mam(size: int = 512, scaling: float = 4.0, prefix_length: int = 30, prefix_h
     )
 
 
+def _unipelt(size: int, prefix_length: int, prefix_hidden: int, r: int | None, alpha: float, gates: bool) -> Spec:
+    """UniPELT's submodules: the adapter on h_FN (Pfeiffer's placement, the paper's Sec. 3), the prefix, and LoRA
+    on query and value unless ``r`` is None."""
+    sites = {"after_ffn": _adapter(size, placement=PFEIFFER), "attn": _prefix(prefix_length, prefix_hidden)}
+    if r is not None:
+        lo = LoraSettings(r=r, alpha=alpha)
+        lo.check_at()
+        sites |= {"q": lo, "v": lo}
+    return Spec(layers=_every_layer(sites), gates=gates)
+
+
 @method("unipelt", "gated adapter + prefix + LoRA", "Mao et al. 2022")
 def unipelt(size: int = 48, prefix_length: int = 10, prefix_hidden: int = 512, r: int = 8, alpha: float = 16.0) -> Spec:
-    """Each submodule gated per layer; the LoRA gate replaces its fixed scaling."""
-    lo = LoraSettings(r=r, alpha=alpha)
-    lo.check_at()
-    sites = {"after_ffn": _adapter(size), "attn": _prefix(prefix_length, prefix_hidden), "q": lo, "v": lo}
-    return Spec(layers=_every_layer(sites), gates=True)
+    """UniPELT (APL): each submodule gated per layer; the LoRA gate replaces its fixed scaling. Gates average over the
+    real tokens (a running mean in decoders)."""
+    return _unipelt(size, prefix_length, prefix_hidden, r, alpha, gates=True)
+
+
+@method("unipelt-ap", "gated adapter + prefix (UniPELT (AP))", "Mao et al. 2022")
+def unipelt_ap(size: int = 48, prefix_length: int = 10, prefix_hidden: int = 512) -> Spec:
+    """UniPELT (AP), the paper's two-submodule variant: gated adapter and prefix, no LoRA."""
+    return _unipelt(size, prefix_length, prefix_hidden, None, 16.0, gates=True)
+
+
+@method("unipelt-nogate", "adapter + prefix + LoRA without gates (UniPELT's ablation)", "Mao et al. 2022")
+def unipelt_nogate(
+    size: int = 48, prefix_length: int = 10, prefix_hidden: int = 512, r: int = 8, alpha: float = 16.0
+) -> Spec:
+    """UniPELT's submodules combined without gates: the gating ablation (LoRA keeps its fixed alpha/r)."""
+    return _unipelt(size, prefix_length, prefix_hidden, r, alpha, gates=False)
 
 
 _SURVEY = "the survey's Table 5 (Lialin et al. 2023)"
