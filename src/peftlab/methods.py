@@ -166,11 +166,13 @@ def krona(targets: str | list[str] = "qv", scale: float = 1.0) -> Spec:
 
 
 @method("vera", "frozen shared random B·A, trained scaling vectors b and d", "Kopiczko et al. 2024")
-def vera(r: int = 256, targets: str | list[str] = "qv", d_initial: float = 0.1, seed: int = 0) -> Spec:
+def vera(
+    r: int = 256, targets: str | list[str] = "qv", d_initial: float = 0.1, seed: int = 0, save_projection: bool = True
+) -> Spec:
     """VeRA on ``targets`` of every layer: one frozen random pair (A, B) for the adapter, sized to its largest site
-    and saved with it; per site a scaling vector d (r) and b (out). r=256 is peft's default (the paper's GLUE runs:
-    1024 on RoBERTa-base, 256 on -large)."""
-    s = VeraSettings(r=r, d_initial=d_initial, seed=seed)
+    and saved with it (``save_projection=False``: drawn again from ``seed`` on load); per site a scaling vector d (r)
+    and b (out). r=256 is peft's default (the paper's GLUE runs: 1024 on RoBERTa-base, 256 on -large)."""
+    s = VeraSettings(r=r, d_initial=d_initial, seed=seed, save_projection=save_projection)
     s.check_at()
     return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
 
