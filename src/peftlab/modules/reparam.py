@@ -167,7 +167,7 @@ class FourierFTSettings(Settings):
         out_f, in_f = ctx.linear.out_features, ctx.linear.in_features
         if self.n_frequency > out_f * in_f:
             raise SpecError(
-                f"layer site {ctx.site}: fourierft n_frequency={self.n_frequency} is more than the "
+                f"fourierft n_frequency={self.n_frequency} is more than the "
                 f"{out_f * in_f} spectral entries of its {out_f} x {in_f} weight"
             )
         return FourierFT(ctx, self)
