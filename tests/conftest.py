@@ -39,8 +39,10 @@ BACKBONES = [
 ]
 
 
-#: Preset settings the 2-layer tiny shapes need (AdapterDrop's default drops the adapters of the first 5 layers).
-TINY_SETTINGS: dict[str, dict] = {"adapterdrop": {"drop": 1}}
+#: Preset settings the tiny shapes need: AdapterDrop's default drops the adapters of the first 5 of their 2 layers;
+#: tiny-llama's and tiny-qwen2's v projection (16 x 32) has 512 spectral entries, fewer than FourierFT's default 1000
+#: frequencies (refused, as peft refuses it).
+TINY_SETTINGS: dict[str, dict] = {"adapterdrop": {"drop": 1}, "fourierft": {"n_frequency": 256}}
 
 
 def preset(name: str):

@@ -52,7 +52,7 @@ def test_summarize_gives_median_and_quartiles_of_known_numbers() -> None:
     assert bench.summarize([4.0]) == {"median": 4.0, "q25": 4.0, "q75": 4.0, "iqr": 0.0, "min": 4.0, "max": 4.0, "n": 1}
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "prefix", "prompt", "ln"])
+@pytest.mark.parametrize("method", ["lora", "ia3", "prefix", "prompt", "ln", "vera", "fourierft", "loha", "lokr"])
 def test_peft_equivalent_trains_the_same_parameters(method: str) -> None:
     from peft import get_peft_config, get_peft_model
 

@@ -143,3 +143,40 @@ def test_survey_table5_backbone_sizes() -> None:
     """The table's full fine-tuning rows: 737.67 M, 2,851.60 M and 11,307.32 M parameters."""
     for model, millions in (("shape:t5-large", 737.67), ("shape:t5-3b", 2851.60), ("shape:t5-11b", 11307.32)):
         assert round(_counts(model, "lora").backbone_params / 1e6, 2) == millions
+
+
+@pytest.mark.parametrize(
+    ("model", "name", "kwargs", "trainable"),
+    [
+        # VeRA (Kopiczko et al. 2024), its GLUE table: 0.043M on RoBERTa-base (r=1024), 0.061M on -large (r=256),
+        # query and value of every layer: L·(d_model + r) per target.
+        ("shape:roberta-base", "vera", {"r": 1024}, 43_008),
+        ("shape:roberta-large", "vera", {"r": 256}, 61_440),
+        # FourierFT (Gao et al. 2024), its GLUE table: 0.024M on RoBERTa-base, 0.048M on -large (n=1000, q and v).
+        ("shape:roberta-base", "fourierft", {}, 24_000),
+        ("shape:roberta-large", "fourierft", {}, 48_000),
+    ],
+)
+def test_vera_and_fourierft_paper_counts(model: str, name: str, kwargs: dict, trainable: int) -> None:
+    row = _counts(model, name, **kwargs).per_kind[name]
+    assert row.trainable == trainable
+
+
+def test_vera_stores_its_frozen_projections_and_merges_them_away() -> None:
+    c = _counts("shape:roberta-base", "vera", r=1024)
+    row = c.per_kind["vera"]
+    assert row.trainable == 12 * 2 * (768 + 1024)  # d and b only: the projections are frozen
+    assert row.stored == row.trainable + 1024 * 768 + 768 * 1024  # A (r × in) and B (out × r), saved once
+    assert row.changed == 12 * 2 * 768 * 768  # merged: the query and value matrices, nothing of A or B
+    unsaved = _counts("shape:roberta-base", "vera", r=1024, save_projection=False).per_kind["vera"]
+    assert unsaved.stored == unsaved.trainable
+
+
+def test_loha_and_lokr_counts_on_bert_base() -> None:
+    """No paper counts them on a language model; these are their formulas at peft's defaults (r=8)."""
+    loha = _counts("shape:bert-base", "loha").per_kind["loha"]
+    assert loha.trainable == loha.stored == 12 * 2 * 2 * 8 * (768 + 768)  # two rank-8 pairs per matrix
+    lokr = _counts("shape:bert-base", "lokr").per_kind["lokr"]
+    # 768 = 24 · 32: W1 24 × 24 in full, W2 32 × 32 at rank 8 (8 < 32 / 2)
+    assert lokr.trainable == lokr.stored == 12 * 2 * (24 * 24 + 2 * 32 * 8)
+    assert lokr.changed == loha.changed == 12 * 2 * 768 * 768

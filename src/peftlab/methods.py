@@ -21,6 +21,7 @@ from peftlab.modules.base import need_int
 from peftlab.modules.bottleneck import HOULSBY, PFEIFFER, AdaMixSettings, AdapterSettings, CompacterSettings, Placement
 from peftlab.modules.linear import IA3Settings, KronaSettings, LoraSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
+from peftlab.modules.reparam import FourierFTSettings, LohaSettings, LokrSettings, VeraSettings
 from peftlab.modules.selective import BitFitSettings, LNSettings
 from peftlab.space import S4_CHOICE, Backbone, design_spec
 
@@ -184,6 +185,49 @@ def ln() -> Spec:
 @method("krona", "Kronecker-product update A ⊗ B on chosen linears", "Edalati et al. 2022")
 def krona(targets: str | list[str] = "qv", scale: float = 1.0) -> Spec:
     s = KronaSettings(scale=scale)
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("vera", "frozen shared random B·A, trained scaling vectors b and d", "Kopiczko et al. 2024")
+def vera(
+    r: int = 256, targets: str | list[str] = "qv", d_initial: float = 0.1, seed: int = 0, save_projection: bool = True
+) -> Spec:
+    """VeRA on ``targets`` of every layer: one frozen random pair (A, B) for the adapter, sized to its largest site
+    and saved with it (``save_projection=False``: drawn again from ``seed`` on load); per site a scaling vector d (r)
+    and b (out). r=256 is peft's default (the paper's GLUE runs: 1024 on RoBERTa-base, 256 on -large)."""
+    s = VeraSettings(r=r, d_initial=d_initial, seed=seed, save_projection=save_projection)
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("fourierft", "n trained spectral coefficients, dW = scaling·IDFT2", "Gao et al. 2024")
+def fourierft(
+    n_frequency: int = 1000, scaling: float = 150.0, targets: str | list[str] = "qv", seed: int = 777,
+    init: str = "zeros",
+) -> Spec:  # fmt: skip
+    """FourierFT on query and value (the paper's GLUE setting, n=1000, scaling 150 as peft's defaults); the spectrum
+    starts at zero (init='normal': the paper's standard-normal start, which changes the model before training)."""
+    s = FourierFTSettings(n_frequency=n_frequency, scaling=scaling, seed=seed, init=init)
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("loha", "Hadamard product of two low-rank updates on chosen linears", "Hyeon-Woo et al. 2022")
+def loha(r: int = 8, alpha: float = 8.0, targets: str | list[str] = "qv") -> Spec:
+    """LoHa with peft's defaults (r=8, alpha=8) on query and value, like LoRA."""
+    s = LohaSettings(r=r, alpha=alpha)
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("lokr", "Kronecker product W1 ⊗ W2 (W2 low rank) on chosen linears", "Yeh et al. 2024 (LyCORIS)")
+def lokr(
+    r: int = 8, alpha: float = 8.0, targets: str | list[str] = "qv", decompose_both: bool = False,
+    decompose_factor: int = -1,
+) -> Spec:  # fmt: skip
+    """LoKr with peft's defaults (r=8, alpha=8, balanced factors) on query and value, like LoRA."""
+    s = LokrSettings(r=r, alpha=alpha, decompose_both=decompose_both, decompose_factor=decompose_factor)
     s.check_at()
     return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
 

@@ -192,6 +192,11 @@ class PeftModel(nn.Module):
             for kind in dict.fromkeys(s.kind for s in placements)
             for group in [[s for s in placements if s.kind == kind]]
         }
+        of_kind: dict[str, list] = {}
+        for i, sites in per_layer.items():
+            for site, settings in sites.items():
+                if self._blocks[i].has_site(site):
+                    of_kind.setdefault(settings.kind, []).append((self._blocks[i], site))
         placed: set[str] = set()
         for i, sites in per_layer.items():
             block = self._blocks[i]
@@ -200,7 +205,13 @@ class PeftModel(nn.Module):
                     continue  # optional sites (gate projection, cross-attention) exist in some blocks only
                 placed.add(site)
                 ctx = self._context(
-                    adapter, site, settings, plans[settings.kind], block=block, linear=block.linear(site)
+                    adapter,
+                    site,
+                    settings,
+                    plans[settings.kind],
+                    block=block,
+                    linear=block.linear(site),
+                    placed=of_kind[settings.kind],
                 )
                 self._add_module(adapter.layers, module_key(i, site), settings, ctx, f"layer {i} site '{site}'")
         wanted = {site for sites in per_layer.values() for site in sites}

@@ -122,6 +122,9 @@ class BuildContext:
     plan: Any = None
     anatomy: Anatomy | None = None
     blocks: list[Block] = dataclasses.field(default_factory=list)
+    #: every (block, site) of a layer where this adapter places the kind being built, so that a part the
+    #: placements share can be sized for all of them (VeRA's projections); empty where unknown (costing one site)
+    placed: list[tuple[Block, str]] = dataclasses.field(default_factory=list)
     #: the core's maker of sequence views (one per adapter and stack), behind :meth:`sequence`
     views: Callable[[Block], SequenceView] | None = None
 
@@ -132,13 +135,16 @@ class BuildContext:
             return None
         return self.views(self.block)
 
-    def share(self, key: str, make: Callable[[], nn.Module], stored: bool = True) -> nn.Module:
+    def share(self, key: str, make: Callable[[], nn.Module], stored: bool = True, folds: bool = False) -> nn.Module:
         """The part ``key`` that modules of this adapter share, made on first use. ``stored=False``: the saved
-        adapter drops it (and its parameters count as trainable only)."""
+        adapter drops it (and its parameters count as trainable only). Its buffers (frozen tensors) are stored
+        but never trained. ``folds=True``: merging its modules leaves no trace of it in the final model (VeRA's
+        frozen projections), so it changes no parameter there."""
         if key not in self.shared:
             part = make()
             part.peftlab_kind = self.kind
             part.peftlab_stored = stored
+            part.peftlab_folds = folds
             self.shared[key] = part
         return self.shared[key]
 
