@@ -18,6 +18,7 @@ import peftlab
 from peftlab.core.spec import Spec
 from peftlab.errors import AdapterLoadError, PeftlabError
 from peftlab.modules.linear import LoraSettings
+from peftlab.modules.orthogonal import OftSettings
 from peftlab.modules.whole import head_copy
 
 peft = pytest.importorskip("peft")
@@ -74,6 +75,30 @@ def _per_site_lora() -> Spec:
     return Spec(layers={"*": dict.fromkeys(("q", "k", "v", "o", "ffn_in", "ffn_out"), common), "1": changed})
 
 
+class _TorchBlockDiag:
+    """Stands in for peft's BOFT CUDA extension (each factor's blocks as one block-diagonal matrix): without it peft
+    runs one butterfly factor whatever its config says, so more than one can only be compared with it in place."""
+
+    @staticmethod
+    def forward(blocks: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
+
+
+@pytest.fixture
+def boft_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peft.tuners.boft.layer, "_FBD_CUDA", _TorchBlockDiag())
+
+
+_OFT_SITES = ["q", "v", "o", "ffn_in", "ffn_out"]
+
+
+def _exact_oft() -> Spec:
+    """OFT with the exact Cayley transform, a fixed number of blocks sharing one block, and COFT's projection (eps
+    wide enough that the rotation still changes the outputs)."""
+    s = OftSettings(r=4, block_size=0, cayley_neumann=False, block_share=True, coft=True, eps=0.5)
+    return Spec(layers={"*": dict.fromkeys(["q", "k", "v", "o", "ffn_gate", "ffn_in", "ffn_out"], s)})
+
+
 EXPORTS: dict[str, tuple[str, Callable[[], Spec]]] = {
     "bert-lora": ("tiny-bert", _per_site_lora),
     "bert-ia3": ("tiny-bert", peftlab.methods.ia3),
@@ -83,10 +108,23 @@ EXPORTS: dict[str, tuple[str, Callable[[], Spec]]] = {
     # Llama: grouped-query attention, and rotary positions (keys are rotated by the prefix length on export).
     "llama-prefix": ("tiny-llama", lambda: peftlab.methods.prefix(length=3, hidden=8)),
     "t5-lora": ("tiny-t5", lambda: peftlab.methods.lora(r=4, targets=["q", "v", "cross_v", "ffn_out"])),
+    "bert-oft": ("tiny-bert", lambda: peftlab.methods.oft(block_size=8, targets=_OFT_SITES)),
+    "llama-oft-exact-coft-shared": ("tiny-llama", _exact_oft),
+    "t5-oft": ("tiny-t5", lambda: peftlab.methods.oft(block_size=8, targets=["q", "v", "cross_v", "ffn_out"])),
+    "bert-boft": ("tiny-bert", lambda: peftlab.methods.boft(block_size=4, butterfly_factor=2, targets=_OFT_SITES)),
+    "llama-boft-block-num": (
+        "tiny-llama",
+        lambda: peftlab.methods.boft(block_size=0, block_num=8, butterfly_factor=3, targets="all-linear"),
+    ),
+    "bert-boft-one-factor": ("tiny-bert", lambda: peftlab.methods.boft(block_size=8, butterfly_factor=1)),
+    "bert-hra": ("tiny-bert", lambda: peftlab.methods.hra(r=4, targets=_OFT_SITES)),
+    "llama-hra-gs": ("tiny-llama", lambda: peftlab.methods.hra(r=5, apply_gs=True, targets="all-linear")),
+    "t5-hra": ("tiny-t5", lambda: peftlab.methods.hra(r=2, targets=["q", "v", "cross_v", "ffn_out"])),
 }
 
 
 @pytest.mark.parametrize("case", EXPORTS)
+@pytest.mark.usefixtures("boft_blocks")
 def test_export_runs_in_peft_with_the_same_outputs(case: str, tmp_path: Path) -> None:
     name, make = EXPORTS[case]
     absolute_prefix = case == "bert-prefix"
@@ -154,10 +192,33 @@ IMPORTS: dict[str, tuple[str, Callable[[], object]]] = {
     "llama-prefix": ("tiny-llama", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
     # "q" and "v" name the self- and the cross-attention projections of both stacks.
     "t5-lora": ("tiny-t5", lambda: peft.LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, target_modules=["q", "v"])),
+    "bert-oft": (
+        "tiny-bert",
+        lambda: peft.OFTConfig(task_type="SEQ_CLS", oft_block_size=8, target_modules=["query", "value", "intermediate.dense"]),
+    ),
+    "llama-oft-exact": (
+        "tiny-llama",
+        lambda: peft.OFTConfig(
+            task_type="CAUSAL_LM", r=4, oft_block_size=0, use_cayley_neumann=False, coft=True, eps=0.5
+        ),
+    ),
+    "bert-boft": (
+        "tiny-bert",
+        lambda: peft.BOFTConfig(
+            task_type="SEQ_CLS", boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["query", "value"]
+        ),
+    ),
+    "llama-boft": (
+        "tiny-llama",
+        lambda: peft.BOFTConfig(task_type="CAUSAL_LM", boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=2),
+    ),
+    "bert-hra": ("tiny-bert", lambda: peft.HRAConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])),
+    "llama-hra-gs": ("tiny-llama", lambda: peft.HRAConfig(task_type="CAUSAL_LM", r=3, apply_GS=True)),
 }
 
 
 @pytest.mark.parametrize("case", IMPORTS)
+@pytest.mark.usefixtures("boft_blocks")
 def test_peft_adapter_runs_in_peftlab_with_the_same_outputs(case: str, tmp_path: Path) -> None:
     name, make = IMPORTS[case]
     absolute_prefix = case == "bert-prefix"
@@ -184,6 +245,16 @@ REFUSED_EXPORTS: dict[str, tuple[str, Callable[[], Spec], str]] = {
     "unipelt": ("tiny-bert", lambda: peftlab.methods.unipelt(size=4, prefix_length=2, r=2), "gates"),
     "prefix-some-layers": ("tiny-bert", lambda: peftlab.methods.prefix(length=2, layers=[0]), "every layer"),
     "gpt2-fused-qv": ("tiny-gpt2", lambda: peftlab.methods.lora(r=2), "fused projection 'transformer.h.0.attn.c_attn'"),
+    # peftlab rotates q's and v's inputs separately; peft would rotate c_attn's input once for q, k and v.
+    "gpt2-fused-oft": ("tiny-gpt2", lambda: peftlab.methods.oft(block_size=4), "fused projection"),
+    # peft 0.21 builds OFT, BOFT and HRA on torch Linear layers only; peftlab also on GPT-2's Conv1D.
+    "gpt2-hra-conv1d": ("tiny-gpt2", lambda: peftlab.methods.hra(r=2, targets="o"), "HRA takes torch Linear"),
+    "gpt2-boft-conv1d": ("tiny-gpt2", lambda: peftlab.methods.boft(targets="o"), "BOFT takes torch Linear"),
+    "oft-two-settings": (
+        "tiny-bert",
+        lambda: Spec(layers={"*": {"q": OftSettings(block_size=4), "v": OftSettings(block_size=8)}}),
+        "one setting for all modules",
+    ),
 }
 
 

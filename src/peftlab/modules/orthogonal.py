@@ -389,7 +389,8 @@ class BOFT(OrthogonalModule):
 class HraSettings(Settings):
     """HRA (Yuan et al. 2024): the product of r Householder reflections I − 2uuᵀ (columns of ``hra_u``). Starts as
     pairs of equal reflections, the identity (an odd r cannot, and starts random, as in peft). ``apply_gs``:
-    Gram–Schmidt-orthogonalised reflections, H = I − 2UUᵀ (never the identity, so the model changes at init)."""
+    Gram–Schmidt-orthogonalised reflections, H = I − 2UUᵀ (never the identity, so the model changes at init; its
+    columns start independent, not paired as in peft, whose paired start orthogonalises round-off)."""
 
     kind = "hra"
     roles = frozenset({"linear"})
@@ -420,14 +421,19 @@ class HRA(OrthogonalModule):
         kw = {"device": ctx.device, "dtype": ctx.dtype}
         if ctx.device.type == "meta":
             u = torch.empty(width, r, **kw)
-        elif r % 2 == 0:
+        elif r % 2 == 0 and not s.apply_gs:
             half = torch.zeros(width, r // 2, **kw)
             nn.init.kaiming_uniform_(half, a=math.sqrt(5))
             u = torch.repeat_interleave(half, 2, dim=1)  # paired reflections: the identity
         else:
-            warnings.warn(
-                f"hra r={r} is odd: reflections cannot pair up, so the model changes at init", UserWarning, stacklevel=2
-            )
+            # Gram–Schmidt of paired columns (peft's init) would normalise round-off: the model changes at init either
+            # way (I − 2UUᵀ is never the identity), so GS starts from independent columns.
+            if not s.apply_gs:
+                warnings.warn(
+                    f"hra r={r} is odd: reflections cannot pair up, so the model changes at init",
+                    UserWarning,
+                    stacklevel=2,
+                )
             u = torch.empty(width, r, **kw)
             nn.init.kaiming_uniform_(u, a=math.sqrt(5))
         self.hra_u = nn.Parameter(u)
