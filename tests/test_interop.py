@@ -194,7 +194,9 @@ IMPORTS: dict[str, tuple[str, Callable[[], object]]] = {
     "t5-lora": ("tiny-t5", lambda: peft.LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, target_modules=["q", "v"])),
     "bert-oft": (
         "tiny-bert",
-        lambda: peft.OFTConfig(task_type="SEQ_CLS", oft_block_size=8, target_modules=["query", "value", "intermediate.dense"]),
+        lambda: peft.OFTConfig(
+            task_type="SEQ_CLS", oft_block_size=8, target_modules=["query", "value", "intermediate.dense"]
+        ),
     ),
     "llama-oft-exact": (
         "tiny-llama",
