@@ -284,5 +284,5 @@ def test_import_refuses_unsupported_options_and_types(tmp_path: Path) -> None:
         peftlab.load(_base("tiny-bert"), tmp_path / "dora")
     (tmp_path / "loha").mkdir()
     (tmp_path / "loha" / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
-    with pytest.raises(AdapterLoadError, match="LORA, IA3, PREFIX_TUNING, PROMPT_TUNING"):
+    with pytest.raises(AdapterLoadError, match="LORA, IA3, OFT, BOFT, HRA, PREFIX_TUNING, PROMPT_TUNING"):
         peftlab.load(_base("tiny-bert"), tmp_path / "loha")
