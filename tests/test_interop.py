@@ -286,3 +286,19 @@ def test_import_refuses_unsupported_options_and_types(tmp_path: Path) -> None:
     (tmp_path / "loha" / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
     with pytest.raises(AdapterLoadError, match="LORA, IA3, OFT, BOFT, HRA, PREFIX_TUNING, PROMPT_TUNING"):
         peftlab.load(_base("tiny-bert"), tmp_path / "loha")
+
+
+def test_boft_import_follows_the_factors_peft_ran(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without its CUDA extension peft builds, runs and saves one butterfly factor though its config asks for two."""
+    monkeypatch.setattr(peft.tuners.boft.layer, "get_fbd_cuda", lambda: None)
+    config = peft.BOFTConfig(
+        task_type="SEQ_CLS", boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["query", "value"]
+    )
+    made = peft.get_peft_model(_base("tiny-bert"), config)
+    _randomise(p for p in made.parameters() if p.requires_grad)
+    batch = make_batch(made)
+    expected = logits(made, batch)
+    made.save_pretrained(tmp_path)
+    pm = peftlab.load(_base("tiny-bert"), tmp_path)
+    assert {s.butterfly_factor for s in pm.adapters["default"].spec.resolve(2, ["encoder"] * 2)[0].values()} == {1}
+    torch.testing.assert_close(logits(pm, batch), expected, atol=ATOL, rtol=0)
