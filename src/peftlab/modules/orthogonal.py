@@ -113,7 +113,9 @@ class OrthogonalModule(LinearModule):
         self.merged = False
 
     def _extra_matmul_flops(self) -> float:
-        """The output delta multiplies W once more (the host's own product is frozen and left alone)."""
+        """The output delta multiplies W once more (the host's own product is frozen and left alone). The cost model
+        doubles every module FLOP for the backward; this product's frozen W needs only the input gradient, so the
+        prediction is high by this much once per token."""
         return 2.0 * self.ref.in_features * self.ref.out_features
 
 
