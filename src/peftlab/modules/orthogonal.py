@@ -152,7 +152,7 @@ class OftSettings(Settings):
             )
         need_float("module_dropout", self.module_dropout, 0.0, 0.99)
         need_float("eps", self.eps, 0.0, low_open=True)
-        need_int("neumann_terms", self.neumann_terms, 1, 64)
+        need_int("neumann_terms", self.neumann_terms, 2, 64)  # one term is the identity: nothing to train
         for name in ("coft", "block_share", "cayley_neumann"):
             _need_bool(name, getattr(self, name))
 
