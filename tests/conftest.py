@@ -39,6 +39,19 @@ BACKBONES = [
 ]
 
 
+#: Preset settings the tiny shapes need: AdapterDrop's default drops the adapters of the first 5 of their 2 layers;
+#: tiny-llama's and tiny-qwen2's v projection (16 x 32) has 512 spectral entries, fewer than FourierFT's default 1000
+#: frequencies (refused, as peft refuses it).
+TINY_SETTINGS: dict[str, dict] = {"adapterdrop": {"drop": 1}, "fourierft": {"n_frequency": 256}}
+
+
+def preset(name: str):
+    """The preset's spec, with the settings a tiny shape needs."""
+    from peftlab import methods
+
+    return methods.get(name, **TINY_SETTINGS.get(name, {}))
+
+
 def make_model(shape: str, head: str, seed: int = 0):
     return peftlab.load_model(f"shape:{shape}", head=head, seed=seed)
 

@@ -17,6 +17,7 @@ import torch
 
 import peftlab
 from peftlab import bench, methods
+from peftlab.bench import survey
 from peftlab.cli import main
 from peftlab.formats import interop
 
@@ -51,7 +52,9 @@ def test_summarize_gives_median_and_quartiles_of_known_numbers() -> None:
     assert bench.summarize([4.0]) == {"median": 4.0, "q25": 4.0, "q75": 4.0, "iqr": 0.0, "min": 4.0, "max": 4.0, "n": 1}
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "prefix", "prompt", "ln", "oft", "boft", "hra"])
+@pytest.mark.parametrize(
+    "method", ["lora", "ia3", "prefix", "prompt", "ln", "vera", "fourierft", "loha", "lokr", "oft", "boft", "hra"]
+)
 def test_peft_equivalent_trains_the_same_parameters(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from peft import get_peft_config, get_peft_model
     from peft.tuners.boft import layer as boft_layer
@@ -326,6 +329,8 @@ def test_bad_methods_files_are_one_line_naming_the_item(content, message: str, t
         (["--methods", "lora", "--score-steps", "5"], "--score-steps and --task go together"),
         (["--methods", "prompt", "--seq", "64"], "plus the 20 prompt tokens exceeds the 64 positions"),
         (["--methods", "lora", "--threads", "0"], "threads must be >= 1"),
+        (["--methods", "lora", "--accumulate", "0"], "accumulate must be >= 1"),
+        (["--protocol", "survey"], "--protocol survey measures T5 text to text"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(extra: list[str], message: str, tmp_path, capsys) -> None:
@@ -346,3 +351,41 @@ def test_peak_memory_of_a_fresh_process_is_its_own() -> None:
     code = "from peftlab.memory import peak_rss; print(peak_rss())"
     child = int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
     assert child < 600 * MB <= len(ballast)
+
+
+def test_survey_protocol_runs_real_microbatches_with_accumulation(tmp_path) -> None:
+    """The survey's setting on T5: 32 real RTE examples (Appendix A prompts) per step in Table 3's microbatches, the
+    floor's training step included (T5's stacks hold their own embedding modules)."""
+    data = os.environ.get("PEFTLAB_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    config = bench.BenchConfig(
+        model="shape:tiny-t5", methods=["lora-qv"], output=str(tmp_path / "out"), protocol="survey", full=False,
+        repeats=1, warmup=0, data_dir=data,
+    )  # fmt: skip
+    report = bench.run(config, log=lambda _: None)
+    assert (config.batch, config.accumulate, config.seq, config.task) == (32, 1, 512, "gen/rte")
+    assert not report["failures"]
+    assert len(report["setup"]["lengths"]) == 32 and max(report["setup"]["lengths"]) > 128  # no 128-token cut
+    text = (tmp_path / "out" / "bench.md").read_text()
+    assert "the survey's protocol: 32 training examples of `gen/rte`" in text and "Beside the survey's Table 5" in text
+
+
+def test_accumulation_steps_over_every_microbatch(tmp_path) -> None:
+    config = bench.BenchConfig(
+        model="shape:tiny-bert", methods=["lora"], output=str(tmp_path / "out"), full=False, batch=2, seq=16,
+        accumulate=3, repeats=1, warmup=0,
+    )  # fmt: skip
+    report = bench.run(config, log=lambda _: None)
+    assert report["setup"]["padded_tokens"] == 3 * 2 * 16
+    assert "3 x 2 x 16" in (tmp_path / "out" / "bench.md").read_text()
+
+
+def test_survey_comparison_ranks_our_rows_against_table5() -> None:
+
+    table5 = survey.TABLE5["t5-large"]
+    rows = [
+        {"method": m, "impl": "peftlab", "trainable_params": t * 1e6, "peak_mb": mem * 100, "train_pct_of_full": tr,
+         "infer_pct_of_full": inf}
+        for m, (t, mem, tr, inf) in table5.items()
+    ]  # fmt: skip
+    text = "\n".join(survey.comparison("shape:t5-large", rows))
+    assert "ρ = 1.00 over 15 rows" in text and "| lora-all (LoRA (all)) | 8.65 / 8.65 |" in text

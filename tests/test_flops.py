@@ -5,6 +5,7 @@ the backward that stops at the lowest layer a method touches, and no prediction 
 from __future__ import annotations
 
 import pytest
+from conftest import TINY_SETTINGS
 
 import peftlab
 from peftlab import bench, methods
@@ -90,7 +91,7 @@ def test_the_backward_starts_at_the_lowest_layer_a_method_touches() -> None:
 
 @pytest.mark.parametrize("name", sorted(methods.METHODS))
 def test_every_preset_has_a_prediction(name: str) -> None:
-    got = predict(pm(name))
+    got = predict(pm(name, **TINY_SETTINGS.get(name, {})))
     assert got.forward >= floor(8, 32).forward or name == "head"
 
 

@@ -299,6 +299,52 @@ def test_gradient_checkpointing_on_a_decoder_changes_nothing(tmp_path) -> None:
     assert run(True) == pytest.approx(run(False), rel=1e-5)
 
 
+def test_packing_lays_examples_end_to_end() -> None:
+    enc = _encoder(max_length=12)
+    rows = [{"prompt": p, "response": "yes", "reference": "yes"} for p in ("a b c d e", "f", "g h", "i j k")]
+    batch, tokens = enc.pack(rows)
+    lengths = sorted((len(e["input_ids"]) for e in enc._encoded(rows)), reverse=True)
+    assert tokens == sum(lengths) and batch["input_ids"].shape[1] <= 12
+    assert batch["input_ids"].shape[0] < len(rows)  # fewer rows than examples
+    positions = batch["position_ids"][0].tolist()
+    assert positions[: lengths[0]] == list(range(lengths[0])) and positions[lengths[0]] == 0  # restarts per example
+    assert (batch["labels"] != -100).sum() == (enc(rows)["labels"][:, 1:] != -100).sum()  # the same response tokens
+    with pytest.raises(PeftlabError, match="packing is for decoders"):
+        _encoder(seq2seq=True).pack(rows)
+
+
+@pytest.mark.parametrize("shape", ["tiny-llama", "tiny-gpt2"])
+def test_packed_batches_train_as_padded_ones(shape: str, tmp_path) -> None:
+    """transformers keeps packed examples apart (positions restart, no mask): the same losses, step by step."""
+    data = _constant_task(tmp_path)
+
+    def run(packing: bool) -> tuple[list[float], int]:
+        config = TrainConfig(
+            model=f"shape:{shape}", task="c", train_file=data, response_column="response", dev_size=8, max_steps=4,
+            eval_every=2, batch_size=8, dropout=0.0, packing=packing, progress=False, lr=1e-2, max_length=64,
+        )  # fmt: skip
+        record = train(methods.get("lora", targets="all-linear"), config)
+        return [e["loss"] for e in record.evaluations], record.train_tokens
+
+    packed, padded = run(True), run(False)
+    assert packed[0] == pytest.approx(padded[0], rel=1e-5)
+    assert packed[1] == padded[1]  # real tokens counted, not padding
+
+
+@pytest.mark.parametrize(
+    ("method", "task", "message"),
+    [("prefix", "c", "under prefix"), ("unipelt", "c", "under prefix, gates"), ("lora", "sst2", "not one")],
+)
+def test_packing_refuses_what_it_cannot_keep_apart(method: str, task: str, message: str, tmp_path) -> None:
+    files = {"train_file": _constant_task(tmp_path), "response_column": "response"} if task == "c" else {}
+    config = TrainConfig(
+        model="shape:tiny-llama", task=task, packing=True, max_steps=1, progress=False, data_dir=_data_dir(), k=8,
+        **files,
+    )  # fmt: skip
+    with pytest.raises(PeftlabError, match=message):
+        train(methods.get(method), config)
+
+
 @pytest.mark.parametrize(
     ("rows", "flags", "message"),
     [

@@ -19,6 +19,7 @@ from peftlab.core.spec import Spec
 from peftlab.errors import AdapterLoadError, PeftlabError
 from peftlab.modules.linear import LoraSettings
 from peftlab.modules.orthogonal import OftSettings
+from peftlab.modules.reparam import FourierFTSettings, LohaSettings, LokrSettings
 from peftlab.modules.whole import head_copy
 
 peft = pytest.importorskip("peft")
@@ -75,6 +76,11 @@ def _per_site_lora() -> Spec:
     return Spec(layers={"*": dict.fromkeys(("q", "k", "v", "o", "ffn_in", "ffn_out"), common), "1": changed})
 
 
+def _per_site(common: object, changed: dict[str, object]) -> Spec:
+    """A kind at q, v and the FFN of every layer, with other settings at some sites of layer 1 (peft's patterns)."""
+    return Spec(layers={"*": dict.fromkeys(("q", "v", "ffn_in", "ffn_out"), common), "1": changed})
+
+
 class _TorchBlockDiag:
     """Stands in for peft's BOFT CUDA extension (each factor's blocks as one block-diagonal matrix): without it peft
     runs one butterfly factor whatever its config says, so more than one can only be compared with it in place."""
@@ -108,6 +114,32 @@ EXPORTS: dict[str, tuple[str, Callable[[], Spec]]] = {
     # Llama: grouped-query attention, and rotary positions (keys are rotated by the prefix length on export).
     "llama-prefix": ("tiny-llama", lambda: peftlab.methods.prefix(length=3, hidden=8)),
     "t5-lora": ("tiny-t5", lambda: peftlab.methods.lora(r=4, targets=["q", "v", "cross_v", "ffn_out"])),
+    # VeRA: one pair of projections sized to the largest site (the FFN's 64 wide sides), sliced per site.
+    "bert-vera": ("tiny-bert", lambda: peftlab.methods.vera(r=4, targets=["q", "v", "ffn_in", "ffn_out"])),
+    "llama-vera": ("tiny-llama", lambda: peftlab.methods.vera(r=4, targets="all-linear", seed=3)),
+    "llama-vera-unsaved": ("tiny-llama", lambda: peftlab.methods.vera(r=4, seed=3, save_projection=False)),
+    "gpt2-vera": ("tiny-gpt2", lambda: peftlab.methods.vera(r=4, targets=["o", "ffn_in", "ffn_out"])),
+    "bert-fourierft": (
+        "tiny-bert",
+        lambda: _per_site(FourierFTSettings(n_frequency=50), {"q": FourierFTSettings(n_frequency=20)}),
+    ),
+    "llama-fourierft": ("tiny-llama", lambda: peftlab.methods.fourierft(n_frequency=100, targets="all-linear")),
+    "gpt2-fourierft": ("tiny-gpt2", lambda: peftlab.methods.fourierft(n_frequency=100, targets=["o", "ffn_out"])),
+    "bert-loha": (
+        "tiny-bert",
+        lambda: _per_site(LohaSettings(r=4), {"q": LohaSettings(r=2, alpha=3.0), "v": LohaSettings(r=4, alpha=5.0)}),
+    ),
+    "llama-loha": ("tiny-llama", lambda: peftlab.methods.loha(r=2, targets="all-linear")),
+    "t5-loha": ("tiny-t5", lambda: peftlab.methods.loha(r=2, targets=["q", "v", "cross_v", "ffn_out"])),
+    # LoKr: W2 low rank at r=2, full at r=8 (the FFN's 8 x 8 W2); W1 low rank with decompose_both at r=1.
+    "bert-lokr": (
+        "tiny-bert",
+        lambda: _per_site(LokrSettings(r=2), {"q": LokrSettings(r=8, alpha=3.0), "v": LokrSettings(r=1)}),
+    ),
+    "llama-lokr": (
+        "tiny-llama",
+        lambda: peftlab.methods.lokr(r=1, targets="all-linear", decompose_both=True, decompose_factor=4),
+    ),
     "bert-oft": ("tiny-bert", lambda: peftlab.methods.oft(block_size=8, targets=_OFT_SITES)),
     "llama-oft-exact-coft-shared": ("tiny-llama", _exact_oft),
     "t5-oft": ("tiny-t5", lambda: peftlab.methods.oft(block_size=8, targets=["q", "v", "cross_v", "ffn_out"])),
@@ -192,6 +224,54 @@ IMPORTS: dict[str, tuple[str, Callable[[], object]]] = {
     "llama-prefix": ("tiny-llama", lambda: peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)),
     # "q" and "v" name the self- and the cross-attention projections of both stacks.
     "t5-lora": ("tiny-t5", lambda: peft.LoraConfig(task_type="SEQ_2_SEQ_LM", r=4, target_modules=["q", "v"])),
+    "bert-vera": (
+        "tiny-bert",
+        lambda: peft.VeraConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value", "intermediate.dense"]),
+    ),
+    # Without the projections in the file: both libraries draw them again from projection_prng_key.
+    "llama-vera-unsaved": (
+        "tiny-llama",
+        lambda: peft.VeraConfig(
+            task_type="CAUSAL_LM",
+            r=4,
+            target_modules=["q_proj", "v_proj"],
+            save_projection=False,
+            projection_prng_key=5,
+        ),
+    ),
+    "bert-fourierft": (
+        "tiny-bert",
+        lambda: peft.FourierFTConfig(
+            task_type="SEQ_CLS",
+            n_frequency=40,
+            target_modules=["query", "value"],
+            scaling=100.0,
+            n_frequency_pattern={r"layer\.1\.attention\.self\.query": 20},
+            random_loc_seed=3,
+        ),
+    ),
+    "bert-loha": (
+        "tiny-bert",
+        lambda: peft.LoHaConfig(
+            task_type="SEQ_CLS",
+            r=4,
+            alpha=8,
+            target_modules=["query", "value", "output.dense"],
+            rank_pattern={r"layer\.1\.attention\.self\.query": 2},
+            alpha_pattern={"value": 3},
+        ),
+    ),
+    "llama-lokr": (
+        "tiny-llama",
+        lambda: peft.LoKrConfig(
+            task_type="CAUSAL_LM",
+            r=1,
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            decompose_both=True,
+            rank_pattern={"down_proj": 8},
+        ),
+    ),
+    "t5-lokr": ("tiny-t5", lambda: peft.LoKrConfig(task_type="SEQ_2_SEQ_LM", r=2, target_modules=["q", "v"])),
     "bert-oft": (
         "tiny-bert",
         lambda: peft.OFTConfig(
@@ -247,6 +327,18 @@ REFUSED_EXPORTS: dict[str, tuple[str, Callable[[], Spec], str]] = {
     "unipelt": ("tiny-bert", lambda: peftlab.methods.unipelt(size=4, prefix_length=2, r=2), "gates"),
     "prefix-some-layers": ("tiny-bert", lambda: peftlab.methods.prefix(length=2, layers=[0]), "every layer"),
     "gpt2-fused-qv": ("tiny-gpt2", lambda: peftlab.methods.lora(r=2), "fused projection 'transformer.h.0.attn.c_attn'"),
+    "gpt2-fused-vera": ("tiny-gpt2", lambda: peftlab.methods.vera(r=2), "fused projection"),
+    "gpt2-loha-conv1d": ("tiny-gpt2", lambda: peftlab.methods.loha(targets=["o"]), "does not take transformers'"),
+    "fourierft-two-scalings": (
+        "tiny-bert",
+        lambda: _per_site(FourierFTSettings(n_frequency=8), {"q": FourierFTSettings(n_frequency=8, scaling=2.0)}),
+        "one scaling for all modules",
+    ),
+    "lokr-two-factors": (
+        "tiny-bert",
+        lambda: _per_site(LokrSettings(), {"q": LokrSettings(decompose_factor=2)}),
+        "one decompose_factor",
+    ),
     # peftlab rotates q's and v's inputs separately; peft would rotate c_attn's input once for q, k and v.
     "gpt2-fused-oft": ("tiny-gpt2", lambda: peftlab.methods.oft(block_size=4), "fused projection"),
     # peft 0.21 builds OFT, BOFT and HRA on torch Linear layers only; peftlab also on GPT-2's Conv1D.
@@ -282,10 +374,11 @@ def test_import_refuses_unsupported_options_and_types(tmp_path: Path) -> None:
     peft.get_peft_model(_base("tiny-bert"), config).save_pretrained(tmp_path / "dora")
     with pytest.raises(AdapterLoadError, match="use_dora=True"):
         peftlab.load(_base("tiny-bert"), tmp_path / "dora")
-    (tmp_path / "loha").mkdir()
-    (tmp_path / "loha" / "adapter_config.json").write_text(json.dumps({"peft_type": "LOHA"}))
-    with pytest.raises(AdapterLoadError, match="LORA, IA3, OFT, BOFT, HRA, PREFIX_TUNING, PROMPT_TUNING"):
-        peftlab.load(_base("tiny-bert"), tmp_path / "loha")
+    (tmp_path / "adalora").mkdir()  # a peft type peftlab has no kind for (LoHa and OFT were, until it had them)
+    (tmp_path / "adalora" / "adapter_config.json").write_text(json.dumps({"peft_type": "ADALORA"}))
+    expected = "LORA, IA3, VERA, FOURIERFT, LOHA, LOKR, OFT, BOFT, HRA, PREFIX_TUNING, PROMPT_TUNING"
+    with pytest.raises(AdapterLoadError, match=expected):
+        peftlab.load(_base("tiny-bert"), tmp_path / "adalora")
 
 
 def test_boft_import_follows_the_factors_peft_ran(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

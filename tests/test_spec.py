@@ -110,6 +110,37 @@ def test_all_linear_targets_every_linear_the_block_has(tiny_bert) -> None:
 
 
 @pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"kind": "vera", "r": 0}, r"vera r must be an integer in \[1, 65536\], got 0"),
+        ({"kind": "vera", "d_initial": -0.1}, "vera d_initial must be a number >= 0.0, got -0.1"),
+        ({"kind": "vera", "seed": "x"}, "vera seed must be an integer >= 0, got 'x'"),
+        ({"kind": "vera", "save_projection": "yes"}, "vera save_projection must be true or false"),
+        ({"kind": "fourierft", "n_frequency": 0}, "fourierft n_frequency must be an integer >= 1, got 0"),
+        ({"kind": "fourierft", "scaling": 0}, "fourierft scaling must be a number > 0.0, got 0"),
+        ({"kind": "fourierft", "init": "uniform"}, "fourierft init must be one of normal, zeros, got 'uniform'"),
+        ({"kind": "loha", "r": 1.5}, r"loha r must be an integer in \[1, 4096\], got 1.5"),
+        ({"kind": "loha", "alpha": 0}, "loha alpha must be a number > 0.0, got 0"),
+        ({"kind": "lokr", "decompose_factor": 0}, r"lokr decompose_factor \(or -1\) must be an integer >= 1, got 0"),
+        ({"kind": "lokr", "decompose_both": 1}, "lokr decompose_both must be true or false, got 1"),
+    ],
+)
+def test_bad_settings_of_the_peft_kinds_are_one_line(settings: dict, message: str) -> None:
+    with pytest.raises(SpecError, match=message) as info:
+        Spec.from_dict({"layers": {"*": {"q": settings}}})
+    assert "\n" not in str(info.value)
+
+
+def test_peft_kinds_refuse_what_the_model_cannot_take() -> None:
+    llama = make_model("tiny-llama", "seq-cls")
+    with pytest.raises(SpecError, match=r"layer 0 site 'v'.*n_frequency=1000 is more than the 512 spectral entries"):
+        peftlab.apply(llama, methods.fourierft())
+    two_ranks = Spec.from_dict({"layers": {"*": {"q": {"kind": "vera", "r": 4}, "v": {"kind": "vera", "r": 8}}}})
+    with pytest.raises(SpecError, match="all vera sites of one adapter must share r, seed, save_projection"):
+        peftlab.apply(llama, two_ranks)
+
+
+@pytest.mark.parametrize(
     ("spec", "message"),
     [
         (lambda: methods.oft(block_size=5), "layer site q: oft block_size=5 must divide the input width 32"),

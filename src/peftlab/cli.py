@@ -115,6 +115,7 @@ def _train_config(args: argparse.Namespace, output: str | None):
         patience=args.patience,
         precision=args.precision,
         gradient_checkpointing=args.gradient_checkpointing,
+        packing=args.packing,
         dropout=args.dropout,
         consistency=args.consistency,
         output=output,
@@ -405,6 +406,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         task=args.task,
         data_dir=args.data_dir,
         seed=args.seed,
+        accumulate=args.accumulate,
+        protocol=args.protocol,
     )
     print(markdown(run(config)))
     print(f"written to {args.output}/bench.md, bench.csv, bench.json, bench.png", file=sys.stderr)
@@ -487,6 +490,12 @@ def _add_train_args(p: argparse.ArgumentParser, search: bool = False) -> None:
     p.add_argument("--patience", type=int, help="stop after N evaluations without improvement")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="bf16/fp16 need a GPU")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument(
+        "--packing",
+        action="store_true",
+        help="generative decoders: pack each batch's examples end to end into rows of --max-length, each example "
+        "attending only to itself (less padding; the same loss)",
+    )
     p.add_argument("--dropout", type=float, help="override the backbone's dropout probability (e.g. 0)")
     p.add_argument(
         "--consistency",
@@ -810,6 +819,14 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         help="generative batches: N response tokens after each prompt of up to --seq, the loss on them only (decoders "
         "as language models, T5 with N-token targets); default: a task head's batch",
     )
+    p.add_argument("--accumulate", type=int, default=1, metavar="N", help="microbatches of --batch per optimiser step")
+    p.add_argument(
+        "--protocol",
+        choices=["survey"],
+        help="survey: the survey's Table 5 setting on T5 (real SuperGLUE batches of 32 from --task, default gen/rte, "
+        "in Table 3's microbatches with accumulation, inputs up to 512 tokens, targets up to 8; its 14 methods unless "
+        "--methods), and the table beside the survey's numbers",
+    )
     p.add_argument("--repeats", type=int, default=10, help="timed iterations per measurement")
     p.add_argument("--warmup", type=int, default=2, help="untimed iterations before them")
     p.add_argument(
@@ -835,7 +852,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="also train each method this many steps on --task (batch --batch, length --seq) and report its test score",
     )
-    p.add_argument("--task", help="the task of --score-steps, e.g. sst2")
+    p.add_argument("--task", help="the task of --score-steps (e.g. sst2) or of --protocol survey")
     p.add_argument("--data-dir", default=None, help="task data folder (default: $PEFTLAB_DATA_DIR, else the hub)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast (weights stay fp32)")

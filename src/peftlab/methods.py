@@ -17,10 +17,12 @@ from torch import nn
 from peftlab.backbone.anatomy import LINEAR_SITES
 from peftlab.core.spec import Spec
 from peftlab.errors import SpecError
-from peftlab.modules.bottleneck import AdaMixSettings, AdapterSettings, CompacterSettings
+from peftlab.modules.base import need_int
+from peftlab.modules.bottleneck import HOULSBY, PFEIFFER, AdaMixSettings, AdapterSettings, CompacterSettings, Placement
 from peftlab.modules.linear import IA3Settings, KronaSettings, LoraSettings
 from peftlab.modules.orthogonal import BoftSettings, HraSettings, OftSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
+from peftlab.modules.reparam import FourierFTSettings, LohaSettings, LokrSettings, VeraSettings
 from peftlab.modules.selective import BitFitSettings, LNSettings
 from peftlab.space import S4_CHOICE, Backbone, design_spec
 
@@ -95,21 +97,44 @@ def dora(r: int = 8, alpha: float = 16.0, targets: str | list[str] = "qv", rslor
     return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
 
 
-def _adapter(size: int, scaling: float = 1.0, activation: str = "relu") -> AdapterSettings:
-    s = AdapterSettings(size=size, scaling=scaling, activation=activation)
+def _adapter(
+    size: int, scaling: float = 1.0, activation: str = "relu", placement: Placement = HOULSBY
+) -> AdapterSettings:
+    s = AdapterSettings(
+        size=size,
+        scaling=scaling,
+        activation=activation,
+        original_ln_before=placement.original_ln_before,
+        original_ln_after=placement.original_ln_after,
+        residual_before_ln=placement.residual_before_ln,
+    )
     s.check_at()
     return s
 
 
-@method("houlsby", "serial adapters after attention and after the FFN", "Houlsby et al. 2019")
+@method("houlsby", "serial adapters on the attention and FFN outputs, before residual", "Houlsby et al. 2019")
 def houlsby(size: int = 48, activation: str = "relu") -> Spec:
+    """Each adapter reads its sub-layer's output before the residual and LayerNorm (AdapterHub's ``double_seq_bn``)."""
     a = _adapter(size, activation=activation)
     return Spec(layers=_every_layer({"after_attn": a, "after_ffn": a}))
 
 
-@method("pfeiffer", "one serial adapter after the FFN", "Pfeiffer et al. 2021")
+@method("pfeiffer", "one serial adapter on the FFN's normalised output", "Pfeiffer et al. 2021")
 def pfeiffer(size: int = 48, activation: str = "relu") -> Spec:
-    return Spec(layers=_every_layer({"after_ffn": _adapter(size, activation=activation)}))
+    """The adapter reads the FFN output after residual and LayerNorm, its residual is the FFN output before them,
+    and the LayerNorm is applied again after it (AdapterHub's ``seq_bn``)."""
+    return Spec(layers=_every_layer({"after_ffn": _adapter(size, activation=activation, placement=PFEIFFER)}))
+
+
+@method("adapterdrop", "Pfeiffer adapters with the lowest layers' adapters dropped", "Rücklé et al. 2021")
+def adapterdrop(size: int = 48, drop: int = 5) -> Spec:
+    """AdapterDrop's specialised setting: no adapter in the first ``drop`` layers (5 of BERT-base's 12 keep most of
+    the accuracy and speed up training and inference), Pfeiffer adapters above. Layers count encoder then decoder."""
+    need_int("drop", drop, 0)
+    spec = pfeiffer(size)
+    if drop:
+        spec.layers[f"0-{drop - 1}"] = {"after_ffn": None}
+    return spec
 
 
 @method("parallel", "scaled parallel adapter beside the FFN", "He et al. 2022")
@@ -161,6 +186,49 @@ def ln() -> Spec:
 @method("krona", "Kronecker-product update A ⊗ B on chosen linears", "Edalati et al. 2022")
 def krona(targets: str | list[str] = "qv", scale: float = 1.0) -> Spec:
     s = KronaSettings(scale=scale)
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("vera", "frozen shared random B·A, trained scaling vectors b and d", "Kopiczko et al. 2024")
+def vera(
+    r: int = 256, targets: str | list[str] = "qv", d_initial: float = 0.1, seed: int = 0, save_projection: bool = True
+) -> Spec:
+    """VeRA on ``targets`` of every layer: one frozen random pair (A, B) for the adapter, sized to its largest site
+    and saved with it (``save_projection=False``: drawn again from ``seed`` on load); per site a scaling vector d (r)
+    and b (out). r=256 is peft's default (the paper's GLUE runs: 1024 on RoBERTa-base, 256 on -large)."""
+    s = VeraSettings(r=r, d_initial=d_initial, seed=seed, save_projection=save_projection)
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("fourierft", "n trained spectral coefficients, dW = scaling·IDFT2", "Gao et al. 2024")
+def fourierft(
+    n_frequency: int = 1000, scaling: float = 150.0, targets: str | list[str] = "qv", seed: int = 777,
+    init: str = "zeros",
+) -> Spec:  # fmt: skip
+    """FourierFT on query and value (the paper's GLUE setting, n=1000, scaling 150 as peft's defaults); the spectrum
+    starts at zero (init='normal': the paper's standard-normal start, which changes the model before training)."""
+    s = FourierFTSettings(n_frequency=n_frequency, scaling=scaling, seed=seed, init=init)
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("loha", "Hadamard product of two low-rank updates on chosen linears", "Hyeon-Woo et al. 2022")
+def loha(r: int = 8, alpha: float = 8.0, targets: str | list[str] = "qv") -> Spec:
+    """LoHa with peft's defaults (r=8, alpha=8) on query and value, like LoRA."""
+    s = LohaSettings(r=r, alpha=alpha)
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("lokr", "Kronecker product W1 ⊗ W2 (W2 low rank) on chosen linears", "Yeh et al. 2024 (LyCORIS)")
+def lokr(
+    r: int = 8, alpha: float = 8.0, targets: str | list[str] = "qv", decompose_both: bool = False,
+    decompose_factor: int = -1,
+) -> Spec:  # fmt: skip
+    """LoKr with peft's defaults (r=8, alpha=8, balanced factors) on query and value, like LoRA."""
+    s = LokrSettings(r=r, alpha=alpha, decompose_both=decompose_both, decompose_factor=decompose_factor)
     s.check_at()
     return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
 
@@ -240,13 +308,64 @@ def mam(size: int = 512, scaling: float = 4.0, prefix_length: int = 30, prefix_h
     )
 
 
+def _unipelt(size: int, prefix_length: int, prefix_hidden: int, r: int | None, alpha: float, gates: bool) -> Spec:
+    """UniPELT's submodules: the adapter on h_FN (Pfeiffer's placement, the paper's Sec. 3), the prefix, and LoRA
+    on query and value unless ``r`` is None."""
+    sites = {"after_ffn": _adapter(size, placement=PFEIFFER), "attn": _prefix(prefix_length, prefix_hidden)}
+    if r is not None:
+        lo = LoraSettings(r=r, alpha=alpha)
+        lo.check_at()
+        sites |= {"q": lo, "v": lo}
+    return Spec(layers=_every_layer(sites), gates=gates)
+
+
 @method("unipelt", "gated adapter + prefix + LoRA", "Mao et al. 2022")
 def unipelt(size: int = 48, prefix_length: int = 10, prefix_hidden: int = 512, r: int = 8, alpha: float = 16.0) -> Spec:
-    """Each submodule gated per layer; the LoRA gate replaces its fixed scaling."""
-    lo = LoraSettings(r=r, alpha=alpha)
-    lo.check_at()
-    sites = {"after_ffn": _adapter(size), "attn": _prefix(prefix_length, prefix_hidden), "q": lo, "v": lo}
-    return Spec(layers=_every_layer(sites), gates=True)
+    """UniPELT (APL): each submodule gated per layer; the LoRA gate replaces its fixed scaling. Gates average over the
+    real tokens (a running mean in decoders)."""
+    return _unipelt(size, prefix_length, prefix_hidden, r, alpha, gates=True)
+
+
+@method("unipelt-ap", "gated adapter + prefix (UniPELT (AP))", "Mao et al. 2022")
+def unipelt_ap(size: int = 48, prefix_length: int = 10, prefix_hidden: int = 512) -> Spec:
+    """UniPELT (AP), the paper's two-submodule variant: gated adapter and prefix, no LoRA."""
+    return _unipelt(size, prefix_length, prefix_hidden, None, 16.0, gates=True)
+
+
+@method("unipelt-nogate", "adapter + prefix + LoRA without gates (UniPELT's ablation)", "Mao et al. 2022")
+def unipelt_nogate(
+    size: int = 48, prefix_length: int = 10, prefix_hidden: int = 512, r: int = 8, alpha: float = 16.0
+) -> Spec:
+    """UniPELT's submodules combined without gates: the gating ablation (LoRA keeps its fixed alpha/r)."""
+    return _unipelt(size, prefix_length, prefix_hidden, r, alpha, gates=False)
+
+
+_SURVEY = "the survey's Table 5 (Lialin et al. 2023)"
+_CROSS_QV = ("q", "v", "cross_q", "cross_v")
+
+
+@method("houlsby-64", "Houlsby adapters of size 64, the survey's setting", _SURVEY)
+def houlsby_64() -> Spec:
+    return houlsby(size=64)
+
+
+@method("pfeiffer-64", "Pfeiffer adapters of size 64, the survey's setting", _SURVEY)
+def pfeiffer_64() -> Spec:
+    return pfeiffer(size=64)
+
+
+@method(
+    "lora-qv",
+    "LoRA r 8 on every query and value, cross-attention's included (what peft's and AdapterHub's q,v select on T5)",
+    _SURVEY,
+)
+def lora_qv(r: int = 8, alpha: float = 16.0) -> Spec:
+    return lora(r=r, alpha=alpha, targets=list(_CROSS_QV))
+
+
+@method("lora-all", "LoRA r 8 on every linear of every block, the survey's 'LoRA (all)'", _SURVEY)
+def lora_all(r: int = 8, alpha: float = 16.0) -> Spec:
+    return lora(r=r, alpha=alpha, targets="all-linear")
 
 
 #: Presets that need the model: its depth for their layer groups, its sizes to meet a parameter budget. They

@@ -52,6 +52,16 @@ class Stack:
     ffn: str
     norms: tuple[str, ...]
     fused: dict[str, tuple[str, int, int]] = field(default_factory=dict)
+    #: per serial site, the norm of that sub-layer: the LayerNorm after its residual where ``post_norm`` (BERT),
+    #: the norm before the sub-layer otherwise (pre-norm families: its input is the residual stream)
+    serial_norms: dict[str, str] = field(default_factory=dict)
+    #: the block normalises after each residual (BERT) rather than before each sub-layer (GPT-2, Llama, T5)
+    post_norm: bool = False
+    #: positions attend only to earlier ones (decoders): a per-sequence statistic must be a running one
+    causal: bool = False
+    #: how many levels above the block list sits the module whose forward takes the stack's padding mask
+    #: (BertModel above ``encoder.layer``; LlamaModel, GPT2Model and T5's stacks directly above theirs)
+    root_up: int = 1
 
 
 #: The model class a model loads as by default (a key of :data:`peftlab.backbone.zoo.HEADS`), by architecture.
@@ -123,6 +133,9 @@ _BERT_BLOCK = Stack(
     serial={"after_attn": "attention.output.dense", "after_ffn": "output.dense"},
     ffn="intermediate",
     norms=("attention.output.LayerNorm", "output.LayerNorm"),
+    serial_norms={"after_attn": "attention.output.LayerNorm", "after_ffn": "output.LayerNorm"},
+    post_norm=True,
+    root_up=2,
 )
 
 _LLAMA_BLOCK = Stack(
@@ -140,6 +153,8 @@ _LLAMA_BLOCK = Stack(
     serial={"after_attn": "self_attn.o_proj", "after_ffn": "mlp.down_proj"},
     ffn="mlp",
     norms=("input_layernorm", "post_attention_layernorm"),
+    serial_norms={"after_attn": "input_layernorm", "after_ffn": "post_attention_layernorm"},
+    causal=True,
 )
 
 _GPT2_BLOCK = Stack(
@@ -150,6 +165,8 @@ _GPT2_BLOCK = Stack(
     serial={"after_attn": "attn.c_proj", "after_ffn": "mlp.c_proj"},
     ffn="mlp",
     norms=("ln_1", "ln_2"),
+    serial_norms={"after_attn": "ln_1", "after_ffn": "ln_2"},
+    causal=True,
 )
 
 
@@ -174,6 +191,8 @@ def _t5_block(path: str, ffn_index: int, cross: bool) -> Stack:
         serial={"after_attn": "layer.0.SelfAttention.o", "after_ffn": f"{ff}.wo"},
         ffn=ff,
         norms=tuple(norms),
+        serial_norms={"after_attn": "layer.0.layer_norm", "after_ffn": f"layer.{ffn_index}.layer_norm"},
+        causal=cross,  # the decoder stack
     )
 
 
@@ -259,6 +278,8 @@ class Block:
     index: int
     stack: Stack
     module: nn.Module
+    #: the module whose forward takes this block's stack's padding mask (see :attr:`Stack.root_up`)
+    root: nn.Module | None = None
 
     def sub(self, path: str) -> nn.Module:
         return self.module.get_submodule(path)
@@ -306,8 +327,9 @@ def find_blocks(model: nn.Module, anatomy: Anatomy) -> list[Block]:
             continue
         # The shortest match is the backbone's own stack (not a nested list with the same suffix).
         name = min(matches, key=len)
+        root = model.get_submodule(".".join(name.split(".")[: -stack.root_up]))
         for layer in lists[name]:
-            blocks.append(Block(len(blocks), stack, layer))
+            blocks.append(Block(len(blocks), stack, layer, root))
     if not blocks:
         raise SpecError(f"no transformer blocks found for family '{anatomy.family}'")
     return blocks

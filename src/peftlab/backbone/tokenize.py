@@ -52,18 +52,20 @@ class HashTokenizer:
         self,
         text: list[str],
         text_pair: list[str | None] | None = None,
-        truncation: bool = True,
-        max_length: int = 128,
+        truncation: bool = False,
+        max_length: int | None = None,
         add_special_tokens: bool = True,
         **_: Any,
     ) -> dict[str, list[list[int]]]:
+        """Ids as a transformers tokenizer gives them: cut to ``max_length`` only when ``truncation`` is asked for (as
+        there, no silent cut by default)."""
         pairs = text_pair or [None] * len(text)
         ids, types = [], []
         start, end = ([self.bos_token_id], [self.sep_token_id]) if add_special_tokens else ([], [])
         for a, b in zip(text, pairs, strict=True):
             first = [*start, *self._ids(a), *end]
             second = [*self._ids(b), *end] if b else []
-            seq = (first + second)[:max_length] if truncation else first + second
+            seq = (first + second)[:max_length] if truncation and max_length else first + second
             ids.append(seq)
             types.append(([0] * len(first) + [1] * len(second))[: len(seq)])
         return {"input_ids": ids, "token_type_ids": types, "attention_mask": [[1] * len(s) for s in ids]}

@@ -89,6 +89,7 @@ SHAPES: dict[str, PretrainedConfig] = {
     "t5-base": _t5(12, 768, 12, 64, 3072),
     "t5-large": _t5(24, 1024, 16, 64, 4096),
     "t5-3b": _t5(24, 1024, 32, 128, 16384),
+    "t5-11b": _t5(24, 1024, 128, 128, 65536),
     "llama-1b": _llama(16, 2048, 32, 8, 8192, 128256, tie_word_embeddings=True, head_dim=64, rope_theta=500000.0),
     "llama-7b": _llama(32, 4096, 32, 32, 11008, 32000),
     "smollm2-135m": _llama(30, 576, 9, 3, 1536, 49152, tie_word_embeddings=True),

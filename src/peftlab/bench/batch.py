@@ -1,10 +1,15 @@
-"""The synthetic batch every measurement runs on, and what counts as its tokens."""
+"""The batches a measurement runs on (a synthetic batch, or the survey protocol's real ones) and what counts as their
+tokens."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import torch
+from torch import nn
+
+from peftlab.backbone.tokenize import get_tokenizer
+from peftlab.bench import survey
 
 
 def padded_batch(config: Any, batch: int, seq: int, seed: int, response: int | None = None) -> dict[str, torch.Tensor]:
@@ -39,3 +44,12 @@ def padded_batch(config: Any, batch: int, seq: int, seed: int, response: int | N
 def count_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Non-padding input tokens: what a throughput in tokens/s counts (padding is wasted work, not work)."""
     return int(batch["attention_mask"].sum())
+
+
+def measured_batches(config: Any, model: nn.Module) -> list[dict[str, torch.Tensor]]:
+    """The microbatches of one measured step (``config``: a :class:`BenchConfig` or a worker's job): the survey
+    protocol's real examples, else one synthetic batch repeated ``accumulate`` times."""
+    if config.protocol == "survey":
+        tokenizer = get_tokenizer(config.model, model)
+        return survey.batches(tokenizer, config.task, config.data_dir, config.batch, config.seed)
+    return [padded_batch(model.config, config.batch, config.seq, config.seed + 1, config.response)] * config.accumulate

@@ -19,8 +19,8 @@ from torch import nn
 from peftlab import methods, optional
 from peftlab.backbone.anatomy import model_type_facts
 from peftlab.backbone.zoo import load_model
-from peftlab.bench import flops
-from peftlab.bench.batch import count_tokens, padded_batch
+from peftlab.bench import flops, survey
+from peftlab.bench.batch import count_tokens, measured_batches
 from peftlab.bench.entries import FLOOR, FULL, Entry, check_labels, parse_methods, read_methods_file
 from peftlab.bench.report import MB, environment, ratios, rows, write_outputs
 from peftlab.bench.worker import Job, run_worker
@@ -59,6 +59,24 @@ class BenchConfig:
     seed: int = 0
     #: generative batches: this many response tokens after each prompt (the loss is on them only); None: a task head
     response: int | None = None
+    #: microbatches of ``batch`` per optimiser step (gradient accumulation)
+    accumulate: int = 1
+    #: "survey": the survey's protocol (:mod:`peftlab.bench.survey`), which sets batch, accumulate, seq and task
+    protocol: str | None = None
+
+    def apply_protocol(self) -> None:
+        """Fill in what ``protocol`` fixes: real SuperGLUE batches of 32 in Table 3's microbatches, inputs of up to 512
+        tokens, the survey's 14 methods when none are given."""
+        if self.protocol is None:
+            return
+        if self.protocol != "survey":
+            raise PeftlabError(f"unknown --protocol {self.protocol!r}; protocols: survey")
+        self.task = self.task or survey.TASKS[0]
+        survey.check(load_model(self.model, meta=True).config.model_type, self.task)
+        self.methods = self.methods or list(survey.METHODS)
+        self.batch = survey.microbatch(self.model, self.task)
+        self.accumulate = survey.BATCH // self.batch
+        self.seq = survey.MAX_INPUT
 
     def entries(self) -> list[Entry]:
         """The rows after the floor: ``--methods`` then ``--methods-file``, full fine-tuning first unless listed or
@@ -78,13 +96,15 @@ class BenchConfig:
         return self.seq + (self.response or 0 if not seq2seq else 0)
 
     def check(self) -> None:
+        self.apply_protocol()
         if self.response is not None and self.response < 1:
             raise PeftlabError(f"--response must be >= 1 token, got {self.response}")
         if not self.methods and self.methods_file is None:
             every = [*methods.METHODS, *methods.MODEL_METHODS]
             raise PeftlabError(f"give at least one method (one of: {', '.join(every)})")
         self.entries()
-        for name, low in (("batch", 1), ("seq", 2), ("repeats", 1), ("warmup", 0), ("rounds", 1), ("threads", 1)):
+        checked = ("batch", "seq", "repeats", "warmup", "rounds", "threads", "accumulate")
+        for name, low in ((n, 0 if n == "warmup" else 2 if n == "seq" else 1) for n in checked):
             if getattr(self, name) < low:
                 raise PeftlabError(f"{name} must be >= {low}, got {getattr(self, name)}")
         if self.device not in ("cpu", "cuda"):
@@ -93,7 +113,7 @@ class BenchConfig:
             raise PeftlabError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise PeftlabError("--device cuda needs a CUDA GPU, and torch sees none")
-        if (self.score_steps is None) != (self.task is None):
+        if (self.score_steps is None) != (self.task is None) and self.protocol is None:
             raise PeftlabError("--score-steps and --task go together: the score is a short training run on a task")
         if self.score_steps is not None and self.score_steps < 1:
             raise PeftlabError(f"score_steps must be >= 1, got {self.score_steps}")
@@ -109,9 +129,9 @@ class BenchConfig:
         parts = ["peftlab", "bench", "--model", self.model]
         parts += ["--methods", ",".join(self.methods)] if self.methods else []
         parts += ["--output", self.output]
-        for f in ("batch", "seq", "repeats", "warmup", "rounds", "threads", "device", "dtype", "seed"):
+        for f in ("batch", "seq", "accumulate", "repeats", "warmup", "rounds", "threads", "device", "dtype", "seed"):
             parts += [f"--{f}", str(getattr(self, f))]
-        for f in ("methods_file", "score_steps", "task", "data_dir", "response"):
+        for f in ("methods_file", "score_steps", "task", "data_dir", "response", "protocol"):
             if getattr(self, f) is not None:
                 parts += [f"--{f.replace('_', '-')}", str(getattr(self, f))]
         flags = (["--compare-peft"] if self.compare_peft else []) + ([] if self.full else ["--no-full"])
@@ -155,6 +175,9 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
         dtype=config.dtype,
         seed=config.seed,
         response=config.response,
+        accumulate=config.accumulate,
+        protocol=config.protocol,
+        **({"task": config.task, "data_dir": config.data_dir} if config.protocol else {}),
     )
     plans: dict[str, MethodPlan] = {FLOOR: _floor_plan(config, head, base)}
     for entry in config.entries():
@@ -168,7 +191,7 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
                 f"the {limit} positions of {config.model}; use a smaller --seq"
             )
         mergeable = any(m.mergeable for _, m in pm.adapters[pm.active_adapter].peft_modules())
-        predicted, note = flops.predict(pm, config.batch, config.width(probe))
+        predicted, note = _modelled(config, *flops.predict(pm, config.batch, config.width(probe)))
         p = MethodPlan(
             spec=spec.to_dict(),
             counts=pm.counts().to_dict(),
@@ -192,19 +215,28 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
         "head": head,
         "backbone_params": plans[FLOOR].counts["backbone_params"],
     }
-    batch = padded_batch(probe.config, config.batch, config.seq, config.seed + 1, config.response)
+    step = measured_batches(config, probe)
     facts |= {
-        "tokens": count_tokens(batch),
-        "padded_tokens": batch["attention_mask"].numel(),
-        "lengths": batch["attention_mask"].sum(1).tolist(),
+        "tokens": sum(count_tokens(b) for b in step),
+        "padded_tokens": sum(b["attention_mask"].numel() for b in step),
+        "lengths": [n for b in step for n in b["attention_mask"].sum(1).tolist()],
+        "widths": [b["attention_mask"].shape[1] for b in step],
     }
     return facts, plans
+
+
+def _modelled(config: BenchConfig, predicted: Any, note: str | None) -> tuple[Any, str | None]:
+    """The cost model's prediction, which assumes equal rows (with accumulation, the same batch again: the ratios to
+    the floor stay): none for the survey's real batches."""
+    if config.protocol is not None:
+        return None, "not modelled for the survey protocol's real batches (microbatches of different widths)"
+    return predicted, note
 
 
 def _floor_plan(config: BenchConfig, head: str, base: dict[str, Any]) -> MethodPlan:
     """The frozen floor: no adapter (every count 0), its FLOPs, a training and an inference job (``spec=None``)."""
     backbone = Backbone(load_model(config.model, head=head, meta=True))
-    predicted, note = flops.predict_floor(backbone, config.batch, config.width(backbone.model))
+    predicted, note = _modelled(config, *flops.predict_floor(backbone, config.batch, config.width(backbone.model)))
     return MethodPlan(
         spec=None,
         counts=Counts(backbone_params=backbone.params, method=FLOOR).to_dict(),

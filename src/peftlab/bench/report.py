@@ -16,6 +16,7 @@ import torch
 
 from peftlab import optional
 from peftlab.atomic import write_with
+from peftlab.bench import survey
 from peftlab.bench.entries import FLOOR
 from peftlab.bench.flops import TARGET
 from peftlab.bench.worker import KINDS
@@ -203,9 +204,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"- date: {report['date']}; wall time of the run: {report['wall_time_s']:.0f} s",
         *[f"- {k}: {v}" for k, v in report["environment"].items()],
         f"- model: `{cfg['model']}` ({setup['model_class']}, backbone {setup['backbone_params']:,} parameters)",
-        f"- batch: {cfg['batch']} x {cfg['seq']} (right-padded, random ids, row lengths "
-        f"{', '.join(map(str, setup['lengths']))}): {setup['tokens']:,} non-padding of {setup['padded_tokens']:,} "
-        f"tokens; {cfg['device']}, {cfg['dtype']}" + (" autocast" if cfg["dtype"] == "bf16" else ""),
+        _batch_line(cfg, setup),
         f"- timing: {cfg['repeats']} timed (+{cfg['warmup']} warm-up) iterations in each fresh process, "
         f"{cfg['rounds']} round(s); statistics are median (q25–q75)",
         "",
@@ -238,6 +237,8 @@ def markdown(report: dict[str, Any]) -> str:
             score = r["score"]
             cells.append(f"{r['score_metric']} {score:.4f}" if score is not None else r["score_status"] or "–")
         lines.append("| " + " | ".join(cells) + " |")
+    if cfg.get("protocol") == "survey":
+        lines += ["", "## Beside the survey's Table 5", "", *survey.comparison(cfg["model"], report["rows"])]
     lines += ["", "## Cost model: a training step over the frozen floor", "", *_cost_table(report["rows"])]
     if report["ratios"]:
         lines += [
@@ -264,6 +265,24 @@ def markdown(report: dict[str, Any]) -> str:
         lines += ["", "## Failures", "", *[f"- {f}" for f in report["failures"]]]
     lines += ["", "## Legend", "", *LEGEND, ""]
     return "\n".join(lines)
+
+
+def _batch_line(cfg: dict[str, Any], setup: dict[str, Any]) -> str:
+    """What one measured step runs on."""
+    tokens = f"{setup['tokens']:,} non-padding of {setup['padded_tokens']:,} tokens"
+    where = f"{cfg['device']}, {cfg['dtype']}" + (" autocast" if cfg["dtype"] == "bf16" else "")
+    if cfg.get("protocol") == "survey":
+        return (
+            f"- batch: the survey's protocol: {survey.BATCH} training examples of `{cfg['task']}` (prompts of its "
+            f"Appendix A, inputs cut to {survey.MAX_INPUT} tokens, targets to {survey.MAX_OUTPUT}) in "
+            f"{cfg['accumulate']} microbatches of {cfg['batch']} (Table 3), each padded to its longest row (widths "
+            f"{', '.join(map(str, setup['widths']))}): {tokens} per step; {where}"
+        )
+    step = f"{cfg['accumulate']} x " if cfg.get("accumulate", 1) > 1 else ""
+    return (
+        f"- batch: {step}{cfg['batch']} x {cfg['seq']} (right-padded, random ids, row lengths "
+        f"{', '.join(map(str, setup['lengths'][: cfg['batch']]))}): {tokens}; {where}"
+    )
 
 
 def _cost_table(table: list[dict[str, Any]]) -> list[str]:

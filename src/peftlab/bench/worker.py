@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from peftlab import optional
 from peftlab.backbone.zoo import load_model
-from peftlab.bench.batch import count_tokens, padded_batch
+from peftlab.bench.batch import count_tokens, measured_batches
 from peftlab.core.peft_model import apply
 from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError
@@ -54,6 +55,8 @@ class Job:
     score_steps: int | None = None
     round: int = 0
     response: int | None = None  # generative batches: response tokens after each prompt (bench.batch.padded_batch)
+    accumulate: int = 1  # microbatches per optimiser step
+    protocol: str | None = None  # "survey": real SuperGLUE microbatches (bench.survey)
 
     @property
     def label(self) -> str:
@@ -90,9 +93,12 @@ def _build(job: Job, device: torch.device) -> nn.Module:
 def _freeze_to_embeddings(model: nn.Module) -> None:
     """The floor: every weight frozen, and the input embeddings' output made to need a gradient, so the backward
     runs through every block's activations (the least any method that trains inside the backbone pays) and computes
-    no weight gradient."""
+    no weight gradient. Every stack's embedding: T5's encoder and decoder each hold their own module (sharing the
+    weight), not the model's ``shared``."""
     model.requires_grad_(False)
-    model.get_input_embeddings().register_forward_hook(_needs_grad)
+    stacks = [m for m in model.modules() if isinstance(m, PreTrainedModel)]
+    for embedding in {id(e): e for e in (m.get_input_embeddings() for m in stacks)}.values():
+        embedding.register_forward_hook(_needs_grad)
 
 
 def _needs_grad(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
@@ -139,26 +145,24 @@ def measure(job: Job) -> dict[str, Any]:
         return _score(job)
     device = torch.device(job.device)
     model = _build(job, device)
-    batch = {
-        k: v.to(device) for k, v in padded_batch(model.config, job.batch, job.seq, job.seed + 1, job.response).items()
-    }
+    batches = [{k: v.to(device) for k, v in b.items()} for b in measured_batches(job, model)]
     out: dict[str, Any] = {
         "pid": os.getpid(),
         "job": asdict(job),
-        "tokens": count_tokens(batch),
-        "padded_tokens": batch["attention_mask"].numel(),
+        "tokens": sum(count_tokens(b) for b in batches),
+        "padded_tokens": sum(b["attention_mask"].numel() for b in batches),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     if job.kind == "train":
-        out |= _train(model, batch, job, device)
+        out |= _train(model, batches, job, device)
     else:
-        out |= _infer(model, batch, job, device)
+        out |= _infer(model, batches, job, device)
     return out
 
 
-def _train(model: nn.Module, batch: dict[str, torch.Tensor], job: Job, device: torch.device) -> dict[str, Any]:
-    """Training steps (forward + backward + AdamW step + zero_grad) alternating with no-grad forwards of the
-    same batch in the same mode, so step / forward compares like with like."""
+def _train(model: nn.Module, batches: list[dict[str, torch.Tensor]], job: Job, device: torch.device) -> dict[str, Any]:
+    """Training steps (forward + backward of each microbatch, then AdamW step + zero_grad) alternating with no-grad
+    forwards of the same microbatches in the same mode, so step / forward compares like with like."""
     model.train()
     # A tiny learning rate: the weights barely move, so every step does the same arithmetic. The floor has nothing to
     # train: no optimiser.
@@ -170,9 +174,10 @@ def _train(model: nn.Module, batch: dict[str, torch.Tensor], job: Job, device: t
 
     def step() -> float:
         t0 = _now(device)
-        with _autocast(job):
-            loss = model(**batch).loss
-        loss.backward()
+        for batch in batches:
+            with _autocast(job):
+                loss = model(**batch).loss / len(batches)
+            loss.backward()
         t1 = _now(device)
         if opt is not None:
             opt.step()
@@ -181,7 +186,8 @@ def _train(model: nn.Module, batch: dict[str, torch.Tensor], job: Job, device: t
 
     def forward() -> None:
         with torch.no_grad(), _autocast(job):
-            model(**batch)
+            for batch in batches:
+                model(**batch)
 
     times = _time_rounds({"step": step, "forward": forward}, job, device)
     end = _memory(device)
@@ -195,7 +201,7 @@ def _train(model: nn.Module, batch: dict[str, torch.Tensor], job: Job, device: t
     }
 
 
-def _infer(model: nn.Module, batch: dict[str, torch.Tensor], job: Job, device: torch.device) -> dict[str, Any]:
+def _infer(model: nn.Module, batches: list[dict[str, torch.Tensor]], job: Job, device: torch.device) -> dict[str, Any]:
     """Eval-mode forwards under inference_mode, after ``merge()`` for the merged kind."""
     model.eval()
     if job.kind == "merged":
@@ -206,7 +212,8 @@ def _infer(model: nn.Module, batch: dict[str, torch.Tensor], job: Job, device: t
 
     def forward() -> None:
         with torch.inference_mode(), _autocast(job):
-            model(**batch)
+            for batch in batches:
+                model(**batch)
 
     times = _time_rounds({"forward": forward}, job, device)
     return {

@@ -112,6 +112,8 @@ def count(pm, adapter_name: str) -> Counts:
         c._add(module.kind, layer, module.own_numel(), module.stored_numel(), module.changed_numel())
     for part in adapter.shared.values():
         n = _numel(part.parameters())
-        kept = n if part.peftlab_stored else 0  # e.g. the prefix MLP is discarded on save
-        c._add(part.peftlab_kind, "shared", n, kept, kept)
+        # e.g. the prefix MLP is discarded on save; VeRA's frozen projections (buffers) are kept, not trained
+        kept = _numel(part.state_dict().values()) if part.peftlab_stored else 0
+        changed = 0 if getattr(part, "peftlab_folds", False) else kept
+        c._add(part.peftlab_kind, "shared", n, kept, changed)
     return c

@@ -41,11 +41,12 @@ class HookRegistry:
 
     def hosts(self, adapter_name: str) -> list[nn.Module]:
         """The host modules the adapter's callbacks sit on, live or not (merged modules changed their host's
-        weights): where in the backbone the adapter acts."""
+        weights): where in the backbone the adapter acts. Owners that only observe (``observer = True``: a
+        sequence view reading the padding mask) change nothing there and are left out."""
         return [
             self._hosts[host_id]
             for (host_id, _), callbacks in self._callbacks.items()
-            if any(c.owner.adapter_name == adapter_name for c in callbacks)
+            if any(c.owner.adapter_name == adapter_name and not getattr(c.owner, "observer", False) for c in callbacks)
         ]
 
     def remove_owner_adapter(self, adapter_name: str) -> None:

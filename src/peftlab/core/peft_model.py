@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from peftlab.backbone.anatomy import Anatomy, anatomy_for, find_blocks, stack_names
+from peftlab.backbone.anatomy import Anatomy, Block, anatomy_for, find_blocks, stack_names
 from peftlab.core.counting import Counts, count
 from peftlab.core.hooks import HookRegistry
+from peftlab.core.sequence import SequenceView
 from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError, SpecError
 from peftlab.formats import interop
@@ -75,6 +76,7 @@ class PeftModel(nn.Module):
         self._blocks = find_blocks(model, self.anatomy)
         self.dims = Dims.of(model.config, len(self._blocks))
         self.hooks = HookRegistry()
+        self._views: dict[tuple[str, int], SequenceView] = {}  # by (adapter, id of the stack's root)
         self.adapters = nn.ModuleDict()
         self.active_adapter: str | None = None
         self._disabled = False
@@ -140,13 +142,27 @@ class PeftModel(nn.Module):
                     "and the spec places no module; add modules or use a model class with a task head"
                 )
         except Exception:
-            self.hooks.remove_owner_adapter(name)
+            self._forget(name)
             raise
         adapter.train(self.base_model.training)  # follow the backbone's mode (dropout, AdaMix routing)
         self.adapters[name] = adapter
         for _, module in adapter.all_modules():
             self._switches.update(dict.fromkeys(module.model_switches))
         self._exclusive = exclusive
+
+    def _forget(self, name: str) -> None:
+        """Drop the hooks and sequence views of adapter ``name``."""
+        self.hooks.remove_owner_adapter(name)
+        self._views = {k: v for k, v in self._views.items() if k[0] != name}
+
+    def _sequence_view(self, adapter_name: str, block: Block) -> SequenceView:
+        """The view of ``block``'s stack for one adapter, made (and its watching hook registered) on first use."""
+        key = (adapter_name, id(block.root))
+        if key not in self._views:
+            view = SequenceView(adapter_name, block.root, block.stack.causal)
+            self.hooks.add(block.root, "kwargs", view, view.watch)
+            self._views[key] = view
+        return self._views[key]
 
     def _context(self, adapter: Adapter, site: str, settings: Settings, plan: Any, **kw: Any) -> BuildContext:
         p = self._param()
@@ -164,6 +180,7 @@ class PeftModel(nn.Module):
             plan=plan,
             anatomy=self.anatomy,
             blocks=self._blocks,
+            views=functools.partial(self._sequence_view, adapter.name),
             **kw,
         )
 
@@ -175,6 +192,11 @@ class PeftModel(nn.Module):
             for kind in dict.fromkeys(s.kind for s in placements)
             for group in [[s for s in placements if s.kind == kind]]
         }
+        of_kind: dict[str, list] = {}
+        for i, sites in per_layer.items():
+            for site, settings in sites.items():
+                if self._blocks[i].has_site(site):
+                    of_kind.setdefault(settings.kind, []).append((self._blocks[i], site))
         placed: set[str] = set()
         for i, sites in per_layer.items():
             block = self._blocks[i]
@@ -183,7 +205,13 @@ class PeftModel(nn.Module):
                     continue  # optional sites (gate projection, cross-attention) exist in some blocks only
                 placed.add(site)
                 ctx = self._context(
-                    adapter, site, settings, plans[settings.kind], block=block, linear=block.linear(site)
+                    adapter,
+                    site,
+                    settings,
+                    plans[settings.kind],
+                    block=block,
+                    linear=block.linear(site),
+                    placed=of_kind[settings.kind],
                 )
                 self._add_module(adapter.layers, module_key(i, site), settings, ctx, f"layer {i} site '{site}'")
         wanted = {site for sites in per_layer.values() for site in sites}
@@ -228,7 +256,7 @@ class PeftModel(nn.Module):
             raise SpecError(f"no adapter named '{name}'; adapters: {', '.join(self.adapters)}")
         if self._is_merged(name):
             raise SpecError(f"adapter '{name}' is merged; call unmerge() before deleting it")
-        self.hooks.remove_owner_adapter(name)
+        self._forget(name)
         del self.adapters[name]
         if self.active_adapter == name:
             self.active_adapter = next(iter(self.adapters), None)

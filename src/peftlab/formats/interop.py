@@ -1,8 +1,9 @@
 """Adapters in the Hugging Face ``peft`` layout (adapter_config.json + adapter_model.safetensors), both ways.
 
-The methods both libraries share move across: LoRA, (IA)3, OFT, BOFT, HRA, prefix tuning and prompt tuning, each
-with the trained task head (peft's ``modules_to_save``). peftlab keeps a module per (layer, site); peft keys tensors
-by the backbone module they change, and the anatomy maps one onto the other. Nothing here imports peft.
+The methods both libraries share move across: LoRA, (IA)3, VeRA, FourierFT, LoHa, LoKr, OFT, BOFT, HRA, prefix
+tuning and prompt tuning, each with the trained task head (peft's ``modules_to_save``). peftlab keeps a module per
+(layer, site); peft keys tensors by the backbone module they change, and the anatomy maps one onto the other.
+Nothing here imports peft.
 
 Prefix tuning differs in one convention: peft hands prefixes to the model as past key/values, so the
 input's positions start after the prefix; in peftlab they start at 0. For rotary models (Llama family)
@@ -36,6 +37,7 @@ from peftlab.modules import Dims, Settings
 from peftlab.modules.linear import IA3Settings, LoraSettings
 from peftlab.modules.orthogonal import BoftSettings, HraSettings, OftSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
+from peftlab.modules.reparam import FourierFTSettings, LohaSettings, LokrSettings, VeraSettings
 from peftlab.modules.whole import HeadCopy, head_copy
 
 if TYPE_CHECKING:
@@ -44,13 +46,17 @@ if TYPE_CHECKING:
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 EXPORTABLE = (
-    "LoRA (without DoRA or gates), (IA)3, OFT, BOFT or HRA (one setting for all sites), prefix tuning in every "
-    "layer or prompt tuning, each with its trained task head"
+    "LoRA (without DoRA or gates), (IA)3, VeRA, FourierFT, LoHa, LoKr, OFT, BOFT or HRA (one setting for all "
+    "sites), prefix tuning in every layer or prompt tuning, each with its trained task head"
 )
 #: peft_type -> the peftlab kind it becomes
 IMPORTABLE = {
     "LORA": "lora",
     "IA3": "ia3",
+    "VERA": "vera",
+    "FOURIERFT": "fourierft",
+    "LOHA": "loha",
+    "LOKR": "lokr",
     "OFT": "oft",
     "BOFT": "boft",
     "HRA": "hra",
@@ -68,6 +74,8 @@ _TASKS = (
     ("ForCausalLM", "CAUSAL_LM"),
     ("LMHeadModel", "CAUSAL_LM"),
 )
+#: the targeting fields every tuner of linear layers has
+_TARGETING = ("target_modules", "exclude_modules", "layers_to_transform", "layers_pattern")
 #: config fields peftlab reads, per peft_type
 _FIELDS = {
     "LORA": (
@@ -83,6 +91,10 @@ _FIELDS = {
         "alpha_pattern",
     ),
     "IA3": ("target_modules", "exclude_modules", "feedforward_modules"),
+    "VERA": (*_TARGETING, "r", "projection_prng_key", "save_projection", "d_initial"),
+    "FOURIERFT": (*_TARGETING, "n_frequency", "n_frequency_pattern", "scaling", "random_loc_seed", "init_weights"),
+    "LOHA": (*_TARGETING, "r", "alpha", "rank_pattern", "alpha_pattern"),
+    "LOKR": (*_TARGETING, "r", "alpha", "rank_pattern", "alpha_pattern", "decompose_both", "decompose_factor"),
     "OFT": (
         "r",
         "oft_block_size",
@@ -366,6 +378,137 @@ def _export_ia3(
     return config, tensors
 
 
+Found = list[tuple[str, Settings, nn.Module]]
+
+
+def _uniform(modules: Found, field: str, what: str) -> Any:
+    """The one value of ``field`` that peft's config holds for every module, or an error naming the values used."""
+    values = sorted({getattr(s, field) for _, s, _ in modules}, key=repr)
+    if len(values) > 1:
+        raise PeftlabError(
+            f"cannot export to the peft format: peft has one {what} for all modules, "
+            f"this adapter uses {', '.join(map(str, values))} at different sites"
+        )
+    return values[0]
+
+
+def _common(modules: Found, value: Callable[[Settings], Any]) -> tuple[Any, dict[str, Any]]:
+    """The most common value (the config's default) and, keyed by escaped module name, the sites that differ
+    (peft's rank_pattern / alpha_pattern, matched as ``(.*\\.)?(pattern)$``)."""
+    default = Counter(value(s) for _, s, _ in modules).most_common(1)[0][0]
+    return default, {re.escape(name): value(s) for name, s, _ in modules if value(s) != default}
+
+
+def _no_conv1d(modules: Found, kind: str) -> None:
+    """peft's LyCORIS tuners (LoHa, LoKr) take nn.Linear and convolutions, not GPT-2's Conv1D."""
+    for name, _, module in modules:
+        if module.ref.transposed:
+            raise PeftlabError(
+                f"cannot export {kind} on '{name}' to the peft format: peft's {kind} does not take "
+                "transformers' Conv1D layers (GPT-2)"
+            )
+
+
+def _module_tensors(modules: Found, names: tuple[str, ...]) -> Tensors:
+    """The named tensors of every module, under peft's keys (``<module>.<name>``, the adapter name dropped)."""
+    return {
+        f"{_key_root(False)}{host}.{n}": getattr(module, n)
+        for host, _, module in modules
+        for n in names
+        if hasattr(module, n)
+    }
+
+
+def _export_vera(
+    pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
+) -> tuple[dict[str, Any], Tensors]:
+    modules = _linear_modules(adapter, placed, names, VeraSettings, "VeRA")
+    s = modules[0][1]  # r, seed and save_projection agree (VeraSettings.plan)
+    tensors = _module_tensors(modules, ("vera_lambda_b", "vera_lambda_d"))
+    if s.save_projection:  # both libraries size the pair to the largest targeted module, so the shapes agree
+        proj = adapter.shared["vera_projections"]
+        tensors["base_model.vera_A"], tensors["base_model.vera_B"] = proj.vera_A, proj.vera_B
+    config = {
+        "r": s.r,
+        "target_modules": [name for name, _, _ in modules],
+        "projection_prng_key": s.seed,
+        "save_projection": s.save_projection,
+        "vera_dropout": 0.0,
+        "d_initial": _common(modules, lambda s: s.d_initial)[0],  # only the initialisation reads it
+        "bias": "none",
+        "fan_in_fan_out": _fan_in_fan_out(modules),
+    }
+    return config, tensors
+
+
+def _fourierft_pattern(name: str, n: int, modules: Found) -> tuple[str, int]:
+    """peft matches n_frequency_pattern keys as ``.*\\.(key)$``: the module name after its first dot, checked to
+    pick no other targeted module."""
+    key = re.escape(name.partition(".")[2])
+    if not key or any(other != name and re.match(rf".*\.{key}$", other) for other, _, _ in modules):
+        raise PeftlabError(
+            f"cannot export to the peft format: no n_frequency_pattern key picks out '{name}' alone; "
+            "give its sites one n_frequency"
+        )
+    return key, n
+
+
+def _export_fourierft(
+    pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
+) -> tuple[dict[str, Any], Tensors]:
+    modules = _linear_modules(adapter, placed, names, FourierFTSettings, "FourierFT")
+    n0 = Counter(s.n_frequency for _, s, _ in modules).most_common(1)[0][0]
+    pattern = dict(_fourierft_pattern(name, s.n_frequency, modules) for name, s, _ in modules if s.n_frequency != n0)
+    config = {
+        "n_frequency": n0,
+        "n_frequency_pattern": pattern,
+        "scaling": _uniform(modules, "scaling", "scaling"),
+        "random_loc_seed": _uniform(modules, "seed", "random_loc_seed"),
+        "init_weights": _common(modules, lambda s: s.init)[0] == "zeros",  # only the initialisation reads it
+        "target_modules": [name for name, _, _ in modules],
+        "bias": "none",
+        "fan_in_fan_out": _fan_in_fan_out(modules),
+    }
+    return config, _module_tensors(modules, ("fourierft_spectrum",))
+
+
+def _export_lycoris(modules: Found, kind: str) -> dict[str, Any]:
+    """The rank and alpha fields LoHa and LoKr share (r and alpha by default, the other sites by pattern)."""
+    _no_conv1d(modules, kind)
+    r0, rank_pattern = _common(modules, lambda s: s.r)
+    alpha0, alpha_pattern = _common(modules, lambda s: s.alpha)
+    return {
+        "r": r0,
+        "alpha": alpha0,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "rank_dropout": 0.0,
+        "module_dropout": 0.0,
+        "target_modules": [name for name, _, _ in modules],
+    }
+
+
+def _export_loha(
+    pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
+) -> tuple[dict[str, Any], Tensors]:
+    modules = _linear_modules(adapter, placed, names, LohaSettings, "LoHa")
+    tensors = _module_tensors(modules, ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"))
+    return _export_lycoris(modules, "LoHa"), tensors
+
+
+_LOKR_TENSORS = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
+
+
+def _export_lokr(
+    pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
+) -> tuple[dict[str, Any], Tensors]:
+    modules = _linear_modules(adapter, placed, names, LokrSettings, "LoKr")
+    config = _export_lycoris(modules, "LoKr")
+    config["decompose_both"] = _uniform(modules, "decompose_both", "decompose_both")
+    config["decompose_factor"] = _uniform(modules, "decompose_factor", "decompose_factor")
+    return config, _module_tensors(modules, _LOKR_TENSORS)
+
+
 def _one_setting(modules: list[tuple[str, Settings, nn.Module]], kind: str) -> Settings:
     """The settings every site shares (peft's OFT, BOFT and HRA configs have no per-module patterns), on torch
     Linear layers (peft 0.21 builds none of the three on GPT-2's Conv1D)."""
@@ -498,12 +641,18 @@ def _export_prompt(
 _EXPORTERS = {
     "lora": _export_lora,
     "ia3": _export_ia3,
+    "vera": _export_vera,
+    "fourierft": _export_fourierft,
+    "loha": _export_loha,
+    "lokr": _export_lokr,
     "oft": _export_oft,
     "boft": _export_boft,
     "hra": _export_hra,
     "prefix": _export_prefix,
     "prompt": _export_prompt,
 }
+#: the kinds at linear sites, whose peft config is exactly what their export writes
+_LINEAR_EXPORTS = ("lora", "ia3", "vera", "fourierft", "loha", "lokr", "oft", "boft", "hra")
 
 
 # -- import -------------------------------------------------------------------------------------------------
@@ -707,6 +856,91 @@ def _import_ia3(
     return _layer_spec(placed), tensors
 
 
+def _import_vera(
+    base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
+) -> tuple[Spec, Tensors]:
+    settings = VeraSettings(
+        r=config.get("r", 256),
+        d_initial=float(config.get("d_initial", 0.1)),
+        seed=config.get("projection_prng_key", 0),
+        save_projection=config.get("save_projection", True),
+    )
+    settings.check_at(f"'{directory}'")
+    placed: dict[tuple[int, str], Settings] = {}
+    tensors: Tensors = {}
+    for name, i, site in _targets(base, blocks, config, "VeRA", directory):
+        placed[(i, site)] = settings
+        for n in ("vera_lambda_b", "vera_lambda_d"):
+            tensors[tensor_key(i, site, n)] = _pop(state, f"{_key_root(False)}{name}.{n}", directory)
+    if settings.save_projection:  # else both libraries draw the pair again from projection_prng_key
+        for n in ("vera_A", "vera_B"):
+            tensors[f"shared.vera_projections.{n}"] = _pop(state, f"base_model.{n}", directory)
+    return _layer_spec(placed), tensors
+
+
+def _import_fourierft(
+    base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
+) -> tuple[Spec, Tensors]:
+    patterns = config.get("n_frequency_pattern") or {}
+    placed: dict[tuple[int, str], Settings] = {}
+    tensors: Tensors = {}
+    for name, i, site in _targets(base, blocks, config, "FourierFT", directory):
+        # peft's rule (FourierFTModel._create_and_replace): the first key matching '.*\.key$'
+        key = next((k for k in patterns if re.match(rf".*\.{k}$", name)), None)
+        settings = FourierFTSettings(
+            n_frequency=patterns[key] if key is not None else config.get("n_frequency", 1000),
+            scaling=float(config.get("scaling", 150.0)),
+            seed=config.get("random_loc_seed", 777),
+            init="zeros" if config.get("init_weights") else "normal",
+        )
+        settings.check_at(f"'{directory}' module '{name}'")
+        placed[(i, site)] = settings
+        key = f"{_key_root(False)}{name}.fourierft_spectrum"
+        tensors[tensor_key(i, site, "fourierft_spectrum")] = _pop(state, key, directory)
+    return _layer_spec(placed), tensors
+
+
+def _import_lycoris(
+    base: nn.Module,
+    blocks: list[Block],
+    config: dict[str, Any],
+    state: Tensors,
+    directory: Path,
+    kind: str,
+    make: Callable[[int, float], Settings],
+) -> tuple[Spec, Tensors]:
+    """LoHa and LoKr: per module, r and alpha by peft's patterns; every tensor peft saved for the module."""
+    placed: dict[tuple[int, str], Settings] = {}
+    tensors: Tensors = {}
+    for name, i, site in _targets(base, blocks, config, kind, directory):
+        r = _pattern_value(config.get("rank_pattern") or {}, name, config.get("r", 8))
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("alpha", 8))
+        settings = make(r, float(alpha))
+        settings.check_at(f"'{directory}' module '{name}'")
+        placed[(i, site)] = settings
+        prefix = f"{_key_root(False)}{name}."
+        for key in [k for k in state if k.startswith(prefix) and "." not in k.removeprefix(prefix)]:
+            tensors[tensor_key(i, site, key.removeprefix(prefix))] = state.pop(key)
+    return _layer_spec(placed), tensors
+
+
+def _import_loha(
+    base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
+) -> tuple[Spec, Tensors]:
+    return _import_lycoris(base, blocks, config, state, directory, "LoHa", lambda r, a: LohaSettings(r=r, alpha=a))
+
+
+def _import_lokr(
+    base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
+) -> tuple[Spec, Tensors]:
+    both, factor = bool(config.get("decompose_both")), config.get("decompose_factor", -1)
+
+    def make(r: int, alpha: float) -> Settings:
+        return LokrSettings(r=r, alpha=alpha, decompose_both=both, decompose_factor=factor)
+
+    return _import_lycoris(base, blocks, config, state, directory, "LoKr", make)
+
+
 def _version(text: str) -> tuple[int, ...]:
     """A release's leading numbers ('0.18.0.dev0@abc' -> (0, 18, 0)); enough to order peft versions."""
     return tuple(int(p) for p in re.findall(r"\d+", text.partition("@")[0])[:3])
@@ -830,6 +1064,10 @@ def _import_prompt(
 _IMPORTERS = {
     "LORA": _import_lora,
     "IA3": _import_ia3,
+    "VERA": _import_vera,
+    "FOURIERFT": _import_fourierft,
+    "LOHA": _import_loha,
+    "LOKR": _import_lokr,
     "OFT": _import_oft,
     "BOFT": _import_boft,
     "HRA": _import_hra,
@@ -851,7 +1089,7 @@ def peft_equivalent(pm: Any) -> tuple[dict[str, Any] | None, str | None]:
     base = pm.base_model
     placed = _placed(pm, adapter)
     names = _module_names(base)
-    if kind in ("lora", "ia3", "oft", "boft", "hra"):
+    if kind in _LINEAR_EXPORTS:
         try:
             config, _ = _EXPORTERS[kind](pm, adapter, placed, names)
         except PeftlabError as e:

@@ -24,6 +24,8 @@ On :class:`Settings` (kind-wide):
   e.g. AdaMix's consistency between two randomly routed passes.
 - ``exclusive``: the kind changes the backbone itself, so it cannot be one of several adapters.
 - ``mergeable`` / ``gateable``: whether it folds into base weights / a UniPELT gate can scale it.
+- ``packable``: whether examples packed end to end into one row stay apart under it (not for soft prompts and
+  prefixes, which every position of a row attends to).
 
 On :class:`PeftModule` (per built module):
 
@@ -44,6 +46,10 @@ On :class:`PeftModule` (per built module):
 Parts several modules of one adapter share (Compacter's rules, the prefix MLP, UniPELT's LoRA gate)
 come from :meth:`BuildContext.share`, which records the kind that owns them and whether the saved
 adapter keeps them.
+
+A module that needs the batch's padding mask or the KV cache's length (a statistic over the sequence, such as
+:class:`Gate`'s mean) asks :meth:`BuildContext.sequence` for its stack's :class:`~peftlab.core.sequence.SequenceView`:
+hooks see hidden states only, and the view watches the forward that takes the mask.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from torch import nn
 
 from peftlab.backbone.anatomy import Anatomy, Block, LinearRef
 from peftlab.core.hooks import HookRegistry
+from peftlab.core.sequence import SequenceView
 from peftlab.errors import SpecError
 
 #: kind name -> settings class
@@ -115,14 +122,29 @@ class BuildContext:
     plan: Any = None
     anatomy: Anatomy | None = None
     blocks: list[Block] = dataclasses.field(default_factory=list)
+    #: every (block, site) of a layer where this adapter places the kind being built, so that a part the
+    #: placements share can be sized for all of them (VeRA's projections); empty where unknown (costing one site)
+    placed: list[tuple[Block, str]] = dataclasses.field(default_factory=list)
+    #: the core's maker of sequence views (one per adapter and stack), behind :meth:`sequence`
+    views: Callable[[Block], SequenceView] | None = None
 
-    def share(self, key: str, make: Callable[[], nn.Module], stored: bool = True) -> nn.Module:
+    def sequence(self) -> SequenceView | None:
+        """The padding mask and cached length of the forward at this block's stack (None outside a block or
+        without a core to watch the stack)."""
+        if self.block is None or self.views is None:
+            return None
+        return self.views(self.block)
+
+    def share(self, key: str, make: Callable[[], nn.Module], stored: bool = True, folds: bool = False) -> nn.Module:
         """The part ``key`` that modules of this adapter share, made on first use. ``stored=False``: the saved
-        adapter drops it (and its parameters count as trainable only)."""
+        adapter drops it (and its parameters count as trainable only). Its buffers (frozen tensors) are stored
+        but never trained. ``folds=True``: merging its modules leaves no trace of it in the final model (VeRA's
+        frozen projections), so it changes no parameter there."""
         if key not in self.shared:
             part = make()
             part.peftlab_kind = self.kind
             part.peftlab_stored = stored
+            part.peftlab_folds = folds
             self.shared[key] = part
         return self.shared[key]
 
@@ -153,6 +175,8 @@ class Settings:
     training_loss: ClassVar[TrainingLoss | None] = None
     #: the kind changes the backbone itself: it cannot be one of several adapters
     exclusive: ClassVar[bool] = False
+    #: examples packed into one row stay apart under it (``--packing``)
+    packable: ClassVar[bool] = True
 
     def check(self) -> None:
         """Raise SpecError for out-of-range values."""
@@ -301,18 +325,34 @@ class PeftModule(nn.Module):
 
 
 class Gate(nn.Module):
-    """UniPELT gate: sigmoid of a linear map of the module input, averaged over the sequence."""
+    """UniPELT gate: sigmoid of a linear map of the module input, averaged over the sequence's real tokens.
+
+    The mean skips padding (the batch's mask, through the stack's :class:`SequenceView`). In a causal stack it is
+    a running mean, one gate per position over the real tokens up to it: what a position's gate may depend on in a
+    decoder, and what lets a cached decoding step give the gate the whole forward gives there. The output is
+    (batch, 1, 1) in an encoder and (batch, positions, 1) in a decoder; both broadcast over the hidden size.
+    """
 
     #: a gated spec (UniPELT) trains at this rate (UniPELT's appendix B)
     default_lr: ClassVar[float] = 5e-4
 
-    def __init__(self, features: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, features: int, device: torch.device, dtype: torch.dtype, view: SequenceView | None = None):
         super().__init__()
         self.proj = nn.Linear(features, 1, device=device, dtype=dtype)
+        self._view = (view,)  # a tuple: the view is the core's, not a submodule
 
     def flops_per_token(self) -> float:
         return 2.0 * self.proj.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = torch.sigmoid(self.proj(x))  # (..., seq, 1)
-        return g.mean(dim=-2, keepdim=True) if g.dim() > 2 else g
+        if g.dim() <= 2:
+            return g
+        view = self._view[0]
+        if view is None:
+            return g.mean(dim=-2, keepdim=True)
+        real = view.real(g)
+        if not view.causal:
+            return (g * real).sum(dim=-2, keepdim=True) / real.sum(dim=-2, keepdim=True).clamp_min(1.0)
+        sums, counts = view.carry(id(self), torch.cumsum(g * real, dim=-2), torch.cumsum(real, dim=-2))
+        return sums / counts.clamp_min(1.0)

@@ -1,9 +1,24 @@
 """Bottleneck modules: the adapter (Houlsby / Pfeiffer / parallel), Compacter and AdaMix.
 
 All three are a down projection, a non-linearity and an up projection that starts at zero, so the model
-is unchanged at init. Where they sit is the site's business, not the module's: at ``after_attn`` /
-``after_ffn`` they act in series on a sub-layer's output (y + s·f(y)); at ``beside_ffn`` they act in
-parallel with the FFN (y_ffn + s·f(x_ffn), He et al. 2022).
+is unchanged at init. At ``beside_ffn`` they act in parallel with the FFN (y_ffn + s·f(x_ffn), He et al. 2022).
+At ``after_attn`` / ``after_ffn`` they act in series on a sub-layer, and three settings place them there, named
+and meant as AdapterHub's ``BnConfig`` (h: the sub-layer's output, r: its residual input, LN: its LayerNorm):
+
+- ``original_ln_before`` false, ``original_ln_after`` true (Houlsby et al. 2019, the default): the adapter reads h
+  before the residual and the LayerNorm; out = LN(h + f(h) + r).
+- ``original_ln_before``, ``original_ln_after`` and ``residual_before_ln`` true (Pfeiffer et al. 2021, UniPELT's
+  h_FN): the adapter reads LN(h + r), the sub-layer's usual output, its own residual is h, and the LayerNorm is
+  applied again after it; out = LN(h + r + f(LN(h + r))).
+- ``original_ln_before`` true, ``original_ln_after`` and ``residual_before_ln`` false: the adapter reads the
+  sub-layer's usual output and adds back to it; out = LN(h + r) + f(LN(h + r)).
+
+The other combinations AdapterHub accepts do not start as the identity (the sub-layer loses its residual or its
+LayerNorm, or normalises twice), and are refused. In pre-norm families (GPT-2, Llama, T5) no LayerNorm follows the
+residual, so both placements with ``original_ln_before`` read the residual stream after the sub-layer, h + r, and
+add back to it (AdapterHub's reading too: there ``layer_norm`` is None). The module writes through hooks: into the
+sub-layer's output projection (Houlsby, and pre-norm families, which add f(h + r) to h, r captured at the sub-layer's
+norm) or onto the LayerNorm after the residual (post-norm families).
 """
 
 from __future__ import annotations
@@ -30,37 +45,125 @@ from peftlab.modules.base import (
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
 
+@dataclass
+class Placement:
+    """Where a serial bottleneck reads and writes (AdapterHub's ``BnConfig`` fields; see the module docstring)."""
+
+    original_ln_before: bool = False
+    original_ln_after: bool = True
+    residual_before_ln: bool = True
+
+    def check(self) -> None:
+        for name in ("original_ln_before", "original_ln_after", "residual_before_ln"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        before, after, residual = self.original_ln_before, self.original_ln_after, self.residual_before_ln
+        if not before and not after:
+            raise SpecError(
+                "original_ln_before and original_ln_after cannot both be false: the sub-layer would lose its "
+                "residual and LayerNorm"
+            )
+        if before and after and not residual:
+            raise SpecError(
+                "original_ln_before and original_ln_after need residual_before_ln true: the adapter's residual "
+                "would be normalised twice and the model would not start unchanged"
+            )
+        if before and not after and residual:
+            raise SpecError(
+                "original_ln_before without original_ln_after needs residual_before_ln false: the sub-layer "
+                "would lose its residual and LayerNorm"
+            )
+
+    @property
+    def houlsby(self) -> bool:
+        """Reads the sub-layer's output before its residual (the default)."""
+        return not self.original_ln_before
+
+
+#: The placements of the papers' adapters.
+HOULSBY = Placement()
+PFEIFFER = Placement(original_ln_before=True, original_ln_after=True, residual_before_ln=True)
+
+
 class BottleneckModule(PeftModule):
     """Placement and gating shared by every bottleneck kind; subclasses define ``transform``."""
 
-    def __init__(self, ctx: BuildContext, scaling: float) -> None:
+    def __init__(self, ctx: BuildContext, scaling: float, placement: Placement) -> None:
         super().__init__(ctx)
         self.parallel = ctx.site == "beside_ffn"
+        if self.parallel and placement != HOULSBY:
+            raise SpecError(
+                "original_ln_before / original_ln_after / residual_before_ln place serial adapters "
+                "(after_attn, after_ffn); a parallel adapter reads the FFN input and adds to its output"
+            )
+        self.placement = placement
         self.hidden = ctx.dims.hidden
         self.scaling = scaling
-        self.gate = Gate(ctx.dims.hidden, ctx.device, ctx.dtype) if ctx.gated else None
+        self.gate = Gate(ctx.dims.hidden, ctx.device, ctx.dtype, ctx.sequence()) if ctx.gated else None
         self._captured: torch.Tensor | None = None
+        self._norm: tuple[nn.Module, ...] = ()
+        self._inside = False  # the norm is being called from this module's own hook
 
     def attach(self, ctx: BuildContext) -> None:
         block = ctx.block
-        out_host = block.sub(block.stack.serial["after_ffn" if self.parallel else ctx.site])
+        stack = block.stack
+        out_host = block.sub(stack.serial["after_ffn" if self.parallel else ctx.site])
         if self.parallel:
-            ctx.hooks.add(block.sub(block.stack.ffn), "pre", self, self._capture)
-        ctx.hooks.add(out_host, "post", self, self._post)
+            ctx.hooks.add(block.sub(stack.ffn), "pre", self, self._capture)
+            ctx.hooks.add(out_host, "post", self, self._beside)
+        elif self.placement.houlsby:
+            ctx.hooks.add(out_host, "post", self, self._after_output)
+        elif stack.post_norm:
+            norm = block.sub(stack.serial_norms[ctx.site])
+            self._norm = (norm,)  # a tuple: the norm belongs to the backbone
+            if self.placement.original_ln_after:
+                ctx.hooks.add(norm, "pre", self, self._before_norm)
+            else:
+                ctx.hooks.add(norm, "post", self, self._after_norm)
+        else:  # pre-norm: the sub-layer's norm reads the residual stream r; the adapter reads h + r
+            ctx.hooks.add(block.sub(stack.serial_norms[ctx.site]), "pre", self, self._capture)
+            ctx.hooks.add(out_host, "post", self, self._after_residual)
 
     def _capture(self, x: torch.Tensor) -> torch.Tensor:
         self._captured = x
         return x
 
-    def _post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.parallel:
-            inp, self._captured = self._captured, None
-        else:
-            inp = y
+    def _delta(self, inp: torch.Tensor) -> torch.Tensor:
+        """The (scaled, gated) adapter output for its input."""
         out = self.transform(inp) * self.scaling
         if self.gate is not None:
             out = out * self.gate(inp)
-        return y + out.to(y.dtype)
+        return out
+
+    def _beside(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        inp, self._captured = self._captured, None
+        return y + self._delta(inp).to(y.dtype)
+
+    def _after_output(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Houlsby: y = h, the sub-layer output before its residual; h + f(h)."""
+        return y + self._delta(y).to(y.dtype)
+
+    def _before_norm(self, z: torch.Tensor) -> torch.Tensor:
+        """Post-norm families, LayerNorm after the adapter: the norm's input z = h + r becomes z + f(LN(z)). LN(z) is
+        the norm's whole output, other modules' hooks on it included (LayerNorm tuning, BitFit), got by calling it
+        once more with this hook passing through."""
+        if self._inside:
+            return z
+        self._inside = True
+        try:
+            y = self._norm[0](z)
+        finally:
+            self._inside = False
+        return z + self._delta(y).to(z.dtype)
+
+    def _after_norm(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Post-norm families, no LayerNorm after the adapter: x = h + r, y = LN(h + r); y + f(y)."""
+        return y + self._delta(y).to(y.dtype)
+
+    def _after_residual(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Pre-norm families: y = h; the stream after the sub-layer becomes r + h + f(r + h)."""
+        r, self._captured = self._captured, None
+        return y + self._delta(r + y).to(y.dtype)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -75,16 +178,22 @@ class BottleneckModule(PeftModule):
         return 4.0 * self.hidden * self.bottleneck() + gate
 
 
-def _check_bottleneck(size: int, activation: str, scaling: float) -> None:
-    need_int("size", size, 1, 65536)
-    need_choice("activation", activation, tuple(ACTIVATIONS))
-    need_float("scaling", scaling, 0.0, low_open=True)
+def _check_bottleneck(s: AdapterSettings | CompacterSettings | AdaMixSettings) -> None:
+    need_int("size", s.size, 1, 65536)
+    need_choice("activation", s.activation, tuple(ACTIVATIONS))
+    need_float("scaling", s.scaling, 0.0, low_open=True)
+    _placement(s).check()
+
+
+def _placement(s: AdapterSettings | CompacterSettings | AdaMixSettings) -> Placement:
+    return Placement(s.original_ln_before, s.original_ln_after, s.residual_before_ln)
 
 
 @register
 @dataclass
 class AdapterSettings(Settings):
-    """A bottleneck adapter (Houlsby et al. 2019); ``scaling`` is the scaled parallel adapter's s."""
+    """A bottleneck adapter (Houlsby et al. 2019); ``scaling`` is the scaled parallel adapter's s; the last three
+    settings place a serial adapter (see the module docstring)."""
 
     kind = "adapter"
     roles = frozenset({"serial", "parallel"})
@@ -94,9 +203,12 @@ class AdapterSettings(Settings):
     size: int = 48
     activation: str = "relu"
     scaling: float = 1.0
+    original_ln_before: bool = False
+    original_ln_after: bool = True
+    residual_before_ln: bool = True
 
     def check(self) -> None:
-        _check_bottleneck(self.size, self.activation, self.scaling)
+        _check_bottleneck(self)
 
     def build(self, ctx: BuildContext) -> PeftModule:
         return Adapter(ctx, self)
@@ -104,7 +216,7 @@ class AdapterSettings(Settings):
 
 class Adapter(BottleneckModule):
     def __init__(self, ctx: BuildContext, s: AdapterSettings) -> None:
-        super().__init__(ctx, s.scaling)
+        super().__init__(ctx, s.scaling, _placement(s))
         kw = {"device": ctx.device, "dtype": ctx.dtype}
         self.down = nn.Linear(ctx.dims.hidden, s.size, **kw)
         self.up = nn.Linear(s.size, ctx.dims.hidden, **kw)
@@ -135,9 +247,12 @@ class CompacterSettings(Settings):
     rank: int = 1
     activation: str = "relu"
     scaling: float = 1.0
+    original_ln_before: bool = False
+    original_ln_after: bool = True
+    residual_before_ln: bool = True
 
     def check(self) -> None:
-        _check_bottleneck(self.size, self.activation, self.scaling)
+        _check_bottleneck(self)
         need_int("n", self.n, 1, 64)
         need_int("rank", self.rank, 1)
         if self.size % self.n:
@@ -191,7 +306,7 @@ class PHMLinear(nn.Module):
 
 class Compacter(BottleneckModule):
     def __init__(self, ctx: BuildContext, s: CompacterSettings) -> None:
-        super().__init__(ctx, s.scaling)
+        super().__init__(ctx, s.scaling, _placement(s))
         kw = {"device": ctx.device, "dtype": ctx.dtype}
         rules = [
             ctx.share(f"phm_{part}_n{s.n}", lambda: PHMRule(s.n, ctx.device, ctx.dtype)) for part in ("down", "up")
@@ -253,9 +368,12 @@ class AdaMixSettings(Settings):
     experts: int = 4
     activation: str = "relu"
     scaling: float = 1.0
+    original_ln_before: bool = False
+    original_ln_after: bool = True
+    residual_before_ln: bool = True
 
     def check(self) -> None:
-        _check_bottleneck(self.size, self.activation, self.scaling)
+        _check_bottleneck(self)
         need_int("experts", self.experts, 1, 64)
 
     def build(self, ctx: BuildContext) -> PeftModule:
@@ -264,7 +382,7 @@ class AdaMixSettings(Settings):
 
 class AdaMix(BottleneckModule):
     def __init__(self, ctx: BuildContext, s: AdaMixSettings) -> None:
-        super().__init__(ctx, s.scaling)
+        super().__init__(ctx, s.scaling, _placement(s))
         kw = {"device": ctx.device, "dtype": ctx.dtype}
         h = ctx.dims.hidden
         self.down_w = nn.Parameter(torch.empty(s.experts, s.size, h, **kw))

@@ -124,7 +124,8 @@ class LoRA(LinearModule):
         self._gate: tuple[Gate, ...] = ()
         if ctx.gated:
             # UniPELT has one LoRA gate per layer, shared by the query and value updates (same input).
-            gate = ctx.share(f"lora_gate_{ctx.block.index}", lambda: Gate(ref.in_features, ctx.device, ctx.dtype))
+            view = ctx.sequence()
+            gate = ctx.share(f"lora_gate_{ctx.block.index}", lambda: Gate(ref.in_features, ctx.device, ctx.dtype, view))
             self._gate = (gate,)
         self.magnitude = None
         if s.dora:

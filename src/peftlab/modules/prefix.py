@@ -19,6 +19,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from peftlab.backbone.anatomy import model_configs
+from peftlab.core.sequence import CACHE_ARGS
 from peftlab.errors import SpecError
 from peftlab.modules.base import BuildContext, Gate, PeftModule, Settings, need_choice, need_int, register
 
@@ -35,6 +36,7 @@ class PrefixSettings(Settings):
     training by an MLP (``hidden`` wide, shared by the layers of one adapter) that is dropped on save."""
 
     kind = "prefix"
+    packable = False  # every position of a packed row would attend to one set of prefix key/values
     roles = frozenset({"prefix"})
     gateable = True
     default_lr = 2e-4  # UniPELT's appendix B
@@ -119,7 +121,7 @@ class Prefix(PeftModule):
             self.kv = nn.Parameter(torch.zeros(2, d.kv_heads, s.length, d.head_dim, **kw))
             if ctx.device.type != "meta":
                 nn.init.normal_(self.kv, std=0.02)
-        self.gate = Gate(d.hidden, ctx.device, ctx.dtype) if ctx.gated else None
+        self.gate = Gate(d.hidden, ctx.device, ctx.dtype, ctx.sequence()) if ctx.gated else None
         self._gate_input: torch.Tensor | None = None
 
     def attach(self, ctx: BuildContext) -> None:
@@ -153,14 +155,15 @@ class Prefix(PeftModule):
         kv = self.up(h).view(self.length, 2, self.kv_heads, self.head_dim)
         return kv.permute(1, 2, 0, 3)
 
-    def key_values(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def key_values(self, batch: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """This layer's prefix keys and values for a batch, and its gate: None, (batch, 1, 1) for one gate per
+        sequence, or (batch, positions, 1) for one per query position (a causal stack's running mean)."""
         kv = self.prefix_kv().to(dtype).unsqueeze(1).expand(-1, batch, -1, -1, -1)
-        k, v = kv[0], kv[1]
+        gate = None
         if self.gate is not None:
-            g = self.gate(self._gate_input).to(dtype).view(batch, 1, 1, 1)
+            gate = self.gate(self._gate_input).to(dtype)
             self._gate_input = None
-            k, v = k * g, v * g
-        return k, v
+        return kv[0], kv[1], gate
 
     def stored_numel(self) -> int:
         gate = sum(p.numel() for p in self.gate.parameters()) if self.gate is not None else 0
@@ -196,19 +199,63 @@ def prefix_attention(
     attention_mask: torch.Tensor | None,
     **kwargs: Any,
 ):
-    """SDPA attention that first prepends the prefix key/values of the layers that have them."""
+    """SDPA attention that first prepends the prefix key/values of the layers that have them. A gate scales its
+    prefix's keys and values (UniPELT); a gate per query position goes through :func:`_gated_by_position`."""
     prefixes = getattr(module, PREFIX_ATTR, None)
-    if prefixes:
-        batch, kv_len = query.shape[0], key.shape[2]
-        pairs = [fn(batch, key.dtype) for fn in prefixes]
-        extra = sum(k.shape[2] for k, _ in pairs)
-        key = torch.cat([*(k for k, _ in pairs), key], dim=2)
-        value = torch.cat([*(v for _, v in pairs), value], dim=2)
-        attention_mask = _extend_mask(attention_mask, module, query.shape[2], kv_len, extra, query.device)
-        bias = kwargs.get("position_bias")
-        if bias is not None:
-            kwargs["position_bias"] = torch.nn.functional.pad(bias, (extra, 0))
+    if not prefixes:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    batch, kv_len = query.shape[0], key.shape[2]
+    triples = [fn(batch, key.dtype) for fn in prefixes]
+    extra = sum(k.shape[2] for k, _, _ in triples)
+    attention_mask = _extend_mask(attention_mask, module, query.shape[2], kv_len, extra, query.device)
+    bias = kwargs.get("position_bias")
+    if bias is not None:
+        kwargs["position_bias"] = torch.nn.functional.pad(bias, (extra, 0))
+    if any(g is not None and g.shape[1] > 1 for _, _, g in triples):
+        return _gated_by_position(module, query, key, value, attention_mask, triples, **kwargs)
+    pairs = [(k, v) if g is None else (k * g.view(batch, 1, 1, 1), v * g.view(batch, 1, 1, 1)) for k, v, g in triples]
+    key = torch.cat([*(k for k, _ in pairs), key], dim=2)
+    value = torch.cat([*(v for _, v in pairs), value], dim=2)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def _gated_by_position(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    triples: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+    **kwargs: Any,
+):
+    """Attention where prefix i's keys and values are scaled by g_i[t] at query position t, in one SDPA call.
+
+    The head dimension is widened into blocks, block 0 for the sequence and block i for prefix i: queries
+    [q, g_1·q, ...], sequence keys and values in block 0, prefix i's in block i, zeros elsewhere. A score is then
+    q·k for a sequence key and g_i·(q·k) for a prefix key, and the output's block i holds prefix i's share of the
+    average, which is scaled by g_i before the blocks are summed."""
+    batch, dim = query.shape[0], query.shape[-1]
+    blocks = 1 + len(triples)
+    scaling = kwargs.pop("scaling", None)
+    scaling = dim**-0.5 if scaling is None else scaling
+    gates = [torch.ones_like(query[:, :1, :, :1]) if g is None else g.unsqueeze(1) for _, _, g in triples]
+
+    def place(t: torch.Tensor, i: int) -> torch.Tensor:
+        d = t.shape[-1]
+        return torch.nn.functional.pad(t, (i * d, (blocks - 1 - i) * d))
+
+    wide_query = torch.cat([query, *(query * g for g in gates)], dim=-1)
+    wide_key = torch.cat([*(place(k, i + 1) for i, (k, _, _) in enumerate(triples)), place(key, 0)], dim=2)
+    wide_value = torch.cat([*(place(v, i + 1) for i, (_, v, _) in enumerate(triples)), place(value, 0)], dim=2)
+    out, weights = sdpa_attention_forward(
+        module, wide_query, wide_key, wide_value, attention_mask, scaling=scaling, **kwargs
+    )
+    d = value.shape[-1]
+    parts = out.unflatten(-1, (blocks, d))  # (batch, length, heads, blocks, d)
+    summed = parts[..., 0, :]
+    for i, g in enumerate(gates):
+        summed = summed + parts[..., i + 1, :] * g.view(batch, -1, 1, 1)
+    return summed, weights
 
 
 def _full_mask(*args: Any, **kwargs: Any):
@@ -222,11 +269,6 @@ AttentionInterface.register(ATTN_NAME, prefix_attention)
 AttentionMaskInterface.register(ATTN_NAME, _full_mask)
 
 
-#: The forward argument that carries the key/value cache: ``past_key_values`` up to transformers 5.23, ``cache``
-#: from 5.24 on.
-CACHE_ARGS = ("cache", "past_key_values")
-
-
 @register
 @dataclass
 class PromptSettings(Settings):
@@ -234,6 +276,7 @@ class PromptSettings(Settings):
     ``init`` 'vocab' copies randomly drawn token embeddings, 'random' draws them from N(0, 0.02)."""
 
     kind = "prompt"
+    packable = False  # the soft prompt leads the row, not each example packed into it
     roles = frozenset({"prompt"})
     default_lr = 3e-1  # Lester et al.
 

@@ -43,6 +43,8 @@ class TrainConfig:
     patience: int | None = None
     precision: str = "fp32"
     gradient_checkpointing: bool = False
+    #: generative decoders: pack each batch's examples end to end into rows of max_length (boundaries kept)
+    packing: bool = False
     dropout: float | None = None
     #: AdaMix's consistency regularisation: the weight of the symmetrised KL divergence between two forward
     #: passes through different random experts (None: 1 for a spec with AdaMix modules, 0 otherwise)

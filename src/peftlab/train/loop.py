@@ -55,6 +55,11 @@ CHECK_SIZE = 200
 StepCallback = Callable[[int, float], None]
 
 
+#: how a packed batch is called: transformers reads packing off the positions only without a cache (a model in its
+#: forward makes one unless told not to)
+PACKED_CALL = {"use_cache": False}
+
+
 def batch_loss(
     pm: nn.Module, batch: dict[str, torch.Tensor], objective: TrainingLoss | None, weight: float
 ) -> torch.Tensor:
@@ -163,6 +168,8 @@ class Run:
         self.device = default_device()
         self.pm, self.encoder = _prepare_model(spec, config, self.task, model, self.device, warm)
         self.frozen = _frozen_prefix(self.pm, config, warm)
+        if config.packing:
+            self._check_packing(spec)
         self.per_rank = config.batch_size // self.world
         if self.per_rank * self.world != config.batch_size:
             raise PeftlabError(f"batch_size {config.batch_size} must be divisible by the {self.world} processes")
@@ -203,6 +210,37 @@ class Run:
             **dict.fromkeys(("tokenize_s", "train_s", "eval_s", "checkpoint_s"), 0.0),
             **({"cache_s": 0.0} if self.frozen is not None else {}),
         }
+
+    def _check_packing(self, spec: Spec) -> None:
+        """Refuse ``packing`` where packed examples would see each other: not a generative decoder task, a kind every
+        position attends to (prompt, prefix), a gate averaged over the row; and check on a few training examples that
+        this model keeps them apart (the packed batch's loss is the padded batch's)."""
+        if not self.task.generative or self.encoder.seq2seq:
+            raise PeftlabError(
+                f"--packing packs prompt/response examples for decoders; task '{self.task.name}' on this model is not "
+                "one (classification, or an encoder-decoder)"
+            )
+        shared = sorted({s.kind for s in spec.settings() if not s.packable}) + ["gates"] * spec.gates
+        if shared:
+            raise PeftlabError(
+                f"--packing cannot keep packed examples apart under {', '.join(shared)} (every position of a packed "
+                "row would share them); train without --packing"
+            )
+        rows = self.splits.train[:4]
+        if len(rows) < 2:
+            return
+        was = self.pm.training
+        self.pm.eval()
+        with torch.no_grad():
+            padded = self.pm(**{k: v.to(self.device) for k, v in self.encoder(rows).items()}).loss
+            batch = {k: v.to(self.device) for k, v in self.encoder.pack(rows)[0].items()}
+            packed = self.pm(**batch, **PACKED_CALL).loss
+        self.pm.train(was)
+        if not torch.isclose(packed, padded, rtol=1e-4, atol=1e-5):
+            raise PeftlabError(
+                f"this model ({self.pm.config.model_type}) lets packed examples attend to each other (loss "
+                f"{float(packed):.4f} packed vs {float(padded):.4f} padded); train without --packing"
+            )
 
     def _learned_nothing(self) -> tuple[float, float | None] | None:
         """What a run that learned nothing shows: the constant prediction's dev score and the label prior's
@@ -257,8 +295,13 @@ class Run:
             if not mine:
                 continue
             rows: list[Example] = [self.splits.train[j] for j in mine]
-            batch = {k: v.to(self.device) for k, v in self.encoder(rows).items()}
-            self.state["tokens"] += int(batch["attention_mask"].sum())
+            if config.packing:
+                batch, tokens = self.encoder.pack(rows)
+            else:
+                batch = self.encoder(rows)
+                tokens = int(batch["attention_mask"].sum())
+            batch = {k: v.to(self.device) for k, v in batch.items()} | (PACKED_CALL if config.packing else {})
+            self.state["tokens"] += tokens
             with self.autocast, self.frozen.feeding(batch) if self.frozen is not None else nullcontext():
                 loss = batch_loss(self.pm, batch, self.objective, self.weight) * (len(mine) / len(group))
             (self.scaler.scale(loss) if self.scaler else loss).backward()

@@ -9,6 +9,11 @@ with ``chat_template``.
 
 Too long for ``max_length``: the prompt is cut from the left (its end, nearest the answer, stays) down to half the
 limit, then the response is cut from the right; both are counted and reported, never silent.
+
+Packing (:meth:`ResponseEncoder.pack`, decoders): a batch's examples are laid end to end in as few rows of
+``max_length`` as fit, each with positions from 0 and no attention mask, so that transformers' causal mask keeps
+them apart (it reads example boundaries off restarting ``position_ids`` when no mask is given); the loss covers the
+same response tokens as the padded batch, so it is the same number, with less padding to compute.
 """
 
 from __future__ import annotations
@@ -138,6 +143,36 @@ class ResponseEncoder:
         batch["labels"] = _pad([e["labels"] for e in encoded], -100, left=False)["input_ids"]
         self.elapsed += time.perf_counter() - start
         return batch
+
+    def pack(self, rows: list[GenExample]) -> tuple[dict[str, torch.Tensor], int]:
+        """A training batch with the examples packed (first fit, longest first) into rows of at most ``max_length``
+        tokens: ids, ``position_ids`` restarting at 0 for each example, labels (-100 off the responses and at each
+        example's first token, which nothing in its own row predicts); and the number of real tokens."""
+        if self.seq2seq:
+            raise PeftlabError("packing is for decoders; an encoder-decoder (T5) reads each prompt on its own")
+        start = time.perf_counter()
+        encoded = sorted(self._encoded(rows), key=lambda e: -len(e["input_ids"]))
+        packed: list[dict[str, list[int]]] = []
+        for e in encoded:
+            row = next((r for r in packed if len(r["input_ids"]) + len(e["input_ids"]) <= self.max_length), None)
+            if row is None:
+                row = {"input_ids": [], "labels": [], "position_ids": []}
+                packed.append(row)
+            row["input_ids"] += e["input_ids"]
+            row["labels"] += [-100, *e["labels"][1:]]
+            row["position_ids"] += list(range(len(e["input_ids"])))
+        width = max(len(r["input_ids"]) for r in packed)
+        batch = {
+            # padding is one more example (positions from 0) whose labels are all -100
+            key: torch.tensor([r[key] + fill(width - len(r[key])) for r in packed])
+            for key, fill in (
+                ("input_ids", lambda n: [self.pad_id] * n),
+                ("labels", lambda n: [-100] * n),
+                ("position_ids", lambda n: list(range(n))),
+            )
+        }
+        self.elapsed += time.perf_counter() - start
+        return batch, sum(len(e["input_ids"]) for e in encoded)
 
     def prompts(self, rows: list[GenExample], room: int = 0) -> dict[str, torch.Tensor]:
         """The prompts of ``rows`` to generate from: decoders padded on the left and cut from the left to leave
