@@ -197,7 +197,7 @@ def storage_bytes(model: nn.Module) -> int:
                 continue
             seen.add(id(p))
             if kind is not None and p is m.weight:
-                total += _quantized_weight_bytes(p, kind, m.out_features)
+                total += _quantized_weight_bytes(p, kind, m.out_features, _row_scales(m))
             else:
                 total += p.numel() * p.element_size()
         for b in m.buffers(recurse=False):
@@ -207,14 +207,20 @@ def storage_bytes(model: nn.Module) -> int:
     return total
 
 
-def _quantized_weight_bytes(p: torch.Tensor, kind: str, out_features: int) -> int:
+def _row_scales(module: nn.Module) -> torch.Tensor | None:
+    """An 8-bit weight's per-row scales: on the weight until its first forward, then moved to the layer's state."""
+    scb = getattr(module.weight, "SCB", None)
+    state = getattr(module, "state", None)
+    return scb if scb is not None else getattr(state, "SCB", None)
+
+
+def _quantized_weight_bytes(p: torch.Tensor, kind: str, out_features: int, scb: torch.Tensor | None) -> int:
     state = getattr(p, "quant_state", None)
     if kind == "nf4" and state is not None and p.device.type != "meta":
         extra = [state.absmax, state.code]
         if state.nested:
             extra += [state.state2.absmax, state.state2.code]
         return p.numel() * p.element_size() + sum(t.numel() * t.element_size() for t in extra)
-    scb = getattr(p, "SCB", None)
     if kind == "int8" and scb is not None and p.device.type != "meta":
         return p.numel() * p.element_size() + scb.numel() * scb.element_size()
     n = logical_numel(p)  # on the meta device: what quantizing will store
@@ -232,7 +238,7 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
         return torch.empty(module.out_features, module.in_features, device="meta")
     if quantize_kind(module) == "nf4":
         return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(torch.float32)
-    return (w.data.to(torch.float32) * w.SCB.to(torch.float32)[:, None]) / 127.0
+    return (w.data.to(torch.float32) * _row_scales(module).to(torch.float32)[:, None]) / 127.0
 
 
 def merge_refusal(module: nn.Module) -> str:
