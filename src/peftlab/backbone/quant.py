@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import BitsAndBytesConfig
 
 from peftlab.errors import PeftlabError
 from peftlab.optional import require
@@ -80,8 +81,6 @@ def quantization_config(kind: str, dtype: torch.dtype | None, skip: list[str]) -
     plain float32 and sizes are exact) computing in ``dtype`` (float32 by default), or LLM.int8() with frozen 8-bit
     weights. ``skip``: modules kept in full precision."""
     bitsandbytes()
-    from transformers import BitsAndBytesConfig
-
     if kind == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -95,22 +94,16 @@ def quantization_config(kind: str, dtype: torch.dtype | None, skip: list[str]) -
     )
 
 
-def full_precision_modules(model: nn.Module) -> list[str]:
-    """The linear modules outside the transformer blocks (task heads, LM heads, poolers): QLoRA keeps them, with
-    embeddings and norms, in full precision. Models peftlab has no anatomy for keep only transformers' default
-    (the output embeddings)."""
-    from peftlab.backbone.anatomy import anatomy_for, find_blocks
+def full_precision_modules(model: nn.Module, blocks: list[nn.Module]) -> list[str]:
+    """The linear modules outside the transformer ``blocks`` (task heads, LM heads, poolers): QLoRA keeps them,
+    with embeddings and norms, in full precision."""
+    inside = {id(m) for b in blocks for m in b.modules()}
+    return [name for name, m in model.named_modules() if id(m) not in inside and is_linear(m)]
 
-    try:
-        blocks = find_blocks(model, anatomy_for(model.config.model_type))
-    except PeftlabError:
-        return []
-    inside = {id(m) for b in blocks for m in b.module.modules()}
-    return [
-        name
-        for name, m in model.named_modules()
-        if id(m) not in inside and (isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D")
-    ]
+
+def is_linear(m: nn.Module) -> bool:
+    """A linear layer as quantizing sees one: ``nn.Linear`` (bitsandbytes' modules are subclasses) or GPT-2's Conv1D."""
+    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
 
 
 def finish(model: nn.Module, kind: str) -> nn.Module:
@@ -130,11 +123,13 @@ def finish(model: nn.Module, kind: str) -> nn.Module:
     return model
 
 
-def quantize_loaded(model: nn.Module, kind: str, dtype: torch.dtype | None, head_cls: Any) -> nn.Module:
+def quantize_loaded(
+    model: nn.Module, kind: str, dtype: torch.dtype | None, head_cls: Any, skip: list[str]
+) -> nn.Module:
     """A full-precision model quantized by the loader that quantizes checkpoints: written to a temporary folder
     (safetensors) and read back with the quantization config, so it is the same model a quantized checkpoint load
-    gives. The full-precision copy is released before the read-back."""
-    config = quantization_config(kind, dtype, full_precision_modules(model))
+    gives. The full-precision copy is released before the read-back; ``skip``: modules kept in full precision."""
+    config = quantization_config(kind, dtype, skip)
     with tempfile.TemporaryDirectory(prefix="peftlab-quantize-") as folder:
         model.save_pretrained(folder)
         del model
@@ -145,15 +140,26 @@ def quantize_loaded(model: nn.Module, kind: str, dtype: torch.dtype | None, head
     return finish(quantized.eval(), kind)
 
 
-def quantize_meta(model: nn.Module, kind: str, dtype: torch.dtype | None) -> nn.Module:
-    """A meta-device model with bitsandbytes modules in place of its block linears, unquantized: what counting a
-    quantized shape (``peftlab show --quantize``) needs, without weights in memory."""
-    bitsandbytes()
-    from transformers.integrations.bitsandbytes import replace_with_bnb_linear
-
-    config = quantization_config(kind, dtype, full_precision_modules(model))
-    with _quiet("transformers"):
-        replace_with_bnb_linear(model, config.llm_int8_skip_modules, config)
+def quantize_meta(model: nn.Module, kind: str, dtype: torch.dtype | None, skip: list[str]) -> nn.Module:
+    """A meta-device model with bitsandbytes modules in place of its linears (but ``skip``), unquantized: what
+    counting a quantized shape (``peftlab show --quantize``) needs, without weights in memory. The modules are the
+    ones transformers' loader puts there."""
+    bnb = bitsandbytes()
+    kept = set(skip)
+    for name, m in list(model.named_modules()):
+        if name in kept or not is_linear(m):
+            continue
+        in_f, out_f = m.weight.shape if type(m).__name__ == "Conv1D" else (m.in_features, m.out_features)
+        bias = m.bias is not None
+        with torch.device("meta"):
+            if kind == "nf4":
+                new = bnb.nn.Linear4bit(
+                    in_f, out_f, bias, dtype or torch.float32, compress_statistics=False, quant_type="nf4"
+                )
+            else:
+                new = bnb.nn.Linear8bitLt(in_f, out_f, bias, has_fp16_weights=False, threshold=INT8_THRESHOLD)
+        new.requires_grad_(False)
+        model.set_submodule(name, new)
     model.peftlab_quantize = kind
     return model
 

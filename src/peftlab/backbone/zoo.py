@@ -32,7 +32,7 @@ from transformers import (
 )
 
 from peftlab.backbone import quant
-from peftlab.backbone.anatomy import model_type_facts
+from peftlab.backbone.anatomy import anatomy_for, find_blocks, model_type_facts
 from peftlab.errors import PeftlabError
 
 HEADS = {
@@ -223,9 +223,19 @@ def _quantized(
     if quantize is None:
         return model
     if meta:
-        return quant.quantize_meta(model, quantize, dtype)
+        return quant.quantize_meta(model, quantize, dtype, _full_precision(model))
     head = head or model_type_facts(model.config.model_type).default_head
-    return quant.quantize_loaded(model, quantize, dtype, HEADS[head])
+    return quant.quantize_loaded(model, quantize, dtype, HEADS[head], _full_precision(model))
+
+
+def _full_precision(model: nn.Module) -> list[str]:
+    """The linears a quantized base keeps in full precision: those outside the transformer blocks (heads, poolers).
+    A model type peftlab has no anatomy for keeps transformers' default (its output embeddings)."""
+    try:
+        blocks = find_blocks(model, anatomy_for(model.config.model_type))
+    except PeftlabError:
+        return []
+    return quant.full_precision_modules(model, [b.module for b in blocks])
 
 
 def _from_config(
@@ -265,7 +275,7 @@ def _pretrained(
     if "gguf_file" not in kw:
         extra["use_safetensors"] = True  # pickled weights can run code when loaded: never unpickle
     if quantize is not None:  # quantized while it loads: the full-precision weights are never all in memory
-        skip = quant.full_precision_modules(_from_config(config, head, True, dtype, 0))
+        skip = _full_precision(_from_config(config, head, True, dtype, 0))
         extra |= {"quantization_config": quant.quantization_config(quantize, dtype, skip), "device_map": "cpu"}
     try:
         model = HEADS[head].from_pretrained(source, config=config, attn_implementation="sdpa", **kw, **extra)

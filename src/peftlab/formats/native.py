@@ -17,7 +17,7 @@ from torch import nn
 
 from peftlab.atomic import write_files
 from peftlab.backbone.anatomy import Anatomy, anatomy_for, find_blocks
-from peftlab.backbone.quant import model_quantize
+from peftlab.backbone.quant import is_linear, model_quantize
 from peftlab.core.spec import Spec
 from peftlab.errors import AdapterLoadError, PeftlabError
 from peftlab.formats.keys import stored_tensors
@@ -64,7 +64,7 @@ def fingerprint(model: nn.Module, anatomy: Anatomy | None = None) -> dict[str, A
     kept = list(tensors)  # what quantizing leaves as it was: the embeddings and the blocks' norms
     for block in (blocks[0], blocks[-1]):
         tensors += [p for _, p in sorted(block.module.named_parameters())]
-        linear = {id(p) for m in block.module.modules() if _is_linear(m) for p in m.parameters(recurse=False)}
+        linear = {id(p) for m in block.module.modules() if is_linear(m) for p in m.parameters(recurse=False)}
         kept += [p for _, p in sorted(block.module.named_parameters()) if id(p) not in linear]
     on_meta = any(t.device.type == "meta" for t in tensors)
     return {
@@ -75,10 +75,6 @@ def fingerprint(model: nn.Module, anatomy: Anatomy | None = None) -> dict[str, A
         "quantize": model_quantize(model),
         "unquantized_sha256": None if on_meta else _sample_hash(kept),
     }
-
-
-def _is_linear(m: nn.Module) -> bool:
-    return isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
 
 
 def _prepare_dir(directory: Path, overwrite: bool) -> None:
