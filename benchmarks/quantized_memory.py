@@ -1,14 +1,17 @@
-"""Memory of loading a base in full precision, NF4 and int8 (``load_model(name, quantize=...)``), each in a fresh process.
+"""Memory of loading a base in full precision, NF4 and int8 (``load_model(name, quantize=...)``), each afresh.
 
 Per setting: the resident set before loading (Python, torch, transformers, peftlab imported), the peak resident set
 while loading, the resident set once loaded, the bytes the model's tensors occupy (peftlab's count: packed weights
 with their scales), and the median forward time of one 1×128-token batch in eval mode on one thread.
 
 SmolLM2-135M is packaged as a GGUF file, which transformers cannot quantize while loading: the model is read in
-full precision and then quantized (written to a temporary folder and read back quantized), so its *peak* is the
-full-precision load's; what quantizing buys shows in the memory once loaded and in the tensors' bytes.
+full precision and then quantized (written to a temporary folder and read back quantized), so its peak is the
+full-precision load's, and memory the freed full-precision copy held is not all given back to the system. The
+same weights saved as a safetensors folder (``--folder``, made once by this script) are quantized while they load,
+which is what a quantized base costs when it comes as safetensors (every hub checkpoint).
 
-    OMP_NUM_THREADS=1 python benchmarks/quantized_memory.py --model smollm2-135m --output benchmarks/results/quantized_memory.json
+    OMP_NUM_THREADS=1 python benchmarks/quantized_memory.py --model smollm2-135m --folder \
+        --output benchmarks/results/quantized_memory.json
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 SETTINGS = ("fp32", "nf4", "int8")
@@ -49,6 +53,15 @@ print(json.dumps({"setting": setting, "rss_before": before, "peak_rss": peak, "r
 """
 
 
+_SAVE = """
+import sys
+from pathlib import Path
+import peftlab
+from peftlab.backbone.quant import write_folder
+write_folder(peftlab.load_model(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
 def measure(model: str, setting: str) -> dict:
     """One setting in a fresh interpreter: a process's peak resident set only grows, so each needs its own."""
     env = os.environ | {"OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
@@ -66,12 +79,14 @@ def table(rows: list[dict]) -> str:
     """A markdown table, forward times relative to full precision."""
     base = rows[0]["forward_s"]
     lines = [
-        "| base | RSS before load (MiB) | peak RSS (MiB) | RSS loaded (MiB) | tensors (MiB) | forward 1×128 (s) | vs fp32 |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| load | base | RSS before load (MiB) | peak RSS (MiB) | RSS loaded (MiB) | tensors (MiB) "
+        "| forward 1×128 (s) | vs fp32 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['setting']} | {_mib(r['rss_before'])} | {_mib(r['peak_rss'])} | {_mib(r['rss_loaded'])} | "
+            f"| {r['source']} | {r['setting']} | {_mib(r['rss_before'])} | {_mib(r['peak_rss'])} | "
+            f"{_mib(r['rss_loaded'])} | "
             f"{_mib(r['model_bytes'])} | {r['forward_s']:.3f} | {r['forward_s'] / base:.2f}× |"
         )
     return "\n".join(lines)
@@ -80,9 +95,14 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--folder", action="store_true", help="also load from a safetensors copy of the model")
     parser.add_argument("--output", help="write the rows and the command as JSON here")
     args = parser.parse_args()
-    rows = [measure(args.model, s) for s in SETTINGS]
+    rows = [measure(args.model, s) | {"source": args.model} for s in SETTINGS]
+    if args.folder:
+        with tempfile.TemporaryDirectory(prefix="quantized-memory-") as folder:
+            subprocess.run([sys.executable, "-c", _SAVE, args.model, folder], check=True, capture_output=True)
+            rows += [measure(folder, s) | {"source": "safetensors folder"} for s in SETTINGS]
     print(table(rows))
     if args.output:
         import bitsandbytes

@@ -15,14 +15,18 @@ really occupy). Merging an adapter into a quantized weight is refused (see :func
 
 from __future__ import annotations
 
+import copy
+import gc
 import logging
 import math
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_model
 from torch import nn
 from transformers import BitsAndBytesConfig
 
@@ -124,20 +128,39 @@ def finish(model: nn.Module, kind: str) -> nn.Module:
 
 
 def quantize_loaded(
-    model: nn.Module, kind: str, dtype: torch.dtype | None, head_cls: Any, skip: list[str]
+    make: Callable[[], nn.Module],
+    kind: str,
+    dtype: torch.dtype | None,
+    head_cls: Any,
+    full_precision: Callable[[nn.Module], list[str]],
 ) -> nn.Module:
-    """A full-precision model quantized by the loader that quantizes checkpoints: written to a temporary folder
-    (safetensors) and read back with the quantization config, so it is the same model a quantized checkpoint load
-    gives. The full-precision copy is released before the read-back; ``skip``: modules kept in full precision."""
-    config = quantization_config(kind, dtype, skip)
+    """A full-precision model (what ``make`` loads) quantized by the loader that quantizes checkpoints: written to a
+    temporary folder (safetensors) and read back with the quantization config, so it is the same model a quantized
+    checkpoint load gives. ``make`` is called here so that nothing else holds the full-precision copy: it is freed
+    before the read-back. ``full_precision``: the modules of a model to keep unquantized."""
+    model = make()
+    config = quantization_config(kind, dtype, full_precision(model))
+    head_cls = head_cls or type(model)  # the model type's natural class: the one it was built as
     with tempfile.TemporaryDirectory(prefix="peftlab-quantize-") as folder:
-        model.save_pretrained(folder)
+        write_folder(model, Path(folder))
         del model
+        gc.collect()
         with _quiet("transformers"):
             quantized = head_cls.from_pretrained(
                 folder, quantization_config=config, device_map="cpu", attn_implementation="sdpa"
             )
     return finish(quantized.eval(), kind)
+
+
+def write_folder(model: nn.Module, folder: Path) -> None:
+    """A full-precision model as a transformers folder (config.json, model.safetensors). Written by hand:
+    ``save_pretrained`` refuses a model read from GGUF (transformers marks it quantized by gguf, though its tensors
+    are dequantized floats), and the config must not carry that mark into a later load."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def quantize_meta(model: nn.Module, kind: str, dtype: torch.dtype | None, skip: list[str]) -> nn.Module:

@@ -207,25 +207,26 @@ def load_model(
         _check_head(head)
     if name.startswith("shape:"):
         config = _shape_config(name, num_labels)
-        model = _from_config(config, head, meta, dtype, seed)
-        return _quantized(model, quantize, meta, dtype, head)
+        return _quantized(lambda: _from_config(config, head, meta, dtype, seed), quantize, meta, dtype, head)
     source, kw = pretrained_source(name)
     if quantize is not None and not meta and "gguf_file" not in kw:
         return _pretrained(source, head, num_labels, meta, dtype, quantize=quantize, **kw)
-    model = _pretrained(source, head, num_labels, meta, dtype, **kw)
-    return _quantized(model, quantize, meta, dtype, head)  # transformers cannot quantize a GGUF file on load
+    # transformers cannot quantize a GGUF file while loading it
+    return _quantized(lambda: _pretrained(source, head, num_labels, meta, dtype, **kw), quantize, meta, dtype, head)
 
 
 def _quantized(
-    model: nn.Module, quantize: str | None, meta: bool, dtype: torch.dtype | None, head: str | None
+    make: Callable[[], nn.Module], quantize: str | None, meta: bool, dtype: torch.dtype | None, head: str | None
 ) -> nn.Module:
-    """``model`` quantized after loading in full precision (random init, GGUF), or as it is without ``quantize``."""
+    """The model ``make`` loads, quantized after loading in full precision (random init, GGUF), or as it is without
+    ``quantize``. A loader rather than a model, so that the quantizing holds the only full-precision copy."""
     if quantize is None:
-        return model
+        return make()
     if meta:
+        model = make()
         return quant.quantize_meta(model, quantize, dtype, _full_precision(model))
-    head = head or model_type_facts(model.config.model_type).default_head
-    return quant.quantize_loaded(model, quantize, dtype, HEADS[head], _full_precision(model))
+    head_cls = HEADS[head] if head is not None else None
+    return quant.quantize_loaded(make, quantize, dtype, head_cls, _full_precision)
 
 
 def _full_precision(model: nn.Module) -> list[str]:
