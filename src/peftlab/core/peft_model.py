@@ -115,7 +115,10 @@ class PeftModel(nn.Module):
         return self._blocks
 
     def _param(self) -> torch.Tensor:
-        return next(self.base_model.parameters())
+        """A floating-point backbone parameter: its device and dtype are the modules' (a quantized base also holds
+        packed integer weights)."""
+        params = list(self.base_model.parameters())
+        return next((p for p in params if p.is_floating_point()), params[0])
 
     # -- adapters ------------------------------------------------------------------------------------
     def add_adapter(self, name: str, spec: Spec) -> None:
@@ -293,9 +296,17 @@ class PeftModel(nn.Module):
     def _is_merged(self, name: str) -> bool:
         return any(m.merged for _, m in self.adapters[name].all_modules())
 
+    def _refuse_merge(self) -> None:
+        """One line for the first module whose kind merges but not into this backbone (a quantized base)."""
+        for key, m in self._active_modules():
+            why = m.merge_refusal()
+            if why is not None:
+                raise PeftlabError(f"module {key}: {why}")
+
     def merge(self) -> None:
         """Fold every mergeable module of the active adapter into the backbone weights; the rest
-        (adapters, prefixes, gated LoRA) keep running through hooks."""
+        (adapters, prefixes, gated LoRA) keep running through hooks. On a quantized base, refused."""
+        self._refuse_merge()
         for _, m in self._active_modules():
             if m.mergeable and not m.merged:
                 m.merge()
@@ -309,6 +320,7 @@ class PeftModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """The backbone with the active adapter merged in and no hooks left: a plain transformers model."""
+        self._refuse_merge()
         left = [k for k, m in self._active_modules() if not m.unloadable]
         if left:
             raise SpecError(f"cannot unload: modules {', '.join(left[:5])} cannot be merged into weights")

@@ -38,6 +38,8 @@ On :class:`PeftModule` (per built module):
   ``state_prefix`` sets the tensors' key root (default ``layers.<layer>-<site>``).
 - ``fold()`` / ``unloadable``: what ``merge_and_unload`` does beyond ``merge`` (a head copy overwrites the
   head, so it unloads though it does not merge).
+- ``merge_refusal()``: why this module cannot merge into this particular backbone although its kind merges (a
+  quantized base weight); ``merge`` then refuses with that line instead of leaving the module unmerged.
 - ``flops_per_token()`` / ``flops_per_step()``: the matmul FLOPs the module adds to a forward pass, per token it acts
   on and once per pass (e.g. a prefix MLP); ``peftlab bench`` predicts a training step's cost from them (the
   backward of matmuls with trained weights costing twice their forward). None (the default): not modelled, so a
@@ -285,6 +287,10 @@ class PeftModule(nn.Module):
     def unloadable(self) -> bool:
         """Whether ``merge_and_unload`` can leave a plain model without this module's hooks (after ``fold``)."""
         return self.mergeable
+
+    def merge_refusal(self) -> str | None:
+        """Why this module cannot merge into this backbone although its kind merges (None: nothing stops it)."""
+        return None
 
     def merge(self) -> None:
         raise NotImplementedError

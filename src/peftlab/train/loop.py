@@ -100,10 +100,10 @@ def _prepare_model(
     spec: Spec, config: TrainConfig, task: Any, model: nn.Module | None, device: torch.device, warm: WarmStart | None
 ) -> tuple[PeftModel, Encoder]:
     """The backbone in the task's class (the one given, or the worker's), on the device, with the spec applied."""
-    if model is None and warm is not None:
+    if model is None and warm is not None and config.quantize is None:
         model, seq2seq = warm.backbone(config.model, task)
-    elif model is None:
-        model, seq2seq = load_for_task(config.model, task)
+    elif model is None:  # a quantized base is loaded afresh: a worker restores full-precision backbones only
+        model, seq2seq = load_for_task(config.model, task, quantize=config.quantize)
     else:
         seq2seq = model_type_facts(model.config.model_type).seq2seq
     tokenizer, tokens = (warm.tokenizer(config.model, model), warm.tokens) if warm is not None else (None, None)
