@@ -143,5 +143,7 @@ def count(pm, adapter_name: str) -> Counts:
         # e.g. the prefix MLP is discarded on save; VeRA's frozen projections (buffers) are kept, not trained
         kept = _numel(part.state_dict().values()) if part.peftlab_stored else 0
         changed = 0 if getattr(part, "peftlab_folds", False) else kept
+        if hasattr(part, "changed_numel"):  # e.g. a sparse mask: stores values and indices, changes the values
+            changed = part.changed_numel()
         c._add(part.peftlab_kind, "shared", n, kept, changed)
     return c

@@ -28,7 +28,7 @@ from peftlab.errors import PeftlabError, SpecError
 from peftlab.formats import interop
 from peftlab.formats import native as saving
 from peftlab.formats.keys import module_key
-from peftlab.modules import BuildContext, Dims, PeftModule, Settings
+from peftlab.modules import KINDS, BuildContext, Dims, PeftModule, Settings
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 #: how ``save`` writes each format: the files of the folder, each with its writer
@@ -291,6 +291,19 @@ class PeftModel(nn.Module):
         }
         for switch in self._switches:
             switch(self.base_model, switch in live)
+
+    def prepare(self, batches: Callable[[], Iterator[dict[str, torch.Tensor]]]) -> None:
+        """Let each kind of the active adapter choose from training data before the first step (FishMask's Fisher
+        mask, LT-SFT's mask): :meth:`Settings.prepare` once per kind, with its modules; ``batches()`` gives a fresh
+        iterator over training batches on the model's device. Kinds without the hook ignore it."""
+        if self.active_adapter is None:
+            return
+        by_kind: dict[str, list[PeftModule]] = {}
+        for _, module in self.adapters[self.active_adapter].all_modules():
+            by_kind.setdefault(module.kind, []).append(module)
+        for kind, modules in by_kind.items():
+            if kind in KINDS:
+                KINDS[kind].prepare(self, modules, batches)
 
     # -- merging ------------------------------------------------------------------------------------
     def _is_merged(self, name: str) -> bool:
