@@ -103,13 +103,15 @@ def _lora_init(init: str, r: int, alpha: float, targets: str | list[str], **kw: 
 
 
 @method("pissa", "LoRA started from W's principal singular vectors and values", "Meng et al. 2024")
-def pissa(r: int = 8, alpha: float = 8.0, targets: str | list[str] = "qv", niter: int | None = None) -> Spec:
+def pissa(
+    r: int = 8, alpha: float = 8.0, targets: str | list[str] = "qv", niter: int | None = None, rslora: bool = False
+) -> Spec:
     """PiSSA: A, B start as the top-r singular factors of W (``niter``: by a randomised SVD with that many subspace
     iterations, peft's ``pissa_niter_K``); the backbone stays as it is and the module keeps the model unchanged at
     init by a stored correction (see :class:`~peftlab.modules.linear.LoRA`). alpha = r as in the paper's runs."""
     if niter is not None:
         need_int("niter", niter, 1)
-    return _lora_init("pissa" if niter is None else f"pissa_niter_{niter}", r, alpha, targets)
+    return _lora_init("pissa" if niter is None else f"pissa_niter_{niter}", r, alpha, targets, rslora=rslora)
 
 
 @method("olora", "LoRA started from the QR factors of W", "Büyükakyüz 2024")
