@@ -299,6 +299,11 @@ class Run:
     def _resume(self) -> None:
         """Continue from the output's checkpoint; refuse an output that holds a finished run."""
         if self.ckpt is not None and self.config.resume and (self.ckpt / "state.pt").is_file():
+            if self.config.optimizer == "galore":
+                raise PeftlabError(
+                    f"'{self.ckpt}' holds a GaLore checkpoint, which does not resume (its optimiser state holds "
+                    "projector objects); choose another --output (nothing was changed)"
+                )
             self.state = load_checkpoint(self.ckpt, self.pm, self.opt, self.sched, self.record)
         elif self.out is not None and (self.out / "record.json").is_file():
             raise PeftlabError(
