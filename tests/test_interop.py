@@ -140,6 +140,12 @@ EXPORTS: dict[str, tuple[str, Callable[[], Spec]]] = {
         "tiny-llama",
         lambda: peftlab.methods.lokr(r=1, targets="all-linear", decompose_both=True, decompose_factor=4),
     ),
+    # PiSSA / OLoRA export as the plain rank-2r LoRA peft's path_initial_model_for_weight_conversion writes, which
+    # applies to the unchanged base; EVA (here without data: its plain start) exports as LoRA.
+    "llama-pissa": ("tiny-llama", lambda: peftlab.methods.pissa(r=4, targets="all-linear")),
+    "bert-olora": ("tiny-bert", lambda: peftlab.methods.olora(r=4, targets=["q", "v", "ffn_in", "ffn_out"])),
+    "t5-pissa": ("tiny-t5", lambda: peftlab.methods.pissa(r=2, rslora=True, targets=["q", "v", "cross_v"])),
+    "llama-eva": ("tiny-llama", lambda: peftlab.methods.eva(r=4)),
     "bert-oft": ("tiny-bert", lambda: peftlab.methods.oft(block_size=8, targets=_OFT_SITES)),
     "llama-oft-exact-coft-shared": ("tiny-llama", _exact_oft),
     "t5-oft": ("tiny-t5", lambda: peftlab.methods.oft(block_size=8, targets=["q", "v", "cross_v", "ffn_out"])),

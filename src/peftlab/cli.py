@@ -140,6 +140,12 @@ def _train_config(args: argparse.Namespace, output: str | None):
         stop_hopeless=args.stop_hopeless,
         cache_frozen=args.cache_frozen,
         cache_frozen_mb=args.cache_frozen_mb,
+        init_batches=args.init_batches,
+        loraplus_ratio=args.loraplus_ratio,
+        optimizer=args.optimizer,
+        galore_rank=args.galore_rank,
+        galore_update_gap=args.galore_update_gap,
+        galore_scale=args.galore_scale,
     )
 
 
@@ -534,6 +540,31 @@ def _add_train_args(p: argparse.ArgumentParser, search: bool = False) -> None:
         metavar="MB",
         help="memory for those states (default 512); examples beyond it are computed each time they come",
     )
+    p.add_argument(
+        "--init-batches",
+        type=int,
+        default=8,
+        metavar="N",
+        help="EVA (--method eva): the training batches whose inputs' principal components start LoRA's A (default 8)",
+    )
+    p.add_argument(
+        "--loraplus-ratio",
+        type=float,
+        nargs="?",
+        const=16.0,
+        metavar="RATIO",
+        help="LoRA+: train LoRA's B matrices at RATIO times the learning rate (alone: the paper's 16)",
+    )
+    p.add_argument(
+        "--optimizer",
+        choices=["adamw", "galore"],
+        default="adamw",
+        help="galore: GaLore's AdamW (galore-torch), projecting the gradients of linear weights wider than "
+        "--galore-rank to that rank; for full fine-tuning (adapter matrices are thinner and train as under AdamW)",
+    )
+    p.add_argument("--galore-rank", type=int, default=128, help="GaLore's projection rank (default 128)")
+    p.add_argument("--galore-update-gap", type=int, default=200, help="GaLore: steps between projections (200)")
+    p.add_argument("--galore-scale", type=float, default=0.25, help="GaLore's update scale (default 0.25)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_argument_group("your own data (CSV, TSV or JSONL; --task then just names it)")
     g.add_argument("--train-file", help="training examples; dev is held out from them")

@@ -104,6 +104,41 @@ def dora(r: int = 8, alpha: float = 16.0, targets: str | list[str] = "qv", rslor
     return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
 
 
+def _lora_init(init: str, r: int, alpha: float, targets: str | list[str], **kw: object) -> Spec:
+    s = LoraSettings(r=r, alpha=alpha, init=init, **kw)
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("pissa", "LoRA started from W's principal singular vectors and values", "Meng et al. 2024")
+def pissa(
+    r: int = 8, alpha: float = 8.0, targets: str | list[str] = "qv", niter: int | None = None, rslora: bool = False
+) -> Spec:
+    """PiSSA: A, B start as the top-r singular factors of W (``niter``: by a randomised SVD with that many subspace
+    iterations, peft's ``pissa_niter_K``); the backbone stays as it is and the module keeps the model unchanged at
+    init by a stored correction (see :class:`~peftlab.modules.linear.LoRA`). alpha = r as in the paper's runs."""
+    if niter is not None:
+        need_int("niter", niter, 1)
+    return _lora_init("pissa" if niter is None else f"pissa_niter_{niter}", r, alpha, targets, rslora=rslora)
+
+
+@method("olora", "LoRA started from the QR factors of W", "Büyükakyüz 2024")
+def olora(r: int = 8, alpha: float = 16.0, targets: str | list[str] = "qv") -> Spec:
+    """OLoRA: B, A start as the first r columns of Q and rows of R in W = QR (the model kept unchanged as PiSSA's)."""
+    return _lora_init("olora", r, alpha, targets)
+
+
+@method(
+    "eva", "LoRA with A from the principal components of the layer inputs, ranks redistributed", "Paischer et al. 2024"
+)
+def eva(r: int = 8, alpha: float = 16.0, targets: str | list[str] = "qv", rho: float = 2.0) -> Spec:
+    """EVA: A starts as the top right singular vectors of each site's inputs on the first training batches, and the
+    rank budget (r per site) goes to the components explaining the most variance, at most r·rho per site. It needs
+    data: ``peftlab train`` computes it before the first step (:mod:`peftlab.train.eva`); applied without data the
+    modules start as plain LoRA."""
+    return _lora_init("eva", r, alpha, targets, eva_rho=rho)
+
+
 def _adapter(
     size: int, scaling: float = 1.0, activation: str = "relu", placement: Placement = HOULSBY
 ) -> AdapterSettings:

@@ -23,6 +23,7 @@ INSTALL = {
     "rouge_score": ("rouge-score", 'pip install "peftlab[generation]"'),
     "trl": ("trl", "pip install trl"),
     "bitsandbytes": ("bitsandbytes", 'pip install "peftlab[quant]"'),
+    "galore_torch": ("galore-torch", 'pip install "peftlab[galore]"'),
 }
 #: peftlab modules that import an optional package at their top, and that package
 WRAPPERS = {"peftlab.search.bo": "botorch"}

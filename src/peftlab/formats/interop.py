@@ -14,6 +14,7 @@ says that outputs will differ.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -323,9 +324,22 @@ def _fan_in_fan_out(modules: list[tuple[str, Settings, nn.Module]]) -> bool:
     return any(m.ref.transposed for _, _, m in modules)
 
 
+def _as_plain_lora(s: LoraSettings, module: nn.Module) -> LoraSettings:
+    """A site's settings as the plain LoRA it exports to: PiSSA / OLoRA (their start subtracted, peft's
+    ``path_initial_model_for_weight_conversion``) at twice the rank and the alpha that keeps the scaling; the other
+    inits are plain LoRA once started."""
+    if not module.residual:
+        return dataclasses.replace(s, init="default")
+    alpha = s.alpha * (math.sqrt(2) if s.rslora else 2)
+    return dataclasses.replace(s, r=2 * s.r, alpha=alpha, init="default")
+
+
 def _export_lora(
-    pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
+    pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str], convert: bool = True
 ) -> tuple[dict[str, Any], Tensors]:
+    """peft's LoRA layout. ``convert``: a PiSSA / OLoRA adapter is written as the plain LoRA that peft's save
+    converts it to, so it applies to the unchanged base model (the one peftlab keeps); False: its config as peft
+    would start it (``peft_equivalent``)."""
     modules = _linear_modules(adapter, placed, names, LoraSettings, "LoRA")
     dropouts = sorted({s.dropout for _, s, _ in modules})
     if len(dropouts) > 1:
@@ -333,6 +347,8 @@ def _export_lora(
             f"cannot export to the peft format: peft has one lora_dropout for all modules, "
             f"this adapter uses {', '.join(map(str, dropouts))} at different sites"
         )
+    if convert:
+        modules = [(name, _as_plain_lora(s, m), m) for name, s, m in modules]
     # The most common (r, alpha, rslora) is the default; other sites go to rank_pattern / alpha_pattern.
     # A site whose rslora differs from the default gets the alpha that gives its scaling under the default.
     r0, alpha0, rslora0 = Counter((s.r, s.alpha, s.rslora) for _, s, _ in modules).most_common(1)[0][0]
@@ -347,6 +363,9 @@ def _export_lora(
             alpha_pattern[re.escape(name)] = alpha
         a_key, b_key = (_key_root(False) + k.format(name) for k in _LORA_WEIGHT)
         tensors[a_key], tensors[b_key] = module.lora_A, module.lora_B
+        if convert and module.residual:  # s·(B·A - B0·A0) = s·[B, -B0]·[A; A0], as peft's conversion writes it
+            tensors[a_key] = torch.cat([module.lora_A, module.lora_A0], dim=0)
+            tensors[b_key] = torch.cat([module.lora_B, -module.lora_B0], dim=1)
     config = {
         "r": r0,
         "lora_alpha": alpha0,
@@ -1090,12 +1109,22 @@ def peft_equivalent(pm: Any) -> tuple[dict[str, Any] | None, str | None]:
     placed = _placed(pm, adapter)
     names = _module_names(base)
     if kind in _LINEAR_EXPORTS:
+        inits = {s.init for s in placed.values() if isinstance(s, LoraSettings)}
+        if "eva" in inits:
+            return None, "peft's EVA needs initialize_lora_eva_weights with a data loader"
+        if len(inits) > 1:
+            return None, "peft has one init_lora_weights for all modules"
         try:
-            config, _ = _EXPORTERS[kind](pm, adapter, placed, names)
+            if kind == "lora":
+                config, _ = _export_lora(pm, adapter, placed, names, convert=False)
+            else:
+                config, _ = _EXPORTERS[kind](pm, adapter, placed, names)
         except PeftlabError as e:
             return None, str(e)
         if any(isinstance(s, LoraSettings) and s.dora for s in placed.values()):
             config["use_dora"] = True
+        if inits - {"default"}:
+            config["init_lora_weights"] = next(iter(inits))
     elif kind == "prefix":
         settings = [s for s in placed.values() if isinstance(s, PrefixSettings)]
         if base.config.is_encoder_decoder or len(settings) != len(pm.blocks) or len(set(map(repr, settings))) > 1:

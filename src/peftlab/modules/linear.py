@@ -6,8 +6,11 @@ into the host output when the site is a slice of a fused projection, and a weigh
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +28,35 @@ from peftlab.modules.base import (
     need_int,
     register,
 )
+
+#: LoRA initialisations: Hu et al.'s (A random, B zero), PiSSA's principal singular vectors (``pissa_niter_K``: by K
+#: subspace iterations of a randomised SVD), OLoRA's QR factors, and EVA's principal components of the layer inputs
+INITS = ("default", "pissa", "pissa_niter_K", "olora", "eva")
+#: inits that start from a factorisation of W: the model is kept unchanged by a stored residual correction
+RESIDUAL_INITS = ("pissa", "olora")
+_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def _residual_init(init: str) -> bool:
+    return init in RESIDUAL_INITS or bool(_NITER.fullmatch(init))
+
+
+def factorise(weight: torch.Tensor, r: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A0, B0) with scaling·B0·A0 the part of W (out, in) that PiSSA or OLoRA hands to the adapter, computed in
+    float32 as peft's ``pissa_init`` / ``olora_init`` do (so the factors are peft's)."""
+    w = weight.detach().to(torch.float32)
+    if init == "olora":
+        q, rr = torch.linalg.qr(w)
+        return rr[:r].contiguous(), q[:, :r].contiguous()
+    niter = _NITER.fullmatch(init)
+    if niter:
+        v, s, u = torch.svd_lowrank(w, r, niter=int(niter[1]))
+        uh = u.t()
+    else:
+        v, s, uh = torch.linalg.svd(w, full_matrices=False)
+        v, s, uh = v[:, :r], s[:r], uh[:r]
+    s = s / scaling
+    return (torch.diag(torch.sqrt(s)) @ uh).contiguous(), (v @ torch.diag(torch.sqrt(s))).contiguous()
 
 
 def pad_to_host(delta: torch.Tensor, ref: LinearRef) -> torch.Tensor:
@@ -97,6 +129,12 @@ class LoraSettings(Settings):
     rslora: bool = False
     dropout: float = 0.0
     dora: bool = False
+    #: how A and B start (:data:`INITS`); pissa/olora move a part of W into them and keep the model unchanged by a
+    #: stored correction, eva sets A from the layer inputs' principal components (:mod:`peftlab.train.eva`, given
+    #: data; without data it starts as ``default``)
+    init: str = "default"
+    #: EVA's rank redistribution: a site may take up to r·eva_rho components (1: none)
+    eva_rho: float = 2.0
 
     def check(self) -> None:
         need_int("r", self.r, 1, 4096)
@@ -104,6 +142,26 @@ class LoraSettings(Settings):
         need_float("dropout", self.dropout, 0.0, 0.99)
         if not isinstance(self.rslora, bool) or not isinstance(self.dora, bool):
             raise SpecError("rslora and dora must be true or false")
+        niter = _NITER.fullmatch(self.init) if isinstance(self.init, str) else None
+        if not (self.init in ("default", "pissa", "olora", "eva") or (niter and int(niter[1]) >= 1)):
+            raise SpecError(f"init must be one of {', '.join(INITS)} (K an integer >= 1), got {self.init!r}")
+        need_float("eva_rho", self.eva_rho, 1.0, 1000.0)
+        if self.dora and self.residual:
+            raise SpecError(f"init {self.init} cannot be combined with dora (DoRA's magnitude starts from W)")
+
+    @property
+    def residual(self) -> bool:
+        """Whether A and B start as a factorisation of W (PiSSA, OLoRA)."""
+        return _residual_init(self.init)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings without the initialisation fields at their defaults: specs written before them read (and
+        hash) the same."""
+        data = super().to_dict()
+        for f in ("init", "eva_rho"):
+            if data[f] == next(x.default for x in dataclasses.fields(self) if x.name == f):
+                del data[f]
+        return data
 
     @property
     def scaling(self) -> float:
@@ -115,7 +173,14 @@ class LoraSettings(Settings):
 
 class LoRA(LinearModule):
     """Low-rank update; B starts at zero so the model is unchanged at init. With a gate (UniPELT) the
-    fixed scaling is replaced by the gate's output, input-dependent, so a gated LoRA cannot merge."""
+    fixed scaling is replaced by the gate's output, input-dependent, so a gated LoRA cannot merge.
+
+    PiSSA and OLoRA start A, B as a factorisation (A0, B0) of W, and peft replaces W by the residual W - s·B0·A0.
+    peftlab leaves the backbone as it is and keeps (A0, B0) as frozen buffers instead, the module adding
+    s·(B·A - B0·A0): the same model at every step (identical gradients for A and B), unchanged at init, merging
+    exactly, and its delta is the plain rank-2r LoRA ([B, -B0], [A; A0]) that peft's save with
+    ``path_initial_model_for_weight_conversion`` writes. The saved adapter stores the buffers (they are counted as
+    stored, not trainable)."""
 
     def __init__(self, ctx: BuildContext, s: LoraSettings) -> None:
         super().__init__(ctx)
@@ -123,8 +188,23 @@ class LoRA(LinearModule):
         kw = {"device": ctx.device, "dtype": ctx.dtype}
         self.lora_A = nn.Parameter(torch.empty(s.r, ref.in_features, **kw))
         self.lora_B = nn.Parameter(torch.zeros(ref.out_features, s.r, **kw))
+        self.init = s.init
+        if s.residual and s.r > min(ref.in_features, ref.out_features):
+            raise SpecError(
+                f"init {s.init} needs r <= the weight's smaller side ({ref.out_features} x {ref.in_features}), "
+                f"got r={s.r}"
+            )
+        # frozen, so buffers (stored, never trained); None when the start is not a factorisation of W
+        self.register_buffer("lora_A0", torch.empty(s.r, ref.in_features, **kw) if s.residual else None)
+        self.register_buffer("lora_B0", torch.empty(ref.out_features, s.r, **kw) if s.residual else None)
         if ctx.device.type != "meta":
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            if s.residual:
+                a0, b0 = factorise(ref.weight, s.r, s.scaling, s.init)
+                with torch.no_grad():
+                    for t, v in ((self.lora_A, a0), (self.lora_A0, a0), (self.lora_B, b0), (self.lora_B0, b0)):
+                        t.copy_(v)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = s.scaling
         self.dropout = nn.Dropout(s.dropout) if s.dropout > 0 else None
         self._gate: tuple[Gate, ...] = ()
@@ -139,11 +219,21 @@ class LoRA(LinearModule):
             init = w.norm(dim=1) if ctx.device.type != "meta" else torch.empty(w.shape[0], device="meta")
             self.magnitude = nn.Parameter(init.to(**kw))
 
+    @property
+    def residual(self) -> bool:
+        """Whether the module carries PiSSA's / OLoRA's correction -s·B0·A0."""
+        return self.lora_A0 is not None
+
+    def stored_numel(self) -> int:
+        """A and B, and the frozen (A0, B0) of a PiSSA / OLoRA start."""
+        extra = self.lora_A0.numel() + self.lora_B0.numel() if self.residual else 0
+        return self.own_numel() + extra
+
     def flops_per_token(self) -> float:
-        """x·Aᵀ then ·Bᵀ, and the gate's projection where gated."""
+        """x·Aᵀ then ·Bᵀ (twice with a residual correction), and the gate's projection where gated."""
         r, d_in = self.lora_A.shape
         gate = self._gate[0].flops_per_token() if self._gate else 0.0
-        return 2.0 * r * (d_in + self.lora_B.shape[0]) + gate
+        return 2.0 * r * (d_in + self.lora_B.shape[0]) * (2 if self.residual else 1) + gate
 
     def flops_per_step(self) -> float:
         """DoRA forms B·A once per pass for the weight norm."""
@@ -156,7 +246,10 @@ class LoRA(LinearModule):
         if x.dtype != self.lora_A.dtype:
             x = x.to(self.lora_A.dtype)
         h = self.dropout(x) if self.dropout is not None else x
-        lora = F.linear(F.linear(h, self.lora_A), self.lora_B) * self._scale(x)
+        lora = F.linear(F.linear(h, self.lora_A), self.lora_B)
+        if self.residual:  # the part of W peft moves out of the base weight; no dropout on it, as on W there
+            lora = lora - F.linear(F.linear(x, self.lora_A0), self.lora_B0)
+        lora = lora * self._scale(x)
         if self.magnitude is None:
             return lora if lora.dtype == y.dtype else lora.to(y.dtype)
         # DoRA (Liu et al. 2024): m * (W + dW) / ||W + dW||, the norm detached as in the paper (sec. 4.3).
@@ -174,7 +267,10 @@ class LoRA(LinearModule):
         return not self._gate and super().mergeable
 
     def weight_delta(self) -> torch.Tensor:
-        return self.scaling * (self.lora_B @ self.lora_A)
+        delta = self.lora_B @ self.lora_A
+        if self.residual:
+            delta = delta - self.lora_B0 @ self.lora_A0
+        return self.scaling * delta
 
     def merge(self) -> None:
         if self.magnitude is None:

@@ -97,6 +97,18 @@ class TrainConfig:
     #: the byte budget of those states in MB (a search worker's trials share it); examples beyond it are computed
     #: on the fly
     cache_frozen_mb: float = 512.0
+    #: EVA: the training batches whose inputs give the components (read once, before the first step)
+    init_batches: int = 8
+    #: LoRA+ (Hayou et al. 2024): LoRA's B matrices train at this multiple of the learning rate (the paper: 16;
+    #: None: the same rate as A)
+    loraplus_ratio: float | None = None
+    #: adamw, or galore: GaLore's AdamW (Zhao et al. 2024) projecting the gradients of weight matrices wider than
+    #: galore_rank on both sides to that rank, the projection renewed every galore_update_gap steps, the update
+    #: scaled by galore_scale (the paper's 128, 200, 0.25)
+    optimizer: str = "adamw"
+    galore_rank: int = 128
+    galore_update_gap: int = 200
+    galore_scale: float = 0.25
 
     def check(self) -> None:
         budgets = [b for b in (self.max_steps, self.fraction) if b is not None]
@@ -113,7 +125,8 @@ class TrainConfig:
         if self.epochs <= 0:
             raise PeftlabError(f"epochs must be > 0, got {self.epochs}")
         for name in (
-            "batch_size", "grad_accum", "max_length", "eval_batch_size", "eval_every", "patience", "max_new_tokens"
+            "batch_size", "grad_accum", "max_length", "eval_batch_size", "eval_every", "patience", "max_new_tokens",
+            "init_batches", "galore_rank", "galore_update_gap",
         ):  # fmt: skip
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -128,6 +141,12 @@ class TrainConfig:
                 raise PeftlabError(f"{name} must be a number >= 0 (max_grad_norm 0: no clipping), got {value}")
         if self.consistency is not None and not (math.isfinite(self.consistency) and self.consistency >= 0):
             raise PeftlabError(f"consistency must be a number >= 0 (0 turns it off), got {self.consistency}")
+        if self.loraplus_ratio is not None and not (math.isfinite(self.loraplus_ratio) and self.loraplus_ratio > 0):
+            raise PeftlabError(f"loraplus_ratio must be a number > 0 (the LoRA+ paper's 16), got {self.loraplus_ratio}")
+        if self.optimizer not in ("adamw", "galore"):
+            raise PeftlabError(f"optimizer must be adamw or galore, got {self.optimizer!r}")
+        if not (math.isfinite(self.galore_scale) and self.galore_scale > 0):
+            raise PeftlabError(f"galore_scale must be a number > 0, got {self.galore_scale}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise PeftlabError(f"dropout must be in [0, 1), got {self.dropout}")
         if not (math.isfinite(self.cache_frozen_mb) and self.cache_frozen_mb >= 0):

@@ -39,10 +39,12 @@ from peftlab.train.data import (
     uses_chat_template,
 )
 from peftlab.train.environment import default_device, device_name, library_versions
+from peftlab.train.eva import eva_sites, initialize_eva
 from peftlab.train.evaluation import evaluate
 from peftlab.train.frozen import FrozenCache, FrozenPrefix
 from peftlab.train.generation import samples
 from peftlab.train.metrics import oriented
+from peftlab.train.optim import make_optimiser
 from peftlab.train.parallel import all_reduce, dist_setup, is_main
 from peftlab.train.tasks import Example, Row
 from peftlab.train.warm import WarmStart
@@ -169,6 +171,7 @@ class Run:
         self.pm, self.encoder = _prepare_model(spec, config, self.task, model, self.device, warm)
         if not foreign(self.pm):  # kinds that choose from data (a sparse mask), before the first step
             self.pm.prepare(self._training_batches)
+        self.eva_ranks = self._initialise_eva()
         self.frozen = _frozen_prefix(self.pm, config, warm)
         if config.packing:
             self._check_packing(spec)
@@ -180,8 +183,9 @@ class Run:
         self.total = config.max_steps or max(1, round((config.fraction or 1.0) * full))
         self.eval_every = config.eval_every or self.steps_per_epoch
         lr = config.lr or spec.default_lr()
-        self.params = [p for _, p in trainable(self.pm)]
-        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=config.weight_decay)
+        named = trainable(self.pm)
+        self.params = [p for _, p in named]
+        self.opt = make_optimiser(self.pm, named, lr, config)
         self.sched = _schedule(self.opt, int(config.warmup_ratio * self.total), self.total)
         self.objective = spec.training_loss()
         default_weight = self.objective.default_weight if self.objective is not None else 0.0
@@ -197,6 +201,8 @@ class Run:
         )
         self.record.config["lr"] = lr
         self.record.config["consistency"] = self.weight
+        if self.eva_ranks:
+            self.record.counts["eva_ranks"] = self.eva_ranks
         self.out = Path(config.output) if config.output else None
         self.ckpt = self.out / CHECKPOINT if self.out else None
         self.state: dict[str, Any] = {"step": 0, "best_state": None, "bad_evals": 0, "tokens": 0, "elapsed": 0.0}
@@ -285,9 +291,32 @@ class Run:
         baseline = constant_scores(self.encoder.task, sample)[metric]
         return hopeless(metric, self._score(sample)[metric], baseline, self._recent_loss(), self.limits[1]) is not None
 
+    def _initialise_eva(self) -> dict[str, int]:
+        """EVA's data-driven start, before anything trains: the components of each EVA site's inputs on the first
+        ``init_batches`` training batches (in the first epoch's order). Returns the ranks it gave (empty: no EVA)."""
+        if foreign(self.pm) or not eva_sites(self.pm):
+            return {}
+        config = self.config
+        micro = config.batch_size * config.grad_accum
+        groups = batches(len(self.splits.train), micro, config.seed, 0, None)[: config.init_batches]
+        encoded = (
+            {k: v.to(self.device) for k, v in self.encoder([self.splits.train[j] for j in group]).items()}
+            for group in groups
+        )
+        ranks = initialize_eva(self.pm, encoded)
+        if is_main():
+            kept = sum(1 for r in ranks.values() if r)
+            log.info("EVA: %d batches, ranks %s (%d of %d sites kept)", len(groups), ranks, kept, len(ranks))
+        return ranks
+
     def _resume(self) -> None:
         """Continue from the output's checkpoint; refuse an output that holds a finished run."""
         if self.ckpt is not None and self.config.resume and (self.ckpt / "state.pt").is_file():
+            if self.config.optimizer == "galore":
+                raise PeftlabError(
+                    f"'{self.ckpt}' holds a GaLore checkpoint, which does not resume (its optimiser state holds "
+                    "projector objects); choose another --output (nothing was changed)"
+                )
             self.state = load_checkpoint(self.ckpt, self.pm, self.opt, self.sched, self.record)
         elif self.out is not None and (self.out / "record.json").is_file():
             raise PeftlabError(
