@@ -138,6 +138,7 @@ def _train_config(args: argparse.Namespace, output: str | None):
         stop_hopeless=args.stop_hopeless,
         cache_frozen=args.cache_frozen,
         cache_frozen_mb=args.cache_frozen_mb,
+        init_from=getattr(args, "init_from", None),
     )
 
 
@@ -626,6 +627,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     _add_model_task(p)
     _add_spec_args(p)
     p.add_argument("--output", required=True, help="folder for the adapter, record.json and checkpoints")
+    p.add_argument(
+        "--init-from",
+        metavar="ADAPTER",
+        help="start from a saved adapter's tensors (SPoT: --method prompt --init-from a prompt trained on another "
+        "task); shapes must match, the task head is not copied",
+    )
     _add_train_args(p)
     p.add_argument(
         "--stop-hopeless",

@@ -18,11 +18,21 @@ from peftlab.backbone.anatomy import LINEAR_SITES
 from peftlab.core.spec import Spec
 from peftlab.errors import SpecError
 from peftlab.modules.base import need_int
-from peftlab.modules.bottleneck import HOULSBY, PFEIFFER, AdaMixSettings, AdapterSettings, CompacterSettings, Placement
+from peftlab.modules.bottleneck import (
+    HOULSBY,
+    PFEIFFER,
+    AdaMixSettings,
+    AdapterSettings,
+    CompacterSettings,
+    KronaResSettings,
+    Placement,
+    SparseAdapterSettings,
+)
 from peftlab.modules.linear import IA3Settings, KronaSettings, LoraSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
 from peftlab.modules.reparam import FourierFTSettings, LohaSettings, LokrSettings, VeraSettings
 from peftlab.modules.selective import BitFitSettings, LNSettings
+from peftlab.modules.side import LstSettings
 from peftlab.space import S4_CHOICE, Backbone, design_spec
 
 
@@ -230,6 +240,34 @@ def lokr(
     s = LokrSettings(r=r, alpha=alpha, decompose_both=decompose_both, decompose_factor=decompose_factor)
     s.check_at()
     return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("sparse-adapter", "Houlsby adapters pruned at initialisation, the mask fixed", "He et al. 2022")
+def sparse_adapter(size: int = 64, sparsity: float = 0.4, prune: str = "random", seed: int = 0) -> Spec:
+    """SparseAdapter on Houlsby's placement (after attention and FFN), the paper's Large-Sparse setting: a wider
+    adapter with 40% of its weight entries pruned at random at initialisation; counts hold the kept entries."""
+    s = SparseAdapterSettings(size=size, sparsity=sparsity, prune=prune, seed=seed)
+    s.check_at()
+    return Spec(layers=_every_layer({"after_attn": s, "after_ffn": s}))
+
+
+@method("krona-res", "KronA^B_res: Kronecker adapter beside the FFN, scaled, with a residual", "Edalati et al. 2022")
+def krona_res(scale: float = 1.0, residual: bool = True, a_out: int = 0, a_in: int = 0) -> Spec:
+    """FFN(x) + scale·x(A ⊗ B) + x beside every FFN; the residual + x changes the model at init, as in the paper
+    (``residual=False``: the KronA^B adapter, unchanged at init)."""
+    s = KronaResSettings(a_out=a_out, a_in=a_in, scale=scale, residual=residual)
+    s.check_at()
+    return Spec(layers=_every_layer({"beside_ffn": s}))
+
+
+@method("lst", "a narrow side network fed by the frozen backbone's detached states: no backward through it", "Sung et al. 2022")
+def lst(reduction: int = 8, temperature: float = 0.1, activation: str = "gelu") -> Spec:
+    """Ladder Side-Tuning: one side block per layer (of the decoder in T5), ``reduction`` 8 and gate temperature 0.1
+    as in the paper; the side network's output is added to the backbone's final hidden state (see
+    :mod:`peftlab.modules.side`)."""
+    s = LstSettings(reduction=reduction, temperature=temperature, activation=activation)
+    s.check_at()
+    return Spec(model={"side": s})
 
 
 def _compacter(size: int, n: int, rank: int) -> CompacterSettings:

@@ -1,6 +1,6 @@
 """The PEFT module zoo. Importing this package registers every kind in :data:`KINDS`."""
 
-from peftlab.modules import bottleneck, linear, prefix, reparam, selective, whole
+from peftlab.modules import bottleneck, linear, prefix, reparam, selective, side, whole
 from peftlab.modules.base import KINDS, BuildContext, Dims, PeftModule, Settings
 
 __all__ = [
@@ -14,5 +14,6 @@ __all__ = [
     "prefix",
     "reparam",
     "selective",
+    "side",
     "whole",
 ]

@@ -24,6 +24,7 @@ from peftlab.core.peft_model import PeftModel, apply
 from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError
 from peftlab.formats.keys import stored_tensors
+from peftlab.formats.loading import init_from
 from peftlab.memory import peak_memory
 from peftlab.modules.base import TrainingLoss
 from peftlab.train.baseline import constant_scores, hopeless, prior_loss
@@ -117,6 +118,9 @@ def _prepare_model(
             if isinstance(m, nn.Dropout):
                 m.p = config.dropout
     pm = model if isinstance(model, PeftModel) or foreign(model) else apply(model, spec)
+    if config.init_from is not None:
+        copied = init_from(pm, config.init_from)
+        log.info("initialised %d tensor(s) from %s", len(copied), config.init_from)
     if warm is not None:
         warm.lend(model, pm)
     if config.gradient_checkpointing:
