@@ -29,7 +29,7 @@ from peftlab.modules.bottleneck import (
     SparseAdapterSettings,
 )
 from peftlab.modules.linear import IA3Settings, KronaSettings, LoraSettings
-from peftlab.modules.prefix import PrefixSettings, PromptSettings
+from peftlab.modules.prefix import AdaptivePrefixSettings, PrefixSettings, PromptSettings
 from peftlab.modules.reparam import FourierFTSettings, LohaSettings, LokrSettings, VeraSettings
 from peftlab.modules.selective import BitFitSettings, LNSettings
 from peftlab.modules.side import LstSettings
@@ -166,8 +166,19 @@ def prefix(length: int = 10, hidden: int = 512, layers: list[int] | None = None)
     return Spec(layers={str(i): {"attn": p} for i in layers})
 
 
+@method("adaptive-prefix", "prefix tuning with token- and layer-level gates on the prefixes", "Zhang et al. 2023")
+def adaptive_prefix(length: int = 10, hidden: int = 512) -> Spec:
+    """Adaptive prefix tuning in every layer: each layer's prefix scaled by a trained scalar and by a sigmoid gate
+    per prefix token computed from the layer's input."""
+    s = AdaptivePrefixSettings(length=length, hidden=hidden)
+    s.check_at()
+    return Spec(layers=_every_layer({"attn": s}))
+
+
 @method("prompt", "soft prompt prepended to the input embeddings", "Lester et al. 2021")
 def prompt(length: int = 20, init: str = "vocab") -> Spec:
+    """Prompt tuning. SPoT (Vu et al. 2022) is this preset started from a prompt trained on another task:
+    ``peftlab train --method prompt --init-from ADAPTER`` (the lengths must match)."""
     s = PromptSettings(length=length, init=init)
     s.check_at()
     return Spec(model={"input": s})
@@ -260,7 +271,7 @@ def krona_res(scale: float = 1.0, residual: bool = True, a_out: int = 0, a_in: i
     return Spec(layers=_every_layer({"beside_ffn": s}))
 
 
-@method("lst", "a narrow side network fed by the frozen backbone's detached states: no backward through it", "Sung et al. 2022")
+@method("lst", "side network on the frozen backbone's detached states: no backward through it", "Sung et al. 2022")
 def lst(reduction: int = 8, temperature: float = 0.1, activation: str = "gelu") -> Spec:
     """Ladder Side-Tuning: one side block per layer (of the decoder in T5), ``reduction`` 8 and gate temperature 0.1
     as in the paper; the side network's output is added to the backbone's final hidden state (see
