@@ -347,3 +347,16 @@ def test_train_init_from_starts_the_prompt_from_the_source(tmp_path) -> None:
         from peftlab.train import TrainConfig
 
         TrainConfig(model="shape:tiny-bert", task="sst2", init_from=str(tmp_path / "missing")).check()
+
+
+@pytest.mark.skipif(not (DATA / "glue" / "SST-2").is_dir(), reason=f"no GLUE data under {DATA}")
+def test_lst_refuses_gradient_checkpointing() -> None:
+    """Checkpointing recomputes blocks in the backward pass; LST has no backward there, and its hooks would rerun."""
+    from peftlab.train import TrainConfig, train
+
+    config = TrainConfig(
+        model="shape:tiny-bert", task="sst2", data_dir=str(DATA), k=16, max_steps=1, progress=False,
+        gradient_checkpointing=True,
+    )  # fmt: skip
+    with pytest.raises(PeftlabError, match="lst back-propagates through no backbone block"):
+        train(methods.lst(), config)

@@ -124,6 +124,13 @@ def _prepare_model(
     if warm is not None:
         warm.lend(model, pm)
     if config.gradient_checkpointing:
+        modules = pm.adapters[pm.active_adapter].all_modules() if isinstance(pm, PeftModel) else ()
+        detached = sorted({m.kind for _, m in modules if m.detached})
+        if detached:  # the blocks' recomputation would run the side network's hooks again, out of order
+            raise PeftlabError(
+                f"{', '.join(detached)} back-propagates through no backbone block: gradient checkpointing has nothing "
+                "to save there; leave --gradient-checkpointing out"
+            )
         enable_checkpointing(pm.base_model)
     return pm, encoder
 
