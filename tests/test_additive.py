@@ -329,6 +329,9 @@ def test_init_from_refuses_other_shapes_and_other_specs(tmp_path) -> None:
         init_from(lora, source)
     with pytest.raises(AdapterLoadError, match="not a peftlab adapter folder"):
         init_from(lora, tmp_path)
+    other = peftlab.apply(make_model("tiny-bert", "seq-cls", seed=1), methods.prompt(length=5))
+    with pytest.raises(AdapterLoadError, match="different weights"):
+        init_from(other, source)
 
 
 @pytest.mark.skipif(not (DATA / "glue" / "SST-2").is_dir(), reason=f"no GLUE data under {DATA}")

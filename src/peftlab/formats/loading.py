@@ -67,12 +67,13 @@ def load(
 
 def init_from(pm: PeftModel, directory: str | Path) -> list[str]:
     """Start the active adapter from a saved peftlab adapter's tensors (SPoT: a prompt trained on another task):
-    every tensor both hold, the task head's left out (another task's labels); a tensor of another shape is an error.
-    Returns the keys copied; an adapter sharing none is an error."""
+    every tensor both hold, the task head's left out (another task's labels); a tensor of another shape is an error,
+    and so is a source trained on another base (a prompt lives in its backbone's embedding space). Returns the keys
+    copied; an adapter sharing none is an error."""
     directory = Path(directory)
     if not (directory / saving.META).is_file():
         raise AdapterLoadError(f"--init-from '{directory}' is not a peftlab adapter folder (no {saving.META})")
-    _, state, _ = saving.read_adapter(directory, None)
+    _, state, _ = saving.read_adapter(directory, pm.fingerprint)
     targets = load_targets(pm.adapters[pm.active_adapter])
     shared = [k for k in targets if k in state and not k.startswith("head.")]
     if not shared:
