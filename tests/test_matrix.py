@@ -11,7 +11,7 @@ from peftlab import methods
 from peftlab.errors import AdapterLoadError, SpecError
 
 #: Methods whose modules start as the identity (the model is unchanged before training).
-NOT_IDENTITY = {"prefix", "prompt", "mam", "unipelt", "unipelt-ap", "unipelt-nogate"}
+NOT_IDENTITY = {"prefix", "prompt", "mam", "unipelt", "unipelt-ap", "unipelt-nogate", "krona-res", "adaptive-prefix"}
 #: Methods that need bias terms (Llama, Qwen2's MLP and T5 have none or too few).
 NEEDS_BIAS = {"bitfit"}
 BIAS_FREE = {"tiny-llama", "tiny-t5"}

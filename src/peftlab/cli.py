@@ -146,6 +146,7 @@ def _train_config(args: argparse.Namespace, output: str | None):
         galore_rank=args.galore_rank,
         galore_update_gap=args.galore_update_gap,
         galore_scale=args.galore_scale,
+        init_from=getattr(args, "init_from", None),
     )
 
 
@@ -672,6 +673,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     _add_model_task(p)
     _add_spec_args(p)
     p.add_argument("--output", required=True, help="folder for the adapter, record.json and checkpoints")
+    p.add_argument(
+        "--init-from",
+        metavar="ADAPTER",
+        help="start from a saved adapter's tensors (SPoT: --method prompt --init-from a prompt trained on another "
+        "task); shapes must match, the task head is not copied",
+    )
     _add_train_args(p)
     _add_quantize(p)
     p.add_argument(

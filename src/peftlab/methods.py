@@ -18,12 +18,22 @@ from peftlab.backbone.anatomy import LINEAR_SITES
 from peftlab.core.spec import Spec
 from peftlab.errors import SpecError
 from peftlab.modules.base import need_int
-from peftlab.modules.bottleneck import HOULSBY, PFEIFFER, AdaMixSettings, AdapterSettings, CompacterSettings, Placement
+from peftlab.modules.bottleneck import (
+    HOULSBY,
+    PFEIFFER,
+    AdaMixSettings,
+    AdapterSettings,
+    CompacterSettings,
+    KronaResSettings,
+    Placement,
+    SparseAdapterSettings,
+)
 from peftlab.modules.linear import IA3Settings, KronaSettings, LoraSettings
 from peftlab.modules.orthogonal import BoftSettings, HraSettings, OftSettings
-from peftlab.modules.prefix import PrefixSettings, PromptSettings
+from peftlab.modules.prefix import AdaptivePrefixSettings, PrefixSettings, PromptSettings
 from peftlab.modules.reparam import FourierFTSettings, LohaSettings, LokrSettings, VeraSettings
 from peftlab.modules.selective import BitFitSettings, LNSettings
+from peftlab.modules.side import LstSettings
 from peftlab.modules.sparse import (
     DiffFitSettings,
     DiffPruningSettings,
@@ -199,8 +209,19 @@ def prefix(length: int = 10, hidden: int = 512, layers: list[int] | None = None)
     return Spec(layers={str(i): {"attn": p} for i in layers})
 
 
+@method("adaptive-prefix", "prefix tuning with token- and layer-level gates on the prefixes", "Zhang et al. 2023")
+def adaptive_prefix(length: int = 10, hidden: int = 512) -> Spec:
+    """Adaptive prefix tuning in every layer: each layer's prefix scaled by a trained scalar and by a sigmoid gate
+    per prefix token computed from the layer's input."""
+    s = AdaptivePrefixSettings(length=length, hidden=hidden)
+    s.check_at()
+    return Spec(layers=_every_layer({"attn": s}))
+
+
 @method("prompt", "soft prompt prepended to the input embeddings", "Lester et al. 2021")
 def prompt(length: int = 20, init: str = "vocab") -> Spec:
+    """Prompt tuning. SPoT (Vu et al. 2022) is this preset started from a prompt trained on another task:
+    ``peftlab train --method prompt --init-from ADAPTER`` (the lengths must match)."""
     s = PromptSettings(length=length, init=init)
     s.check_at()
     return Spec(model={"input": s})
@@ -273,6 +294,34 @@ def lokr(
     s = LokrSettings(r=r, alpha=alpha, decompose_both=decompose_both, decompose_factor=decompose_factor)
     s.check_at()
     return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("sparse-adapter", "Houlsby adapters pruned at initialisation, the mask fixed", "He et al. 2022")
+def sparse_adapter(size: int = 64, sparsity: float = 0.4, prune: str = "random", seed: int = 0) -> Spec:
+    """SparseAdapter on Houlsby's placement (after attention and FFN), the paper's Large-Sparse setting: a wider
+    adapter with 40% of its weight entries pruned at random at initialisation; counts hold the kept entries."""
+    s = SparseAdapterSettings(size=size, sparsity=sparsity, prune=prune, seed=seed)
+    s.check_at()
+    return Spec(layers=_every_layer({"after_attn": s, "after_ffn": s}))
+
+
+@method("krona-res", "KronA^B_res: Kronecker adapter beside the FFN, scaled, with a residual", "Edalati et al. 2022")
+def krona_res(scale: float = 1.0, residual: bool = True, a_out: int = 0, a_in: int = 0) -> Spec:
+    """FFN(x) + scale·x(A ⊗ B) + x beside every FFN; the residual + x changes the model at init, as in the paper
+    (``residual=False``: the KronA^B adapter, unchanged at init)."""
+    s = KronaResSettings(a_out=a_out, a_in=a_in, scale=scale, residual=residual)
+    s.check_at()
+    return Spec(layers=_every_layer({"beside_ffn": s}))
+
+
+@method("lst", "side network on the frozen backbone's detached states: no backward through it", "Sung et al. 2022")
+def lst(reduction: int = 8, temperature: float = 0.1, activation: str = "gelu") -> Spec:
+    """Ladder Side-Tuning: one side block per layer (of the decoder in T5), ``reduction`` 8 and gate temperature 0.1
+    as in the paper; the side network's output is added to the backbone's final hidden state (see
+    :mod:`peftlab.modules.side`)."""
+    s = LstSettings(reduction=reduction, temperature=temperature, activation=activation)
+    s.check_at()
+    return Spec(model={"side": s})
 
 
 @method("oft", "block-diagonal orthogonal (Cayley) rotation of the inputs of chosen linears", "Qiu et al. 2023")

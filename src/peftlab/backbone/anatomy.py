@@ -34,8 +34,14 @@ SITE_ROLES: dict[str, str] = {
     "bias": "bias",
     "norm": "norm",
 }
-#: Model-level sites (outside the blocks).
-MODEL_SITE_ROLES: dict[str, str] = {"input": "prompt", "embed_norm": "norm", "final_norm": "norm", "bias": "bias"}
+#: Model-level sites (outside the blocks); ``side``: a network beside the whole stack (Ladder Side-Tuning).
+MODEL_SITE_ROLES: dict[str, str] = {
+    "input": "prompt",
+    "embed_norm": "norm",
+    "final_norm": "norm",
+    "bias": "bias",
+    "side": "side",
+}
 
 
 @dataclass(frozen=True)

@@ -74,13 +74,13 @@ def floor(blocks: list[Block], dims: Dims, batch: int, seq: int) -> StepFlops:
 def lowest_layer(pm: PeftModel) -> int:
     """The lowest block the active adapter acts on: the backward through the backbone's activations starts there.
     A host inside the task head counts as above every block; any other host outside the blocks (the embeddings, the
-    model's input) as below them all."""
+    model's input) as below them all. Modules that read the backbone detached (LST's ladders) start no backward."""
     blocks = pm.blocks
     in_block = {id(m): b.index for b in blocks for m in b.module.modules()}
     found = find_head(pm.base_model, pm.anatomy)
     in_head = {id(m) for m in found[1].modules()} if found else set()
     k = len(blocks)
-    for host in touched(pm):
+    for host in touched(pm, backward=True):
         layer = in_block.get(id(host), len(blocks) if id(host) in in_head else 0)
         k = min(k, layer)
     return k

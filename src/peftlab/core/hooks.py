@@ -39,14 +39,22 @@ class HookRegistry:
         """Set ``host.<name>`` to the list of live callbacks registered under that name."""
         self.add(host, f"attr:{name}", owner, fn)
 
-    def hosts(self, adapter_name: str) -> list[nn.Module]:
+    def hosts(self, adapter_name: str, backward: bool = False) -> list[nn.Module]:
         """The host modules the adapter's callbacks sit on, live or not (merged modules changed their host's
         weights): where in the backbone the adapter acts. Owners that only observe (``observer = True``: a
-        sequence view reading the padding mask) change nothing there and are left out."""
+        sequence view reading the padding mask) change nothing there and are left out. ``backward``: only the hosts
+        a training step back-propagates through, leaving out owners that read the backbone detached
+        (``detached = True``: LST's side network)."""
+
+        def counts(owner: Any) -> bool:
+            if owner.adapter_name != adapter_name or getattr(owner, "observer", False):
+                return False
+            return not (backward and getattr(owner, "detached", False))
+
         return [
             self._hosts[host_id]
             for (host_id, _), callbacks in self._callbacks.items()
-            if any(c.owner.adapter_name == adapter_name and not getattr(c.owner, "observer", False) for c in callbacks)
+            if any(counts(c.owner) for c in callbacks)
         ]
 
     def remove_owner_adapter(self, adapter_name: str) -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from peftlab.core.peft_model import PeftModel, apply
 from peftlab.errors import AdapterLoadError
 from peftlab.formats import interop
 from peftlab.formats import native as saving
-from peftlab.formats.keys import load_tensors
+from peftlab.formats.keys import load_targets, load_tensors
 from peftlab.formats.weights import pickled_files
 
 
@@ -62,3 +63,29 @@ def load(
     if activate:
         pm.set_adapter(name)
     return pm
+
+
+def init_from(pm: PeftModel, directory: str | Path) -> list[str]:
+    """Start the active adapter from a saved peftlab adapter's tensors (SPoT: a prompt trained on another task):
+    every tensor both hold, the task head's left out (another task's labels); a tensor of another shape is an error,
+    and so is a source trained on another base (a prompt lives in its backbone's embedding space). Returns the keys
+    copied; an adapter sharing none is an error."""
+    directory = Path(directory)
+    if not (directory / saving.META).is_file():
+        raise AdapterLoadError(f"--init-from '{directory}' is not a peftlab adapter folder (no {saving.META})")
+    _, state, _ = saving.read_adapter(directory, pm.fingerprint)
+    targets = load_targets(pm.adapters[pm.active_adapter])
+    shared = [k for k in targets if k in state and not k.startswith("head.")]
+    if not shared:
+        theirs = ", ".join(sorted(state)[:3]) or "(none)"
+        raise AdapterLoadError(f"--init-from '{directory}' holds no tensor of this spec (it holds {theirs})")
+    with torch.no_grad():
+        for k in shared:
+            if tuple(targets[k].shape) != tuple(state[k].shape):
+                raise AdapterLoadError(
+                    f"--init-from '{directory}': {k} has shape {tuple(state[k].shape)}, this spec's is "
+                    f"{tuple(targets[k].shape)}"
+                )
+        for k in shared:
+            targets[k].copy_(state[k].to(targets[k].dtype))
+    return shared

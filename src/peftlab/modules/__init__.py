@@ -1,6 +1,6 @@
 """The PEFT module zoo. Importing this package registers every kind in :data:`KINDS`."""
 
-from peftlab.modules import bottleneck, linear, orthogonal, prefix, reparam, selective, sparse, whole
+from peftlab.modules import bottleneck, linear, orthogonal, prefix, reparam, selective, side, sparse, whole
 from peftlab.modules.base import KINDS, BuildContext, Dims, PeftModule, Settings
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "prefix",
     "reparam",
     "selective",
+    "side",
     "sparse",
     "whole",
 ]

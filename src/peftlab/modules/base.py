@@ -40,6 +40,8 @@ On :class:`PeftModule` (per built module):
   through the prefix-aware function); each is called with ``on=False`` once no live module needs it.
 - ``backbone_parameters()``: backbone tensors the module trains in place (full fine-tuning, the
   input embeddings); they become trainable with the adapter.
+- ``detached``: the module reads the backbone's activations detached and writes only after its last block (LST's
+  side network), so a training step back-propagates through no block for it (the cost model counts none).
 - ``own_numel`` / ``stored_numel`` / ``changed_numel``: the survey's three counts.
 - ``stored_state()`` / ``load_targets()``: what the adapter file holds and where it loads back;
   ``state_prefix`` sets the tensors' key root (default ``layers.<layer>-<site>``).
@@ -275,6 +277,8 @@ class PeftModule(nn.Module):
     model_switches: ClassVar[tuple[Callable[[nn.Module, bool], None], ...]] = ()
     #: the key root of its tensors in the adapter file (None: ``layers.<its key>``)
     state_prefix: ClassVar[str | None] = None
+    #: reads the backbone detached and writes only after its last block: no backward through the blocks
+    detached: ClassVar[bool] = False
 
     def __init__(self, ctx: BuildContext) -> None:
         super().__init__()

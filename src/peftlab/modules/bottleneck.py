@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +42,7 @@ from peftlab.modules.base import (
     need_int,
     register,
 )
+from peftlab.modules.linear import _near_sqrt_divisor
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
@@ -408,3 +410,179 @@ class AdaMix(BottleneckModule):
             dw, db = self.down_w.mean(0), self.down_b.mean(0)
             uw, ub = self.up_w.mean(0), self.up_b.mean(0)
         return F.linear(self.act(F.linear(x, dw, db)), uw, ub)
+
+
+@register
+@dataclass
+class SparseAdapterSettings(Settings):
+    """SparseAdapter (He et al. 2022): a bottleneck adapter whose projection weights are pruned at initialisation to
+    ``sparsity`` (the fraction of entries removed; the paper's "Large-Sparse" setting: a wider adapter, 40% pruned),
+    with the mask fixed during training. ``prune``: 'random' scores, or 'magnitude' of the initial weights (the
+    zero-initialised up projection has none to rank, so it is pruned at random). The weights and the mask are drawn
+    from ``seed``, so loading rebuilds the same mask and the adapter file holds the kept entries only."""
+
+    kind = "sparse-adapter"
+    roles = frozenset({"serial", "parallel"})
+    default_lr = 1e-4  # as the adapters it prunes
+
+    size: int = 64
+    sparsity: float = 0.4
+    prune: str = "random"
+    seed: int = 0
+    activation: str = "relu"
+    scaling: float = 1.0
+    original_ln_before: bool = False
+    original_ln_after: bool = True
+    residual_before_ln: bool = True
+
+    def check(self) -> None:
+        _check_bottleneck(self)
+        need_float("sparsity", self.sparsity, 0.0, 1.0)
+        if self.sparsity >= 1.0:
+            raise SpecError(f"sparsity must be below 1 (some entries must stay), got {self.sparsity!r}")
+        need_choice("prune", self.prune, ("random", "magnitude"))
+        need_int("seed", self.seed, 0)
+
+    def build(self, ctx: BuildContext) -> PeftModule:
+        return SparseAdapter(ctx, self)
+
+
+def _kept(numel: int, sparsity: float) -> int:
+    """Entries a matrix of ``numel`` keeps at ``sparsity`` (at least one)."""
+    return max(1, numel - round(sparsity * numel))
+
+
+def _top_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
+    """The mask of the ``keep`` highest scores (exactly ``keep`` entries, ties broken by position)."""
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask[scores.flatten().topk(keep).indices] = True
+    return mask.view_as(scores)
+
+
+class _KeptEntries:
+    """A load target for the kept entries of a pruned weight: what the adapter file holds (a 1-D tensor), written
+    back into the weight's unmasked positions."""
+
+    def __init__(self, weight: nn.Parameter, mask: torch.Tensor) -> None:
+        self.weight, self.mask = weight, mask
+        self.shape = torch.Size([int(mask.sum())])
+        self.dtype = weight.dtype
+
+    def copy_(self, values: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.weight[self.mask] = values.to(self.weight.device, self.weight.dtype)
+
+
+class SparseAdapter(BottleneckModule):
+    """A bottleneck adapter computing with masked weights (W ⊙ M): pruned entries stay zero and get no gradient."""
+
+    def __init__(self, ctx: BuildContext, s: SparseAdapterSettings) -> None:
+        super().__init__(ctx, s.scaling, _placement(s))
+        kw = {"device": ctx.device, "dtype": ctx.dtype}
+        h = ctx.dims.hidden
+        g = torch.Generator().manual_seed(s.seed)
+        bound = 1.0 / math.sqrt(h)  # nn.Linear's default initialisation, drawn from the seed
+        down = (torch.rand(s.size, h, generator=g) * 2 - 1) * bound
+        scores = down.abs() if s.prune == "magnitude" else torch.rand(s.size, h, generator=g)
+        up_scores = torch.rand(h, s.size, generator=g)
+        self.down_weight = nn.Parameter(down.to(**kw))
+        self.down_bias = nn.Parameter(torch.zeros(s.size, **kw))
+        self.up_weight = nn.Parameter(torch.zeros(h, s.size, **kw))
+        self.up_bias = nn.Parameter(torch.zeros(h, **kw))
+        self.keep = (_kept(down.numel(), s.sparsity), _kept(up_scores.numel(), s.sparsity))
+        self.register_buffer("down_mask", _top_mask(scores, self.keep[0]).to(ctx.device), persistent=False)
+        self.register_buffer("up_mask", _top_mask(up_scores, self.keep[1]).to(ctx.device), persistent=False)
+        if ctx.device.type != "meta":
+            with torch.no_grad():
+                self.down_weight.mul_(self.down_mask)
+        self.act = ACTIVATIONS[s.activation]
+
+    def bottleneck(self) -> int:
+        return self.down_bias.numel()
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.down_weight.dtype)
+        down = self.down_weight * self.down_mask
+        up = self.up_weight * self.up_mask
+        return F.linear(self.act(F.linear(x, down, self.down_bias)), up, self.up_bias)
+
+    def own_numel(self) -> int:
+        """The kept weight entries and the biases: what the optimiser updates (pruned entries never change)."""
+        return sum(self.keep) + self.down_bias.numel() + self.up_bias.numel()
+
+    def stored_state(self) -> dict[str, torch.Tensor]:
+        state = {"down_bias": self.down_bias.detach(), "up_bias": self.up_bias.detach()}
+        state["down_weight"] = self.down_weight.detach()[self.down_mask]
+        state["up_weight"] = self.up_weight.detach()[self.up_mask]
+        return state
+
+    def load_targets(self) -> dict[str, Any]:
+        return {
+            "down_bias": self.down_bias,
+            "up_bias": self.up_bias,
+            "down_weight": _KeptEntries(self.down_weight, self.down_mask),
+            "up_weight": _KeptEntries(self.up_weight, self.up_mask),
+        }
+
+
+@register
+@dataclass
+class KronaResSettings(Settings):
+    """KronA^B_res (Edalati et al. 2022): a Kronecker adapter in parallel with the FFN, with a residual connection and
+    a scale: FFN(x) + ``scale``·x(A ⊗ B) + x, x the FFN's input (``residual`` false leaves the + x out, so the model
+    starts unchanged). ``a_out``/``a_in`` fix A's shape (0: balanced factors of the hidden size); B starts at zero."""
+
+    kind = "krona-res"
+    roles = frozenset({"parallel"})
+    default_lr = 1e-3  # Edalati et al. (GLUE, KronA^B_res)
+
+    a_out: int = 0
+    a_in: int = 0
+    scale: float = 1.0
+    residual: bool = True
+
+    def check(self) -> None:
+        need_int("a_out", self.a_out, 0)
+        need_int("a_in", self.a_in, 0)
+        need_float("scale", self.scale, 0.0, low_open=True)
+        if not isinstance(self.residual, bool):
+            raise SpecError(f"residual must be true or false, got {self.residual!r}")
+
+    def build(self, ctx: BuildContext) -> PeftModule:
+        h = ctx.dims.hidden
+        a_out, a_in = self.a_out or _near_sqrt_divisor(h), self.a_in or _near_sqrt_divisor(h)
+        if h % a_out or h % a_in:
+            raise SpecError(f"krona-res a_out={a_out}, a_in={a_in} must divide the hidden size {h}")
+        return KronaRes(ctx, self, a_out, a_in)
+
+
+class KronaRes(BottleneckModule):
+    """The Kronecker adapter beside the FFN: reads the FFN's input, adds to its output (the parallel bottleneck's
+    placement), computing x(A ⊗ B) without forming the product."""
+
+    def __init__(self, ctx: BuildContext, s: KronaResSettings, a_out: int, a_in: int) -> None:
+        super().__init__(ctx, 1.0, HOULSBY)
+        kw = {"device": ctx.device, "dtype": ctx.dtype}
+        h = ctx.dims.hidden
+        self.krona_A = nn.Parameter(torch.empty(a_out, a_in, **kw))
+        self.krona_B = nn.Parameter(torch.zeros(h // a_out, h // a_in, **kw))
+        if ctx.device.type != "meta":
+            nn.init.kaiming_uniform_(self.krona_A, a=math.sqrt(5))
+        self.scale, self.residual = s.scale, s.residual
+
+    def bottleneck(self) -> int:
+        return 0
+
+    def flops_per_token(self) -> float:
+        """x (a_in × b_in) contracted with B, then with A (the residual is elementwise)."""
+        a_out, a_in = self.krona_A.shape
+        b_out, b_in = self.krona_B.shape
+        return 2.0 * (a_in * b_in * b_out + a_out * a_in * b_out)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        a_out, a_in = self.krona_A.shape
+        b_out, b_in = self.krona_B.shape
+        x = x.to(self.krona_A.dtype)
+        xr = x.reshape(*x.shape[:-1], a_in, b_in)
+        out = torch.einsum("ik,jl,...kl->...ij", self.krona_A, self.krona_B, xr).reshape(*x.shape[:-1], a_out * b_out)
+        return self.scale * out + x if self.residual else self.scale * out

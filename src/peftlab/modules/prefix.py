@@ -104,6 +104,8 @@ def use_prefix_attention(model: nn.Module, on: bool) -> None:
 
 class Prefix(PeftModule):
     model_switches = (use_prefix_attention,)
+    #: the key of the reparameterisation MLP the prefixes of one adapter share
+    pool_key = "prefix_pool"
 
     def __init__(self, ctx: BuildContext, s: PrefixSettings) -> None:
         super().__init__(ctx)
@@ -114,7 +116,7 @@ class Prefix(PeftModule):
         self.reparam = s.reparam
         if s.reparam:
             plan = ctx.plan if isinstance(ctx.plan, PrefixPlan) else PrefixPlan(s.length)
-            pool = ctx.share("prefix_pool", lambda: PrefixPool(plan.max_length, d.hidden, s.hidden, **kw), stored=False)
+            pool = ctx.share(self.pool_key, lambda: PrefixPool(plan.max_length, d.hidden, s.hidden, **kw), stored=False)
             self._pool = (pool,)
             self.up = nn.Linear(s.hidden, 2 * d.kv_dim, **kw)
         else:
@@ -205,7 +207,10 @@ def prefix_attention(
     if not prefixes:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     batch, kv_len = query.shape[0], key.shape[2]
-    triples = [fn(batch, key.dtype) for fn in prefixes]
+    triples = []
+    for fn in prefixes:  # a callback gives one prefix's triple, or a list (a gate per prefix token and position)
+        found = fn(batch, key.dtype)
+        triples += found if isinstance(found, list) else [found]
     extra = sum(k.shape[2] for k, _, _ in triples)
     attention_mask = _extend_mask(attention_mask, module, query.shape[2], kv_len, extra, query.device)
     bias = kwargs.get("position_bias")
@@ -263,6 +268,77 @@ def _full_mask(*args: Any, **kwargs: Any):
     kwargs["allow_is_causal_skip"] = False
     kwargs["allow_is_bidirectional_skip"] = False
     return sdpa_mask(*args, **kwargs)
+
+
+@register
+@dataclass
+class AdaptivePrefixSettings(PrefixSettings):
+    """Adaptive prefix tuning (Zhang et al. 2023): prefix tuning whose key/values are scaled per layer by
+    λ · α, a layer-level gate λ (a trained scalar, starting at 1) and token-level gates α (one per prefix token,
+    sigmoid of a linear map of the layer's input, averaged over the real tokens: a running mean in a decoder, so
+    cached generation gives what the whole forward gives)."""
+
+    kind = "adaptive-prefix"
+    gateable = False  # its own gates; a UniPELT gate on top would be a third
+
+    def build(self, ctx: BuildContext) -> PeftModule:
+        return AdaptivePrefix(ctx, self)
+
+
+class AdaptivePrefix(Prefix):
+    """A prefix scaled by its layer gate and its token gates. In an encoder a sequence has one gate per prefix
+    token, which scales its keys and values directly; in a decoder's forward over several positions each position
+    has its own, so each prefix token goes to the attention as a prefix of its own with a gate per position
+    (:func:`_gated_by_position`, whose head dimension grows with the prefix length: the price of exact per-position
+    gates)."""
+
+    pool_key = "adaptive_prefix_pool"
+
+    def __init__(self, ctx: BuildContext, s: AdaptivePrefixSettings) -> None:
+        super().__init__(ctx, s)
+        kw = {"device": ctx.device, "dtype": ctx.dtype}
+        self.token_gate = nn.Linear(ctx.dims.hidden, s.length, **kw)
+        self.layer_gate = nn.Parameter(torch.ones((), **kw))
+        self._view = (ctx.sequence(),)  # a tuple: the view is the core's, not a submodule
+
+    def attach(self, ctx: BuildContext) -> None:
+        super().attach(ctx)
+        ctx.hooks.add(ctx.block.sub(ctx.block.stack.attention), "pre", self, self._capture)
+
+    def flops_per_token(self) -> float:
+        return super().flops_per_token() + 2.0 * self.token_gate.weight.numel()
+
+    def _gates(self) -> torch.Tensor:
+        """λ · α: (batch, length) in an encoder, (batch, positions, length) in a decoder."""
+        x, self._gate_input = self._gate_input, None
+        g = torch.sigmoid(self.token_gate(x.to(self.token_gate.weight.dtype)))  # (batch, positions, length)
+        view = self._view[0]
+        real = view.real(g) if view is not None else g.new_ones(*g.shape[:2], 1)
+        if view is None or not view.causal:
+            mean = (g * real).sum(dim=1) / real.sum(dim=1).clamp_min(1.0)
+        else:
+            sums, counts = view.carry(id(self), torch.cumsum(g * real, dim=1), torch.cumsum(real, dim=1))
+            mean = sums / counts.clamp_min(1.0)
+        return self.layer_gate * mean
+
+    def key_values(self, batch: int, dtype: torch.dtype):
+        """The gated key/values: one triple (gates applied), or one per prefix token with its gate per position."""
+        kv = self.prefix_kv().to(dtype).unsqueeze(1).expand(-1, batch, -1, -1, -1)
+        gates = self._gates().to(dtype)
+        if gates.dim() == 3 and gates.shape[1] == 1:
+            gates = gates[:, 0]
+        if gates.dim() == 2:
+            scale = gates.view(batch, 1, -1, 1)
+            return kv[0] * scale, kv[1] * scale, None
+        return [(kv[0][:, :, j : j + 1], kv[1][:, :, j : j + 1], gates[..., j : j + 1]) for j in range(self.length)]
+
+    def stored_numel(self) -> int:
+        return super().stored_numel() + self.token_gate.weight.numel() + self.token_gate.bias.numel() + 1
+
+    def stored_state(self) -> dict[str, torch.Tensor]:
+        state = super().stored_state()
+        state |= {f"token_gate.{k}": v.detach() for k, v in self.token_gate.state_dict().items()}
+        return state | {"layer_gate": self.layer_gate.detach()}
 
 
 AttentionInterface.register(ATTN_NAME, prefix_attention)

@@ -109,6 +109,9 @@ class TrainConfig:
     galore_rank: int = 128
     galore_update_gap: int = 200
     galore_scale: float = 0.25
+    #: a saved peftlab adapter whose tensors start this run's adapter (SPoT: ``--method prompt --init-from`` a prompt
+    #: trained on another task); the shapes must match, the task head is not copied
+    init_from: str | None = None
 
     def check(self) -> None:
         budgets = [b for b in (self.max_steps, self.fraction) if b is not None]
@@ -149,6 +152,8 @@ class TrainConfig:
             raise PeftlabError(f"galore_scale must be a number > 0, got {self.galore_scale}")
         if self.dropout is not None and not 0 <= self.dropout < 1:
             raise PeftlabError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.init_from is not None and not Path(self.init_from).is_dir():
+            raise PeftlabError(f"--init-from '{self.init_from}' is not a folder (give a saved adapter's folder)")
         if not (math.isfinite(self.cache_frozen_mb) and self.cache_frozen_mb >= 0):
             raise PeftlabError(f"cache_frozen_mb must be a number >= 0, got {self.cache_frozen_mb}")
         if self.eval_metric not in ("exact", "rouge", "loss"):

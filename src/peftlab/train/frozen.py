@@ -125,15 +125,16 @@ def _block_end(found: Probe, counter: Iterator[int], index: int, module: nn.Modu
     found.tensors = found.tensors and isinstance(out, torch.Tensor)
 
 
-def touched(pm: PeftModel) -> list[nn.Module]:
+def touched(pm: PeftModel, backward: bool = False) -> list[nn.Module]:
     """The backbone modules the active adapter acts on: its callbacks' hosts and the owners of the backbone tensors
-    it trains in place."""
+    it trains in place (``backward``: only the hosts a training step back-propagates through, see
+    :meth:`~peftlab.core.hooks.HookRegistry.hosts`)."""
     name = pm.active_adapter
     if name is None:
         return []
     trained = {id(p) for _, m in pm.adapters[name].all_modules() for p in m.backbone_parameters()}
     owners = [m for m in pm.base_model.modules() if any(id(p) in trained for p in m.parameters(recurse=False))]
-    return [*pm.hooks.hosts(name), *owners]
+    return [*pm.hooks.hosts(name, backward), *owners]
 
 
 def first_layer(pm: PeftModel, found: Probe) -> tuple[int, str]:

@@ -24,6 +24,7 @@ from peftlab.core.peft_model import PeftModel, apply
 from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError
 from peftlab.formats.keys import stored_tensors
+from peftlab.formats.loading import init_from
 from peftlab.memory import peak_memory
 from peftlab.modules.base import TrainingLoss
 from peftlab.train.baseline import constant_scores, hopeless, prior_loss
@@ -119,9 +120,19 @@ def _prepare_model(
             if isinstance(m, nn.Dropout):
                 m.p = config.dropout
     pm = model if isinstance(model, PeftModel) or foreign(model) else apply(model, spec)
+    if config.init_from is not None:
+        copied = init_from(pm, config.init_from)
+        log.info("initialised %d tensor(s) from %s", len(copied), config.init_from)
     if warm is not None:
         warm.lend(model, pm)
     if config.gradient_checkpointing:
+        modules = pm.adapters[pm.active_adapter].all_modules() if isinstance(pm, PeftModel) else ()
+        detached = sorted({m.kind for _, m in modules if m.detached})
+        if detached:  # the blocks' recomputation would run the side network's hooks again, out of order
+            raise PeftlabError(
+                f"{', '.join(detached)} back-propagates through no backbone block: gradient checkpointing has nothing "
+                "to save there; leave --gradient-checkpointing out"
+            )
         enable_checkpointing(pm.base_model)
     return pm, encoder
 
