@@ -1,6 +1,6 @@
 """The PEFT module zoo. Importing this package registers every kind in :data:`KINDS`."""
 
-from peftlab.modules import bottleneck, linear, prefix, reparam, selective, whole
+from peftlab.modules import bottleneck, fusion, intrinsic, linear, lowrank, prefix, reparam, selective, whole
 from peftlab.modules.base import KINDS, BuildContext, Dims, PeftModule, Settings
 
 __all__ = [
@@ -10,7 +10,10 @@ __all__ = [
     "PeftModule",
     "Settings",
     "bottleneck",
+    "fusion",
+    "intrinsic",
     "linear",
+    "lowrank",
     "prefix",
     "reparam",
     "selective",
