@@ -28,7 +28,7 @@ from peftlab.errors import PeftlabError, SpecError
 from peftlab.formats import interop
 from peftlab.formats import native as saving
 from peftlab.formats.keys import module_key
-from peftlab.modules import KINDS, BuildContext, Dims, PeftModule, Settings
+from peftlab.modules import BuildContext, Dims, PeftModule, Settings
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 #: how ``save`` writes each format: the files of the folder, each with its writer
@@ -292,11 +292,16 @@ class PeftModel(nn.Module):
     def after_step(self, step: int, total: int) -> None:
         """The per-step hook of every kind in the active adapter (``Settings.after_step``): the training loop calls it
         once per optimiser step, ``step`` (from 1) of ``total``, after the update and before gradients are cleared."""
+        if self.active_adapter is None:
+            return
+        spec = self.adapters[self.active_adapter].spec
+        kinds = {s.kind: type(s) for s in [*spec.settings(), *spec.parts().values()]}
         by_kind: dict[str, list[PeftModule]] = {}
         for _, m in self._active_modules():
             by_kind.setdefault(m.kind, []).append(m)
         for kind, modules in by_kind.items():
-            KINDS[kind].after_step(modules, step, total)
+            if kind in kinds:
+                kinds[kind].after_step(modules, step, total)
 
     # -- merging ------------------------------------------------------------------------------------
     def _is_merged(self, name: str) -> bool:

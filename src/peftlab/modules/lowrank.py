@@ -148,8 +148,8 @@ def _mask_to_budget(modules: list[AdaLoRA], count: int) -> None:
 
 class AdaLoRA(LinearModule):
     """P·Λ·Q with peft's names and shapes: ``lora_A`` (Q, r × in), ``lora_E`` (Λ, r × 1), ``lora_B`` (P, out × r).
-    Λ starts at zero (the model unchanged), P and Q normal (std 0.02). ``rank_mask`` (stored) marks the singular
-    values the budget keeps; the masked ones are zero in Λ, so the kept rank is what the stored Λ shows."""
+    Λ starts at zero (the model unchanged), P and Q normal (std 0.02). Pruned singular values are exact zeros in Λ,
+    so the kept rank is what the stored Λ shows (and what :attr:`rank` counts)."""
 
     def __init__(self, ctx: BuildContext, s: AdaLoraSettings) -> None:
         super().__init__(ctx)
@@ -162,7 +162,8 @@ class AdaLoRA(LinearModule):
         if ctx.device.type != "meta":
             nn.init.normal_(self.lora_A, mean=0.0, std=0.02)
             nn.init.normal_(self.lora_B, mean=0.0, std=0.02)
-        self.register_buffer("rank_mask", torch.ones(s.init_r, dtype=torch.bool, device=ctx.device))
+        # the budget's current mask (what the final phase keeps applying); the stored Λ's zeros are the pruned ranks
+        self.register_buffer("rank_mask", torch.ones(s.init_r, dtype=torch.bool, device=ctx.device), persistent=False)
         self.scaling = s.alpha / (s.init_r + 1e-5)  # peft: lora_alpha / (ranknum + 1e-5), ranknum = init_r
         self.dropout = nn.Dropout(s.dropout) if s.dropout > 0 else None
         self._scores: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # EMA of importance and of its uncertainty
@@ -189,12 +190,8 @@ class AdaLoRA(LinearModule):
 
     @property
     def rank(self) -> int:
-        """The singular values the budget keeps."""
-        return int(self.rank_mask.sum())
-
-    def stored_numel(self) -> int:
-        """The saved file holds P, Λ and Q at init_r (pruned singular values as zeros), not the mask."""
-        return self.own_numel()
+        """The singular values in use: the non-zero entries of Λ (all of them zero before training)."""
+        return int((self.lora_E != 0).sum())
 
     # -- the rank allocator's per-matrix part -----------------------------------------------------------
     @torch.no_grad()
