@@ -303,5 +303,7 @@ def test_fuse_refuses_mismatched_components_in_one_line(tmp_path: Path) -> None:
         with pytest.raises(SpecError, match=message) as e:
             methods.get("fuse", adapters=adapters)
         assert "\n" not in str(e.value)
+    as_text = methods.get("fuse", adapters=f"[{good[0]},{good[1]}]")  # the command line's --set adapters=[D1,D2]
+    assert as_text == methods.get("fuse", adapters=good)
     with pytest.raises(SpecError, match=r"fuse: .*different weights"):  # built on another base than the components'
         peftlab.apply(make_model("tiny-bert", "seq-cls", seed=1), methods.fuse(adapters=good))

@@ -186,6 +186,8 @@ def components(folders: list[str]) -> list[tuple[str, Any]]:
     from peftlab.core.spec import Spec
     from peftlab.formats import native
 
+    if isinstance(folders, str):  # the command line's adapters=DIR1,DIR2 (or [DIR1,DIR2] unquoted)
+        folders = [f.strip() for f in folders.strip().strip("[]").split(",") if f.strip()]
     if not isinstance(folders, (list, tuple)) or len(folders) < 2 or not all(isinstance(f, str) for f in folders):
         raise SpecError(f"fuse needs adapters=[DIR, DIR, ...]: two or more saved adapter folders, got {folders!r}")
     if len(set(folders)) < len(folders):

@@ -117,6 +117,7 @@ class IntrinsicSAID(LinearModule):
             s.d, ref.out_features * ref.in_features, (s.seed * 1_000_003 + place) % (1 << 63), ctx.device
         )
         self.said_lambda = nn.Parameter(torch.ones(1, device=ctx.device, dtype=ctx.dtype))
+        self._cached: tuple[tuple, torch.Tensor] | None = None
 
     def flops_per_token(self) -> float:
         """The input through the projected weight delta (full rank)."""
@@ -128,7 +129,17 @@ class IntrinsicSAID(LinearModule):
         return 2.0 * n * math.log2(max(n, 2))
 
     def weight_delta(self) -> torch.Tensor:
+        """λ·Fastfood(θ_d) as the matrix; without autograd (evaluation, generation) kept until θ_d or λ change."""
         theta = self._theta[0].theta
+        if torch.is_grad_enabled():
+            self._cached = None
+            return self._delta(theta)
+        key = (theta._version, id(theta), self.said_lambda._version, theta.device, theta.dtype)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, self._delta(theta))
+        return self._cached[1]
+
+    def _delta(self, theta: torch.Tensor) -> torch.Tensor:
         return (self.said_lambda.float() * self.fastfood(theta)).view(self.shape).to(theta.dtype)
 
     def output_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
