@@ -15,8 +15,9 @@ architectures with one of learning rates), ``STEPS`` steps with a dev evaluation
     python benchmarks/found_vs_presets.py report    # results/found_vs_presets.md
 
 Runs go seed by seed (every configuration at seed 0, then seed 1, ...), so a stopped run leaves every configuration
-with the same seeds. Each run's record is in ``results/found_vs_presets/runs/CONFIG/seedS/record.json`` (the
-adapter is deleted after the run: the table needs the record only).
+with the same seeds. Each run's record is in ``results/found_vs_presets/runs/CONFIG/seedS/record.json`` (git-ignored;
+the adapter is deleted after the run); ``report`` also writes every run's numbers to ``found_vs_presets/runs.csv``
+(committed), from which the table can be redrawn.
 """
 
 from __future__ import annotations
@@ -177,9 +178,17 @@ def _mean_sd(values: list[float]) -> str:
 
 def cmd_report(_: argparse.Namespace) -> None:
     plan = _plan()
-    rows = []
+    rows, flat = [], []
     for c in plan["configs"]:
         records = _records(c["name"])
+        for seed, r in records.items():
+            flat.append(
+                {
+                    "config": c["name"], "seed": seed, "stored_percent": round(c["stored"], 4),
+                    "metric": r["best"]["metric"], "dev": r["best"]["score"], "test": _test_score(r),
+                    "best_step": r["best"]["step"], "steps": r["steps"], "wall_time_s": round(r["wall_time_s"], 1),
+                }
+            )  # fmt: skip
         if records:
             rows.append({**c, "test": {s: _test_score(r) for s, r in records.items()}, "bin": _bin(c["stored"])})
     lines = [
@@ -223,6 +232,10 @@ def cmd_report(_: argparse.Namespace) -> None:
     if missing:
         lines += [f"Not all seeds run yet: {', '.join(missing)}.", ""]
     REPORT.write_text("\n".join(lines))
+    with (OUT / "runs.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(flat[0]) if flat else ["config"])
+        writer.writeheader()
+        writer.writerows(flat)
     print("\n".join(lines))
 
 

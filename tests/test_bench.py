@@ -52,9 +52,19 @@ def test_summarize_gives_median_and_quartiles_of_known_numbers() -> None:
     assert bench.summarize([4.0]) == {"median": 4.0, "q25": 4.0, "q75": 4.0, "iqr": 0.0, "min": 4.0, "max": 4.0, "n": 1}
 
 
-@pytest.mark.parametrize("method", ["lora", "ia3", "prefix", "prompt", "ln", "vera", "fourierft", "loha", "lokr"])
-def test_peft_equivalent_trains_the_same_parameters(method: str) -> None:
+@pytest.mark.parametrize(
+    "method", ["lora", "ia3", "prefix", "prompt", "ln", "vera", "fourierft", "loha", "lokr", "oft", "boft", "hra"]
+)
+def test_peft_equivalent_trains_the_same_parameters(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from peft import get_peft_config, get_peft_model
+    from peft.tuners.boft import layer as boft_layer
+
+    # Without its CUDA extension peft's BOFT runs one butterfly factor whatever the config says; a torch stand-in
+    # for the extension's block diagonal lets it build the preset's two.
+    blocks = type(
+        "TorchBlockDiag", (), {"forward": staticmethod(lambda b: [torch.stack([torch.block_diag(*f) for f in b])])}
+    )
+    monkeypatch.setattr(boft_layer, "_FBD_CUDA", blocks())
 
     pm = peftlab.apply(peftlab.load_model("shape:tiny-bert", head="seq-cls", meta=True), methods.get(method))
     config, note = interop.peft_equivalent(pm)

@@ -180,3 +180,26 @@ def test_loha_and_lokr_counts_on_bert_base() -> None:
     # 768 = 24 · 32: W1 24 × 24 in full, W2 32 × 32 at rank 8 (8 < 32 / 2)
     assert lokr.trainable == lokr.stored == 12 * 2 * (24 * 24 + 2 * 32 * 8)
     assert lokr.changed == loha.changed == 12 * 2 * 768 * 768
+
+
+def test_orthogonal_kinds_count_what_they_store_and_change_whole_matrices() -> None:
+    """BERT-base, query and value of 12 layers (input width 768); each merges into its whole weight."""
+    sites = 12 * 2
+    oft = _counts("shape:bert-base", "oft").per_kind["oft"]  # 24 blocks of 32: each a skew matrix's upper triangle
+    assert oft.trainable == oft.stored == sites * 24 * (32 * 31 // 2)
+    shared = _counts("shape:bert-base", "oft", block_share=True).per_kind["oft"]
+    assert shared.trainable == sites * (32 * 31 // 2)
+    # BOFT stores whole b×b blocks per butterfly factor (peft's layout) and a scale per output.
+    boft = _counts("shape:bert-base", "boft").per_kind["boft"]
+    assert boft.trainable == boft.stored == sites * (2 * (768 // 4) * 4 * 4 + 768)
+    hra = _counts("shape:bert-base", "hra").per_kind["hra"]  # r=8 reflection vectors of the input width
+    assert hra.trainable == hra.stored == sites * 768 * 8
+    for c in (oft, boft, hra):
+        assert c.changed == sites * 768 * 768
+
+
+def test_hra_on_a_7b_shape() -> None:
+    """r=32 reflections on Llama-2-7B's q and v: 8.4M, 0.12% of the backbone."""
+    c = _counts("shape:llama-7b", "hra", r=32)
+    assert c.per_kind["hra"].trainable == 32 * 2 * 4096 * 32
+    assert round(c.pct(c.per_kind["hra"].trainable), 2) == 0.12

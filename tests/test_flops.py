@@ -109,3 +109,12 @@ def test_encoder_decoders_get_no_prediction() -> None:
     model = peftlab.apply(peftlab.load_model("shape:tiny-t5", head="seq2seq", meta=True), methods.get("lora"))
     got, why = bench.predict(model, 8, 32)
     assert got is None and "encoder-decoder" in why
+
+
+def test_oft_adds_its_block_rotation_the_extra_weight_product_and_its_series() -> None:
+    tokens, base = 8 * 32, floor(8, 32)
+    per_token = 2 * H * 8 + 2 * H * H  # x·R over blocks of 8, then W·(Rx − x)
+    per_step = 2 * 3 * (H // 8) * 8**3  # the Cayley–Neumann series: 3 products of 8×8 blocks
+    added = LAYERS * 2 * (tokens * per_token + per_step)  # q and v
+    got = predict(pm("oft", block_size=8))
+    assert (got.forward, got.backward) == (base.forward + added, base.backward + 2 * added)

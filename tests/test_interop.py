@@ -18,6 +18,7 @@ import peftlab
 from peftlab.core.spec import Spec
 from peftlab.errors import AdapterLoadError, PeftlabError
 from peftlab.modules.linear import LoraSettings
+from peftlab.modules.orthogonal import OftSettings
 from peftlab.modules.reparam import FourierFTSettings, LohaSettings, LokrSettings
 from peftlab.modules.whole import head_copy
 
@@ -80,6 +81,30 @@ def _per_site(common: object, changed: dict[str, object]) -> Spec:
     return Spec(layers={"*": dict.fromkeys(("q", "v", "ffn_in", "ffn_out"), common), "1": changed})
 
 
+class _TorchBlockDiag:
+    """Stands in for peft's BOFT CUDA extension (each factor's blocks as one block-diagonal matrix): without it peft
+    runs one butterfly factor whatever its config says, so more than one can only be compared with it in place."""
+
+    @staticmethod
+    def forward(blocks: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.stack([torch.block_diag(*factor) for factor in blocks])]
+
+
+@pytest.fixture
+def boft_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(peft.tuners.boft.layer, "_FBD_CUDA", _TorchBlockDiag())
+
+
+_OFT_SITES = ["q", "v", "o", "ffn_in", "ffn_out"]
+
+
+def _exact_oft() -> Spec:
+    """OFT with the exact Cayley transform, a fixed number of blocks sharing one block, and COFT's projection (eps
+    wide enough that the rotation still changes the outputs)."""
+    s = OftSettings(r=4, block_size=0, cayley_neumann=False, block_share=True, coft=True, eps=0.5)
+    return Spec(layers={"*": dict.fromkeys(["q", "k", "v", "o", "ffn_gate", "ffn_in", "ffn_out"], s)})
+
+
 EXPORTS: dict[str, tuple[str, Callable[[], Spec]]] = {
     # AdaLoRA: before pruning (all init_r singular values) and pruned (test_adalora_export_keeps_the_pruned_ranks)
     "bert-adalora": ("tiny-bert", lambda: peftlab.methods.adalora(init_r=4, target_r=2, targets=["q", "v", "ffn_out"])),
@@ -118,10 +143,23 @@ EXPORTS: dict[str, tuple[str, Callable[[], Spec]]] = {
         "tiny-llama",
         lambda: peftlab.methods.lokr(r=1, targets="all-linear", decompose_both=True, decompose_factor=4),
     ),
+    "bert-oft": ("tiny-bert", lambda: peftlab.methods.oft(block_size=8, targets=_OFT_SITES)),
+    "llama-oft-exact-coft-shared": ("tiny-llama", _exact_oft),
+    "t5-oft": ("tiny-t5", lambda: peftlab.methods.oft(block_size=8, targets=["q", "v", "cross_v", "ffn_out"])),
+    "bert-boft": ("tiny-bert", lambda: peftlab.methods.boft(block_size=4, butterfly_factor=2, targets=_OFT_SITES)),
+    "llama-boft-block-num": (
+        "tiny-llama",
+        lambda: peftlab.methods.boft(block_size=0, block_num=8, butterfly_factor=3, targets="all-linear"),
+    ),
+    "bert-boft-one-factor": ("tiny-bert", lambda: peftlab.methods.boft(block_size=8, butterfly_factor=1)),
+    "bert-hra": ("tiny-bert", lambda: peftlab.methods.hra(r=4, targets=_OFT_SITES)),
+    "llama-hra-gs": ("tiny-llama", lambda: peftlab.methods.hra(r=5, apply_gs=True, targets="all-linear")),
+    "t5-hra": ("tiny-t5", lambda: peftlab.methods.hra(r=2, targets=["q", "v", "cross_v", "ffn_out"])),
 }
 
 
 @pytest.mark.parametrize("case", EXPORTS)
+@pytest.mark.usefixtures("boft_blocks")
 def test_export_runs_in_peft_with_the_same_outputs(case: str, tmp_path: Path) -> None:
     name, make = EXPORTS[case]
     absolute_prefix = case == "bert-prefix"
@@ -258,10 +296,35 @@ IMPORTS: dict[str, tuple[str, Callable[[], object]]] = {
         ),
     ),
     "t5-lokr": ("tiny-t5", lambda: peft.LoKrConfig(task_type="SEQ_2_SEQ_LM", r=2, target_modules=["q", "v"])),
+    "bert-oft": (
+        "tiny-bert",
+        lambda: peft.OFTConfig(
+            task_type="SEQ_CLS", oft_block_size=8, target_modules=["query", "value", "intermediate.dense"]
+        ),
+    ),
+    "llama-oft-exact": (
+        "tiny-llama",
+        lambda: peft.OFTConfig(
+            task_type="CAUSAL_LM", r=4, oft_block_size=0, use_cayley_neumann=False, coft=True, eps=0.5
+        ),
+    ),
+    "bert-boft": (
+        "tiny-bert",
+        lambda: peft.BOFTConfig(
+            task_type="SEQ_CLS", boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["query", "value"]
+        ),
+    ),
+    "llama-boft": (
+        "tiny-llama",
+        lambda: peft.BOFTConfig(task_type="CAUSAL_LM", boft_block_size=0, boft_block_num=4, boft_n_butterfly_factor=2),
+    ),
+    "bert-hra": ("tiny-bert", lambda: peft.HRAConfig(task_type="SEQ_CLS", r=4, target_modules=["query", "value"])),
+    "llama-hra-gs": ("tiny-llama", lambda: peft.HRAConfig(task_type="CAUSAL_LM", r=3, apply_GS=True)),
 }
 
 
 @pytest.mark.parametrize("case", IMPORTS)
+@pytest.mark.usefixtures("boft_blocks")
 def test_peft_adapter_runs_in_peftlab_with_the_same_outputs(case: str, tmp_path: Path) -> None:
     name, make = IMPORTS[case]
     absolute_prefix = case == "bert-prefix"
@@ -300,6 +363,16 @@ REFUSED_EXPORTS: dict[str, tuple[str, Callable[[], Spec], str]] = {
         lambda: _per_site(LokrSettings(), {"q": LokrSettings(decompose_factor=2)}),
         "one decompose_factor",
     ),
+    # peftlab rotates q's and v's inputs separately; peft would rotate c_attn's input once for q, k and v.
+    "gpt2-fused-oft": ("tiny-gpt2", lambda: peftlab.methods.oft(block_size=4), "fused projection"),
+    # peft 0.21 builds OFT, BOFT and HRA on torch Linear layers only; peftlab also on GPT-2's Conv1D.
+    "gpt2-hra-conv1d": ("tiny-gpt2", lambda: peftlab.methods.hra(r=2, targets="o"), "HRA takes torch Linear"),
+    "gpt2-boft-conv1d": ("tiny-gpt2", lambda: peftlab.methods.boft(targets="o"), "BOFT takes torch Linear"),
+    "oft-two-settings": (
+        "tiny-bert",
+        lambda: Spec(layers={"*": {"q": OftSettings(block_size=4), "v": OftSettings(block_size=8)}}),
+        "one setting for all modules",
+    ),
 }
 
 
@@ -325,7 +398,24 @@ def test_import_refuses_unsupported_options_and_types(tmp_path: Path) -> None:
     peft.get_peft_model(_base("tiny-bert"), config).save_pretrained(tmp_path / "dora")
     with pytest.raises(AdapterLoadError, match="use_dora=True"):
         peftlab.load(_base("tiny-bert"), tmp_path / "dora")
-    (tmp_path / "oft").mkdir()  # OFT: a peft type peftlab has no kind for (LoHa was one until peftlab had it)
-    (tmp_path / "oft" / "adapter_config.json").write_text(json.dumps({"peft_type": "OFT"}))
-    with pytest.raises(AdapterLoadError, match="LORA, IA3, VERA, FOURIERFT, LOHA, LOKR, PREFIX_TUNING, PROMPT_TUNING"):
-        peftlab.load(_base("tiny-bert"), tmp_path / "oft")
+    (tmp_path / "adalora").mkdir()  # a peft type peftlab has no kind for (LoHa and OFT were, until it had them)
+    (tmp_path / "adalora" / "adapter_config.json").write_text(json.dumps({"peft_type": "ADALORA"}))
+    expected = "LORA, IA3, VERA, FOURIERFT, LOHA, LOKR, OFT, BOFT, HRA, PREFIX_TUNING, PROMPT_TUNING"
+    with pytest.raises(AdapterLoadError, match=expected):
+        peftlab.load(_base("tiny-bert"), tmp_path / "adalora")
+
+
+def test_boft_import_follows_the_factors_peft_ran(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Without its CUDA extension peft builds, runs and saves one butterfly factor though its config asks for two."""
+    monkeypatch.setattr(peft.tuners.boft.layer, "get_fbd_cuda", lambda: None)
+    config = peft.BOFTConfig(
+        task_type="SEQ_CLS", boft_block_size=4, boft_n_butterfly_factor=2, target_modules=["query", "value"]
+    )
+    made = peft.get_peft_model(_base("tiny-bert"), config)
+    _randomise(p for p in made.parameters() if p.requires_grad)
+    batch = make_batch(made)
+    expected = logits(made, batch)
+    made.save_pretrained(tmp_path)
+    pm = peftlab.load(_base("tiny-bert"), tmp_path)
+    assert {s.butterfly_factor for s in pm.adapters["default"].spec.resolve(2, ["encoder"] * 2)[0].values()} == {1}
+    torch.testing.assert_close(logits(pm, batch), expected, atol=ATOL, rtol=0)

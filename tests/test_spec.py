@@ -58,6 +58,17 @@ def test_stack_selectors_on_t5() -> None:
         ({"extra": 1}, "unknown spec field"),
         ({"model": {"input": {"kind": "prompt", "length": -1}}}, "prompt length must be an integer"),
         ({"peftlab_spec": 9}, "spec version 9 is not supported"),
+        ({"layers": {"*": {"q": {"kind": "oft", "r": 4}}}}, "oft takes exactly one of r and block_size"),
+        ({"layers": {"*": {"q": {"kind": "oft", "coft": 1}}}}, "oft coft must be true or false, got 1"),
+        ({"layers": {"*": {"q": {"kind": "oft", "eps": 0}}}}, "oft eps must be a number > 0.0, got 0"),
+        ({"layers": {"*": {"q": {"kind": "boft", "block_size": 0}}}}, "boft takes exactly one of block_size and"),
+        (
+            {"layers": {"*": {"q": {"kind": "boft", "butterfly_factor": 0}}}},
+            r"boft butterfly_factor must be an integer in \[1, 32\], got 0",
+        ),
+        ({"layers": {"*": {"q": {"kind": "hra", "r": 0}}}}, r"hra r must be an integer in \[1, 4096\], got 0"),
+        ({"layers": {"*": {"q": {"kind": "hra", "apply_gs": "yes"}}}}, "hra apply_gs must be true or false"),
+        ({"layers": {"*": {"after_ffn": "hra"}}}, "a 'hra' module cannot sit at site 'after_ffn'; it fits at: cross_k"),
     ],
 )
 def test_bad_specs_get_one_clear_error(data: dict, message: str) -> None:
@@ -127,3 +138,22 @@ def test_peft_kinds_refuse_what_the_model_cannot_take() -> None:
     two_ranks = Spec.from_dict({"layers": {"*": {"q": {"kind": "vera", "r": 4}, "v": {"kind": "vera", "r": 8}}}})
     with pytest.raises(SpecError, match="all vera sites of one adapter must share r, seed, save_projection"):
         peftlab.apply(llama, two_ranks)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (lambda: methods.oft(block_size=5), "layer site q: oft block_size=5 must divide the input width 32"),
+        (lambda: methods.oft(block_size=0, r=32), "oft blocks of size 1 have no rotation"),
+        (lambda: methods.boft(block_size=0, block_num=6), "boft block_num=6 must divide the input width 32"),
+        (
+            lambda: methods.boft(block_size=4, butterfly_factor=5),
+            r"boft block_size × 2\^\(butterfly_factor-1\) = 64 must divide the input width 32",
+        ),
+        (lambda: methods.hra(r=40), "hra r=40 must be at most the input width 32"),
+    ],
+)
+def test_orthogonal_sizes_that_do_not_fit_the_model(tiny_bert, spec, message: str) -> None:
+    with pytest.raises(SpecError, match=message) as info:
+        peftlab.apply(tiny_bert, spec())
+    assert "\n" not in str(info.value)

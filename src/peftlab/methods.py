@@ -23,6 +23,7 @@ from peftlab.modules.fusion import fuse_layers
 from peftlab.modules.intrinsic import IntrinsicSaidSettings
 from peftlab.modules.linear import IA3Settings, KronaSettings, LoraSettings
 from peftlab.modules.lowrank import AdaLoraSettings, GloraSettings
+from peftlab.modules.orthogonal import BoftSettings, HraSettings, OftSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
 from peftlab.modules.reparam import FourierFTSettings, LohaSettings, LokrSettings, VeraSettings
 from peftlab.modules.selective import BitFitSettings, LNSettings
@@ -231,6 +232,48 @@ def lokr(
 ) -> Spec:  # fmt: skip
     """LoKr with peft's defaults (r=8, alpha=8, balanced factors) on query and value, like LoRA."""
     s = LokrSettings(r=r, alpha=alpha, decompose_both=decompose_both, decompose_factor=decompose_factor)
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("oft", "block-diagonal orthogonal (Cayley) rotation of the inputs of chosen linears", "Qiu et al. 2023")
+def oft(
+    block_size: int = 32,
+    r: int = 0,
+    targets: str | list[str] = "qv",
+    coft: bool = False,
+    eps: float = 6e-5,
+    block_share: bool = False,
+    module_dropout: float = 0.0,
+) -> Spec:
+    """OFT on ``targets`` (peft's defaults: blocks of 32 on query and value; give ``r`` with ``block_size=0`` to fix
+    the number of blocks instead)."""
+    s = OftSettings(
+        r=r, block_size=block_size, coft=coft, eps=eps, block_share=block_share, module_dropout=module_dropout
+    )
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("boft", "butterfly-factorised orthogonal rotation and output scaling of chosen linears", "Liu et al. 2024")
+def boft(
+    block_size: int = 4,
+    block_num: int = 0,
+    butterfly_factor: int = 2,
+    targets: str | list[str] = "qv",
+    dropout: float = 0.0,
+) -> Spec:
+    """BOFT on ``targets`` (query and value; blocks of 4 as peft, two butterfly factors as the paper's language
+    experiments)."""
+    s = BoftSettings(block_size=block_size, block_num=block_num, butterfly_factor=butterfly_factor, dropout=dropout)
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("hra", "product of r Householder reflections of the inputs of chosen linears", "Yuan et al. 2024")
+def hra(r: int = 8, targets: str | list[str] = "qv", apply_gs: bool = False) -> Spec:
+    """HRA on ``targets`` (r=8 reflections, peft's default, on query and value)."""
+    s = HraSettings(r=r, apply_gs=apply_gs)
     s.check_at()
     return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
 

@@ -1,7 +1,7 @@
 """Adapters in the Hugging Face ``peft`` layout (adapter_config.json + adapter_model.safetensors), both ways.
 
-The methods both libraries share move across: LoRA, (IA)3, VeRA, FourierFT, LoHa, LoKr, prefix tuning and
-prompt tuning, each with the trained task head (peft's ``modules_to_save``). peftlab keeps a module per
+The methods both libraries share move across: LoRA, (IA)3, VeRA, FourierFT, LoHa, LoKr, OFT, BOFT, HRA, prefix
+tuning and prompt tuning, each with the trained task head (peft's ``modules_to_save``). peftlab keeps a module per
 (layer, site); peft keys tensors by the backbone module they change, and the anatomy maps one onto the other.
 Nothing here imports peft.
 
@@ -36,6 +36,7 @@ from peftlab.formats.weights import read_weights
 from peftlab.modules import Dims, Settings
 from peftlab.modules.linear import IA3Settings, LoraSettings
 from peftlab.modules.lowrank import AdaLoraSettings
+from peftlab.modules.orthogonal import BoftSettings, HraSettings, OftSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
 from peftlab.modules.reparam import FourierFTSettings, LohaSettings, LokrSettings, VeraSettings
 from peftlab.modules.whole import HeadCopy, head_copy
@@ -46,8 +47,8 @@ if TYPE_CHECKING:
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 EXPORTABLE = (
-    "LoRA (without DoRA or gates), AdaLoRA, (IA)3, VeRA, FourierFT, LoHa, LoKr, prefix tuning in every layer or "
-    "prompt tuning, each with its trained task head"
+    "LoRA (without DoRA or gates), AdaLoRA, (IA)3, VeRA, FourierFT, LoHa, LoKr, OFT, BOFT or HRA (one setting for "
+    "all sites), prefix tuning in every layer or prompt tuning, each with its trained task head"
 )
 #: peft_type -> the peftlab kind it becomes
 IMPORTABLE = {
@@ -57,6 +58,9 @@ IMPORTABLE = {
     "FOURIERFT": "fourierft",
     "LOHA": "loha",
     "LOKR": "lokr",
+    "OFT": "oft",
+    "BOFT": "boft",
+    "HRA": "hra",
     "PREFIX_TUNING": "prefix",
     "PROMPT_TUNING": "prompt",
 }
@@ -94,6 +98,31 @@ _FIELDS = {
     "FOURIERFT": (*_TARGETING, "n_frequency", "n_frequency_pattern", "scaling", "random_loc_seed", "init_weights"),
     "LOHA": (*_TARGETING, "r", "alpha", "rank_pattern", "alpha_pattern"),
     "LOKR": (*_TARGETING, "r", "alpha", "rank_pattern", "alpha_pattern", "decompose_both", "decompose_factor"),
+    "OFT": (
+        "r",
+        "oft_block_size",
+        "module_dropout",
+        "coft",
+        "eps",
+        "block_share",
+        "use_cayley_neumann",
+        "num_cayley_neumann_terms",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+    ),
+    "BOFT": (
+        "boft_block_size",
+        "boft_block_num",
+        "boft_n_butterfly_factor",
+        "boft_dropout",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+    ),
+    "HRA": ("r", "apply_GS", "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern"),
     "PREFIX_TUNING": (
         "num_virtual_tokens",
         "token_dim",
@@ -483,6 +512,81 @@ def _export_lokr(
     return config, _module_tensors(modules, _LOKR_TENSORS)
 
 
+def _one_setting(modules: list[tuple[str, Settings, nn.Module]], kind: str) -> Settings:
+    """The settings every site shares (peft's OFT, BOFT and HRA configs have no per-module patterns), on torch
+    Linear layers (peft 0.21 builds none of the three on GPT-2's Conv1D)."""
+    conv = [name for name, _, m in modules if m.ref.transposed]
+    if conv:
+        raise PeftlabError(
+            f"cannot export {kind} at '{conv[0]}' to the peft format: peft's {kind} takes torch Linear layers only, "
+            "not GPT-2's Conv1D"
+        )
+    found = {repr(s) for _, s, _ in modules}
+    if len(found) > 1:
+        raise PeftlabError(
+            f"cannot export to the peft format: peft's {kind} config holds one setting for all modules, this "
+            f"adapter uses {len(found)} ({'; '.join(sorted(found))})"
+        )
+    return modules[0][1]
+
+
+#: the OFT Cayley–Neumann series peftlab computes is peft's from this version on (peft warns on older files)
+_NEUMANN_SINCE = "0.18.0"
+
+
+def _export_oft(
+    pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
+) -> tuple[dict[str, Any], Tensors]:
+    modules = _linear_modules(adapter, placed, names, OftSettings, "OFT")
+    s = _one_setting(modules, "OFT")
+    assert isinstance(s, OftSettings)
+    config = {
+        "r": s.r,
+        "oft_block_size": s.block_size,
+        "module_dropout": s.module_dropout,
+        "coft": s.coft,
+        "eps": s.eps,
+        "block_share": s.block_share,
+        "use_cayley_neumann": s.cayley_neumann,
+        "num_cayley_neumann_terms": s.neumann_terms,
+        "target_modules": [name for name, _, _ in modules],
+        "bias": "none",
+        "peft_version": _NEUMANN_SINCE,
+    }
+    return config, {f"{_key_root(False)}{name}.oft_R.weight": m.oft_R for name, _, m in modules}
+
+
+def _export_boft(
+    pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
+) -> tuple[dict[str, Any], Tensors]:
+    modules = _linear_modules(adapter, placed, names, BoftSettings, "BOFT")
+    s = _one_setting(modules, "BOFT")
+    assert isinstance(s, BoftSettings)
+    config = {
+        "boft_block_size": s.block_size,
+        "boft_block_num": s.block_num,
+        "boft_n_butterfly_factor": s.butterfly_factor,
+        "boft_dropout": s.dropout,
+        "target_modules": [name for name, _, _ in modules],
+        "bias": "none",
+    }
+    tensors: Tensors = {}
+    for name, _, m in modules:
+        tensors[f"{_key_root(False)}{name}.boft_R"] = m.boft_R
+        tensors[f"{_key_root(False)}{name}.boft_s"] = m.boft_s
+    return config, tensors
+
+
+def _export_hra(
+    pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
+) -> tuple[dict[str, Any], Tensors]:
+    modules = _linear_modules(adapter, placed, names, HraSettings, "HRA")
+    s = _one_setting(modules, "HRA")
+    assert isinstance(s, HraSettings)
+    config = {"r": s.r, "apply_GS": s.apply_gs, "target_modules": [name for name, _, _ in modules], "bias": "none"}
+    return config, {f"{_key_root(False)}{name}.hra_u": m.hra_u for name, _, m in modules}
+
+
 def _export_prefix(
     pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
 ) -> tuple[dict[str, Any], Tensors]:
@@ -588,11 +692,14 @@ _EXPORTERS = {
     "fourierft": _export_fourierft,
     "loha": _export_loha,
     "lokr": _export_lokr,
+    "oft": _export_oft,
+    "boft": _export_boft,
+    "hra": _export_hra,
     "prefix": _export_prefix,
     "prompt": _export_prompt,
 }
 #: the kinds at linear sites, whose peft config is exactly what their export writes
-_LINEAR_EXPORTS = ("lora", "ia3", "vera", "fourierft", "loha", "lokr")
+_LINEAR_EXPORTS = ("lora", "ia3", "vera", "fourierft", "loha", "lokr", "oft", "boft", "hra")
 
 
 # -- import -------------------------------------------------------------------------------------------------
@@ -881,6 +988,74 @@ def _import_lokr(
     return _import_lycoris(base, blocks, config, state, directory, "LoKr", make)
 
 
+def _version(text: str) -> tuple[int, ...]:
+    """A release's leading numbers ('0.18.0.dev0@abc' -> (0, 18, 0)); enough to order peft versions."""
+    return tuple(int(p) for p in re.findall(r"\d+", text.partition("@")[0])[:3])
+
+
+def _import_oft(
+    base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
+) -> tuple[Spec, Tensors]:
+    neumann = bool(config.get("use_cayley_neumann", False))
+    if neumann and _version(str(config.get("peft_version") or "0")) < _version(_NEUMANN_SINCE):
+        raise AdapterLoadError(
+            f"'{directory}': an OFT adapter from peft {config.get('peft_version') or '(unknown)'} with "
+            f"use_cayley_neumann=True uses the series peft changed in {_NEUMANN_SINCE}; peftlab computes the new one"
+        )
+    settings = OftSettings(
+        r=config.get("r") or 0,
+        block_size=config.get("oft_block_size") or 0,
+        module_dropout=float(config.get("module_dropout") or 0.0),
+        coft=bool(config.get("coft")),
+        eps=float(config.get("eps", 6e-5)),
+        block_share=bool(config.get("block_share")),
+        cayley_neumann=neumann,
+        neumann_terms=config.get("num_cayley_neumann_terms", 5),
+    )
+    settings.check_at(f"'{directory}'")
+    placed: dict[tuple[int, str], Settings] = {}
+    tensors: Tensors = {}
+    for name, i, site in _targets(base, blocks, config, "OFT", directory):
+        placed[(i, site)] = settings
+        tensors[tensor_key(i, site, "oft_R")] = _pop(state, f"{_key_root(False)}{name}.oft_R.weight", directory)
+    return _layer_spec(placed), tensors
+
+
+def _import_boft(
+    base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
+) -> tuple[Spec, Tensors]:
+    placed: dict[tuple[int, str], Settings] = {}
+    tensors: Tensors = {}
+    for name, i, site in _targets(base, blocks, config, "BOFT", directory):
+        rotation = _pop(state, f"{_key_root(False)}{name}.boft_R", directory)
+        # Without its CUDA extension peft runs (and saves) one butterfly factor whatever the config says: the
+        # tensor holds the factors peft actually used.
+        settings = BoftSettings(
+            block_size=config.get("boft_block_size") or 0,
+            block_num=config.get("boft_block_num") or 0,
+            butterfly_factor=rotation.shape[0] if rotation.dim() == 4 else config.get("boft_n_butterfly_factor", 1),
+            dropout=float(config.get("boft_dropout") or 0.0),
+        )
+        settings.check_at(f"'{directory}' module '{name}'")
+        placed[(i, site)] = settings
+        tensors[tensor_key(i, site, "boft_R")] = rotation
+        tensors[tensor_key(i, site, "boft_s")] = _pop(state, f"{_key_root(False)}{name}.boft_s", directory)
+    return _layer_spec(placed), tensors
+
+
+def _import_hra(
+    base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
+) -> tuple[Spec, Tensors]:
+    settings = HraSettings(r=config.get("r", 8), apply_gs=bool(config.get("apply_GS")))
+    settings.check_at(f"'{directory}'")
+    placed: dict[tuple[int, str], Settings] = {}
+    tensors: Tensors = {}
+    for name, i, site in _targets(base, blocks, config, "HRA", directory):
+        placed[(i, site)] = settings
+        tensors[tensor_key(i, site, "hra_u")] = _pop(state, f"{_key_root(False)}{name}.hra_u", directory)
+    return _layer_spec(placed), tensors
+
+
 def _expect(config: dict[str, Any], field: str, expected: int, what: str, directory: Path) -> None:
     if config.get(field) != expected:
         raise AdapterLoadError(
@@ -940,6 +1115,9 @@ _IMPORTERS = {
     "FOURIERFT": _import_fourierft,
     "LOHA": _import_loha,
     "LOKR": _import_lokr,
+    "OFT": _import_oft,
+    "BOFT": _import_boft,
+    "HRA": _import_hra,
     "PREFIX_TUNING": _import_prefix,
     "PROMPT_TUNING": _import_prompt,
 }

@@ -1,6 +1,17 @@
 """The PEFT module zoo. Importing this package registers every kind in :data:`KINDS`."""
 
-from peftlab.modules import bottleneck, fusion, intrinsic, linear, lowrank, prefix, reparam, selective, whole
+from peftlab.modules import (
+    bottleneck,
+    fusion,
+    intrinsic,
+    linear,
+    lowrank,
+    orthogonal,
+    prefix,
+    reparam,
+    selective,
+    whole,
+)
 from peftlab.modules.base import KINDS, BuildContext, Dims, PeftModule, Settings
 
 __all__ = [
@@ -14,6 +25,7 @@ __all__ = [
     "intrinsic",
     "linear",
     "lowrank",
+    "orthogonal",
     "prefix",
     "reparam",
     "selective",

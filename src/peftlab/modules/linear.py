@@ -277,10 +277,7 @@ class KronaSettings(Settings):
         a_out = self.a_out or _near_sqrt_divisor(out_f)
         a_in = self.a_in or _near_sqrt_divisor(in_f)
         if out_f % a_out or in_f % a_in:
-            raise SpecError(
-                f"layer site {ctx.site}: krona a_out={a_out}, a_in={a_in} must divide the weight's shape "
-                f"({out_f} x {in_f})"
-            )
+            raise SpecError(f"krona a_out={a_out}, a_in={a_in} must divide the weight's shape ({out_f} x {in_f})")
         return KronA(ctx, a_out, a_in, self.scale)
 
 
