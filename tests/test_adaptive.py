@@ -219,12 +219,11 @@ def test_intrinsic_said_moves_every_weight_from_one_vector() -> None:
     pm = peftlab.apply(model, methods.intrinsic_said(d=20))
     adapter = pm.adapters["default"]
     theta = adapter.shared["said_theta"].theta
-    assert theta.numel() == 20
-    counts = pm.counts()
-    matrices = len(adapter.layers)
-    row = counts.per_kind["intrinsic-said"]
-    assert row.trainable == 20 + matrices  # θ_d and one λ per matrix
-    assert row.stored == 20 + matrices  # the Fastfood transforms are drawn again from the seed
+    matrices = len(adapter.layers)  # q, k, v, o, FFN in and out of 2 layers
+    assert matrices == 12 and theta.numel() == 20 - matrices  # the paper's θ_d = [θ_(d-m), λ_1..λ_m]
+    row = pm.counts().per_kind["intrinsic-said"]
+    assert row.trainable == 20
+    assert row.stored == 20  # the Fastfood transforms are drawn again from the seed
     assert row.changed == sum(m.ref.weight.numel() for m in adapter.layers.values())
     with torch.no_grad():
         theta.normal_()
@@ -236,7 +235,7 @@ def test_intrinsic_said_moves_every_weight_from_one_vector() -> None:
 
 
 def test_intrinsic_said_places_its_projections_apart() -> None:
-    pm = peftlab.apply(make_model("tiny-bert", "seq-cls"), methods.intrinsic_said(d=8, targets="qk"))
+    pm = peftlab.apply(make_model("tiny-bert", "seq-cls"), methods.intrinsic_said(d=12, targets="qk"))
     layers = pm.adapters["default"].layers
     assert not torch.equal(layers["0-q"].fastfood.perm, layers["0-k"].fastfood.perm)
     with pytest.raises(SpecError, match="must share d, seed"):
@@ -246,6 +245,26 @@ def test_intrinsic_said_places_its_projections_apart() -> None:
                 {"layers": {"*": {"q": {"kind": "intrinsic-said", "d": 8}, "k": {"kind": "intrinsic-said", "d": 9}}}}
             ),
         )
+
+
+@pytest.mark.parametrize(
+    ("name", "settings", "message"),
+    [
+        ("intrinsic-said", {"d": 0}, "d must be an integer"),
+        ("intrinsic-said", {"seed": -1}, "seed must be an integer"),
+        ("glora", {"r": 0}, "r must be an integer"),
+        ("fuse", {"adapters": "", "temperature": 0}, "fuse needs adapters"),
+    ],
+)
+def test_settings_are_refused_in_one_line(name: str, settings: dict, message: str) -> None:
+    with pytest.raises(SpecError, match=message) as e:
+        methods.get(name, **settings)
+    assert "\n" not in str(e.value)
+
+
+def test_intrinsic_said_needs_more_numbers_than_matrices() -> None:
+    with pytest.raises(SpecError, match="d=12 must exceed the 12 weight matrices"):
+        peftlab.apply(make_model("tiny-bert", "seq-cls"), methods.intrinsic_said(d=12))
 
 
 # -- fuse --------------------------------------------------------------------------------------------------

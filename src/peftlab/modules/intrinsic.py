@@ -1,9 +1,10 @@
 """Intrinsic SAID (Aghajanyan et al. 2021): every weight matrix moves in one shared random d-dimensional subspace.
 
-θ_i = θ0_i + λ_i·P_i(θ_d): one trained vector θ_d (size ``d``) for the whole adapter, projected to each weight
-matrix by its own Fastfood transform P_i (Le et al. 2013), and one trained scalar λ_i per matrix (SAID, the
-structure-aware variant). The transforms are random but fixed: drawn from ``seed`` and the matrix's place, never
-stored, so the adapter file holds θ_d and the λ's only.
+θ_i = θ0_i + λ_i·P_i(θ_{d−m}): one trained vector for the whole adapter, projected to each of its m weight matrices by
+the matrix's own Fastfood transform P_i (Le et al. 2013), and one trained scalar λ_i per matrix (SAID, the
+structure-aware variant): d trained numbers in all, the paper's θ_d = [θ_{d−m}, λ_1..λ_m]. The transforms are
+random but fixed: drawn from ``seed`` and the matrix's place, never stored, so the adapter file holds the d numbers
+only. Their cost is memory: every matrix keeps Fastfood buffers as long as the matrix (the survey's caveat).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftlab.errors import SpecError
 from peftlab.modules.base import BuildContext, PeftModule, Settings, need_int, register
 from peftlab.modules.linear import LinearModule
 from peftlab.modules.reparam import _same
@@ -69,7 +71,7 @@ class Fastfood(nn.Module):
 
 
 class SubspaceVector(nn.Module):
-    """θ_d, the adapter's one trained vector, shared by every matrix (zero at init: the model starts unchanged)."""
+    """θ_{d−m}, the adapter's one trained vector, shared by every matrix (zero at init: the model starts unchanged)."""
 
     def __init__(self, d: int, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
@@ -79,8 +81,9 @@ class SubspaceVector(nn.Module):
 @register
 @dataclass
 class IntrinsicSaidSettings(Settings):
-    """Intrinsic SAID: θ_i = θ0_i + λ_i·Fastfood_i(θ_d) for the weight of every linear it is placed on; θ_d has ``d``
-    entries for the whole adapter, λ_i one per matrix (starting at 1). ``seed`` draws the Fastfood transforms."""
+    """Intrinsic SAID: θ_i = θ0_i + λ_i·Fastfood_i(θ_{d−m}) for the weight of each of the m linears it is placed on; the
+    adapter trains ``d`` numbers, the projected vector (d − m) and one λ_i per matrix (starting at 1). ``seed`` draws
+    the Fastfood transforms."""
 
     kind = "intrinsic-said"
     roles = frozenset({"linear"})
@@ -99,7 +102,14 @@ class IntrinsicSaidSettings(Settings):
         _same(placed, ("d", "seed"), "they share one subspace vector")
 
     def build(self, ctx: BuildContext) -> PeftModule:
-        theta = ctx.share("said_theta", lambda: SubspaceVector(self.d, ctx.device, ctx.dtype), folds=True)
+        matrices = len(ctx.placed) or 1
+        if self.d <= matrices:
+            raise SpecError(
+                f"intrinsic-said d={self.d} must exceed the {matrices} weight matrices it is placed on "
+                "(each takes one of the d trained numbers as its scale λ)"
+            )
+        size = self.d - matrices
+        theta = ctx.share("said_theta", lambda: SubspaceVector(size, ctx.device, ctx.dtype), folds=True)
         return IntrinsicSAID(ctx, self, theta)
 
 
@@ -113,9 +123,8 @@ class IntrinsicSAID(LinearModule):
         layer = ctx.block.index if ctx.block is not None else -1
         place = zlib.crc32(f"{layer}-{ctx.site}".encode())
         self.shape = (ref.out_features, ref.in_features)
-        self.fastfood = Fastfood(
-            s.d, ref.out_features * ref.in_features, (s.seed * 1_000_003 + place) % (1 << 63), ctx.device
-        )
+        seed = (s.seed * 1_000_003 + place) % (1 << 63)
+        self.fastfood = Fastfood(theta.theta.numel(), ref.out_features * ref.in_features, seed, ctx.device)
         self.said_lambda = nn.Parameter(torch.ones(1, device=ctx.device, dtype=ctx.dtype))
         self._cached: tuple[tuple, torch.Tensor] | None = None
 
