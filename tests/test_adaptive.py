@@ -83,6 +83,22 @@ def test_budget_schedule_is_cubic_from_init_to_target() -> None:
     assert budget(s, n, 13, total) == (20, True)  # the final phase
 
 
+def test_a_run_resumed_in_the_final_phase_keeps_the_pruned_ranks() -> None:
+    """Checkpoints keep Λ, not the allocator's mask: after the final step the pattern is read off Λ's zeros."""
+    pm = peftlab.apply(make_model("tiny-bert", "seq-cls"), methods.adalora(init_r=4, target_r=2, targets="q", tfinal=3))
+    modules = list(pm.adapters["default"].layers.values())
+    with torch.no_grad():
+        for m in modules:
+            m.lora_E.copy_(torch.tensor([[0.5], [0.0], [0.3], [0.0]]) + 0.0)
+    pm.after_step(9, 10)  # the final phase (after step 10 - 3)
+    with torch.no_grad():
+        for m in modules:
+            m.lora_E.add_(1.0)  # what an optimiser step would revive
+    pm.after_step(10, 10)
+    for m in modules:
+        assert m.rank_mask.tolist() == [True, False, True, False] and m.rank == 2
+
+
 def _peft_adalora(model, **kw):
     from peft import AdaLoraConfig, get_peft_model
 

@@ -132,6 +132,8 @@ def allocate(modules: list[AdaLoRA], step: int, total: int) -> None:
             m.reset_importance()
     else:
         for m in modules:
+            if not m.masked:  # a run resumed in the final phase: the pattern is where Λ was zeroed
+                m.set_mask(m.lora_E.detach().view(-1) != 0)
             m.apply_mask()
 
 
@@ -167,6 +169,7 @@ class AdaLoRA(LinearModule):
         self.scaling = s.alpha / (s.init_r + 1e-5)  # peft: lora_alpha / (ranknum + 1e-5), ranknum = init_r
         self.dropout = nn.Dropout(s.dropout) if s.dropout > 0 else None
         self._scores: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # EMA of importance and of its uncertainty
+        self.masked = False  # whether the allocator has set rank_mask in this process (checkpoints keep Λ only)
 
     def flops_per_token(self) -> float:
         r, d_in = self.lora_A.shape
@@ -222,6 +225,7 @@ class AdaLoRA(LinearModule):
     @torch.no_grad()
     def set_mask(self, keep: torch.Tensor) -> None:
         self.rank_mask.copy_(keep)
+        self.masked = True
         self.apply_mask()
 
     @torch.no_grad()
