@@ -89,7 +89,11 @@ def test_the_backward_starts_at_the_lowest_layer_a_method_touches() -> None:
     assert upper.backward - 2 * (upper.forward - base.forward) == 8 * 32 * (LINEAR + 2 * attention(32))  # layer 1 only
 
 
-@pytest.mark.parametrize("name", sorted(methods.METHODS))
+#: presets only encoder-decoders take (cross-attention tuning), which the cost model does not predict
+ENCODER_DECODER_ONLY = {"cross-attn"}
+
+
+@pytest.mark.parametrize("name", sorted(set(methods.METHODS) - ENCODER_DECODER_ONLY))
 def test_every_preset_has_a_prediction(name: str, tmp_path) -> None:
     settings = TINY_SETTINGS.get(name, {})
     if name in NEEDS_FOLDERS:  # fuse: adapters trained on the real tiny shape

@@ -15,6 +15,9 @@ NOT_IDENTITY = {"prefix", "prompt", "mam", "unipelt", "unipelt-ap", "unipelt-nog
 #: Methods that need bias terms (Llama, Qwen2's MLP and T5 have none or too few).
 NEEDS_BIAS = {"bitfit"}
 BIAS_FREE = {"tiny-llama", "tiny-t5"}
+#: Methods that tune cross-attention, which only encoder-decoders (T5) have.
+NEEDS_CROSS_ATTENTION = {"cross-attn"}
+WITH_CROSS_ATTENTION = {"tiny-t5"}
 
 CASES = [
     pytest.param(shape, head, name, id=f"{shape}-{head}-{name}")
@@ -25,6 +28,8 @@ CASES = [
 
 def _applicable(shape: str, head: str, name: str) -> bool:
     if name in NEEDS_BIAS and shape in BIAS_FREE:
+        return False
+    if name in NEEDS_CROSS_ATTENTION and shape not in WITH_CROSS_ATTENTION:
         return False
     # An LM head is not a task head: "head" alone trains nothing there.
     return not (name == "head" and head in ("causal-lm", "seq2seq"))

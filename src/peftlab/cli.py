@@ -20,6 +20,7 @@ from transformers.utils import logging as hf_logging
 
 from peftlab import __version__, methods
 from peftlab.atomic import write_text
+from peftlab.backbone.quant import QUANTIZE_CHOICES, check_quantize
 from peftlab.backbone.zoo import HEADS, MODEL_NAMES, load_model
 from peftlab.bench import BenchConfig, markdown, run
 from peftlab.bench.entries import split_top
@@ -79,7 +80,7 @@ def cmd_methods(args: argparse.Namespace) -> None:
 
 def cmd_show(args: argparse.Namespace) -> None:
     spec = spec_from_args(args)
-    model = load_model(args.model, head=args.head, meta=True)
+    model = load_model(args.model, head=args.head, meta=True, quantize=check_quantize(args.quantize))
     pm = apply(model, spec)
     counts = pm.counts()
     if args.json:
@@ -114,6 +115,7 @@ def _train_config(args: argparse.Namespace, output: str | None):
         eval_every=args.eval_every,
         patience=args.patience,
         precision=args.precision,
+        quantize=check_quantize(getattr(args, "quantize", None)),  # search trials train full precision
         gradient_checkpointing=args.gradient_checkpointing,
         packing=args.packing,
         dropout=args.dropout,
@@ -328,9 +330,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     for flag in ("batch_size", "max_length"):
         if getattr(args, flag) < 1:
             raise PeftlabError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    check_quantize(args.quantize)
     task = get_task(args.task)
     model, encoder, device = scoring_backbone(
-        args.model, task, args.max_length, args.chat_template, args.max_new_tokens
+        args.model, task, args.max_length, args.chat_template, args.max_new_tokens, args.quantize
     )
     try:
         pm = load(model, args.adapter)
@@ -345,6 +348,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    check_quantize(args.quantize)
     if (args.prompt is None) == (args.input_file is None):
         raise PeftlabError("give one of --prompt TEXT or --input-file FILE")
     for flag in ("batch_size", "max_new_tokens", "max_length"):
@@ -359,7 +363,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if args.prompt is not None
         else read_prompts(args.input_file, args.prompt_column, args.messages_column)
     )
-    model, merged = language_model(args.model, args.adapter, args.merge)
+    model, merged = language_model(args.model, args.adapter, args.merge, args.quantize)
     if args.merge:
         logging.getLogger("peftlab").info("merged %d module(s) into the weights; the rest run unmerged", merged)
     sampling = Sampling(args.max_new_tokens, args.sample, args.temperature, args.top_p, args.top_k)
@@ -446,6 +450,16 @@ def _add_model_task(p: argparse.ArgumentParser) -> None:
         help="folder with glue/ and superglue/ task files (default: $PEFTLAB_DATA_DIR, else the hub)",
     )
     p.add_argument("--max-length", type=int, default=128, help="truncate inputs to this many tokens")
+
+
+def _add_quantize(p: argparse.ArgumentParser) -> None:
+    """--quantize: checked by the command (one line for a bad value, as every peftlab error), not by argparse."""
+    p.add_argument(
+        "--quantize",
+        metavar="{" + ",".join(QUANTIZE_CHOICES) + "}",
+        help="quantize the base's block linears (QLoRA): nf4 (4-bit NormalFloat) or int8, through bitsandbytes; "
+        "embeddings, norms and heads stay in full precision, and adapters cannot merge into it",
+    )
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -617,6 +631,7 @@ def _add_show_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print a JSON object instead of the table")
     p.add_argument("--show-spec", action="store_true", help="also print the spec")
+    _add_quantize(p)
     p.set_defaults(fn=cmd_show)
 
 
@@ -627,6 +642,7 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> None:
     _add_spec_args(p)
     p.add_argument("--output", required=True, help="folder for the adapter, record.json and checkpoints")
     _add_train_args(p)
+    _add_quantize(p)
     p.add_argument(
         "--stop-hopeless",
         action="store_true",
@@ -761,6 +777,7 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-new-tokens", type=int, help="generation tasks: most tokens generated (default: the task's)")
     p.add_argument("--chat-template", action="store_true", help="generation tasks: prompts through the chat template")
+    _add_quantize(p)
     p.set_defaults(fn=cmd_eval)
 
 
@@ -784,6 +801,7 @@ def _add_generate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0, help="0: no top-k cut")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    _add_quantize(p)
     p.set_defaults(fn=cmd_generate)
 
 

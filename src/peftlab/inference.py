@@ -21,10 +21,13 @@ from peftlab.train.responses import ResponseEncoder
 from peftlab.train.tasks import GenExample
 
 
-def language_model(model_name: str, adapter: str | Path | None = None, merge: bool = False) -> tuple[nn.Module, int]:
+def language_model(
+    model_name: str, adapter: str | Path | None = None, merge: bool = False, quantize: str | None = None
+) -> tuple[nn.Module, int]:
     """The model as a language model (decoders) or text-to-text model (T5), with ``adapter`` loaded (and its
-    mergeable modules merged with ``merge``); returns it and the number of modules merged."""
-    model = load_model(model_name)
+    mergeable modules merged with ``merge``; refused on a ``quantize``-d base); returns it and the number of modules
+    merged."""
+    model = load_model(model_name, quantize=quantize)
     if model_type_facts(model.config.model_type).architecture == "encoder":
         raise PeftlabError(f"{model_name} is an encoder, which cannot generate: use a decoder or an encoder-decoder")
     if adapter is None:

@@ -27,6 +27,13 @@ from peftlab.modules.orthogonal import BoftSettings, HraSettings, OftSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
 from peftlab.modules.reparam import FourierFTSettings, LohaSettings, LokrSettings, VeraSettings
 from peftlab.modules.selective import BitFitSettings, LNSettings
+from peftlab.modules.sparse import (
+    DiffFitSettings,
+    DiffPruningSettings,
+    FishMaskSettings,
+    LtSftSettings,
+    UnfreezeSettings,
+)
 from peftlab.space import S4_CHOICE, Backbone, design_spec
 
 
@@ -383,6 +390,61 @@ def unipelt_nogate(
 ) -> Spec:
     """UniPELT's submodules combined without gates: the gating ablation (LoRA keeps its fixed alpha/r)."""
     return _unipelt(size, prefix_length, prefix_hidden, r, alpha, gates=False)
+
+
+@method("fishmask", "train a fixed sparse mask: the top-Fisher entries of the linear weights", "Sung et al. 2021")
+def fishmask(
+    density: float = 0.005, samples: int = 1024, targets: str | list[str] = "all-linear", seed: int = 0
+) -> Spec:
+    """FishMask: ``density`` (0.5%, the paper's GLUE setting) of every linear weight's entries taken together, those
+    with the largest Fisher information on ``samples`` training examples; without data a seeded random mask."""
+    s = FishMaskSettings(density=density, samples=samples, seed=seed)
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("lt-sft", "train the entries a short full fine-tuning moved most", "Ansell et al. 2022")
+def lt_sft(
+    density: float = 0.005, steps: int = 100, lr: float = 2e-5, targets: str | list[str] = "all-linear", seed: int = 0
+) -> Spec:
+    """LT-SFT: a ``steps``-step full fine-tuning finds the ``density`` entries of the linear weights that moved most;
+    the weights go back and only those entries train. Without data a seeded random mask."""
+    s = LtSftSettings(density=density, steps=steps, lr=lr, seed=seed)
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("diffpruning", "dense diff with L0 hard-concrete gates, pruned to a sparse update", "Guo et al. 2021")
+def diffpruning(density: float = 0.005, alpha_init: float = 5.0, targets: str | list[str] = "all-linear") -> Spec:
+    """DiffPruning on every linear weight: the final update keeps ``density`` (0.5%) of each weight's entries."""
+    s = DiffPruningSettings(density=density, alpha_init=alpha_init)
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("topk-layers", "tune only the top k blocks of each stack (their linears and norms)", "Lee et al. 2019")
+def topk_layers(k: int = 3) -> Spec:
+    """Every tensor of the ``k`` last blocks of each stack (their linear weights and biases, their norms) and the
+    final norm, as zero-initialised deltas (T5's relative position table in its first block is not among them)."""
+    s = UnfreezeSettings(top=k)
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys((*_ALL_LINEAR, "norm"), s)), model={"final_norm": UnfreezeSettings()})
+
+
+@method("cross-attn", "tune only the decoder's cross-attention (encoder-decoders)", "Gheini et al. 2021")
+def cross_attn() -> Spec:
+    """The cross-attention projections of every decoder block; a model without cross-attention is refused."""
+    return Spec(layers=_every_layer(dict.fromkeys(("cross_q", "cross_k", "cross_v", "cross_o"), UnfreezeSettings())))
+
+
+@method("difffit", "biases, norms and a scale factor on each residual branch", "Xie et al. 2023")
+def difffit() -> Spec:
+    """DiffFit: every bias, every norm, and gamma (per channel, from 1) on the attention, cross-attention and FFN
+    output projections."""
+    bias, scaled = DiffFitSettings(), DiffFitSettings(scale=True)
+    sites = {site: scaled if site in ("o", "cross_o", "ffn_out") else bias for site in _ALL_LINEAR}
+    n = LNSettings()
+    return Spec(layers=_every_layer(sites | {"norm": n}), model={"embed_norm": n, "final_norm": n})
 
 
 _SURVEY = "the survey's Table 5 (Lialin et al. 2023)"

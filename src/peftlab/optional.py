@@ -22,6 +22,7 @@ INSTALL = {
     "yaml": ("PyYAML", "pip install pyyaml"),
     "rouge_score": ("rouge-score", 'pip install "peftlab[generation]"'),
     "trl": ("trl", "pip install trl"),
+    "bitsandbytes": ("bitsandbytes", 'pip install "peftlab[quant]"'),
 }
 #: peftlab modules that import an optional package at their top, and that package
 WRAPPERS = {"peftlab.search.bo": "botorch"}

@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 from transformers import PretrainedConfig
 
+from peftlab.backbone.quant import dequantized_weight, quantize_kind
 from peftlab.errors import SpecError
 
 #: Linear sites: a weight matrix that LoRA-like modules can reparameterise.
@@ -245,8 +246,17 @@ class LinearRef:
         return type(self.module).__name__ == "Conv1D"
 
     @property
+    def quantized(self) -> str | None:
+        """'nf4' / 'int8' when the host is a bitsandbytes quantized linear (its weight holds packed values)."""
+        return quantize_kind(self.module)
+
+    @property
     def weight(self):
-        """The weight as an (out, in) view of the host's parameter, sliced to this site."""
+        """The weight as an (out, in) view of the host's parameter, sliced to this site. On a quantized host, a
+        dequantized copy: writing into it changes nothing (merging is refused there)."""
+        if self.quantized:
+            w = dequantized_weight(self.module)
+            return w if self.out_slice is None else w[self.out_slice]
         w = self.module.weight.T if self.transposed else self.module.weight
         return w if self.out_slice is None else w[self.out_slice]
 
@@ -259,14 +269,18 @@ class LinearRef:
 
     @property
     def in_features(self) -> int:
-        return self.weight.shape[1]
+        return self.module.in_features if self.quantized else self.weight.shape[1]
 
     @property
     def out_features(self) -> int:
+        if self.quantized:
+            return self.total_out if self.out_slice is None else self.out_slice.stop - self.out_slice.start
         return self.weight.shape[0]
 
     @property
     def total_out(self) -> int:
+        if self.quantized:
+            return self.module.out_features
         w = self.module.weight
         return w.shape[1] if self.transposed else w.shape[0]
 

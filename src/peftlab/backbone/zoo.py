@@ -31,7 +31,8 @@ from transformers import (
     T5Config,
 )
 
-from peftlab.backbone.anatomy import model_type_facts
+from peftlab.backbone import quant
+from peftlab.backbone.anatomy import anatomy_for, find_blocks, model_type_facts
 from peftlab.errors import PeftlabError
 
 HEADS = {
@@ -194,19 +195,49 @@ def load_model(
     meta: bool = False,
     dtype: torch.dtype | None = None,
     seed: int = 0,
+    quantize: str | None = None,
 ) -> nn.Module:
     """A backbone by name: ``shape:<name>``, a named checkpoint (``minilm``), a local path or a hub id.
 
     Without ``head``, the model type's natural class. ``meta=True`` builds the model on the meta device
-    (counting without weights in memory).
+    (counting without weights in memory). ``quantize`` ('nf4' or 'int8'): the block linears stored quantized
+    through bitsandbytes, embeddings, norms and heads in full precision (:mod:`peftlab.backbone.quant`).
     """
+    quant.check_quantize(quantize)
     if head is not None:
         _check_head(head)
     if name.startswith("shape:"):
         config = _shape_config(name, num_labels)
-        return _from_config(config, head, meta, dtype, seed)
+        return _quantized(lambda: _from_config(config, head, meta, dtype, seed), quantize, meta, dtype, head)
     source, kw = pretrained_source(name)
-    return _pretrained(source, head, num_labels, meta, dtype, **kw)
+    if quantize is not None and not meta and "gguf_file" not in kw:
+        return _pretrained(source, head, num_labels, meta, dtype, quantize=quantize, **kw)
+    # transformers cannot quantize a GGUF file while loading it
+    return _quantized(lambda: _pretrained(source, head, num_labels, meta, dtype, **kw), quantize, meta, dtype, head)
+
+
+def _quantized(
+    make: Callable[[], nn.Module], quantize: str | None, meta: bool, dtype: torch.dtype | None, head: str | None
+) -> nn.Module:
+    """The model ``make`` loads, quantized after loading in full precision (random init, GGUF), or as it is without
+    ``quantize``. A loader rather than a model, so that the quantizing holds the only full-precision copy."""
+    if quantize is None:
+        return make()
+    if meta:
+        model = make()
+        return quant.quantize_meta(model, quantize, dtype, _full_precision(model))
+    head_cls = HEADS[head] if head is not None else None
+    return quant.quantize_loaded(make, quantize, dtype, head_cls, _full_precision)
+
+
+def _full_precision(model: nn.Module) -> list[str]:
+    """The linears a quantized base keeps in full precision: those outside the transformer blocks (heads, poolers).
+    A model type peftlab has no anatomy for keeps transformers' default (its output embeddings)."""
+    try:
+        blocks = find_blocks(model, anatomy_for(model.config.model_type))
+    except PeftlabError:
+        return []
+    return quant.full_precision_modules(model, [b.module for b in blocks])
 
 
 def _from_config(
@@ -224,7 +255,13 @@ def _from_config(
 
 
 def _pretrained(
-    source: str | Path, head: str | None, num_labels: int, meta: bool, dtype: torch.dtype | None, **kw: Any
+    source: str | Path,
+    head: str | None,
+    num_labels: int,
+    meta: bool,
+    dtype: torch.dtype | None,
+    quantize: str | None = None,
+    **kw: Any,
 ) -> nn.Module:
     try:
         config = AutoConfig.from_pretrained(source, num_labels=num_labels, **kw)
@@ -239,6 +276,9 @@ def _pretrained(
     extra = {"dtype": dtype} if dtype is not None else {}
     if "gguf_file" not in kw:
         extra["use_safetensors"] = True  # pickled weights can run code when loaded: never unpickle
+    if quantize is not None:  # quantized while it loads: the full-precision weights are never all in memory
+        skip = _full_precision(_from_config(config, head, True, dtype, 0))
+        extra |= {"quantization_config": quant.quantization_config(quantize, dtype, skip), "device_map": "cpu"}
     try:
         model = HEADS[head].from_pretrained(source, config=config, attn_implementation="sdpa", **kw, **extra)
     except OSError as e:
@@ -246,4 +286,4 @@ def _pretrained(
             f"cannot load the weights of model '{source}': peftlab reads safetensors weights only (it never "
             f"unpickles); {str(e).splitlines()[0]}"
         ) from None
-    return model.eval()
+    return quant.finish(model.eval(), quantize) if quantize is not None else model.eval()

@@ -28,7 +28,7 @@ from peftlab.errors import PeftlabError, SpecError
 from peftlab.formats import interop
 from peftlab.formats import native as saving
 from peftlab.formats.keys import module_key
-from peftlab.modules import BuildContext, Dims, PeftModule, Settings
+from peftlab.modules import KINDS, BuildContext, Dims, PeftModule, Settings
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 #: how ``save`` writes each format: the files of the folder, each with its writer
@@ -115,7 +115,10 @@ class PeftModel(nn.Module):
         return self._blocks
 
     def _param(self) -> torch.Tensor:
-        return next(self.base_model.parameters())
+        """A floating-point backbone parameter: its device and dtype are the modules' (a quantized base also holds
+        packed integer weights)."""
+        params = list(self.base_model.parameters())
+        return next((p for p in params if p.is_floating_point()), params[0])
 
     # -- adapters ------------------------------------------------------------------------------------
     def add_adapter(self, name: str, spec: Spec) -> None:
@@ -303,13 +306,34 @@ class PeftModel(nn.Module):
             if kind in kinds:
                 kinds[kind].after_step(modules, step, total)
 
+    def prepare(self, batches: Callable[[], Iterator[dict[str, torch.Tensor]]]) -> None:
+        """Let each kind of the active adapter choose from training data before the first step (FishMask's Fisher
+        mask, LT-SFT's mask): :meth:`Settings.prepare` once per kind, with its modules; ``batches()`` gives a fresh
+        iterator over training batches on the model's device. Kinds without the hook ignore it."""
+        if self.active_adapter is None:
+            return
+        by_kind: dict[str, list[PeftModule]] = {}
+        for _, module in self.adapters[self.active_adapter].all_modules():
+            by_kind.setdefault(module.kind, []).append(module)
+        for kind, modules in by_kind.items():
+            if kind in KINDS:
+                KINDS[kind].prepare(self, modules, batches)
+
     # -- merging ------------------------------------------------------------------------------------
     def _is_merged(self, name: str) -> bool:
         return any(m.merged for _, m in self.adapters[name].all_modules())
 
+    def _refuse_merge(self) -> None:
+        """One line for the first module whose kind merges but not into this backbone (a quantized base)."""
+        for key, m in self._active_modules():
+            why = m.merge_refusal()
+            if why is not None:
+                raise PeftlabError(f"module {key}: {why}")
+
     def merge(self) -> None:
         """Fold every mergeable module of the active adapter into the backbone weights; the rest
-        (adapters, prefixes, gated LoRA) keep running through hooks."""
+        (adapters, prefixes, gated LoRA) keep running through hooks. On a quantized base, refused."""
+        self._refuse_merge()
         for _, m in self._active_modules():
             if m.mergeable and not m.merged:
                 m.merge()
@@ -323,6 +347,7 @@ class PeftModel(nn.Module):
 
     def merge_and_unload(self) -> nn.Module:
         """The backbone with the active adapter merged in and no hooks left: a plain transformers model."""
+        self._refuse_merge()
         left = [k for k, m in self._active_modules() if not m.unloadable]
         if left:
             raise SpecError(f"cannot unload: modules {', '.join(left[:5])} cannot be merged into weights")

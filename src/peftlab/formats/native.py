@@ -17,6 +17,7 @@ from torch import nn
 
 from peftlab.atomic import write_files
 from peftlab.backbone.anatomy import Anatomy, anatomy_for, find_blocks
+from peftlab.backbone.quant import is_linear, model_quantize
 from peftlab.core.spec import Spec
 from peftlab.errors import AdapterLoadError, PeftlabError
 from peftlab.formats.keys import stored_tensors
@@ -60,13 +61,19 @@ def fingerprint(model: nn.Module, anatomy: Anatomy | None = None) -> dict[str, A
     arch = {k: cfg[k] for k in _CONFIG_KEYS if k in cfg}
     blocks = find_blocks(model, anatomy)
     tensors = [model.get_input_embeddings().weight]
+    kept = list(tensors)  # what quantizing leaves as it was: the embeddings and the blocks' norms
     for block in (blocks[0], blocks[-1]):
         tensors += [p for _, p in sorted(block.module.named_parameters())]
+        linear = {id(p) for m in block.module.modules() if is_linear(m) for p in m.parameters(recurse=False)}
+        kept += [p for _, p in sorted(block.module.named_parameters()) if id(p) not in linear]
     on_meta = any(t.device.type == "meta" for t in tensors)
     return {
         "architecture": arch,
         "config_sha256": hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest(),
         "weights_sha256": None if on_meta else _sample_hash(tensors),
+        # an adapter trained on a quantized base loads onto the full-precision one (to merge there) and back
+        "quantize": model_quantize(model),
+        "unquantized_sha256": None if on_meta else _sample_hash(kept),
     }
 
 
@@ -113,7 +120,9 @@ def _check_base(saved: dict[str, Any], current: dict[str, Any], where: Path) -> 
             f"adapter '{where}' was trained on a different base model (architecture {saved.get('architecture')}); "
             f"this model is {current['architecture']}"
         )
-    theirs, mine = saved.get("weights_sha256"), current["weights_sha256"]
+    # Bases quantized differently (or one not at all) share only what quantizing leaves unchanged.
+    key = "weights_sha256" if saved.get("quantize") == current["quantize"] else "unquantized_sha256"
+    theirs, mine = saved.get(key), current[key]
     if theirs and mine and theirs != mine:
         raise AdapterLoadError(
             f"adapter '{where}' was trained on a base model with different weights (same architecture); "

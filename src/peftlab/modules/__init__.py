@@ -10,6 +10,7 @@ from peftlab.modules import (
     prefix,
     reparam,
     selective,
+    sparse,
     whole,
 )
 from peftlab.modules.base import KINDS, BuildContext, Dims, PeftModule, Settings
@@ -29,5 +30,6 @@ __all__ = [
     "prefix",
     "reparam",
     "selective",
+    "sparse",
     "whole",
 ]

@@ -27,6 +27,13 @@ On :class:`Settings` (kind-wide):
   adapter, the steps taken so far and the run's total: what a schedule over training needs, e.g. AdaLoRA's rank
   budget, which ranks by importance all matrices of the adapter together.
 - ``exclusive``: the kind changes the backbone itself, so it cannot be one of several adapters.
+- ``prepare(model, modules, batches)``: choose what the kind chooses from training data before the first step
+  (FishMask's Fisher mask, LT-SFT's mask from a short full fine-tuning). The core calls it once per kind of the
+  active adapter, with that kind's built modules and ``batches()``, a fresh iterator over training batches (on the
+  model's device, in the run's order, without end); training's :class:`~peftlab.train.loop.Run` calls it before the
+  first step (:meth:`~peftlab.core.peft_model.PeftModel.prepare`). Without data (a spec applied for counting or
+  ``peftlab show``, the matrix tests) nothing calls it, so what it chooses must have a data-free default fixed at
+  build (a seeded random mask of the same size), which also keeps the saved adapter's shapes the spec's.
 - ``mergeable`` / ``gateable``: whether it folds into base weights / a UniPELT gate can scale it.
 - ``packable``: whether examples packed end to end into one row stay apart under it (not for soft prompts and
   prefixes, which every position of a row attends to).
@@ -42,6 +49,8 @@ On :class:`PeftModule` (per built module):
   ``state_prefix`` sets the tensors' key root (default ``layers.<layer>-<site>``).
 - ``fold()`` / ``unloadable``: what ``merge_and_unload`` does beyond ``merge`` (a head copy overwrites the
   head, so it unloads though it does not merge).
+- ``merge_refusal()``: why this module cannot merge into this particular backbone although its kind merges (a
+  quantized base weight); ``merge`` then refuses with that line instead of leaving the module unmerged.
 - ``flops_per_token()`` / ``flops_per_step()``: the matmul FLOPs the module adds to a forward pass, per token it acts
   on and once per pass (e.g. a prefix MLP); ``peftlab bench`` predicts a training step's cost from them (the
   backward of matmuls with trained weights costing twice their forward). None (the default): not modelled, so a
@@ -49,7 +58,8 @@ On :class:`PeftModule` (per built module):
 
 Parts several modules of one adapter share (Compacter's rules, the prefix MLP, UniPELT's LoRA gate)
 come from :meth:`BuildContext.share`, which records the kind that owns them and whether the saved
-adapter keeps them.
+adapter keeps them. A shared part may define ``changed_numel()`` where the parameters it changes in the final model
+are neither none nor all it stores (a sparse mask stores values and their indices, and changes the values' entries).
 
 A module that needs the batch's padding mask or the KV cache's length (a statistic over the sequence, such as
 :class:`Gate`'s mean) asks :meth:`BuildContext.sequence` for its stack's :class:`~peftlab.core.sequence.SequenceView`:
@@ -59,7 +69,7 @@ hooks see hidden states only, and the view watches the forward that takes the ma
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -202,6 +212,12 @@ class Settings:
         """These settings as the saved adapter records them."""
         return self
 
+    @classmethod
+    def prepare(
+        cls, model: nn.Module, modules: list[PeftModule], batches: Callable[[], Iterator[dict[str, torch.Tensor]]]
+    ) -> None:
+        """Choose from training data before the first step (see the module docstring); the default: nothing."""
+
     def added_length(self) -> int:
         """Tokens the kind adds to every input sequence."""
         return 0
@@ -293,6 +309,10 @@ class PeftModule(nn.Module):
     def unloadable(self) -> bool:
         """Whether ``merge_and_unload`` can leave a plain model without this module's hooks (after ``fold``)."""
         return self.mergeable
+
+    def merge_refusal(self) -> str | None:
+        """Why this module cannot merge into this backbone although its kind merges (None: nothing stops it)."""
+        return None
 
     def merge(self) -> None:
         raise NotImplementedError

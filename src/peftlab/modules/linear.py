@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftlab.backbone import quant
 from peftlab.backbone.anatomy import LinearRef
 from peftlab.errors import SpecError
 from peftlab.modules.base import (
@@ -59,7 +60,12 @@ class LinearModule(PeftModule):
 
     @property
     def mergeable(self) -> bool:
-        return True
+        """Not into a quantized weight (see :meth:`merge_refusal`): there the module runs unmerged for good, so
+        what it changes is its own parameters."""
+        return self.ref.quantized is None
+
+    def merge_refusal(self) -> str | None:
+        return None if self.ref.quantized is None else quant.merge_refusal(self.ref.module)
 
     def merge(self) -> None:
         with torch.no_grad():
@@ -165,7 +171,7 @@ class LoRA(LinearModule):
 
     @property
     def mergeable(self) -> bool:
-        return not self._gate
+        return not self._gate and super().mergeable
 
     def weight_delta(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)

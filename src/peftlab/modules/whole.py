@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from peftlab.backbone.anatomy import find_head
+from peftlab.backbone.quant import model_quantize
+from peftlab.errors import SpecError
 from peftlab.modules.base import BuildContext, PeftModule, Settings
 
 
@@ -124,6 +126,12 @@ class FullSettings(Settings):
     default_lr = 2e-5  # UniPELT's appendix B
 
     def build(self, ctx: BuildContext) -> PeftModule:
+        kind = model_quantize(ctx.model)
+        if kind is not None:
+            raise SpecError(
+                f"full fine-tuning cannot train a base quantized to {kind} (its weights are frozen packed integers); "
+                "load the model without --quantize"
+            )
         return FullTuning(ctx)
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from peftlab.atomic import write_json
+from peftlab.backbone.quant import check_quantize
 from peftlab.errors import PeftlabError
 
 CHECKPOINT = "checkpoint"
@@ -42,6 +43,8 @@ class TrainConfig:
     eval_every: int | None = None
     patience: int | None = None
     precision: str = "fp32"
+    #: train on a quantized base (QLoRA): 'nf4' or 'int8' block linears through bitsandbytes; None: full precision
+    quantize: str | None = None
     gradient_checkpointing: bool = False
     #: generative decoders: pack each batch's examples end to end into rows of max_length (boundaries kept)
     packing: bool = False
@@ -137,6 +140,7 @@ class TrainConfig:
             raise PeftlabError(f"generate_every must be >= 0 (0: only at the end), got {self.generate_every}")
         if self.messages_column and (self.prompt_column or self.response_column):
             raise PeftlabError("give either --messages-column or --prompt-column/--response-column, not both")
+        check_quantize(self.quantize)
         if self.precision not in ("fp32", "bf16", "fp16"):
             raise PeftlabError(f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
         if self.precision != "fp32" and not torch.cuda.is_available():

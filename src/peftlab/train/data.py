@@ -254,7 +254,9 @@ def task_splits(config: TrainConfig) -> tuple[TaskInfo, Splits]:
     return task, make_splits(task.name, config.data_dir, config.k, config.data_seed, config.dev_size)
 
 
-def load_for_task(model_name: str, task: TaskInfo, meta: bool = False) -> tuple[nn.Module, bool]:
+def load_for_task(
+    model_name: str, task: TaskInfo, meta: bool = False, quantize: str | None = None
+) -> tuple[nn.Module, bool]:
     """The backbone in the class the task needs: T5 text-to-text, generative tasks a language model, everything
     else a classifier."""
     if model_name.startswith("shape:") and model_name[6:] in SHAPES:
@@ -270,5 +272,5 @@ def load_for_task(model_name: str, task: TaskInfo, meta: bool = False) -> tuple[
             "(e.g. smollm2-135m) or an encoder-decoder (T5)"
         )
     head = facts.default_head if task.generative else facts.task_head
-    model = load_model(model_name, head=head, num_labels=task.num_labels, meta=meta)
+    model = load_model(model_name, head=head, num_labels=task.num_labels, meta=meta, quantize=quantize)
     return model, facts.seq2seq

@@ -102,11 +102,16 @@ def score_saved(config: TrainConfig, adapter: str | Path) -> dict[str, float]:
 
 
 def scoring_backbone(
-    model_name: str, task: TaskInfo, max_length: int, chat_template: bool = False, max_new_tokens: int | None = None
+    model_name: str,
+    task: TaskInfo,
+    max_length: int,
+    chat_template: bool = False,
+    max_new_tokens: int | None = None,
+    quantize: str | None = None,
 ) -> tuple[nn.Module, Encoder | ResponseEncoder, torch.device]:
     """The backbone in the task's class on this process's device, with its encoder: what scoring a saved adapter
-    starts from."""
-    model, seq2seq = load_for_task(model_name, task)
+    starts from (``quantize``: the base quantized as it was trained, see :mod:`peftlab.backbone.quant`)."""
+    model, seq2seq = load_for_task(model_name, task, quantize=quantize)
     device = default_device()
     model.to(device)
     encoder = task_encoder(

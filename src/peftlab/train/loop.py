@@ -9,7 +9,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
@@ -100,10 +100,10 @@ def _prepare_model(
     spec: Spec, config: TrainConfig, task: Any, model: nn.Module | None, device: torch.device, warm: WarmStart | None
 ) -> tuple[PeftModel, Encoder]:
     """The backbone in the task's class (the one given, or the worker's), on the device, with the spec applied."""
-    if model is None and warm is not None:
+    if model is None and warm is not None and config.quantize is None:
         model, seq2seq = warm.backbone(config.model, task)
-    elif model is None:
-        model, seq2seq = load_for_task(config.model, task)
+    elif model is None:  # a quantized base is loaded afresh: a worker restores full-precision backbones only
+        model, seq2seq = load_for_task(config.model, task, quantize=config.quantize)
     else:
         seq2seq = model_type_facts(model.config.model_type).seq2seq
     tokenizer, tokens = (warm.tokenizer(config.model, model), warm.tokens) if warm is not None else (None, None)
@@ -167,6 +167,8 @@ class Run:
         data = time.perf_counter()
         self.device = default_device()
         self.pm, self.encoder = _prepare_model(spec, config, self.task, model, self.device, warm)
+        if not foreign(self.pm):  # kinds that choose from data (a sparse mask), before the first step
+            self.pm.prepare(self._training_batches)
         self.frozen = _frozen_prefix(self.pm, config, warm)
         if config.packing:
             self._check_packing(spec)
@@ -210,6 +212,17 @@ class Run:
             **dict.fromkeys(("tokenize_s", "train_s", "eval_s", "checkpoint_s"), 0.0),
             **({"cache_s": 0.0} if self.frozen is not None else {}),
         }
+
+    def _training_batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Padded training batches of ``batch_size`` in the run's order (the seed's shuffles), epoch after epoch, on
+        the device: what a kind's prepare hook reads. Every process reads the same whole batches, so that each
+        chooses the same (e.g. the same mask); a resumed run chooses again from the same batches."""
+        epoch = 0
+        while True:
+            for group in batches(len(self.splits.train), self.config.batch_size, self.config.seed, epoch):
+                rows: list[Example] = [self.splits.train[j] for j in group]
+                yield {k: v.to(self.device) for k, v in self.encoder(rows).items()}
+            epoch += 1
 
     def _check_packing(self, spec: Spec) -> None:
         """Refuse ``packing`` where packed examples would see each other: not a generative decoder task, a kind every
