@@ -45,10 +45,34 @@ BACKBONES = [
 TINY_SETTINGS: dict[str, dict] = {"adapterdrop": {"drop": 1}, "fourierft": {"n_frequency": 256}}
 
 
-def preset(name: str):
-    """The preset's spec, with the settings a tiny shape needs."""
+#: Presets that compose saved adapters, so they need folders trained on the model: :func:`preset` makes them.
+NEEDS_FOLDERS = {"fuse"}
+
+
+def trained_adapters(model, folder, count: int = 2, seed: int = 3) -> list[str]:
+    """``count`` Pfeiffer adapters (random, as if trained) on a copy of ``model``, saved under ``folder``."""
+    import copy
+
     from peftlab import methods
 
+    out = []
+    for i in range(count):
+        pm = peftlab.apply(copy.deepcopy(model), methods.pfeiffer(size=8 + 4 * i))
+        g = torch.Generator().manual_seed(seed + i)
+        with torch.no_grad():
+            for p in pm.adapters["default"].layers.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        out.append(str(pm.save(folder / f"component-{i}")))
+    return out
+
+
+def preset(name: str, model=None, folder=None):
+    """The preset's spec, with the settings a tiny shape needs (``fuse``: two adapters trained on ``model``, saved
+    under ``folder``)."""
+    from peftlab import methods
+
+    if name in NEEDS_FOLDERS:
+        return methods.get(name, adapters=trained_adapters(model, folder))
     return methods.get(name, **TINY_SETTINGS.get(name, {}))
 
 

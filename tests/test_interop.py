@@ -106,6 +106,9 @@ def _exact_oft() -> Spec:
 
 
 EXPORTS: dict[str, tuple[str, Callable[[], Spec]]] = {
+    # AdaLoRA: before pruning (all init_r singular values) and pruned (test_adalora_export_keeps_the_pruned_ranks)
+    "bert-adalora": ("tiny-bert", lambda: peftlab.methods.adalora(init_r=4, target_r=2, targets=["q", "v", "ffn_out"])),
+    "llama-adalora": ("tiny-llama", lambda: peftlab.methods.adalora(init_r=3, target_r=2, total_step=50)),
     "bert-lora": ("tiny-bert", _per_site_lora),
     "bert-ia3": ("tiny-bert", peftlab.methods.ia3),
     "bert-prefix": ("tiny-bert", lambda: peftlab.methods.prefix(length=3, hidden=8)),
@@ -179,6 +182,27 @@ def test_export_runs_in_peft_with_the_same_outputs(case: str, tmp_path: Path) ->
     assert {p.name for p in tmp_path.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
     loaded = peft.PeftModel.from_pretrained(_base(name, absolute_prefix), tmp_path)
     torch.testing.assert_close(_peft_logits(loaded, batch), expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])
+def test_adalora_export_keeps_the_pruned_ranks(name: str, tmp_path: Path) -> None:
+    """A pruned AdaLoRA adapter exports as peft saves one: each module's tensors cut to its kept singular values, listed
+    in ``rank_pattern``; peft resizes its modules by the pattern and gives the same outputs."""
+    base = _base(name)
+    batch = make_batch(base)
+    pm = peftlab.apply(base, peftlab.methods.adalora(init_r=4, target_r=2, targets=["q", "v", "o"]))
+    _randomise(pm.adapters["default"].parameters())
+    modules = list(pm.adapters["default"].layers.values())
+    for i, m in enumerate(modules):  # ranks 4, 3, 2, 1, ... kept
+        m.set_mask(torch.arange(4) < 4 - i % 4)
+    expected = logits(pm, batch)
+    pm.save(tmp_path, format="peft")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(sum(v) for v in config["rank_pattern"].values()) == sorted(m.rank for m in modules)
+    loaded = peft.PeftModel.from_pretrained(_base(name), tmp_path)
+    torch.testing.assert_close(logits(loaded, batch), expected, atol=ATOL, rtol=0)
+    ranks = [m.lora_E["default"].shape[0] for m in loaded.modules() if hasattr(m, "lora_E") and m.lora_E]
+    assert sorted(ranks) == sorted(m.rank for m in modules)
 
 
 @pytest.mark.parametrize("name", ["tiny-bert", "tiny-llama"])

@@ -11,7 +11,9 @@ from peftlab import methods
 from peftlab.errors import AdapterLoadError, SpecError
 
 #: Methods whose modules start as the identity (the model is unchanged before training).
-NOT_IDENTITY = {"prefix", "prompt", "mam", "unipelt", "unipelt-ap", "unipelt-nogate", "krona-res", "adaptive-prefix"}
+NOT_IDENTITY = {
+    "prefix", "prompt", "mam", "unipelt", "unipelt-ap", "unipelt-nogate", "krona-res", "adaptive-prefix", "fuse",
+}  # fmt: skip
 #: Methods that need bias terms (Llama, Qwen2's MLP and T5 have none or too few).
 NEEDS_BIAS = {"bitfit"}
 BIAS_FREE = {"tiny-llama", "tiny-t5"}
@@ -52,7 +54,7 @@ def test_method_contract(shape: str, head: str, name: str, tmp_path) -> None:
         with pytest.raises(SpecError):
             peftlab.apply(model, preset(name))
         return
-    pm = peftlab.apply(model, preset(name))
+    pm = peftlab.apply(model, preset(name, model, tmp_path))
 
     # Identity at init for modules designed to start as the identity.
     out = logits(pm, batch)
@@ -136,7 +138,7 @@ def test_method_generation_contract(shape: str, head: str, name: str, tmp_path) 
     batch["attention_mask"] = batch["attention_mask"].flip(1)  # decoders generate from left-padded prompts
     batch.pop("decoder_input_ids", None)
     base_ids, base_logits = _generate(model, batch)
-    pm = peftlab.apply(model, preset(name))
+    pm = peftlab.apply(model, preset(name, model, tmp_path))
     ids, _ = _generate(pm, batch)
     if name not in NOT_IDENTITY:
         assert torch.equal(ids, base_ids)

@@ -28,7 +28,10 @@ from peftlab.modules.bottleneck import (
     Placement,
     SparseAdapterSettings,
 )
+from peftlab.modules.fusion import fuse_layers
+from peftlab.modules.intrinsic import IntrinsicSaidSettings
 from peftlab.modules.linear import IA3Settings, KronaSettings, LoraSettings
+from peftlab.modules.lowrank import AdaLoraSettings, GloraSettings
 from peftlab.modules.orthogonal import BoftSettings, HraSettings, OftSettings
 from peftlab.modules.prefix import AdaptivePrefixSettings, PrefixSettings, PromptSettings
 from peftlab.modules.reparam import FourierFTSettings, LohaSettings, LokrSettings, VeraSettings
@@ -364,6 +367,48 @@ def hra(r: int = 8, targets: str | list[str] = "qv", apply_gs: bool = False) -> 
     s = HraSettings(r=r, apply_gs=apply_gs)
     s.check_at()
     return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("adalora", "SVD-form LoRA whose ranks are pruned by importance to a budget", "Zhang et al. 2023")
+def adalora(
+    init_r: int = 12, target_r: int = 8, alpha: float = 8.0, targets: str | list[str] = "all-linear", tinit: int = 0,
+    tfinal: int = 0, deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85, orth_reg_weight: float = 0.5,
+    total_step: int = 0, dropout: float = 0.0,
+) -> Spec:  # fmt: skip
+    """AdaLoRA on every weight matrix (the paper's setting) with peft's ``AdaLoraConfig`` defaults: rank 12 per matrix
+    pruned to 8 on average; ``total_step`` 0 takes the run's length (``peftlab train`` calls the schedule each step)."""
+    s = AdaLoraSettings(
+        init_r=init_r, target_r=target_r, alpha=alpha, dropout=dropout, tinit=tinit, tfinal=tfinal, deltaT=deltaT,
+        beta1=beta1, beta2=beta2, orth_reg_weight=orth_reg_weight, total_step=total_step,
+    )  # fmt: skip
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("intrinsic-said", "every weight moves in one random d-dim subspace (Fastfood), a scale per matrix",
+        "Aghajanyan et al. 2021")  # fmt: skip
+def intrinsic_said(d: int = 1000, targets: str | list[str] = "all-linear", seed: int = 0) -> Spec:
+    """Structure-aware intrinsic SAID on every linear weight of every block: one trained vector of ``d`` entries,
+    projected to each matrix by its own Fastfood transform, and one trained scale per matrix."""
+    s = IntrinsicSaidSettings(d=d, seed=seed)
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("glora", "generalised LoRA: low-rank weight scale and shift, vector bias terms", "Chavan et al. 2023")
+def glora(r: int = 4, targets: str | list[str] = "all-linear") -> Spec:
+    """GLoRA on every linear, one fixed point of its search space: A and B low rank (r), C, D and E vectors."""
+    s = GloraSettings(r=r)
+    s.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+
+
+@method("fuse", "attention over several trained bottleneck adapters (AdapterFusion)", "Pfeiffer et al. 2021")
+def fuse(adapters: list[str] | None = None, temperature: float = 1.0) -> Spec:
+    """AdapterFusion of the adapters saved in the folders ``adapters`` (two or more, trained on the same base model
+    with the same placement): they are frozen, a query/key/value attention over their outputs is trained per site,
+    and a new task head."""
+    return Spec(layers=fuse_layers(adapters, temperature))
 
 
 def _compacter(size: int, n: int, rank: int) -> CompacterSettings:

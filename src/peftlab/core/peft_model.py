@@ -292,6 +292,20 @@ class PeftModel(nn.Module):
         for switch in self._switches:
             switch(self.base_model, switch in live)
 
+    def after_step(self, step: int, total: int) -> None:
+        """The per-step hook of every kind in the active adapter (``Settings.after_step``): the training loop calls it
+        once per optimiser step, ``step`` (from 1) of ``total``, after the update and before gradients are cleared."""
+        if self.active_adapter is None:
+            return
+        spec = self.adapters[self.active_adapter].spec
+        kinds = {s.kind: type(s) for s in [*spec.settings(), *spec.parts().values()]}
+        by_kind: dict[str, list[PeftModule]] = {}
+        for _, m in self._active_modules():
+            by_kind.setdefault(m.kind, []).append(m)
+        for kind, modules in by_kind.items():
+            if kind in kinds:
+                kinds[kind].after_step(modules, step, total)
+
     def prepare(self, batches: Callable[[], Iterator[dict[str, torch.Tensor]]]) -> None:
         """Let each kind of the active adapter choose from training data before the first step (FishMask's Fisher
         mask, LT-SFT's mask): :meth:`Settings.prepare` once per kind, with its modules; ``batches()`` gives a fresh

@@ -36,6 +36,7 @@ from peftlab.formats.native import read_json_object
 from peftlab.formats.weights import read_weights
 from peftlab.modules import Dims, Settings
 from peftlab.modules.linear import IA3Settings, LoraSettings
+from peftlab.modules.lowrank import AdaLoraSettings
 from peftlab.modules.orthogonal import BoftSettings, HraSettings, OftSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
 from peftlab.modules.reparam import FourierFTSettings, LohaSettings, LokrSettings, VeraSettings
@@ -47,8 +48,8 @@ if TYPE_CHECKING:
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 EXPORTABLE = (
-    "LoRA (without DoRA or gates), (IA)3, VeRA, FourierFT, LoHa, LoKr, OFT, BOFT or HRA (one setting for all "
-    "sites), prefix tuning in every layer or prompt tuning, each with its trained task head"
+    "LoRA (without DoRA or gates), AdaLoRA, (IA)3, VeRA, FourierFT, LoHa, LoKr, OFT, BOFT or HRA (one setting for "
+    "all sites), prefix tuning in every layer or prompt tuning, each with its trained task head"
 )
 #: peft_type -> the peftlab kind it becomes
 IMPORTABLE = {
@@ -65,8 +66,10 @@ IMPORTABLE = {
     "PROMPT_TUNING": "prompt",
 }
 _PEFT_TYPES = {kind: peft_type for peft_type, kind in IMPORTABLE.items()}
-#: peftlab kind -> the peft_type of the peft library's equivalent method (for side-by-side benchmarks)
+#: peftlab kind -> the peft_type of the peft library's equivalent method (for side-by-side benchmarks; not AdaLoRA,
+#: whose rank allocation peft runs only when the training loop calls its ``update_and_allocate``)
 _EQUIVALENT = _PEFT_TYPES | {"ln": "LN_TUNING"}
+_PEFT_TYPES["adalora"] = "ADALORA"  # exported (pruned ranks as peft saves them), not imported
 _LORA_WEIGHT = "{}.lora_A.weight", "{}.lora_B.weight"
 _TASKS = (
     ("ForSequenceClassification", "SEQ_CLS"),
@@ -657,8 +660,52 @@ def _export_prompt(
     return config, {"prompt_embeddings": prompt}
 
 
+def _export_adalora(
+    pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
+) -> tuple[dict[str, Any], Tensors]:
+    """peft's ADALORA layout: P, Λ, Q cut to the kept singular values, which ``rank_pattern`` lists per module (as peft
+    saves a pruned adapter); no pattern before any pruning. The schedule fields only matter for training in peft, which
+    wants a total_step: the settings', else the shortest that peft accepts."""
+    modules = _linear_modules(adapter, placed, names, AdaLoraSettings, "AdaLoRA")
+    s = modules[0][1]  # the budget settings agree (AdaLoraSettings.plan)
+    _uniform(modules, "dropout", "lora_dropout")
+    _uniform(modules, "alpha", "lora_alpha")
+    kept = {name: (m.lora_E.detach().view(-1) != 0) for name, _, m in modules}
+    every = torch.cat(list(kept.values()))
+    pruned = bool(every.any()) and not bool(every.all())
+    tensors: Tensors = {}
+    rank_pattern: dict[str, list[bool]] = {}
+    for name, _, m in modules:
+        keep = kept[name] if pruned else torch.ones_like(kept[name])
+        root = f"{_key_root(False)}{name}"
+        tensors[f"{root}.lora_A"] = m.lora_A[keep]
+        tensors[f"{root}.lora_E"] = m.lora_E[keep]
+        tensors[f"{root}.lora_B"] = m.lora_B[:, keep]
+        if pruned:
+            rank_pattern[f"{name}.lora_E"] = keep.tolist()
+    config = {
+        "init_r": s.init_r,
+        "target_r": s.target_r,
+        "lora_alpha": s.alpha,
+        "lora_dropout": s.dropout,
+        "tinit": s.tinit,
+        "tfinal": s.tfinal,
+        "deltaT": s.deltaT,
+        "beta1": s.beta1,
+        "beta2": s.beta2,
+        "orth_reg_weight": s.orth_reg_weight,
+        "total_step": s.total_step or s.tinit + s.tfinal + 1,
+        "target_modules": [name for name, _, _ in modules],
+        "rank_pattern": rank_pattern or None,
+        "bias": "none",
+        "fan_in_fan_out": _fan_in_fan_out(modules),
+    }
+    return config, tensors
+
+
 _EXPORTERS = {
     "lora": _export_lora,
+    "adalora": _export_adalora,
     "ia3": _export_ia3,
     "vera": _export_vera,
     "fourierft": _export_fourierft,

@@ -22,6 +22,10 @@ On :class:`Settings` (kind-wide):
 - ``added_length()``: the tokens the kind adds to every input (a soft prompt's length).
 - ``training_loss``: an extra training objective (:class:`TrainingLoss`) and its default weight,
   e.g. AdaMix's consistency between two randomly routed passes.
+- ``after_step(modules, step, total)``: acts once per optimiser step, after the update and before the gradients are
+  cleared (the training loop calls it through ``PeftModel.after_step``), with every module of the kind in the active
+  adapter, the steps taken so far and the run's total: what a schedule over training needs, e.g. AdaLoRA's rank
+  budget, which ranks by importance all matrices of the adapter together.
 - ``exclusive``: the kind changes the backbone itself, so it cannot be one of several adapters.
 - ``prepare(model, modules, batches)``: choose what the kind chooses from training data before the first step
   (FishMask's Fisher mask, LT-SFT's mask from a short full fine-tuning). The core calls it once per kind of the
@@ -201,6 +205,10 @@ class Settings:
     def plan(cls, placed: list[Settings]) -> Any:
         """Checks across every placement of the kind in one adapter; returns what each build needs."""
         return None
+
+    @classmethod
+    def after_step(cls, modules: list[PeftModule], step: int, total: int) -> None:
+        """Once per optimiser step (``step`` from 1 of ``total``), after the update, gradients still in place."""
 
     def stored(self) -> Settings:
         """These settings as the saved adapter records them."""

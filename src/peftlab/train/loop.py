@@ -336,9 +336,9 @@ class Run:
         if self.out is not None and self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
 
-    def _optimiser_step(self, group: list[int]) -> float:
+    def _optimiser_step(self, group: list[int], step: int) -> float:
         """Forward and backward over one global batch (this process's share of each micro-batch), then one
-        optimiser step unless the loss is not finite; returns the global batch's loss."""
+        optimiser step (number ``step``, from 1) unless the loss is not finite; returns the global batch's loss."""
         config = self.config
         self.opt.zero_grad(set_to_none=True)
         loss_sum = 0.0
@@ -372,6 +372,8 @@ class Run:
         else:
             self.opt.step()
         self.sched.step()
+        if isinstance(self.pm, PeftModel):  # kinds acting once per step (AdaLoRA's rank budget)
+            self.pm.after_step(step, self.total)
         return loss_sum
 
     def _evaluate(self, step: int, loss: float) -> bool:
@@ -460,7 +462,7 @@ class Run:
         while not stop:
             epoch, offset = divmod(step, self.steps_per_epoch)
             for group in batches(len(self.splits.train), micro, config.seed, epoch, lengths)[offset:]:
-                loss = self._optimiser_step(group)
+                loss = self._optimiser_step(group, step + 1)
                 if not math.isfinite(loss):
                     self.record.status = "diverged"
                     self.record.message = f"non-finite loss at step {step + 1}"
