@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +102,13 @@ def logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 @pytest.fixture
 def tiny_bert():
     return make_model("tiny-bert", "seq-cls")
+
+
+def keyword_task(folder: Path) -> Path:
+    """A task a tiny random model learns in a few dozen steps: the label is one keyword among random words."""
+    words = ["red", "blue", "tall", "small", "cat", "dog", "tree", "rock", "sky", "sea"]
+    rng = random.Random(0)
+    lines = [f"{' '.join(rng.sample(words, 3))} {'great' if i % 2 else 'awful'},{i % 2}\n" for i in range(96)]
+    path = folder / "train.csv"
+    path.write_text("text,label\n" + "".join(lines))
+    return path

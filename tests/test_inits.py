@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import logits, make_batch, make_model
+from conftest import keyword_task, logits, make_batch, make_model
 
 import peftlab
 from peftlab import methods
@@ -157,18 +156,9 @@ def test_eva_sets_a_from_the_input_components_and_redistributes_ranks(tmp_path: 
     torch.testing.assert_close(logits(in_peft, batches[0]), logits(pm, batches[0]), rtol=0, atol=1e-5)
 
 
-def _keyword_task(folder: Path) -> Path:
-    words = ["red", "blue", "tall", "small", "cat", "dog", "tree", "rock", "sky", "sea"]
-    rng = random.Random(0)
-    lines = [f"{' '.join(rng.sample(words, 3))} {'great' if i % 2 else 'awful'},{i % 2}\n" for i in range(96)]
-    path = folder / "train.csv"
-    path.write_text("text,label\n" + "".join(lines))
-    return path
-
-
 def _config(tmp_path: Path, **kw) -> TrainConfig:
     base = {
-        "model": "shape:tiny-bert", "task": "keyword", "train_file": str(_keyword_task(tmp_path)), "dev_size": 32,
+        "model": "shape:tiny-bert", "task": "keyword", "train_file": str(keyword_task(tmp_path)), "dev_size": 32,
         "batch_size": 8, "max_length": 16, "max_steps": 8, "eval_every": 8, "lr": 1e-2, "warmup_ratio": 0.0,
         "dropout": 0.0, "progress": False,
     }  # fmt: skip
@@ -218,7 +208,7 @@ def test_loraplus_needs_lora(tmp_path: Path) -> None:
 def test_cli_refuses_a_zero_loraplus_ratio(tmp_path: Path, capsys) -> None:
     from peftlab.cli import main
 
-    args = ["train", "--model", "shape:tiny-bert", "--task", "keyword", "--train-file", str(_keyword_task(tmp_path))]
+    args = ["train", "--model", "shape:tiny-bert", "--task", "keyword", "--train-file", str(keyword_task(tmp_path))]
     assert main([*args, "--method", "lora", "--loraplus-ratio", "0", "--output", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert "loraplus_ratio must be a number > 0" in err and len(err.splitlines()) == 1

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import keyword_task
 from safetensors.torch import load_file
 
 from peftlab import methods
@@ -70,21 +70,11 @@ def test_a_run_that_cannot_learn_stops_after_its_first_evaluation(tmp_path: Path
     assert json.loads((tmp_path / "record.json").read_text())["status"] == "hopeless"
 
 
-def _keyword_task(folder: Path) -> Path:
-    """A task a tiny random model learns in a few dozen steps: the label is one keyword among random words."""
-    words = ["red", "blue", "tall", "small", "cat", "dog", "tree", "rock", "sky", "sea"]
-    rng = random.Random(0)
-    lines = [f"{' '.join(rng.sample(words, 3))} {'great' if i % 2 else 'awful'},{i % 2}\n" for i in range(96)]
-    path = folder / "train.csv"
-    path.write_text("text,label\n" + "".join(lines))
-    return path
-
-
 def test_a_run_that_learns_is_not_stopped(tmp_path: Path) -> None:
     config = TrainConfig(
         model="shape:tiny-bert",
         task="keyword",
-        train_file=str(_keyword_task(tmp_path)),
+        train_file=str(keyword_task(tmp_path)),
         dev_size=32,
         batch_size=8,
         max_length=16,

@@ -17,7 +17,7 @@ from torch import nn
 from peftlab.backbone.anatomy import LINEAR_SITES
 from peftlab.core.spec import Spec
 from peftlab.errors import SpecError
-from peftlab.modules.base import need_int
+from peftlab.modules.base import Settings, need_int
 from peftlab.modules.bottleneck import (
     HOULSBY,
     PFEIFFER,
@@ -100,27 +100,30 @@ def _every_layer(sites: dict) -> dict:
     return {"*": sites}
 
 
+def _at_targets(settings: Settings, targets: str | list[str] | tuple[str, ...]) -> Spec:
+    """One checked module kind at the target linear sites of every layer (the shape of most linear presets)."""
+    settings.check_at()
+    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), settings)))
+
+
 @method("lora", "low-rank update W + (alpha/r)·B·A on chosen linears", "Hu et al. 2022")
 def lora(
     r: int = 8, alpha: float = 16.0, targets: str | list[str] = "qv", rslora: bool = False, dropout: float = 0.0
 ) -> Spec:
     """LoRA on ``targets`` of every layer (r=8 on query and value by default, scaling alpha/r = 2)."""
     s = LoraSettings(r=r, alpha=alpha, rslora=rslora, dropout=dropout)
-    s.check_at()
-    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+    return _at_targets(s, targets)
 
 
 @method("dora", "LoRA with a separately trained magnitude per output", "Liu et al. 2024")
 def dora(r: int = 8, alpha: float = 16.0, targets: str | list[str] = "qv", rslora: bool = False) -> Spec:
     s = LoraSettings(r=r, alpha=alpha, rslora=rslora, dora=True)
-    s.check_at()
-    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+    return _at_targets(s, targets)
 
 
 def _lora_init(init: str, r: int, alpha: float, targets: str | list[str], **kw: object) -> Spec:
     s = LoraSettings(r=r, alpha=alpha, init=init, **kw)
-    s.check_at()
-    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+    return _at_targets(s, targets)
 
 
 @method("pissa", "LoRA started from W's principal singular vectors and values", "Meng et al. 2024")
@@ -252,8 +255,7 @@ def ln() -> Spec:
 @method("krona", "Kronecker-product update A ⊗ B on chosen linears", "Edalati et al. 2022")
 def krona(targets: str | list[str] = "qv", scale: float = 1.0) -> Spec:
     s = KronaSettings(scale=scale)
-    s.check_at()
-    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+    return _at_targets(s, targets)
 
 
 @method("vera", "frozen shared random B·A, trained scaling vectors b and d", "Kopiczko et al. 2024")
@@ -264,8 +266,7 @@ def vera(
     and saved with it (``save_projection=False``: drawn again from ``seed`` on load); per site a scaling vector d (r)
     and b (out). r=256 is peft's default (the paper's GLUE runs: 1024 on RoBERTa-base, 256 on -large)."""
     s = VeraSettings(r=r, d_initial=d_initial, seed=seed, save_projection=save_projection)
-    s.check_at()
-    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+    return _at_targets(s, targets)
 
 
 @method("fourierft", "n trained spectral coefficients, dW = scaling·IDFT2", "Gao et al. 2024")
@@ -276,16 +277,14 @@ def fourierft(
     """FourierFT on query and value (the paper's GLUE setting, n=1000, scaling 150 as peft's defaults); the spectrum
     starts at zero (init='normal': the paper's standard-normal start, which changes the model before training)."""
     s = FourierFTSettings(n_frequency=n_frequency, scaling=scaling, seed=seed, init=init)
-    s.check_at()
-    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+    return _at_targets(s, targets)
 
 
 @method("loha", "Hadamard product of two low-rank updates on chosen linears", "Hyeon-Woo et al. 2022")
 def loha(r: int = 8, alpha: float = 8.0, targets: str | list[str] = "qv") -> Spec:
     """LoHa with peft's defaults (r=8, alpha=8) on query and value, like LoRA."""
     s = LohaSettings(r=r, alpha=alpha)
-    s.check_at()
-    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+    return _at_targets(s, targets)
 
 
 @method("lokr", "Kronecker product W1 ⊗ W2 (W2 low rank) on chosen linears", "Yeh et al. 2024 (LyCORIS)")
@@ -295,8 +294,7 @@ def lokr(
 ) -> Spec:  # fmt: skip
     """LoKr with peft's defaults (r=8, alpha=8, balanced factors) on query and value, like LoRA."""
     s = LokrSettings(r=r, alpha=alpha, decompose_both=decompose_both, decompose_factor=decompose_factor)
-    s.check_at()
-    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+    return _at_targets(s, targets)
 
 
 @method("sparse-adapter", "Houlsby adapters pruned at initialisation, the mask fixed", "He et al. 2022")
@@ -342,8 +340,7 @@ def oft(
     s = OftSettings(
         r=r, block_size=block_size, coft=coft, eps=eps, block_share=block_share, module_dropout=module_dropout
     )
-    s.check_at()
-    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+    return _at_targets(s, targets)
 
 
 @method("boft", "butterfly-factorised orthogonal rotation and output scaling of chosen linears", "Liu et al. 2024")
@@ -357,16 +354,14 @@ def boft(
     """BOFT on ``targets`` (query and value; blocks of 4 as peft, two butterfly factors as the paper's language
     experiments)."""
     s = BoftSettings(block_size=block_size, block_num=block_num, butterfly_factor=butterfly_factor, dropout=dropout)
-    s.check_at()
-    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+    return _at_targets(s, targets)
 
 
 @method("hra", "product of r Householder reflections of the inputs of chosen linears", "Yuan et al. 2024")
 def hra(r: int = 8, targets: str | list[str] = "qv", apply_gs: bool = False) -> Spec:
     """HRA on ``targets`` (r=8 reflections, peft's default, on query and value)."""
     s = HraSettings(r=r, apply_gs=apply_gs)
-    s.check_at()
-    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+    return _at_targets(s, targets)
 
 
 @method("adalora", "SVD-form LoRA whose ranks are pruned by importance to a budget", "Zhang et al. 2023")
@@ -381,8 +376,7 @@ def adalora(
         init_r=init_r, target_r=target_r, alpha=alpha, dropout=dropout, tinit=tinit, tfinal=tfinal, deltaT=deltaT,
         beta1=beta1, beta2=beta2, orth_reg_weight=orth_reg_weight, total_step=total_step,
     )  # fmt: skip
-    s.check_at()
-    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+    return _at_targets(s, targets)
 
 
 @method("intrinsic-said", "every weight moves in one random d-dim subspace (Fastfood), a scale per matrix",
@@ -391,16 +385,14 @@ def intrinsic_said(d: int = 1000, targets: str | list[str] = "all-linear", seed:
     """Structure-aware intrinsic SAID on every linear weight of every block: one trained vector of ``d`` entries,
     projected to each matrix by its own Fastfood transform, and one trained scale per matrix."""
     s = IntrinsicSaidSettings(d=d, seed=seed)
-    s.check_at()
-    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+    return _at_targets(s, targets)
 
 
 @method("glora", "generalised LoRA: low-rank weight scale and shift, vector bias terms", "Chavan et al. 2023")
 def glora(r: int = 4, targets: str | list[str] = "all-linear") -> Spec:
     """GLoRA on every linear, one fixed point of its search space: A and B low rank (r), C, D and E vectors."""
     s = GloraSettings(r=r)
-    s.check_at()
-    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+    return _at_targets(s, targets)
 
 
 @method("fuse", "attention over several trained bottleneck adapters (AdapterFusion)", "Pfeiffer et al. 2021")
@@ -483,8 +475,7 @@ def fishmask(
     """FishMask: ``density`` (0.5%, the paper's GLUE setting) of every linear weight's entries taken together, those
     with the largest Fisher information on ``samples`` training examples; without data a seeded random mask."""
     s = FishMaskSettings(density=density, samples=samples, seed=seed)
-    s.check_at()
-    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+    return _at_targets(s, targets)
 
 
 @method("lt-sft", "train the entries a short full fine-tuning moved most", "Ansell et al. 2022")
@@ -494,16 +485,14 @@ def lt_sft(
     """LT-SFT: a ``steps``-step full fine-tuning finds the ``density`` entries of the linear weights that moved most;
     the weights go back and only those entries train. Without data a seeded random mask."""
     s = LtSftSettings(density=density, steps=steps, lr=lr, seed=seed)
-    s.check_at()
-    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+    return _at_targets(s, targets)
 
 
 @method("diffpruning", "dense diff with L0 hard-concrete gates, pruned to a sparse update", "Guo et al. 2021")
 def diffpruning(density: float = 0.005, alpha_init: float = 5.0, targets: str | list[str] = "all-linear") -> Spec:
     """DiffPruning on every linear weight: the final update keeps ``density`` (0.5%) of each weight's entries."""
     s = DiffPruningSettings(density=density, alpha_init=alpha_init)
-    s.check_at()
-    return Spec(layers=_every_layer(dict.fromkeys(parse_targets(targets), s)))
+    return _at_targets(s, targets)
 
 
 @method("topk-layers", "tune only the top k blocks of each stack (their linears and norms)", "Lee et al. 2019")
