@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from torch import nn
 
-from peftlab.backbone.anatomy import LINEAR_SITES
+from peftlab.backbone.anatomy import LINEAR_SITES, PREFIX_SITES
 from peftlab.core.spec import Spec
 from peftlab.errors import SpecError
 from peftlab.modules.base import Settings, need_int
@@ -206,22 +206,29 @@ def _prefix(length: int, hidden: int) -> PrefixSettings:
     return s
 
 
-@method("prefix", "MLP-reparameterised prefix keys/values in every layer", "Li & Liang 2021")
+def _prefix_sites(p: PrefixSettings) -> dict[str, PrefixSettings]:
+    """Every attention of a block: self-attention, and cross-attention where the block has it (Li & Liang prefix
+    the encoder, the decoder and the decoder's cross-attention of an encoder-decoder)."""
+    return dict.fromkeys(PREFIX_SITES, p)
+
+
+@method("prefix", "MLP-reparameterised prefix keys/values in every attention of every layer", "Li & Liang 2021")
 def prefix(length: int = 10, hidden: int = 512, layers: list[int] | None = None) -> Spec:
-    """Prefix tuning; ``layers`` restricts it to some layers (default: all)."""
+    """Prefix tuning; ``layers`` restricts it to some layers (default: all). On encoder-decoders the encoder's and
+    the decoder's self-attention and the decoder's cross-attention each get prefixes from an MLP of their own."""
     p = _prefix(length, hidden)
     if layers is None:
-        return Spec(layers=_every_layer({"attn": p}))
-    return Spec(layers={str(i): {"attn": p} for i in layers})
+        return Spec(layers=_every_layer(_prefix_sites(p)))
+    return Spec(layers={str(i): _prefix_sites(p) for i in layers})
 
 
 @method("adaptive-prefix", "prefix tuning with token- and layer-level gates on the prefixes", "Zhang et al. 2023")
 def adaptive_prefix(length: int = 10, hidden: int = 512) -> Spec:
-    """Adaptive prefix tuning in every layer: each layer's prefix scaled by a trained scalar and by a sigmoid gate
-    per prefix token computed from the layer's input."""
+    """Adaptive prefix tuning in every attention of every layer: each prefix scaled by a trained scalar and by a
+    sigmoid gate per prefix token computed from its attention's input."""
     s = AdaptivePrefixSettings(length=length, hidden=hidden)
     s.check_at()
-    return Spec(layers=_every_layer({"attn": s}))
+    return Spec(layers=_every_layer(_prefix_sites(s)))
 
 
 @method("prompt", "soft prompt prepended to the input embeddings", "Lester et al. 2021")
@@ -431,19 +438,28 @@ def adamix(size: int = 16, experts: int = 4) -> Spec:
 def mam(size: int = 512, scaling: float = 4.0, prefix_length: int = 30, prefix_hidden: int = 512) -> Spec:
     return Spec(
         layers=_every_layer(
-            {"beside_ffn": _adapter(size, scaling=scaling), "attn": _prefix(prefix_length, prefix_hidden)}
+            {"beside_ffn": _adapter(size, scaling=scaling)} | _prefix_sites(_prefix(prefix_length, prefix_hidden))
         )
     )
 
 
-def _unipelt(size: int, prefix_length: int, prefix_hidden: int, r: int | None, alpha: float, gates: bool) -> Spec:
-    """UniPELT's submodules: the adapter on h_FN (Pfeiffer's placement, the paper's Sec. 3), the prefix, and LoRA
-    on query and value unless ``r`` is None."""
-    sites = {"after_ffn": _adapter(size, placement=PFEIFFER), "attn": _prefix(prefix_length, prefix_hidden)}
+def _unipelt(
+    size: int,
+    prefix_length: int,
+    prefix_hidden: int,
+    r: int | None,
+    alpha: float,
+    gates: bool,
+    lora_sites: tuple[str, ...] = ("q", "v"),
+    gate_per_site: bool = False,
+) -> Spec:
+    """UniPELT's submodules: the adapter on h_FN (Pfeiffer's placement, the paper's Sec. 3), the prefix (every
+    attention, as :func:`prefix`), and LoRA on ``lora_sites`` unless ``r`` is None."""
+    sites = {"after_ffn": _adapter(size, placement=PFEIFFER)} | _prefix_sites(_prefix(prefix_length, prefix_hidden))
     if r is not None:
-        lo = LoraSettings(r=r, alpha=alpha)
+        lo = LoraSettings(r=r, alpha=alpha, gate_per_site=gate_per_site)
         lo.check_at()
-        sites |= {"q": lo, "v": lo}
+        sites |= dict.fromkeys(lora_sites, lo)
     return Spec(layers=_every_layer(sites), gates=gates)
 
 
@@ -546,6 +562,34 @@ def lora_qv(r: int = 8, alpha: float = 16.0) -> Spec:
 @method("lora-all", "LoRA r 8 on every linear of every block, the survey's 'LoRA (all)'", _SURVEY)
 def lora_all(r: int = 8, alpha: float = 16.0) -> Spec:
     return lora(r=r, alpha=alpha, targets="all-linear")
+
+
+@method("prefix-survey", "prefix tuning of length 30, MLP 512 wide (AdapterHub's PrefixTuningConfig)", _SURVEY)
+def prefix_survey(length: int = 30, hidden: int = 512) -> Spec:
+    """The survey's prefix tuning: AdapterHub's defaults, which it kept (on T5 three locations, each with its own
+    embedding and MLP, as :func:`prefix`)."""
+    return prefix(length=length, hidden=hidden)
+
+
+@method("mam-survey", "MAM with AdapterHub's MAMConfig: prefix length 30, MLP 800 wide, parallel adapter 512", _SURVEY)
+def mam_survey(size: int = 512, scaling: float = 4.0, prefix_length: int = 30, prefix_hidden: int = 800) -> Spec:
+    """:func:`mam` with AdapterHub's prefix MLP width (``bottleneck_size=800``), which the survey ran."""
+    return mam(size=size, scaling=scaling, prefix_length=prefix_length, prefix_hidden=prefix_hidden)
+
+
+@method(
+    "unipelt-survey",
+    "UniPELT with AdapterHub's UniPELTConfig: adapter 64 (reduction 16), prefix 10, LoRA r 8 on every q and v, "
+    "a gate per module",
+    _SURVEY,
+)
+def unipelt_survey(
+    size: int = 64, prefix_length: int = 10, prefix_hidden: int = 512, r: int = 8, alpha: float = 16.0
+) -> Spec:
+    """AdapterHub's UniPELT on T5-Large: the adapter at reduction 16 (64 wide), LoRA on every query and value,
+    cross-attention's included, and one gate per gated module (per LoRA site, per prefix attention, per adapter)
+    where :func:`unipelt` shares one LoRA gate per layer as the paper does."""
+    return _unipelt(size, prefix_length, prefix_hidden, r, alpha, gates=True, lora_sites=_CROSS_QV, gate_per_site=True)
 
 
 #: Presets that need the model: its depth for their layer groups, its sizes to meet a parameter budget. They

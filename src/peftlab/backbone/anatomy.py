@@ -25,12 +25,18 @@ LINEAR_SITES = ("q", "k", "v", "o", "ffn_in", "ffn_gate", "ffn_out", "cross_q", 
 SERIAL_SITES = ("after_attn", "after_ffn")
 #: Sites that hold a bottleneck module beside (in parallel with) a sub-layer.
 PARALLEL_SITES = ("beside_ffn",)
+#: Sites that hold prefix key/values: a block's self-attention, and its cross-attention where it has one (the
+#: decoder blocks of encoder-decoders; Li & Liang prefix both, each from a reparameterisation of its own).
+PREFIX_SITES = ("attn", "cross_attn")
+#: Linear sites whose input is the encoder's output, not the block's hidden states: a per-sequence statistic there
+#: (a UniPELT gate) is taken over the encoder's real tokens.
+ENCODER_INPUT_SITES = ("cross_k", "cross_v")
 #: Every per-layer site with what it holds.
 SITE_ROLES: dict[str, str] = {
     **dict.fromkeys(LINEAR_SITES, "linear"),
     **dict.fromkeys(SERIAL_SITES, "serial"),
     **dict.fromkeys(PARALLEL_SITES, "parallel"),
-    "attn": "prefix",
+    **dict.fromkeys(PREFIX_SITES, "prefix"),
     "bias": "bias",
     "norm": "norm",
 }
@@ -69,6 +75,8 @@ class Stack:
     #: how many levels above the block list sits the module whose forward takes the stack's padding mask
     #: (BertModel above ``encoder.layer``; LlamaModel, GPT2Model and T5's stacks directly above theirs)
     root_up: int = 1
+    #: the cross-attention module (decoder blocks of encoder-decoders), whose keys and values come from the encoder
+    cross_attention: str | None = None
 
 
 #: The model class a model loads as by default (a key of :data:`peftlab.backbone.zoo.HEADS`), by architecture.
@@ -200,6 +208,7 @@ def _t5_block(path: str, ffn_index: int, cross: bool) -> Stack:
         norms=tuple(norms),
         serial_norms={"after_attn": "layer.0.layer_norm", "after_ffn": f"layer.{ffn_index}.layer_norm"},
         causal=cross,  # the decoder stack
+        cross_attention="layer.1.EncDecAttention" if cross else None,
     )
 
 
@@ -319,7 +328,16 @@ class Block:
         """Whether this block has the site (gate projections and cross-attention are in some blocks only)."""
         if SITE_ROLES[site] == "linear":
             return site in self.stack.linear or site in self.stack.fused
+        if site == "cross_attn":
+            return self.stack.cross_attention is not None
         return True
+
+    def attention(self, site: str) -> nn.Module:
+        """The attention module a prefix site prepends to: self-attention ('attn') or cross-attention."""
+        path = self.stack.cross_attention if site == "cross_attn" else self.stack.attention
+        if path is None:
+            raise SpecError(f"block {self.index} has no cross-attention")
+        return self.sub(path)
 
     def biases(self) -> list[tuple[str, nn.Module]]:
         """The modules of this block that own a bias (BitFit trains these)."""

@@ -78,7 +78,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import nn
 
-from peftlab.backbone.anatomy import Anatomy, Block, LinearRef
+from peftlab.backbone.anatomy import ENCODER_INPUT_SITES, Anatomy, Block, LinearRef
 from peftlab.core.hooks import HookRegistry
 from peftlab.core.sequence import SequenceView
 from peftlab.errors import SpecError
@@ -145,10 +145,14 @@ class BuildContext:
     views: Callable[[Block], SequenceView] | None = None
 
     def sequence(self) -> SequenceView | None:
-        """The padding mask and cached length of the forward at this block's stack (None outside a block or
-        without a core to watch the stack)."""
+        """The padding mask and cached length of the forward at this block's stack, or at the encoder's for a site
+        that reads the encoder's output (None outside a block or without a core to watch the stack)."""
         if self.block is None or self.views is None:
             return None
+        if self.site in ENCODER_INPUT_SITES:  # cross-attention's keys and values read the encoder's positions
+            encoder = next((b for b in self.blocks if b.stack.cross_attention is None), None)
+            if encoder is not None:
+                return self.views(encoder)
         return self.views(self.block)
 
     def share(self, key: str, make: Callable[[], nn.Module], stored: bool = True, folds: bool = False) -> nn.Module:

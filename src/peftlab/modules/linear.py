@@ -135,6 +135,9 @@ class LoraSettings(Settings):
     init: str = "default"
     #: EVA's rank redistribution: a site may take up to r·eva_rho components (1: none)
     eva_rho: float = 2.0
+    #: gated (UniPELT): one gate per site, AdapterHub's layout, instead of the paper's one per layer shared by the
+    #: updates that read the same input
+    gate_per_site: bool = False
 
     def check(self) -> None:
         need_int("r", self.r, 1, 4096)
@@ -146,6 +149,8 @@ class LoraSettings(Settings):
         if not (self.init in ("default", "pissa", "olora", "eva") or (niter and int(niter[1]) >= 1)):
             raise SpecError(f"init must be one of {', '.join(INITS)} (K an integer >= 1), got {self.init!r}")
         need_float("eva_rho", self.eva_rho, 1.0, 1000.0)
+        if not isinstance(self.gate_per_site, bool):
+            raise SpecError("gate_per_site must be true or false")
         if self.dora and self.residual:
             raise SpecError(f"init {self.init} cannot be combined with dora (DoRA's magnitude starts from W)")
 
@@ -158,7 +163,7 @@ class LoraSettings(Settings):
         """The settings without the initialisation fields at their defaults: specs written before them read (and
         hash) the same."""
         data = super().to_dict()
-        for f in ("init", "eva_rho"):
+        for f in ("init", "eva_rho", "gate_per_site"):
             if data[f] == next(x.default for x in dataclasses.fields(self) if x.name == f):
                 del data[f]
         return data
@@ -169,6 +174,17 @@ class LoraSettings(Settings):
 
     def build(self, ctx: BuildContext) -> PeftModule:
         return LoRA(ctx, self)
+
+
+#: LoRA sites that read one input (per layer): UniPELT's shared gate is a statistic of that input, so only these share
+#: it; every other site (cross-attention's query, the output and FFN projections) has its own.
+_GATE_INPUTS = {"q": "", "k": "", "v": "", "cross_k": "_cross_kv", "cross_v": "_cross_kv"}
+
+
+def _gate_key(ctx: BuildContext, s: LoraSettings) -> str:
+    """The shared-part key of a LoRA gate: per layer and input (UniPELT), or per site (``gate_per_site``)."""
+    suffix = f"_{ctx.site}" if s.gate_per_site else _GATE_INPUTS.get(ctx.site, f"_{ctx.site}")
+    return f"lora_gate_{ctx.block.index}{suffix}"
 
 
 class LoRA(LinearModule):
@@ -209,9 +225,8 @@ class LoRA(LinearModule):
         self.dropout = nn.Dropout(s.dropout) if s.dropout > 0 else None
         self._gate: tuple[Gate, ...] = ()
         if ctx.gated:
-            # UniPELT has one LoRA gate per layer, shared by the query and value updates (same input).
             view = ctx.sequence()
-            gate = ctx.share(f"lora_gate_{ctx.block.index}", lambda: Gate(ref.in_features, ctx.device, ctx.dtype, view))
+            gate = ctx.share(_gate_key(ctx, s), lambda: Gate(ref.in_features, ctx.device, ctx.dtype, view))
             self._gate = (gate,)
         self.magnitude = None
         if s.dora:

@@ -2,7 +2,9 @@
 
 Prefix key/values reach attention through a registered attention function (transformers'
 ``AttentionInterface``): it prepends the prefixes of the layers that have them and extends the mask
-(and T5's position bias), then runs SDPA. Layers without a prefix run unchanged.
+(and T5's position bias), then runs SDPA. Layers without a prefix run unchanged. A decoder block's cross-attention
+takes a prefix of its own (site ``cross_attn``): prepended to the encoder's keys and values at every call, it is
+never part of the KV cache, which holds only the encoder's.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ PREFIX_ATTR = "_peftlab_prefix"
 @register
 @dataclass
 class PrefixSettings(Settings):
-    """Prefix tuning (Li & Liang 2021): ``length`` trainable key/value vectors per layer, produced during
-    training by an MLP (``hidden`` wide, shared by the layers of one adapter) that is dropped on save."""
+    """Prefix tuning (Li & Liang 2021): ``length`` trainable key/value vectors per layer and attention, produced
+    during training by an MLP (``hidden`` wide) that is dropped on save. The MLP's embedding and down projection are
+    shared by the layers of one location (an encoder-decoder has three: encoder self-, decoder self- and
+    cross-attention, each with its own); each layer has its own up projection."""
 
     kind = "prefix"
     packable = False  # every position of a packed row would attend to one set of prefix key/values
@@ -53,8 +57,8 @@ class PrefixSettings(Settings):
 
     @classmethod
     def plan(cls, placed: list[Settings]) -> PrefixPlan:
-        """The layers of one adapter share one MLP: they must agree on it, and its embedding table is as long as
-        the longest prefix."""
+        """The layers of one adapter share an MLP per location: they must agree on it, and its embedding table is as
+        long as the adapter's longest prefix."""
         if len({(s.hidden, s.reparam) for s in placed}) > 1:
             raise SpecError("all prefix sites of one adapter must share 'hidden' and 'reparam' (one shared MLP)")
         return PrefixPlan(max_length=max((s.length for s in placed), default=0))
@@ -102,9 +106,23 @@ def use_prefix_attention(model: nn.Module, on: bool) -> None:
             cfg._attn_implementation_internal = getattr(cfg, _ORIGINAL_ATTR, "sdpa")
 
 
+def prefix_location(ctx: BuildContext) -> str:
+    """Which prefix location a site belongs to: '' on single-stack models (one location); on encoder-decoders
+    'encoder' and 'decoder' (self-attention) or 'cross' (the decoder's cross-attention). Li & Liang (and AdapterHub)
+    give each location its own embedding and MLP."""
+    if ctx.site == "cross_attn":
+        return "cross"
+    if ctx.block is None or len({b.stack.path for b in ctx.blocks}) < 2:
+        return ""
+    return ctx.block.stack.path.split(".")[0]
+
+
 class Prefix(PeftModule):
+    """One layer's prefix at one attention (self- or cross-attention): its key/values, made by the up projection of
+    its location's shared pool, or stored directly."""
+
     model_switches = (use_prefix_attention,)
-    #: the key of the reparameterisation MLP the prefixes of one adapter share
+    #: the key of the reparameterisation MLP the prefixes of one location of one adapter share
     pool_key = "prefix_pool"
 
     def __init__(self, ctx: BuildContext, s: PrefixSettings) -> None:
@@ -116,7 +134,9 @@ class Prefix(PeftModule):
         self.reparam = s.reparam
         if s.reparam:
             plan = ctx.plan if isinstance(ctx.plan, PrefixPlan) else PrefixPlan(s.length)
-            pool = ctx.share(self.pool_key, lambda: PrefixPool(plan.max_length, d.hidden, s.hidden, **kw), stored=False)
+            location = prefix_location(ctx)
+            key = f"{self.pool_key}_{location}" if location else self.pool_key
+            pool = ctx.share(key, lambda: PrefixPool(plan.max_length, d.hidden, s.hidden, **kw), stored=False)
             self._pool = (pool,)
             self.up = nn.Linear(s.hidden, 2 * d.kv_dim, **kw)
         else:
@@ -127,7 +147,7 @@ class Prefix(PeftModule):
         self._gate_input: torch.Tensor | None = None
 
     def attach(self, ctx: BuildContext) -> None:
-        host = ctx.block.sub(ctx.block.stack.attention)
+        host = ctx.block.attention(ctx.site)
         ctx.hooks.add_attribute(host, PREFIX_ATTR, self, self.key_values)
         if self.gate is not None:
             ctx.hooks.add(host, "pre", self, self._capture)
@@ -303,7 +323,7 @@ class AdaptivePrefix(Prefix):
 
     def attach(self, ctx: BuildContext) -> None:
         super().attach(ctx)
-        ctx.hooks.add(ctx.block.sub(ctx.block.stack.attention), "pre", self, self._capture)
+        ctx.hooks.add(ctx.block.attention(ctx.site), "pre", self, self._capture)
 
     def flops_per_token(self) -> float:
         return super().flops_per_token() + 2.0 * self.token_gate.weight.numel()
