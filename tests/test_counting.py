@@ -111,9 +111,18 @@ def test_counts_are_keyed_by_kind_name(name: str, kinds: set[str]) -> None:
 
 
 #: The survey's Table 5 (Lialin et al. 2023, sec. 11.3, "Trainable params, Millions"), T5-Large / T5-3B / T5-11B, for
-#: the rows peftlab's configurations reproduce. Rows it does not, and why (see README, Methods):
-#: prefix tuning, MAM and UniPELT (AdapterHub's prefix has three pools, encoder self-, decoder self- and
-#: cross-attention, each with its own embedding and MLP; peftlab's has one pool and no cross-attention prefix);
+#: the rows peftlab's configurations reproduce. Prefix tuning, MAM and UniPELT follow AdapterHub: three prefix
+#: locations (encoder self-, decoder self- and cross-attention), each an Embedding(l, d) + Linear(d, b) + Tanh +
+#: Linear(b, 24·2·heads·head_dim): on T5-Large (l=30, b=512) 30,720 + 524,800 + 25,214,976 = 25,770,496 per location.
+#: Rows it does not reproduce, and why (see README, Methods):
+#: prefix tuning on T5-3B (77.25 M = 3 × 25,750,016 = T5-Large's prefix at length 10, i.e. 24·2·1024 key/value
+#: features per layer, where T5-3B's 32 heads × 128 give 4096: at length 30 that is 3 × 101,415,424 = 304.25 M, and
+#: the table's own T5-3B UniPELT row, 316.70 M, does use 4096); MAM on T5-3B (171.07 M, T5-Large's number again:
+#: the same 1024-wide prefix; with T5-3B's 4096, 525.41 M); MAM on T5-11B (1262.39 M = 1211.99 + 50.41, the prefix
+#: row with MLP width 512 plus the parallel adapter, not MAMConfig's 800: 1942.75 M); UniPELT on T5-11B (1224.78 M;
+#: AdapterHub's UniPELT gives 1211.92 prefix + 0.07 prefix gates + 6.39 gated adapter + 20.05 LoRA q,v + 0.15 LoRA
+#: gates = 1238.59 M; the table's number is the same prefix and gates plus twice the gated adapter, 1,211,997,768 +
+#: 2 × 6,392,880 = 1,224,783,528, and no LoRA: no configuration explains that);
 #: prompt tuning (the table's 4.42 / 17.69 / 70.78 M are 24·45·d_ff, not the size of any prompt); KronA (the
 #: survey's own implementation, factor sizes not given); LoRA (q and v) on T5-3B (3.93 M is q,v without
 #: cross-attention, unlike the table's T5-Large and T5-11B rows); (IA)3 on T5-11B (3.48 M: no placement gives it);
@@ -127,6 +136,9 @@ SURVEY_TABLE5 = [
     ("lora-qv", (2.36, None, 20.05)),
     ("lora-all", (8.65, 25.17, 91.23)),
     ("compacter++", (0.15, 0.15, 0.15)),
+    ("prefix-survey", (77.31, None, 1211.99)),
+    ("mam-survey", (171.07, None, None)),
+    ("unipelt-survey", (86.22, 316.70, None)),
 ]
 
 
@@ -137,6 +149,21 @@ def test_survey_table5_trainable_counts(name: str, millions: tuple[float | None,
             continue
         trainable, _, _ = _without_head(_counts(model, name))
         assert round(trainable / 1e6, 2) == expected, (name, model, trainable)
+
+
+def test_t5_prefix_counts_three_locations_as_adapterhub() -> None:
+    """T5-Large, length 30, MLP 512: per location an embedding, a down projection and 24 per-layer up projections
+    (AdapterHub's one Linear(512, 24·2·1024)); stored: the key/values of 24 encoder, 24 decoder and 24 cross
+    attentions. UniPELT's gates in AdapterHub's layout: one Linear(1024, 1) per LoRA site, prefix and adapter."""
+    row = _counts("shape:t5-large", "prefix-survey").per_kind["prefix"]
+    assert row.trainable == 3 * (30 * 1024 + (1024 * 512 + 512) + 24 * (512 * 2048 + 2048))
+    assert row.stored == 72 * 2 * 30 * 1024
+    c = _counts("shape:t5-large", "unipelt-survey")
+    gates = (144 + 72 + 48) * 1025  # LoRA at q, v, cross q, cross v; prefixes; adapters
+    lora = 144 * 8 * (1024 + 1024)
+    adapter = 48 * (1024 * 64 + 64 + 64 * 1024 + 1024)
+    prefix = 3 * (10 * 1024 + (1024 * 512 + 512) + 24 * (512 * 2048 + 2048))
+    assert _without_head(c)[0] == prefix + adapter + lora + gates == 86_223_624
 
 
 def test_survey_table5_backbone_sizes() -> None:

@@ -356,6 +356,8 @@ REFUSED_EXPORTS: dict[str, tuple[str, Callable[[], Spec], str]] = {
     "dora": ("tiny-bert", lambda: peftlab.methods.dora(r=2), "DoRA"),
     "unipelt": ("tiny-bert", lambda: peftlab.methods.unipelt(size=4, prefix_length=2, r=2), "gates"),
     "prefix-some-layers": ("tiny-bert", lambda: peftlab.methods.prefix(length=2, layers=[0]), "every layer"),
+    # peft's T5 prefixes reach the decoder's self-attention only; peftlab's also the encoder and the cross-attention.
+    "t5-prefix-cross": ("tiny-t5", lambda: peftlab.methods.prefix(length=2, hidden=8), "cross-attention"),
     "gpt2-fused-qv": ("tiny-gpt2", lambda: peftlab.methods.lora(r=2), "fused projection 'transformer.h.0.attn.c_attn'"),
     "gpt2-fused-vera": ("tiny-gpt2", lambda: peftlab.methods.vera(r=2), "fused projection"),
     "gpt2-loha-conv1d": ("tiny-gpt2", lambda: peftlab.methods.loha(targets=["o"]), "does not take transformers'"),

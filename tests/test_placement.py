@@ -166,12 +166,16 @@ def _gate_values(pm, batch) -> list[torch.Tensor]:
     return seen
 
 
-@pytest.mark.parametrize(("shape", "head"), [("tiny-bert", "seq-cls"), ("tiny-t5", "seq2seq")])
-def test_gates_average_over_real_tokens_only(shape: str, head: str) -> None:
+@pytest.mark.parametrize(
+    ("shape", "head", "name"),
+    [("tiny-bert", "seq-cls", "unipelt"), ("tiny-t5", "seq2seq", "unipelt"), ("tiny-t5", "seq2seq", "unipelt-survey")],
+)
+def test_gates_average_over_real_tokens_only(shape: str, head: str, name: str) -> None:
     """The same sequence with and without trailing padding gets the same gate in every layer (adapter, prefix and
-    LoRA gates), and the same output at its real positions."""
+    LoRA gates; on T5 also cross-attention's, whose key and value gates average the encoder's real tokens), and the
+    same output at its real positions."""
     model = make_model(shape, head)
-    pm = peftlab.apply(model, methods.unipelt(size=8, prefix_length=3, prefix_hidden=16, r=2))
+    pm = peftlab.apply(model, methods.get(name, size=8, prefix_length=3, prefix_hidden=16, r=2))
     _perturb(pm)
     short = {k: v[:1, :5] for k, v in make_batch(model).items()}  # one sequence of 5 real tokens
     padded = {k: v.clone() for k, v in short.items()}

@@ -613,8 +613,8 @@ def _export_prefix(
     if getattr(base.config, "is_encoder_decoder", False):
         raise PeftlabError(
             "cannot export prefix tuning of an encoder-decoder model to the peft format: "
-            "peft puts prefixes in the decoder's self- and cross-attention, peftlab in each "
-            "stack's self-attention"
+            "peft's prefixes reach the decoder's self-attention only (it empties the cross-attention cache), "
+            "peftlab's the encoder's and decoder's self-attention and the cross-attention"
         )
     n_layers = len(pm.blocks)
     missing = [i for i in range(n_layers) if module_key(i, "attn") not in adapter.layers]
@@ -1088,9 +1088,9 @@ def _import_prefix(
     submodules = config.get("num_transformer_submodules") or 1
     if getattr(base.config, "is_encoder_decoder", False) or submodules != 1:
         raise AdapterLoadError(
-            f"'{directory}': peft's prefix tuning of encoder-decoder models prefixes the "
-            "decoder's self- and cross-attention; peftlab prefixes each stack's "
-            "self-attention"
+            f"'{directory}': peft's prefix tuning of encoder-decoder models keeps one table for the "
+            "decoder's self- and cross-attention and applies it to the self-attention only; peftlab's prefixes "
+            "are per location (encoder, decoder, cross-attention)"
         )
     dims = Dims.of(base.config, len(blocks))
     _expect(config, "num_layers", len(blocks), "layers", directory)
@@ -1175,7 +1175,7 @@ def peft_equivalent(pm: Any) -> tuple[dict[str, Any] | None, str | None]:
     elif kind == "prefix":
         settings = [s for s in placed.values() if isinstance(s, PrefixSettings)]
         if base.config.is_encoder_decoder or len(settings) != len(pm.blocks) or len(set(map(repr, settings))) > 1:
-            return None, "peft puts one prefix in every layer of a decoder or encoder only"
+            return None, "peft puts one prefix in every layer of a decoder or encoder only (not T5's three locations)"
         s = settings[0]
         config = {"num_virtual_tokens": s.length, "prefix_projection": s.reparam, "encoder_hidden_size": s.hidden}
     elif kind == "prompt":
