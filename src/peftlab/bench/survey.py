@@ -5,7 +5,7 @@ The survey trains T5 text to text on SuperGLUE with the prompts of its Appendix 
 targets up to 8, batches of 32 made of microbatches (its Table 3) with gradient accumulation, and reports per method
 the trainable parameters, peak training memory and the training and inference throughput as % of full fine-tuning.
 Its 14 methods run here as peftlab presets with the settings it used (the libraries' defaults: size-64 adapters,
-LoRA r 8 on every query and value, AdapterHub's prefix length 30 and prompt length 10).
+LoRA r 8 on every query and value, AdapterHub's prefix, MAM and UniPELT configurations and prompt length 10).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ METHODS = {
     "pfeiffer-64": "Pfeiffer",
     "parallel": "Parallel Adapter",
     "ia3": "IA3",
-    "prefix:length=30": "Prefix tuning",
+    "prefix-survey": "Prefix tuning",
     "prompt:length=10": "Prompt tuning",
     "ln": "LN tuning",
     "lora-qv": "LoRA (q and v)",
@@ -43,8 +43,8 @@ METHODS = {
     "krona": "KronA",
     "compacter": "Compacter",
     "compacter++": "Compacter++",
-    "mam": "MAM",
-    "unipelt": "UniPELT",
+    "mam-survey": "MAM",
+    "unipelt-survey": "UniPELT",
 }
 #: Table 5 (section 11.3), typed in from the paper: per model and row, (trainable parameters in millions, peak GPU
 #: memory in GB, training throughput % of full, inference throughput % of full); A100 40GB, see its section 11.1.
@@ -55,7 +55,7 @@ TABLE5: dict[str, dict[str, tuple[float, float, float, float]]] = {
         "pfeiffer-64": (6.34, 14.0, 108.6, 76.8),
         "parallel": (50.41, 14.7, 123.1, 73.2),
         "ia3": (0.34, 16.2, 124.7, 76.2),
-        "prefix:length=30": (77.31, 15.4, 113.2, 65.0),
+        "prefix-survey": (77.31, 15.4, 113.2, 65.0),
         "prompt:length=10": (4.42, 10.6, 108.8, 64.5),
         "ln": (0.12, 14.6, 143.2, 103.1),
         "lora-qv": (2.36, 14.3, 123.7, 87.4),
@@ -63,8 +63,8 @@ TABLE5: dict[str, dict[str, tuple[float, float, float, float]]] = {
         "krona": (0.22, 14.6, 109.3, 82.3),
         "compacter": (0.30, 14.4, 81.3, 59.0),
         "compacter++": (0.15, 13.9, 95.4, 68.1),
-        "mam": (171.07, 16.6, 106.1, 59.1),
-        "unipelt": (86.22, 16.7, 61.1, 45.2),
+        "mam-survey": (171.07, 16.6, 106.1, 59.1),
+        "unipelt-survey": (86.22, 16.7, 61.1, 45.2),
     },
     "t5-3b": {
         "full": (2851.60, 32.9, 100.0, 100.0),
@@ -72,7 +72,7 @@ TABLE5: dict[str, dict[str, tuple[float, float, float, float]]] = {
         "pfeiffer-64": (6.34, 9.6, 102.9, 64.5),
         "parallel": (50.41, 10.0, 102.7, 61.2),
         "ia3": (1.38, 10.8, 103.9, 65.6),
-        "prefix:length=30": (77.25, 12.3, 105.2, 56.8),
+        "prefix-survey": (77.25, 12.3, 105.2, 56.8),
         "prompt:length=10": (17.69, 8.9, 100.0, 58.8),
         "ln": (0.12, 9.7, 140.7, 101.8),
         "lora-qv": (3.93, 9.6, 103.0, 79.8),
@@ -80,8 +80,8 @@ TABLE5: dict[str, dict[str, tuple[float, float, float, float]]] = {
         "krona": (0.41, 10.8, 81.2, 74.0),
         "compacter": (0.30, 9.7, 71.5, 46.0),
         "compacter++": (0.15, 9.5, 86.9, 54.3),
-        "mam": (171.07, 14.2, 84.5, 52.1),
-        "unipelt": (316.70, 12.8, 51.0, 38.2),
+        "mam-survey": (171.07, 14.2, 84.5, 52.1),
+        "unipelt-survey": (316.70, 12.8, 51.0, 38.2),
     },
     "t5-11b": {
         "full": (11307.32, 104.9, 100.0, 100.0),
@@ -89,7 +89,7 @@ TABLE5: dict[str, dict[str, tuple[float, float, float, float]]] = {
         "pfeiffer-64": (6.34, 28.6, 239.5, 76.3),
         "parallel": (50.41, 29.0, 233.3, 73.9),
         "ia3": (3.48, 31.0, 232.2, 75.5),
-        "prefix:length=30": (1211.99, 37.9, 182.3, 62.3),
+        "prefix-survey": (1211.99, 37.9, 182.3, 62.3),
         "prompt:length=10": (70.78, 30.2, 209.5, 64.0),
         "ln": (0.12, 28.4, 275.9, 97.8),
         "lora-qv": (20.05, 28.9, 216.9, 81.3),
@@ -97,8 +97,8 @@ TABLE5: dict[str, dict[str, tuple[float, float, float, float]]] = {
         "krona": (0.77, 33.2, 174.0, 71.8),
         "compacter": (0.30, 28.6, 162.7, 56.8),
         "compacter++": (0.15, 28.5, 208.8, 64.2),
-        "mam": (1262.39, 43.3, 152.8, 57.3),
-        "unipelt": (1224.78, 38.9, 100.2, 46.8),
+        "mam-survey": (1262.39, 43.3, 152.8, 57.3),
+        "unipelt-survey": (1224.78, 38.9, 100.2, 46.8),
     },
 }
 SOURCE = "Lialin et al. 2023, arXiv:2303.15647, section 11.3, Table 5 (T5, A100 40GB)"
