@@ -454,7 +454,20 @@ def test_a_folder_holding_another_studys_runs_is_refused_before_any_trial(
 def test_a_search_whose_trials_all_failed_exits_with_the_first_reason(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    cmd = ["search", *FLAGS, "--sampler", "random", "--trials", "2", "--max-steps", "2", "--lr", "1e30"]
+    # the hopeless check would stop the runs at step 1, before the blown-up weights give a non-finite loss
+    cmd = [
+        "search",
+        *FLAGS,
+        "--sampler",
+        "random",
+        "--trials",
+        "2",
+        "--max-steps",
+        "2",
+        "--lr",
+        "1e30",
+        "--no-stop-hopeless",
+    ]
     assert main([*cmd, "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "trial 0" in err[0] and "diverged" in err[0], err

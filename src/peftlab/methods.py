@@ -17,6 +17,7 @@ from torch import nn
 from peftlab.backbone.anatomy import LINEAR_SITES, PREFIX_SITES
 from peftlab.core.spec import Spec
 from peftlab.errors import SpecError
+from peftlab.formats.components import fuse_layers
 from peftlab.modules.base import Settings, need_int
 from peftlab.modules.bottleneck import (
     HOULSBY,
@@ -28,7 +29,6 @@ from peftlab.modules.bottleneck import (
     Placement,
     SparseAdapterSettings,
 )
-from peftlab.modules.fusion import fuse_layers
 from peftlab.modules.intrinsic import IntrinsicSaidSettings
 from peftlab.modules.linear import IA3Settings, KronaSettings, LoraSettings
 from peftlab.modules.lowrank import AdaLoraSettings, GloraSettings

@@ -184,8 +184,13 @@ class PeftModel(nn.Module):
             anatomy=self.anatomy,
             blocks=self._blocks,
             views=functools.partial(self._sequence_view, adapter.name),
+            read_adapter=self._read_component,
             **kw,
         )
+
+    def _read_component(self, folder: str) -> dict[str, torch.Tensor]:
+        """A saved peftlab adapter's tensors, refused (one line) when it was trained on another base model."""
+        return saving.read_adapter(Path(folder), saving.fingerprint(self.base_model, self.anatomy))[1]
 
     def _build(self, adapter: Adapter, spec: Spec) -> None:
         per_layer = spec.resolve(len(self._blocks), stack_names(self._blocks))

@@ -141,6 +141,9 @@ class BuildContext:
     #: every (block, site) of a layer where this adapter places the kind being built, so that a part the
     #: placements share can be sized for all of them (VeRA's projections); empty where unknown (costing one site)
     placed: list[tuple[Block, str]] = dataclasses.field(default_factory=list)
+    #: reads a saved adapter folder's tensors, checked against the model being adapted (the core's; the modules sit
+    #: below the formats and do not read folders themselves): AdapterFusion's components
+    read_adapter: Callable[[str], dict[str, torch.Tensor]] | None = None
     #: the core's maker of sequence views (one per adapter and stack), behind :meth:`sequence`
     views: Callable[[Block], SequenceView] | None = None
 
