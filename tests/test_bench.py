@@ -18,6 +18,7 @@ import torch
 import peftlab
 from peftlab import bench, methods
 from peftlab.bench import survey
+from peftlab.bench.batch import measured_batches
 from peftlab.cli import main
 from peftlab.formats import interop
 
@@ -369,14 +370,15 @@ def test_survey_protocol_runs_real_microbatches_with_accumulation(tmp_path) -> N
     assert "the survey's protocol: 32 training examples of `gen/rte`" in text and "Beside the survey's Table 5" in text
 
 
-def test_accumulation_steps_over_every_microbatch(tmp_path) -> None:
+def test_accumulation_steps_over_every_microbatch() -> None:
+    """A measured step is ``accumulate`` microbatches; the worker runs forward and backward over each."""
     config = bench.BenchConfig(
-        model="shape:tiny-bert", methods=["lora"], output=str(tmp_path / "out"), full=False, batch=2, seq=16,
-        accumulate=3, repeats=1, warmup=0,
+        model="shape:tiny-bert", methods=["lora"], output="unused", batch=2, seq=16, accumulate=3
     )  # fmt: skip
-    report = bench.run(config, log=lambda _: None)
-    assert report["setup"]["padded_tokens"] == 3 * 2 * 16
-    assert "3 x 2 x 16" in (tmp_path / "out" / "bench.md").read_text()
+    model = peftlab.load_model("shape:tiny-bert")
+    step = measured_batches(config, model)
+    assert len(step) == 3 and all(b["input_ids"].shape == (2, 16) for b in step)
+    assert "--accumulate 3" in config.command()
 
 
 def test_survey_comparison_ranks_our_rows_against_table5() -> None:
