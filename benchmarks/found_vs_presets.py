@@ -134,10 +134,11 @@ def _run_dir(name: str, seed: int) -> Path:
 def cmd_run(args: argparse.Namespace) -> None:
     plan = _plan()
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    done = set(_committed())
     for seed in SEEDS:
         for c in plan["configs"]:
             out = _run_dir(c["name"], seed)
-            if (out / "record.json").is_file():
+            if (out / "record.json").is_file() or (c["name"], seed) in done:
                 continue
             if out.exists():  # a run killed before its end: start it again
                 shutil.rmtree(out)
@@ -156,6 +157,24 @@ def cmd_run(args: argparse.Namespace) -> None:
                 raise SystemExit(f"{c['name']} seed {seed} failed ({code}); see {out.parent / f'seed{seed}.log'}")
             for adapter in out.glob("adapter*"):  # the table needs the record only
                 shutil.rmtree(adapter) if adapter.is_dir() else adapter.unlink()
+
+
+def _committed() -> dict[tuple[str, int], dict]:
+    """The runs in the committed ``runs.csv``, by (configuration, seed): a new machine does not run them again."""
+    path = OUT / "runs.csv"
+    if not path.is_file():
+        return {}
+    with path.open() as f:
+        return {(r["config"], int(r["seed"])): r for r in csv.DictReader(f) if r.get("seed")}
+
+
+def _row(c: dict, seed: int, r: dict) -> dict:
+    """One run's line of ``runs.csv``."""
+    return {
+        "config": c["name"], "seed": seed, "stored_percent": round(c["stored"], 4), "metric": r["best"]["metric"],
+        "dev": r["best"]["score"], "test": _test_score(r), "best_step": r["best"]["step"], "steps": r["steps"],
+        "wall_time_s": round(r["wall_time_s"], 1),
+    }  # fmt: skip
 
 
 def _records(name: str) -> dict[int, dict]:
@@ -178,19 +197,14 @@ def _mean_sd(values: list[float]) -> str:
 
 def cmd_report(_: argparse.Namespace) -> None:
     plan = _plan()
-    rows, flat = [], []
+    runs = _committed()  # then what this machine has run (the same runs, or more)
+    runs |= {(c["name"], seed): _row(c, seed, r) for c in plan["configs"] for seed, r in _records(c["name"]).items()}
+    flat = sorted(runs.values(), key=lambda r: (int(r["seed"]), r["config"]))
+    rows = []
     for c in plan["configs"]:
-        records = _records(c["name"])
-        for seed, r in records.items():
-            flat.append(
-                {
-                    "config": c["name"], "seed": seed, "stored_percent": round(c["stored"], 4),
-                    "metric": r["best"]["metric"], "dev": r["best"]["score"], "test": _test_score(r),
-                    "best_step": r["best"]["step"], "steps": r["steps"], "wall_time_s": round(r["wall_time_s"], 1),
-                }
-            )  # fmt: skip
-        if records:
-            rows.append({**c, "test": {s: _test_score(r) for s, r in records.items()}, "bin": _bin(c["stored"])})
+        tests = {int(r["seed"]): float(r["test"]) for r in flat if r["config"] == c["name"]}
+        if tests:
+            rows.append({**c, "test": tests, "bin": _bin(c["stored"])})
     lines = [
         f"# Found configurations against the presets: {MODEL}, {TASK}",
         "",
@@ -228,7 +242,8 @@ def cmd_report(_: argparse.Namespace) -> None:
                 f"{dev} | {diff} | {p} |"
             )
         lines.append("")
-    missing = [c["name"] for c in plan["configs"] if len(_records(c["name"])) < len(SEEDS)]
+    seeds = {r["name"]: len(r["test"]) for r in rows}
+    missing = [c["name"] for c in plan["configs"] if seeds.get(c["name"], 0) < len(SEEDS)]
     if missing:
         lines += [f"Not all seeds run yet: {', '.join(missing)}.", ""]
     REPORT.write_text("\n".join(lines))
