@@ -332,6 +332,8 @@ def test_bad_methods_files_are_one_line_naming_the_item(content, message: str, t
         (["--methods", "lora", "--threads", "0"], "threads must be >= 1"),
         (["--methods", "lora", "--accumulate", "0"], "accumulate must be >= 1"),
         (["--protocol", "survey"], "--protocol survey measures T5 text to text"),
+        (["--methods", "full", "--quantize", "nf4"], "full fine-tuning cannot train a quantized base"),
+        (["--methods", "lora", "--quantize", "int4"], "--quantize"),
     ],
 )
 def test_bad_input_is_one_line_and_status_2(extra: list[str], message: str, tmp_path, capsys) -> None:
@@ -391,3 +393,16 @@ def test_survey_comparison_ranks_our_rows_against_table5() -> None:
     ]  # fmt: skip
     text = "\n".join(survey.comparison("shape:t5-large", rows))
     assert "ρ = 1.00 over 15 rows" in text and "| lora-all (LoRA (all)) | 8.65 / 8.65 |" in text
+
+
+def test_quantized_base_rows_have_no_full_row_and_no_merged_inference(tmp_path) -> None:
+    pytest.importorskip("bitsandbytes")
+    config = bench.BenchConfig(
+        model="shape:tiny-llama", methods=["lora"], output=str(tmp_path / "out"), quantize="nf4", batch=2, seq=16,
+        repeats=1, warmup=0,
+    )  # fmt: skip
+    report = bench.run(config, log=lambda _: None)
+    kinds = {(r["job"]["method"], r["job"]["kind"]) for r in report["runs"]}
+    assert kinds == {("floor", "train"), ("floor", "infer"), ("lora", "train"), ("lora", "infer")}
+    assert not report["failures"]
+    assert "block linears quantized nf4" in (tmp_path / "out" / "bench.md").read_text()

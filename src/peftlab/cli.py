@@ -419,6 +419,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         seed=args.seed,
         accumulate=args.accumulate,
         protocol=args.protocol,
+        quantize=args.quantize,
     )
     print(markdown(run(config)))
     print(f"written to {args.output}/bench.md, bench.csv, bench.json, bench.png", file=sys.stderr)
@@ -913,6 +914,7 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast (weights stay fp32)")
     p.add_argument("--seed", type=int, default=0)
+    _add_quantize(p)
     p.set_defaults(fn=cmd_bench)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from peftlab import methods, optional
 from peftlab.backbone.anatomy import model_type_facts
+from peftlab.backbone.quant import check_quantize
 from peftlab.backbone.zoo import load_model
 from peftlab.bench import flops, survey
 from peftlab.bench.batch import count_tokens, measured_batches
@@ -63,6 +64,9 @@ class BenchConfig:
     accumulate: int = 1
     #: "survey": the survey's protocol (:mod:`peftlab.bench.survey`), which sets batch, accumulate, seq and task
     protocol: str | None = None
+    #: "nf4" or "int8": every row on the base with its block linears quantized (QLoRA); no full fine-tuning row and
+    #: no merged inference (neither exists on a quantized base)
+    quantize: str | None = None
 
     def apply_protocol(self) -> None:
         """Fill in what ``protocol`` fixes: real SuperGLUE batches of 32 in Table 3's microbatches, inputs of up to 512
@@ -86,7 +90,9 @@ class BenchConfig:
             found += read_methods_file(self.methods_file)
         check_labels(found)
         listed = any(e.label == FULL or e.method == FULL or (e.spec or {}).get("full") for e in found)
-        if self.full and not listed:
+        if listed and self.quantize:
+            raise PeftlabError("full fine-tuning cannot train a quantized base: leave it out of --methods")
+        if self.full and not listed and not self.quantize:
             found.insert(0, Entry(label=FULL, method=FULL))
         return found
 
@@ -97,6 +103,7 @@ class BenchConfig:
 
     def check(self) -> None:
         self.apply_protocol()
+        check_quantize(self.quantize)
         if self.response is not None and self.response < 1:
             raise PeftlabError(f"--response must be >= 1 token, got {self.response}")
         if not self.methods and self.methods_file is None:
@@ -131,7 +138,7 @@ class BenchConfig:
         parts += ["--output", self.output]
         for f in ("batch", "seq", "accumulate", "repeats", "warmup", "rounds", "threads", "device", "dtype", "seed"):
             parts += [f"--{f}", str(getattr(self, f))]
-        for f in ("methods_file", "score_steps", "task", "data_dir", "response", "protocol"):
+        for f in ("methods_file", "score_steps", "task", "data_dir", "response", "protocol", "quantize"):
             if getattr(self, f) is not None:
                 parts += [f"--{f.replace('_', '-')}", str(getattr(self, f))]
         flags = (["--compare-peft"] if self.compare_peft else []) + ([] if self.full else ["--no-full"])
@@ -177,6 +184,7 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
         response=config.response,
         accumulate=config.accumulate,
         protocol=config.protocol,
+        quantize=config.quantize,
         **({"task": config.task, "data_dir": config.data_dir} if config.protocol else {}),
     )
     plans: dict[str, MethodPlan] = {FLOOR: _floor_plan(config, head, base)}
@@ -202,7 +210,7 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
         if config.compare_peft:
             p.peft_config, p.peft_note = interop.peft_equivalent(pm)
         for kind in ("train", "infer", "merged"):
-            if kind == "merged" and not mergeable:
+            if kind == "merged" and (not mergeable or config.quantize):
                 continue
             p.jobs.append(Job(kind=kind, impl="peftlab", method=entry.label, spec=p.spec, **base))
             if p.peft_config is not None and kind != "merged":

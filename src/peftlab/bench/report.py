@@ -203,7 +203,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"- command: `{report['command']}`",
         f"- date: {report['date']}; wall time of the run: {report['wall_time_s']:.0f} s",
         *[f"- {k}: {v}" for k, v in report["environment"].items()],
-        f"- model: `{cfg['model']}` ({setup['model_class']}, backbone {setup['backbone_params']:,} parameters)",
+        f"- model: `{cfg['model']}` ({setup['model_class']}, backbone {setup['backbone_params']:,} parameters"
+        + (f"; block linears quantized {cfg['quantize']} by bitsandbytes)" if cfg.get("quantize") else ")"),
         _batch_line(cfg, setup),
         f"- timing: {cfg['repeats']} timed (+{cfg['warmup']} warm-up) iterations in each fresh process, "
         f"{cfg['rounds']} round(s); statistics are median (q25–q75)",

@@ -57,6 +57,7 @@ class Job:
     response: int | None = None  # generative batches: response tokens after each prompt (bench.batch.padded_batch)
     accumulate: int = 1  # microbatches per optimiser step
     protocol: str | None = None  # "survey": real SuperGLUE microbatches (bench.survey)
+    quantize: str | None = None  # "nf4" / "int8": the base's block linears quantized
 
     @property
     def label(self) -> str:
@@ -77,7 +78,7 @@ def _build(job: Job, device: torch.device) -> nn.Module:
     """The backbone with the method attached by peftlab or by the peft library (same seed: same weights), or for
     the floor the backbone frozen whole."""
     torch.manual_seed(job.seed)
-    model = load_model(job.model, head=job.head, seed=job.seed)
+    model = load_model(job.model, head=job.head, seed=job.seed, quantize=job.quantize)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = 0
     if job.impl == "peft":
