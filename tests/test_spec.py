@@ -157,3 +157,12 @@ def test_orthogonal_sizes_that_do_not_fit_the_model(tiny_bert, spec, message: st
     with pytest.raises(SpecError, match=message) as info:
         peftlab.apply(tiny_bert, spec())
     assert "\n" not in str(info.value)
+
+
+def test_two_kinds_with_their_own_training_objectives_are_refused() -> None:
+    both = Spec.from_dict(
+        {"layers": {"*": {"after_ffn": {"kind": "adamix"}, "q": {"kind": "adalora"}}}}
+    )  # fmt: skip
+    with pytest.raises(SpecError, match="adalora and adamix each bring their own training objective"):
+        both.training_loss()
+    assert Spec.from_dict({"layers": {"*": {"after_ffn": {"kind": "adamix"}}}}).training_loss() is not None

@@ -213,8 +213,15 @@ class Spec:
         return max((s.default_lr for s in self.settings()), default=HeadSettings.default_lr)
 
     def training_loss(self) -> TrainingLoss | None:
-        """The extra training objective one of its kinds brings, if any."""
-        return next((s.training_loss for s in self.settings() if s.training_loss is not None), None)
+        """The extra training objective one of its kinds brings, if any. Two kinds with objectives of their own
+        (AdaMix's consistency, AdaLoRA's orthogonality, DiffPruning's L0 penalty) are refused: one weight
+        (``--consistency``) cannot serve both, and dropping one silently would train another method."""
+        found = {s.kind: s.training_loss for s in self.settings() if s.training_loss is not None}
+        if len(set(map(id, found.values()))) > 1:
+            raise SpecError(
+                f"{' and '.join(sorted(found))} each bring their own training objective; a spec can carry one"
+            )
+        return next(iter(found.values()), None)
 
 
 def _settings(value: Any, where: str) -> dict[str, Any]:
