@@ -154,23 +154,70 @@ def _sparse(pm) -> list[SparseAdapter]:
     return [m for _, m in pm.adapters["default"].peft_modules() if isinstance(m, SparseAdapter)]
 
 
-def test_sparse_adapter_keeps_a_fixed_fraction_and_counts_only_it(tmp_path) -> None:
+@pytest.mark.parametrize("prune", ["random", "snip"])
+def test_sparse_adapter_keeps_a_fixed_fraction_and_counts_only_it(prune: str, tmp_path) -> None:
     model = make_model("tiny-bert", "seq-cls")
-    pm = peftlab.apply(model, methods.sparse_adapter(size=16, sparsity=0.75))
+    pm = peftlab.apply(model, methods.sparse_adapter(size=16, sparsity=0.75, prune=prune))
     h = model.config.hidden_size
     kept = 2 * (h * 16 - round(0.75 * h * 16))  # down and up
     modules = _sparse(pm)
     for m in modules:
         assert int(m.down_mask.sum()) + int(m.up_mask.sum()) == kept
     row = pm.counts().per_kind["sparse-adapter"]
-    assert row.trainable == row.stored == row.changed == len(modules) * (kept + 16 + h)
-    # the file holds the kept entries only
+    assert row.trainable == row.changed == len(modules) * (kept + 16 + h)
+    # the file holds the kept entries only (and under SNIP their positions, chosen from data)
+    assert row.stored == row.trainable + (len(modules) * kept if prune == "snip" else 0)
     _perturb(pm.adapters["default"])
     pm.save(tmp_path / "a")
     saved = load_file(tmp_path / "a" / "adapter.safetensors")
     weights = {k: v for k, v in saved.items() if k.endswith("_weight")}
     assert sum(v.numel() for v in weights.values()) == len(modules) * kept
     assert sum(v.numel() for k, v in saved.items() if k.startswith("layers.")) == row.stored
+
+
+def _labelled_batches(model, n: int = 3) -> list[dict[str, torch.Tensor]]:
+    return [make_batch(model, batch=4, seed=s) | {"labels": torch.tensor([0, 1, 1, 0])} for s in range(n)]
+
+
+def test_sparse_adapter_snip_keeps_the_entries_the_loss_is_most_sensitive_to(tmp_path) -> None:
+    """SNIP scores |w·∂L/∂w| with every entry in place, summed over the first ``samples`` examples (eval mode), and
+    each matrix keeps its top share; the chosen positions go into the file, so loading restores them."""
+    model = make_model("tiny-bert", "seq-cls")
+    spec = methods.sparse_adapter(size=16, sparsity=0.5, samples=8)  # two batches of 4
+    pm = peftlab.apply(model, spec)
+    seeded = [(m.down_mask.clone(), m.up_mask.clone()) for m in _sparse(pm)]
+    batches = _labelled_batches(model)
+    # the reference: the dense adapter's gradients, computed here by hand
+    reference = peftlab.apply(make_model("tiny-bert", "seq-cls"), spec)
+    for m in _sparse(reference):
+        m.densify()
+    weights = [w for m in _sparse(reference) for w in (m.down_weight, m.up_weight)]
+    reference.eval()
+    total = [torch.zeros_like(w) for w in weights]
+    for batch in batches[:2]:
+        for t, g in zip(total, torch.autograd.grad(reference(**batch).loss, weights), strict=True):
+            t += g
+    pm.train()
+    pm.prepare(lambda: iter(batches))
+    assert pm.training  # the mode is given back
+    for i, m in enumerate(_sparse(pm)):
+        for w, g, mask, keep in zip(weights[2 * i : 2 * i + 2], total[2 * i : 2 * i + 2],
+                                    (m.down_mask, m.up_mask), m.keep, strict=True):  # fmt: skip
+            score = (w.detach() * g).abs()
+            assert int(mask.sum()) == keep
+            assert float(score[mask].min()) >= float(score[~mask].max())
+        assert float((m.down_weight.detach()[~m.down_mask]).abs().sum()) == 0.0
+        assert float((m.up_weight.detach()[~m.up_mask]).abs().sum()) == 0.0
+    assert any(not torch.equal(m.down_mask, d) for m, (d, _) in zip(_sparse(pm), seeded, strict=True))
+    _perturb(pm.adapters["default"])
+    pm.eval()
+    batch = make_batch(model)
+    out = logits(pm, batch)
+    pm.save(tmp_path / "snip")
+    loaded = peftlab.load(make_model("tiny-bert", "seq-cls"), tmp_path / "snip")
+    for a, b in zip(_sparse(pm), _sparse(loaded), strict=True):
+        assert torch.equal(a.down_mask, b.down_mask) and torch.equal(a.up_mask, b.up_mask)
+    torch.testing.assert_close(logits(loaded, batch), out)
 
 
 def test_sparse_adapter_pruned_entries_get_no_gradient_and_stay_out() -> None:
@@ -206,7 +253,8 @@ def test_sparse_adapter_magnitude_keeps_the_largest_initial_weights() -> None:
     [
         ({"sparsity": 1.0}, "sparsity must be below 1"),
         ({"sparsity": -0.1}, "sparsity must be a number"),
-        ({"prune": "snip"}, "prune must be one of random, magnitude"),
+        ({"prune": "grasp"}, "prune must be one of snip, random, magnitude"),
+        ({"samples": 0}, "samples must be"),
     ],
 )
 def test_sparse_adapter_settings_are_checked(settings: dict, message: str) -> None:

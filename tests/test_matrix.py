@@ -13,7 +13,7 @@ from peftlab.errors import AdapterLoadError, SpecError
 #: Methods whose modules start as the identity (the model is unchanged before training).
 NOT_IDENTITY = {
     "prefix", "prompt", "mam", "unipelt", "unipelt-ap", "unipelt-nogate", "krona-res", "adaptive-prefix", "fuse",
-    "prefix-survey", "mam-survey", "unipelt-survey",
+    "prefix-survey", "mam-survey", "unipelt-survey", "sparse-adapter",
 }  # fmt: skip
 #: Methods that need bias terms (Llama, Qwen2's MLP and T5 have none or too few).
 NEEDS_BIAS = {"bitfit"}

@@ -305,10 +305,13 @@ def lokr(
 
 
 @method("sparse-adapter", "Houlsby adapters pruned at initialisation, the mask fixed", "He et al. 2022")
-def sparse_adapter(size: int = 64, sparsity: float = 0.4, prune: str = "random", seed: int = 0) -> Spec:
+def sparse_adapter(
+    size: int = 64, sparsity: float = 0.4, prune: str = "snip", samples: int = 320, seed: int = 0
+) -> Spec:
     """SparseAdapter on Houlsby's placement (after attention and FFN), the paper's Large-Sparse setting: a wider
-    adapter with 40% of its weight entries pruned at random at initialisation; counts hold the kept entries."""
-    s = SparseAdapterSettings(size=size, sparsity=sparsity, prune=prune, seed=seed)
+    adapter with 40% of its weight entries pruned by SNIP on ``samples`` training examples before the first step
+    (the paper's choice); counts hold the kept entries (and, stored, their positions)."""
+    s = SparseAdapterSettings(size=size, sparsity=sparsity, prune=prune, samples=samples, seed=seed)
     s.check_at()
     return Spec(layers=_every_layer({"after_attn": s, "after_ffn": s}))
 

@@ -83,6 +83,9 @@ from peftlab.core.hooks import HookRegistry
 from peftlab.core.sequence import SequenceView
 from peftlab.errors import SpecError
 
+#: a fresh iterator over training batches, without end (what ``Settings.prepare`` reads)
+Batches = Callable[[], Iterator[dict[str, torch.Tensor]]]
+
 #: kind name -> settings class
 KINDS: dict[str, type[Settings]] = {}
 
@@ -222,9 +225,7 @@ class Settings:
         return self
 
     @classmethod
-    def prepare(
-        cls, model: nn.Module, modules: list[PeftModule], batches: Callable[[], Iterator[dict[str, torch.Tensor]]]
-    ) -> None:
+    def prepare(cls, model: nn.Module, modules: list[PeftModule], batches: Batches) -> None:
         """Choose from training data before the first step (see the module docstring); the default: nothing."""
 
     def added_length(self) -> int:

@@ -33,6 +33,7 @@ from torch import nn
 
 from peftlab.errors import SpecError
 from peftlab.modules.base import (
+    Batches,
     BuildContext,
     Gate,
     PeftModule,
@@ -417,9 +418,14 @@ class AdaMix(BottleneckModule):
 class SparseAdapterSettings(Settings):
     """SparseAdapter (He et al. 2022): a bottleneck adapter whose projection weights are pruned at initialisation to
     ``sparsity`` (the fraction of entries removed; the paper's "Large-Sparse" setting: a wider adapter, 40% pruned),
-    with the mask fixed during training. ``prune``: 'random' scores, or 'magnitude' of the initial weights (the
-    zero-initialised up projection has none to rank, so it is pruned at random). The weights and the mask are drawn
-    from ``seed``, so loading rebuilds the same mask and the adapter file holds the kept entries only."""
+    with the mask fixed during training. ``prune``: 'snip' (the paper's choice: keep the entries whose removal would
+    change the loss most, |w·∂L/∂w| summed over ``samples`` training examples before the first step, the model in
+    eval mode), 'random' scores, or 'magnitude' of the initial weights (the zero-initialised up projection has none
+    to rank, so it is pruned at random). Each weight matrix keeps the same share (the paper's code can also rank
+    all of them together; per matrix fixes a saved file's shapes). SNIP needs a non-zero up projection to score, so
+    under 'snip' both projections start as the paper's code initialises them (normal, σ 0.02; the model changes
+    slightly at init) and the file holds the chosen positions too; otherwise the mask is drawn from ``seed`` and
+    loading rebuilds it. Without training data (counting, ``show``) the SNIP mask is the seed's random one."""
 
     kind = "sparse-adapter"
     roles = frozenset({"serial", "parallel"})
@@ -427,7 +433,8 @@ class SparseAdapterSettings(Settings):
 
     size: int = 64
     sparsity: float = 0.4
-    prune: str = "random"
+    prune: str = "snip"
+    samples: int = 320  # the paper's code: 10 × 32 examples
     seed: int = 0
     activation: str = "relu"
     scaling: float = 1.0
@@ -440,11 +447,45 @@ class SparseAdapterSettings(Settings):
         need_float("sparsity", self.sparsity, 0.0, 1.0)
         if self.sparsity >= 1.0:
             raise SpecError(f"sparsity must be below 1 (some entries must stay), got {self.sparsity!r}")
-        need_choice("prune", self.prune, ("random", "magnitude"))
+        need_choice("prune", self.prune, ("snip", "random", "magnitude"))
+        need_int("samples", self.samples, 1)
         need_int("seed", self.seed, 0)
 
     def build(self, ctx: BuildContext) -> PeftModule:
         return SparseAdapter(ctx, self)
+
+    @classmethod
+    def prepare(cls, model: nn.Module, modules: list[PeftModule], batches: Batches) -> None:
+        """SNIP: score every weight entry of the 'snip' modules by |w·g| over the first ``samples`` training
+        examples, with every entry in place, and keep each matrix's top share."""
+        snip = [m for m in modules if isinstance(m, SparseAdapter) and m.settings.prune == "snip"]
+        if not snip:
+            return
+        for m in snip:
+            m.densify()
+        weights = [w for m in snip for w in (m.down_weight, m.up_weight)]
+        grads = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+        was, flags, seen = model.training, [w.requires_grad for w in weights], 0
+        model.eval()
+        try:
+            for w in weights:
+                w.requires_grad_(True)
+            for batch in batches():
+                found = torch.autograd.grad(model(**batch).loss, weights, allow_unused=True)
+                for total, g in zip(grads, found, strict=True):
+                    if g is not None:
+                        total += g.float()
+                seen += next(iter(batch.values())).shape[0]
+                if seen >= snip[0].settings.samples:
+                    break
+        finally:
+            for w, flag in zip(weights, flags, strict=True):
+                w.requires_grad_(flag)
+            model.train(was)
+        for i, m in enumerate(snip):
+            (dw, uw), (dg, ug) = weights[2 * i : 2 * i + 2], grads[2 * i : 2 * i + 2]
+            m.choose(_top_mask((dw.detach().float() * dg).abs().cpu(), m.keep[0]),
+                     _top_mask((uw.detach().float() * ug).abs().cpu(), m.keep[1]))  # fmt: skip
 
 
 def _kept(numel: int, sparsity: float) -> int:
@@ -461,16 +502,36 @@ def _top_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
 
 class _KeptEntries:
     """A load target for the kept entries of a pruned weight: what the adapter file holds (a 1-D tensor), written
-    back into the weight's unmasked positions."""
+    back into the weight's unmasked positions. Under SNIP the file also holds the positions (:class:`_KeptAt`), in
+    either order: the values are kept and written again once the positions arrive."""
 
     def __init__(self, weight: nn.Parameter, mask: torch.Tensor) -> None:
         self.weight, self.mask = weight, mask
         self.shape = torch.Size([int(mask.sum())])
         self.dtype = weight.dtype
+        self.values: torch.Tensor | None = None
 
     def copy_(self, values: torch.Tensor) -> None:
+        self.values = values.to(self.weight.device, self.weight.dtype)
         with torch.no_grad():
-            self.weight[self.mask] = values.to(self.weight.device, self.weight.dtype)
+            self.weight.zero_()
+            self.weight[self.mask] = self.values
+
+
+class _KeptAt:
+    """A load target for the positions of a SNIP-pruned weight's kept entries (flat, sorted): sets the mask."""
+
+    def __init__(self, entries: _KeptEntries) -> None:
+        self.entries = entries
+        self.shape = entries.shape
+        self.dtype = torch.int64
+
+    def copy_(self, positions: torch.Tensor) -> None:
+        mask = self.entries.mask
+        mask.zero_()
+        mask.view(-1)[positions.to(mask.device, torch.int64)] = True
+        if self.entries.values is not None:
+            self.entries.copy_(self.entries.values)
 
 
 class SparseAdapter(BottleneckModule):
@@ -478,6 +539,7 @@ class SparseAdapter(BottleneckModule):
 
     def __init__(self, ctx: BuildContext, s: SparseAdapterSettings) -> None:
         super().__init__(ctx, s.scaling, _placement(s))
+        self.settings = s
         kw = {"device": ctx.device, "dtype": ctx.dtype}
         h = ctx.dims.hidden
         g = torch.Generator().manual_seed(s.seed)
@@ -485,17 +547,40 @@ class SparseAdapter(BottleneckModule):
         down = (torch.rand(s.size, h, generator=g) * 2 - 1) * bound
         scores = down.abs() if s.prune == "magnitude" else torch.rand(s.size, h, generator=g)
         up_scores = torch.rand(h, s.size, generator=g)
+        up = torch.zeros(h, s.size)
+        if s.prune == "snip":  # the paper's code's initialisation: SNIP scores nothing next to a zero projection
+            down, up = torch.randn(s.size, h, generator=g) * 0.02, torch.randn(h, s.size, generator=g) * 0.02
+        self._dense = (down, up) if s.prune == "snip" else None
         self.down_weight = nn.Parameter(down.to(**kw))
         self.down_bias = nn.Parameter(torch.zeros(s.size, **kw))
-        self.up_weight = nn.Parameter(torch.zeros(h, s.size, **kw))
+        self.up_weight = nn.Parameter(up.to(**kw))
         self.up_bias = nn.Parameter(torch.zeros(h, **kw))
         self.keep = (_kept(down.numel(), s.sparsity), _kept(up_scores.numel(), s.sparsity))
         self.register_buffer("down_mask", _top_mask(scores, self.keep[0]).to(ctx.device), persistent=False)
         self.register_buffer("up_mask", _top_mask(up_scores, self.keep[1]).to(ctx.device), persistent=False)
-        if ctx.device.type != "meta":
+        self._apply_masks()
+        self.act = ACTIVATIONS[s.activation]
+
+    def _apply_masks(self) -> None:
+        if self.down_weight.device.type != "meta":
             with torch.no_grad():
                 self.down_weight.mul_(self.down_mask)
-        self.act = ACTIVATIONS[s.activation]
+                self.up_weight.mul_(self.up_mask)
+
+    def densify(self) -> None:
+        """Every entry in place at its initial value (SNIP scores the dense adapter)."""
+        assert self._dense is not None, "only a SNIP adapter keeps its dense initialisation"
+        with torch.no_grad():
+            self.down_weight.copy_(self._dense[0])
+            self.up_weight.copy_(self._dense[1])
+        self.down_mask.fill_(True)
+        self.up_mask.fill_(True)
+
+    def choose(self, down_mask: torch.Tensor, up_mask: torch.Tensor) -> None:
+        """Make these the masks and prune the weights to them."""
+        self.down_mask.copy_(down_mask)
+        self.up_mask.copy_(up_mask)
+        self._apply_masks()
 
     def bottleneck(self) -> int:
         return self.down_bias.numel()
@@ -510,19 +595,28 @@ class SparseAdapter(BottleneckModule):
         """The kept weight entries and the biases: what the optimiser updates (pruned entries never change)."""
         return sum(self.keep) + self.down_bias.numel() + self.up_bias.numel()
 
+    def stored_numel(self) -> int:
+        """The trained entries, and under SNIP their positions (a data-chosen mask cannot be rebuilt from the seed)."""
+        return self.own_numel() + (sum(self.keep) if self._dense is not None else 0)
+
+    def changed_numel(self) -> int:
+        return self.own_numel()
+
     def stored_state(self) -> dict[str, torch.Tensor]:
         state = {"down_bias": self.down_bias.detach(), "up_bias": self.up_bias.detach()}
         state["down_weight"] = self.down_weight.detach()[self.down_mask]
         state["up_weight"] = self.up_weight.detach()[self.up_mask]
+        if self._dense is not None:
+            state["down_kept_at"] = self.down_mask.flatten().nonzero().flatten()
+            state["up_kept_at"] = self.up_mask.flatten().nonzero().flatten()
         return state
 
     def load_targets(self) -> dict[str, Any]:
-        return {
-            "down_bias": self.down_bias,
-            "up_bias": self.up_bias,
-            "down_weight": _KeptEntries(self.down_weight, self.down_mask),
-            "up_weight": _KeptEntries(self.up_weight, self.up_mask),
-        }
+        down, up = _KeptEntries(self.down_weight, self.down_mask), _KeptEntries(self.up_weight, self.up_mask)
+        targets = {"down_bias": self.down_bias, "up_bias": self.up_bias, "down_weight": down, "up_weight": up}
+        if self._dense is not None:
+            targets |= {"down_kept_at": _KeptAt(down), "up_kept_at": _KeptAt(up)}
+        return targets
 
 
 @register

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -34,11 +34,9 @@ from torch import nn
 
 from peftlab.backbone.anatomy import Block, LinearRef
 from peftlab.errors import SpecError
-from peftlab.modules.base import BuildContext, PeftModule, Settings, need_float, need_int, register
+from peftlab.modules.base import Batches, BuildContext, PeftModule, Settings, need_float, need_int, register
 from peftlab.modules.linear import LinearModule
 from peftlab.modules.selective import LNTune, model_norms
-
-Batches = Callable[[], Iterator[dict[str, torch.Tensor]]]
 
 
 def site_view(ref: LinearRef, tensor: torch.Tensor) -> torch.Tensor:
