@@ -143,6 +143,37 @@ def test_diffpruning_penalty_lowers_expected_l0() -> None:
         assert idx.numel() == max(1, round(0.005 * m.ref.weight.numel())) and values.abs().sum() > 0
 
 
+def test_diffpruning_second_phase_trains_the_fixed_mask_without_the_penalty() -> None:
+    """From step ceil(total·(1 - fixed_fraction)) on: the update's entries are fixed (magnitude projection), their
+    gates are constants that get no gradient, the penalty is gone, and the kept values go on training."""
+    torch.manual_seed(0)
+    model = make_model("tiny-bert", "seq-cls")
+    pm = peftlab.apply(model, methods.diffpruning(alpha_init=0.0, fixed_fraction=0.4))
+    mods = _deltas(pm, DiffPruning)
+    opt = torch.optim.AdamW([p for p in pm.adapters["default"].parameters() if p.requires_grad], lr=0.05)
+    pm.train()
+    at_fix: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for step, batch in enumerate(itertools.islice(_batches(model)(), 10), start=1):
+        opt.zero_grad(set_to_none=True)
+        out = pm(**batch)
+        loss = L0Penalty()(pm, batch, out, 1e-3)
+        assert (loss is out.loss) == (step > 6)  # fixed after step ceil(10 · 0.6) = 6
+        loss.backward()
+        if step > 6:
+            assert all(m.log_alpha.grad is None for m in mods)
+        opt.step()
+        pm.after_step(step, 10)
+        assert all(m.fixed == (step >= 6) for m in mods)
+        if step == 6:
+            at_fix = [(m.final()[0].clone(), m.final()[1].clone()) for m in mods]
+            for m in mods:  # exactly the kept entries are open
+                assert int((m._gate_mean() > 0).sum()) == m.values.numel()
+    for m, (idx, values) in zip(mods, at_fix, strict=True):
+        assert torch.equal(m.final()[0], idx)
+        assert not torch.equal(m.final()[1], values)
+        assert set(m.log_alpha.detach().unique().tolist()) <= {-10.0, 10.0}
+
+
 def test_diffpruning_round_trip_keeps_the_sparse_update(tmp_path) -> None:
     model = make_model("tiny-bert", "seq-cls")
     batch = make_batch(model)
@@ -188,6 +219,7 @@ def test_topk_layers_tunes_only_the_top_blocks() -> None:
         ("lt-sft", {"lr": -1.0}, "lr must be a number > 0.0"),
         ("diffpruning", {"density": "0.1"}, "density must be a number"),
         ("diffpruning", {"alpha_init": 50.0}, "alpha_init must be a number"),
+        ("diffpruning", {"fixed_fraction": 1.0}, "fixed_fraction must be below 1"),
         ("topk-layers", {"k": -1}, "top must be an integer >= 0"),
     ],
 )

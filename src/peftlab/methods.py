@@ -508,9 +508,15 @@ def lt_sft(
 
 
 @method("diffpruning", "dense diff with L0 hard-concrete gates, pruned to a sparse update", "Guo et al. 2021")
-def diffpruning(density: float = 0.005, alpha_init: float = 5.0, targets: str | list[str] = "all-linear") -> Spec:
-    """DiffPruning on every linear weight: the final update keeps ``density`` (0.5%) of each weight's entries."""
-    s = DiffPruningSettings(density=density, alpha_init=alpha_init)
+def diffpruning(
+    density: float = 0.005,
+    alpha_init: float = 5.0,
+    fixed_fraction: float = 0.25,
+    targets: str | list[str] = "all-linear",
+) -> Spec:
+    """DiffPruning on every linear weight: the final update keeps ``density`` (0.5%) of each weight's entries; the
+    last ``fixed_fraction`` of the steps trains that fixed mask without the penalty (the paper's second phase)."""
+    s = DiffPruningSettings(density=density, alpha_init=alpha_init, fixed_fraction=fixed_fraction)
     return _at_targets(s, targets)
 
 

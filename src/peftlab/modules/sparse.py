@@ -312,8 +312,8 @@ class L0Penalty:
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor], out, weight: float) -> torch.Tensor:
         adapter = model.adapters[model.active_adapter]
-        l0 = sum(m.expected_l0() for _, m in adapter.all_modules() if isinstance(m, DiffPruning))
-        return out.loss + weight * l0
+        live = [m for _, m in adapter.all_modules() if isinstance(m, DiffPruning) and not m.fixed]
+        return out.loss + weight * sum(m.expected_l0() for m in live) if live else out.loss
 
 
 @register
@@ -323,8 +323,9 @@ class DiffPruningSettings(Settings):
     L0 relaxation, log alpha starting at ``alpha_init``); training uses ΔW = w ⊙ z with sampled gates and adds the
     expected L0 (:class:`L0Penalty`). The final update keeps the ``density`` entries of each weight with the largest
     |w ⊙ z| (deterministic gates): what evaluation, merging and the adapter file use. It trains twice the placed
-    weights' entries and changes ``density`` of them. The paper's second phase (re-training the fixed mask) is left
-    to a FishMask-style run."""
+    weights' entries and changes ``density`` of them. The paper's second phase, magnitude projection to the target
+    density and then fine-tuning the diff under that fixed mask without the penalty, takes the last ``fixed_fraction``
+    of the run's optimiser steps (the paper runs it as extra epochs; 0 leaves it out)."""
 
     kind = "diffpruning"
     roles = frozenset({"linear"})
@@ -334,13 +335,24 @@ class DiffPruningSettings(Settings):
 
     density: float = 0.005
     alpha_init: float = 5.0
+    fixed_fraction: float = 0.25
 
     def check(self) -> None:
         need_float("density", self.density, 0.0, 1.0, low_open=True)
         need_float("alpha_init", self.alpha_init, -10.0, 10.0)
+        need_float("fixed_fraction", self.fixed_fraction, 0.0, 1.0)
+        if self.fixed_fraction >= 1.0:
+            raise SpecError(f"fixed_fraction must be below 1 (the mask is learned first), got {self.fixed_fraction!r}")
 
     def build(self, ctx: BuildContext) -> PeftModule:
         return DiffPruning(ctx, self)
+
+    @classmethod
+    def after_step(cls, modules: list[PeftModule], step: int, total: int) -> None:
+        """Project to the fixed mask once the run enters its last ``fixed_fraction`` (again after a resume)."""
+        for m in (m for m in modules if isinstance(m, DiffPruning)):
+            if m.fixed_fraction > 0 and not m.fixed and step >= math.ceil(total * (1.0 - m.fixed_fraction)):
+                m.fix()
 
 
 class DiffPruning(LinearModule):
@@ -348,10 +360,12 @@ class DiffPruning(LinearModule):
 
     The buffers follow the dense parameters: after these change (a step, a restored checkpoint) the final update is
     chosen again when next used. Loading writes the buffers; the dense parameters then follow them (the loaded
-    entries open, the rest shut), so training may go on from a loaded adapter."""
+    entries open, the rest shut), so training may go on from a loaded adapter. Once :meth:`fix`-ed (the second
+    phase), training uses the deterministic gates, exactly the kept entries, and the penalty leaves it out."""
 
     def __init__(self, ctx: BuildContext, s: DiffPruningSettings) -> None:
         super().__init__(ctx)
+        self.fixed, self.fixed_fraction = False, s.fixed_fraction
         out, inp = ctx.linear.out_features, ctx.linear.in_features
         kw = {"device": ctx.device, "dtype": ctx.dtype}
         self.diff = nn.Parameter(torch.zeros(out, inp, **kw))
@@ -382,6 +396,16 @@ class DiffPruning(LinearModule):
             self.values.copy_(final[idx])
         self._synced = self._versions()
 
+    @torch.no_grad()
+    def fix(self) -> None:
+        """The second phase: keep the final update's entries (magnitude projection), open their gates and shut the
+        rest; from here the gates are constants and only those entries of the diff change the model."""
+        idx, values = self.final()
+        idx = idx.long()
+        self.diff.zero_().view(-1)[idx] = values.to(self.diff.dtype)
+        self.log_alpha.fill_(_SHUT).view(-1)[idx] = _OPEN
+        self.fixed = True
+
     def _gate_mean(self) -> torch.Tensor:
         """The deterministic gate (test time in Louizos et al.)."""
         return (torch.sigmoid(self.log_alpha) * (ZETA - GAMMA) + GAMMA).clamp(0.0, 1.0)
@@ -408,7 +432,10 @@ class DiffPruning(LinearModule):
     def output_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.training:
             self._sync()
-            delta = self.diff * self._gate_sample()
+            if self.fixed:
+                with torch.no_grad():
+                    gate = self._gate_mean()  # exactly 0 or 1: no gradient to the gates
+            delta = self.diff * (gate if self.fixed else self._gate_sample())
         else:
             delta = self.weight_delta()
         return F.linear(x.to(delta.dtype), delta).to(y.dtype)
