@@ -240,6 +240,11 @@ IMPORTS: dict[str, tuple[str, Callable[[], object]]] = {
     ),
     "bert-prefix": ("tiny-bert", lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)),
     "bert-prompt": ("tiny-bert", lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)),
+    # AdaLoRA before any pruning (all init_r singular values); pruned: test_pruned_peft_adalora_imports_its_ranks
+    "llama-adalora": (
+        "tiny-llama",
+        lambda: peft.AdaLoraConfig(init_r=4, target_r=2, total_step=20, target_modules=["q_proj", "v_proj", "o_proj"]),
+    ),
     "llama-lora": (
         "tiny-llama",
         lambda: peft.LoraConfig(
@@ -406,11 +411,40 @@ def test_import_refuses_unsupported_options_and_types(tmp_path: Path) -> None:
     peft.get_peft_model(_base("tiny-bert"), config).save_pretrained(tmp_path / "dora")
     with pytest.raises(AdapterLoadError, match="use_dora=True"):
         peftlab.load(_base("tiny-bert"), tmp_path / "dora")
-    (tmp_path / "adalora").mkdir()  # a peft type peftlab has no kind for (LoHa and OFT were, until it had them)
-    (tmp_path / "adalora" / "adapter_config.json").write_text(json.dumps({"peft_type": "ADALORA"}))
-    expected = "LORA, IA3, VERA, FOURIERFT, LOHA, LOKR, OFT, BOFT, HRA, PREFIX_TUNING, PROMPT_TUNING"
+    (tmp_path / "poly").mkdir()  # a peft type peftlab has no kind for (AdaLoRA was, until it had one)
+    (tmp_path / "poly" / "adapter_config.json").write_text(json.dumps({"peft_type": "POLY"}))
+    expected = "LORA, ADALORA, IA3, VERA, FOURIERFT, LOHA, LOKR, OFT, BOFT, HRA, PREFIX_TUNING, PROMPT_TUNING"
     with pytest.raises(AdapterLoadError, match=expected):
-        peftlab.load(_base("tiny-bert"), tmp_path / "adalora")
+        peftlab.load(_base("tiny-bert"), tmp_path / "poly")
+
+
+def test_pruned_peft_adalora_imports_its_ranks(tmp_path: Path) -> None:
+    """peft prunes by its own allocator (update_and_allocate through the final phase) and saves each module cut to its
+    kept ranks, listed in rank_pattern; peftlab puts them back in place, the pruned ones as zeros of Λ."""
+    base = _base("tiny-bert")
+    config = peft.AdaLoraConfig(
+        task_type="SEQ_CLS", init_r=4, target_r=2, tinit=1, tfinal=2, total_step=6, target_modules=["query", "value"]
+    )
+    made = peft.get_peft_model(base, config)
+    _randomise(p for p in made.parameters() if p.requires_grad)
+    opt = torch.optim.SGD([p for p in made.parameters() if p.requires_grad], lr=0.01)
+    labelled = make_batch(made) | {"labels": torch.tensor([0, 1])}
+    for step in range(6):
+        made(**labelled).loss.backward()
+        opt.step()
+        made.base_model.update_and_allocate(step)
+        opt.zero_grad()
+    made.eval()
+    batch = make_batch(made)
+    expected = logits(made, batch)
+    made.save_pretrained(tmp_path)
+    pattern = json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"]
+    assert pattern and sum(sum(v) for v in pattern.values()) == 2 * len(pattern)  # target_r on average
+    pm = peftlab.load(_base("tiny-bert"), tmp_path)
+    torch.testing.assert_close(logits(pm, batch), expected, atol=ATOL, rtol=0)
+    ranks = sorted(m.rank for m in pm.adapters["default"].layers.values())
+    assert ranks == sorted(sum(v) for v in pattern.values())
+    assert pm.adapters["default"].spec.method == "adalora"
 
 
 def test_boft_import_follows_the_factors_peft_ran(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

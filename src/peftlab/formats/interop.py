@@ -54,6 +54,7 @@ EXPORTABLE = (
 #: peft_type -> the peftlab kind it becomes
 IMPORTABLE = {
     "LORA": "lora",
+    "ADALORA": "adalora",
     "IA3": "ia3",
     "VERA": "vera",
     "FOURIERFT": "fourierft",
@@ -68,8 +69,7 @@ IMPORTABLE = {
 _PEFT_TYPES = {kind: peft_type for peft_type, kind in IMPORTABLE.items()}
 #: peftlab kind -> the peft_type of the peft library's equivalent method (for side-by-side benchmarks; not AdaLoRA,
 #: whose rank allocation peft runs only when the training loop calls its ``update_and_allocate``)
-_EQUIVALENT = _PEFT_TYPES | {"ln": "LN_TUNING"}
-_PEFT_TYPES["adalora"] = "ADALORA"  # exported (pruned ranks as peft saves them), not imported
+_EQUIVALENT = {k: v for k, v in _PEFT_TYPES.items() if k != "adalora"} | {"ln": "LN_TUNING"}
 _LORA_WEIGHT = "{}.lora_A.weight", "{}.lora_B.weight"
 _TASKS = (
     ("ForSequenceClassification", "SEQ_CLS"),
@@ -93,6 +93,23 @@ _FIELDS = {
         "layers_pattern",
         "rank_pattern",
         "alpha_pattern",
+    ),
+    # peft's AdaLoRA ignores r (init_r is the rank); the schedule fields come along so that training can go on
+    "ADALORA": (
+        *_TARGETING,
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "init_r",
+        "target_r",
+        "tinit",
+        "tfinal",
+        "deltaT",
+        "beta1",
+        "beta2",
+        "orth_reg_weight",
+        "total_step",
+        "rank_pattern",
     ),
     "IA3": ("target_modules", "exclude_modules", "feedforward_modules"),
     "VERA": (*_TARGETING, "r", "projection_prng_key", "save_projection", "d_initial"),
@@ -897,6 +914,61 @@ def _import_lora(
     return _layer_spec(placed), tensors
 
 
+def _kept_ranks(config: dict[str, Any], init_r: int, directory: Path) -> dict[str, torch.Tensor]:
+    """Module name -> which of its init_r singular values the file holds (peft's ``rank_pattern``, keyed by the
+    module's ``lora_E`` parameter, with or without the adapter name after it); modules it does not list hold all."""
+    kept: dict[str, torch.Tensor] = {}
+    for key, keep in (config.get("rank_pattern") or {}).items():
+        parts = key.split(".")
+        parts = parts if parts[-1] == "lora_E" else parts[:-1]
+        if parts[-1:] != ["lora_E"] or not isinstance(keep, list) or len(keep) != init_r:
+            raise AdapterLoadError(
+                f"'{directory}': rank_pattern entry {key!r} is not a {init_r}-long list of kept ranks of a lora_E"
+            )
+        kept[".".join(parts[:-1])] = torch.tensor([bool(k) for k in keep])
+    return kept
+
+
+def _import_adalora(
+    base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
+) -> tuple[Spec, Tensors]:
+    """peft's pruned singular values come back as exact zeros of Λ (the peftlab form), their P columns and Q rows
+    as zeros; the scaling stays alpha / init_r, as peft keeps it when it resizes a pruned module."""
+    init_r = config.get("init_r", 12)
+    settings = AdaLoraSettings(
+        init_r=init_r,
+        target_r=config.get("target_r", 8),
+        alpha=float(config.get("lora_alpha", 8)),
+        dropout=float(config.get("lora_dropout") or 0.0),
+        tinit=config.get("tinit", 0),
+        tfinal=config.get("tfinal", 0),
+        deltaT=config.get("deltaT", 1),
+        beta1=float(config.get("beta1", 0.85)),
+        beta2=float(config.get("beta2", 0.85)),
+        orth_reg_weight=float(config.get("orth_reg_weight", 0.5)),
+        total_step=config.get("total_step") or 0,
+    )
+    settings.check_at(f"'{directory}'")
+    kept = _kept_ranks(config, init_r, directory)
+    placed: dict[tuple[int, str], Settings] = {}
+    tensors: Tensors = {}
+    for name, i, site in _targets(base, blocks, config, "AdaLoRA", directory):
+        placed[(i, site)] = settings
+        keep = kept.get(name, torch.ones(init_r, dtype=torch.bool))
+        root = f"{_key_root(False)}{name}"
+        a, e, b = (_pop(state, f"{root}.{k}", directory) for k in ("lora_A", "lora_E", "lora_B"))
+        rows = int(keep.sum())
+        if a.shape[0] != rows or e.shape != (rows, 1) or b.shape[1] != rows:
+            raise AdapterLoadError(
+                f"'{directory}': AdaLoRA tensors of '{name}' hold {a.shape[0]} ranks, its rank pattern {rows}"
+            )
+        full_a, full_e = a.new_zeros(init_r, a.shape[1]), e.new_zeros(init_r, 1)
+        full_b = b.new_zeros(b.shape[0], init_r)
+        full_a[keep], full_e[keep], full_b[:, keep] = a, e, b
+        tensors |= {tensor_key(i, site, k): t for k, t in (("lora_A", full_a), ("lora_E", full_e), ("lora_B", full_b))}
+    return _layer_spec(placed), tensors
+
+
 def _import_ia3(
     base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
 ) -> tuple[Spec, Tensors]:
@@ -1129,6 +1201,7 @@ def _import_prompt(
 
 _IMPORTERS = {
     "LORA": _import_lora,
+    "ADALORA": _import_adalora,
     "IA3": _import_ia3,
     "VERA": _import_vera,
     "FOURIERFT": _import_fourierft,
