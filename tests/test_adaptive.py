@@ -83,6 +83,52 @@ def test_budget_schedule_is_cubic_from_init_to_target() -> None:
     assert budget(s, n, 13, total) == (20, True)  # the final phase
 
 
+def _allocate_steps(pm, steps: range, total: int) -> None:
+    """Drive the rank allocator with gradients that favour different singular values at different times."""
+    for step in steps:
+        g = torch.Generator().manual_seed(step)
+        for m in pm.adapters["default"].layers.values():
+            for p in (m.lora_A, m.lora_E, m.lora_B):
+                p.grad = torch.randn(p.shape, generator=g) * (1.0 + step * torch.rand(p.shape, generator=g))
+        pm.after_step(step, total)
+
+
+def test_a_checkpoint_keeps_the_allocators_statistics() -> None:
+    """A resumed run masks by the importance smoothed since step 1 (the checkpoint's run state), as if never stopped;
+    without it the allocator would start its averages afresh and keep other singular values."""
+    from peftlab.train.checkpoint import load_run_state, run_state
+
+    spec = methods.adalora(init_r=6, target_r=2, tinit=0, tfinal=0, beta1=0.95, beta2=0.95, targets="qv")
+
+    def fresh():
+        torch.manual_seed(0)
+        pm = peftlab.apply(make_model("tiny-bert", "seq-cls"), spec)
+        with torch.no_grad():
+            for m in pm.adapters["default"].layers.values():
+                m.lora_E.normal_()
+        return pm
+
+    def masks(pm) -> list[list[bool]]:
+        return [m.rank_mask.tolist() for m in pm.adapters["default"].layers.values()]
+
+    whole = fresh()
+    _allocate_steps(whole, range(1, 12), 12)
+    cut = fresh()
+    _allocate_steps(cut, range(1, 7), 12)
+    state = run_state(cut)
+    assert state and all("/" in k for k in state)
+    resumed, restarted = fresh(), fresh()
+    for pm in (resumed, restarted):  # the trainable tensors, as the checkpoint restores them
+        with torch.no_grad():
+            for a, b in zip(pm.adapters["default"].parameters(), cut.adapters["default"].parameters(), strict=True):
+                a.copy_(b)
+    load_run_state(resumed, state)
+    _allocate_steps(resumed, range(7, 12), 12)
+    _allocate_steps(restarted, range(7, 12), 12)
+    assert masks(resumed) == masks(whole)
+    assert masks(restarted) != masks(whole)
+
+
 def test_a_run_resumed_in_the_final_phase_keeps_the_pruned_ranks() -> None:
     """Checkpoints keep Λ, not the allocator's mask: after the final step the pattern is read off Λ's zeros."""
     pm = peftlab.apply(make_model("tiny-bert", "seq-cls"), methods.adalora(init_r=4, target_r=2, targets="q", tfinal=3))

@@ -47,6 +47,8 @@ On :class:`PeftModule` (per built module):
 - ``detached``: the module reads the backbone's activations detached and writes only after its last block (LST's
   side network), so a training step back-propagates through no block for it (the cost model counts none).
 - ``own_numel`` / ``stored_numel`` / ``changed_numel``: the survey's three counts.
+- ``run_state()`` / ``load_run_state()``: what a training checkpoint keeps of the module beyond its trainable
+  tensors, so that a resumed run continues exactly (AdaLoRA's importance statistics and rank mask);
 - ``stored_state()`` / ``load_targets()``: what the adapter file holds and where it loads back;
   ``state_prefix`` sets the tensors' key root (default ``layers.<layer>-<site>``).
 - ``fold()`` / ``unloadable``: what ``merge_and_unload`` does beyond ``merge`` (a head copy overwrites the
@@ -354,6 +356,14 @@ class PeftModule(nn.Module):
         """Matmul FLOPs this module's forward does once per pass, whatever the number of tokens (e.g. the prefix MLP
         producing its key/values, DoRA's weight norm)."""
         return 0.0
+
+    def run_state(self) -> dict[str, torch.Tensor]:
+        """What a resumed training run needs of this module beyond its trainable tensors (statistics a schedule
+        keeps, e.g. AdaLoRA's smoothed importance); a checkpoint holds it. Default: nothing."""
+        return {}
+
+    def load_run_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Take back :meth:`run_state` from a checkpoint."""
 
     def stored_state(self) -> dict[str, torch.Tensor]:
         """What ``save`` writes for this module (keys relative to the module)."""

@@ -214,6 +214,23 @@ class AdaLoRA(LinearModule):
     def reset_importance(self) -> None:
         self._scores = {}
 
+    def run_state(self) -> dict[str, torch.Tensor]:
+        """The smoothed importance and uncertainty, and the budget's mask once set."""
+        state = {
+            f"{name}.{part}": t
+            for name, pair in self._scores.items()
+            for part, t in zip(("avg", "unc"), pair, strict=True)
+        }
+        return state | ({"rank_mask": self.rank_mask.clone()} if self.masked else {})
+
+    def load_run_state(self, state: dict[str, torch.Tensor]) -> None:
+        dev = self.lora_E.device
+        names = {k.split(".")[0] for k in state if k != "rank_mask"}
+        self._scores = {n: (state[f"{n}.avg"].to(dev), state[f"{n}.unc"].to(dev)) for n in names}
+        if "rank_mask" in state:
+            self.rank_mask.copy_(state["rank_mask"])
+            self.masked = True
+
     def triplet_scores(self) -> torch.Tensor:
         """One score per singular value: its own plus the mean over its column of P and its row of Q."""
         r = self.lora_E.shape[0]

@@ -29,10 +29,30 @@ def restore(pm: nn.Module, state: dict[str, torch.Tensor]) -> None:
             params[n].copy_(t)
 
 
+def _modules(pm) -> dict[str, nn.Module]:
+    """The active adapter's modules by key (none for a model peftlab did not build, e.g. a peft model)."""
+    adapters = getattr(pm, "adapters", None)
+    return dict(adapters[pm.active_adapter].all_modules()) if adapters else {}
+
+
+def run_state(pm) -> dict[str, torch.Tensor]:
+    """Every module's :meth:`~peftlab.modules.base.PeftModule.run_state`, keyed ``<module key>/<name>``."""
+    return {f"{key}/{k}": v.detach().clone() for key, m in _modules(pm).items() for k, v in m.run_state().items()}
+
+
+def load_run_state(pm, state: dict[str, torch.Tensor]) -> None:
+    for key, m in _modules(pm).items():
+        mine = {k.split("/", 1)[1]: v for k, v in state.items() if k.split("/", 1)[0] == key}
+        if mine:
+            m.load_run_state(mine)
+
+
 def save_checkpoint(path: Path, pm, opt, sched, record: RunRecord, state: dict) -> None:
-    """Everything needed to continue exactly: trainable tensors, optimiser, schedule, RNG, record."""
+    """Everything needed to continue exactly: trainable tensors, the modules' run state, optimiser, schedule, RNG,
+    record."""
     saved = {
         "trainable": snapshot(pm),
+        "modules": run_state(pm),
         "optimizer": opt.state_dict(),
         "scheduler": sched.state_dict(),
         "torch_rng": torch.get_rng_state(),
@@ -65,6 +85,7 @@ def load_checkpoint(path: Path, pm, opt, sched, record: RunRecord) -> dict:
         where = path / "state.pt"
         raise PeftlabError(f"'{where}' is not a readable checkpoint ({e}); delete it to start over") from None
     restore(pm, saved["trainable"])
+    load_run_state(pm, saved.get("modules", {}))
     opt.load_state_dict(saved["optimizer"])
     sched.load_state_dict(saved["scheduler"])
     torch.set_rng_state(saved["torch_rng"])
