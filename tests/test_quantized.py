@@ -5,6 +5,7 @@ count the base honestly and export to peft with the same outputs."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -240,3 +241,24 @@ def test_show_prints_the_quantized_size(capsys: pytest.CaptureFixture[str]) -> N
     assert main(["show", "--model", "shape:tiny-llama", "--method", "lora", "--quantize", "int8", "--json"]) == 0
     out = capsys.readouterr().out
     assert '"quantize": "int8"' in out and '"backbone_bytes": ' in out
+
+
+def test_a_search_trains_its_trials_on_the_quantized_base(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``search --quantize`` stores the setting in the study's definition: every trial (and a later worker, and
+    ``pareto retrain``) trains on the NF4 base, and each trial's record counts its quantized size."""
+    from test_search import DATA
+
+    from peftlab.cli import main
+
+    if not (DATA / "glue" / "SST-2").is_dir():
+        pytest.skip(f"no GLUE data under {DATA}")
+    out = tmp_path / "s"
+    flags = ["--model", "shape:tiny-llama", "--task", "sst2", "--data-dir", str(DATA), "--k", "32", "--dev-size", "16"]
+    args = [*flags, "--sampler", "random", "--trials", "2", "--max-steps", "2", "--quantize", "nf4", "--no-plots"]
+    assert main(["search", *args, "--output", str(out), "--no-progress"]) == 0
+    records = [json.loads(p.read_text()) for p in sorted(out.glob("trials/*/record.json"))]
+    assert len(records) == 2
+    assert all(r["config"]["quantize"] == "nf4" and r["counts"]["quantize"] == "nf4" for r in records)
+    capsys.readouterr()
+    assert main(["pareto", "show", "--storage", str(out / "study.db"), "--study", "peftlab", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["definition"]["train"]["quantize"] == "nf4"

@@ -115,7 +115,7 @@ def _train_config(args: argparse.Namespace, output: str | None):
         eval_every=args.eval_every,
         patience=args.patience,
         precision=args.precision,
-        quantize=check_quantize(getattr(args, "quantize", None)),  # search trials train full precision
+        quantize=check_quantize(getattr(args, "quantize", None)),
         gradient_checkpointing=args.gradient_checkpointing,
         packing=args.packing,
         dropout=args.dropout,
@@ -741,6 +741,7 @@ def _add_search_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     _add_train_args(p, search=True)
     _add_trial_training_args(p)
+    _add_quantize(p)
     p.set_defaults(fn=cmd_search)
 
 
@@ -758,6 +759,7 @@ def _add_refine_parser(sub: argparse._SubParsersAction) -> None:
     _add_study_args(p, "refine", "refine")
     _add_train_args(p)
     _add_trial_training_args(p)
+    _add_quantize(p)
     p.set_defaults(fn=cmd_refine)
 
 
