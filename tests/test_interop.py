@@ -114,6 +114,10 @@ EXPORTS: dict[str, tuple[str, Callable[[], Spec]]] = {
     "bert-prefix": ("tiny-bert", lambda: peftlab.methods.prefix(length=3, hidden=8)),
     "bert-prompt": ("tiny-bert", lambda: peftlab.methods.prompt(length=3)),
     "llama-lora": ("tiny-llama", lambda: peftlab.methods.lora(r=4, targets="all-linear")),
+    # DoRA: the magnitude vector per output row (GPT-2's Conv1D stores its weight transposed)
+    "bert-dora": ("tiny-bert", lambda: peftlab.methods.dora(r=4, targets=["q", "v", "ffn_in"])),
+    "llama-dora": ("tiny-llama", lambda: peftlab.methods.dora(r=2, targets="all-linear")),
+    "gpt2-dora": ("tiny-gpt2", lambda: peftlab.methods.dora(r=2, targets=["o", "ffn_in", "ffn_out"])),
     # Llama: grouped-query attention, and rotary positions (keys are rotated by the prefix length on export).
     "llama-prefix": ("tiny-llama", lambda: peftlab.methods.prefix(length=3, hidden=8)),
     "t5-lora": ("tiny-t5", lambda: peftlab.methods.lora(r=4, targets=["q", "v", "cross_v", "ffn_out"])),
@@ -240,6 +244,10 @@ IMPORTS: dict[str, tuple[str, Callable[[], object]]] = {
     ),
     "bert-prefix": ("tiny-bert", lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)),
     "bert-prompt": ("tiny-bert", lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3)),
+    "llama-dora": (
+        "tiny-llama",
+        lambda: peft.LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
+    ),
     # AdaLoRA before any pruning (all init_r singular values); pruned: test_pruned_peft_adalora_imports_its_ranks
     "llama-adalora": (
         "tiny-llama",
@@ -358,7 +366,11 @@ REFUSED_EXPORTS: dict[str, tuple[str, Callable[[], Spec], str]] = {
         lambda: peftlab.methods.houlsby(size=4),
         r"'adapter' modules \(at after_attn, after_ffn\).*holds LoRA",
     ),
-    "dora": ("tiny-bert", lambda: peftlab.methods.dora(r=2), "DoRA"),
+    "dora-on-some-sites": (
+        "tiny-bert",
+        lambda: Spec(layers={"*": {"q": LoraSettings(r=2, dora=True), "v": LoraSettings(r=2)}}),
+        "one use_dora for all modules",
+    ),
     "unipelt": ("tiny-bert", lambda: peftlab.methods.unipelt(size=4, prefix_length=2, r=2), "gates"),
     "prefix-some-layers": ("tiny-bert", lambda: peftlab.methods.prefix(length=2, layers=[0]), "every layer"),
     # peft's T5 prefixes reach the decoder's self-attention only; peftlab's also the encoder and the cross-attention.
@@ -407,10 +419,10 @@ def test_import_refuses_ia3_that_scales_an_attention_input(tmp_path: Path) -> No
 
 
 def test_import_refuses_unsupported_options_and_types(tmp_path: Path) -> None:
-    config = peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"], use_dora=True)
-    peft.get_peft_model(_base("tiny-bert"), config).save_pretrained(tmp_path / "dora")
-    with pytest.raises(AdapterLoadError, match="use_dora=True"):
-        peftlab.load(_base("tiny-bert"), tmp_path / "dora")
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=2, target_modules=["query"], lora_bias=True)
+    peft.get_peft_model(_base("tiny-bert"), config).save_pretrained(tmp_path / "bias")
+    with pytest.raises(AdapterLoadError, match="lora_bias=True"):
+        peftlab.load(_base("tiny-bert"), tmp_path / "bias")
     (tmp_path / "poly").mkdir()  # a peft type peftlab has no kind for (AdaLoRA was, until it had one)
     (tmp_path / "poly" / "adapter_config.json").write_text(json.dumps({"peft_type": "POLY"}))
     expected = "LORA, ADALORA, IA3, VERA, FOURIERFT, LOHA, LOKR, OFT, BOFT, HRA, PREFIX_TUNING, PROMPT_TUNING"

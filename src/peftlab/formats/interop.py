@@ -48,7 +48,7 @@ if TYPE_CHECKING:
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 EXPORTABLE = (
-    "LoRA (without DoRA or gates), AdaLoRA, (IA)3, VeRA, FourierFT, LoHa, LoKr, OFT, BOFT or HRA (one setting for "
+    "LoRA (DoRA on every site or none, without gates), AdaLoRA, (IA)3, VeRA, FourierFT, LoHa, LoKr, OFT, BOFT or HRA (one setting for "
     "all sites), prefix tuning in every layer or prompt tuning, each with its trained task head"
 )
 #: peft_type -> the peftlab kind it becomes
@@ -87,6 +87,7 @@ _FIELDS = {
         "lora_alpha",
         "lora_dropout",
         "use_rslora",
+        "use_dora",
         "target_modules",
         "exclude_modules",
         "layers_to_transform",
@@ -300,8 +301,6 @@ def _exportable_kind(name: str, spec: Spec, placed: Placed) -> str:
         )
         if flag
     ]
-    if any(isinstance(s, LoraSettings) and s.dora for s in placed.values()):
-        problems.append("DoRA")
     problems += [f"'{k}' modules (at {', '.join(sorted(sites[k]))})" for k in sorted(set(sites) - set(_EXPORTERS))]
     kinds = sorted(set(sites) & set(_EXPORTERS))
     if len(kinds) > 1:
@@ -361,12 +360,8 @@ def _export_lora(
     converts it to, so it applies to the unchanged base model (the one peftlab keeps); False: its config as peft
     would start it (``peft_equivalent``)."""
     modules = _linear_modules(adapter, placed, names, LoraSettings, "LoRA")
-    dropouts = sorted({s.dropout for _, s, _ in modules})
-    if len(dropouts) > 1:
-        raise PeftlabError(
-            f"cannot export to the peft format: peft has one lora_dropout for all modules, "
-            f"this adapter uses {', '.join(map(str, dropouts))} at different sites"
-        )
+    dropout = _uniform(modules, "dropout", "lora_dropout")
+    dora = _uniform(modules, "dora", "use_dora")
     if convert:
         modules = [(name, _as_plain_lora(s, m), m) for name, s, m in modules]
     # The most common (r, alpha, rslora) is the default; other sites go to rank_pattern / alpha_pattern.
@@ -386,11 +381,14 @@ def _export_lora(
         if convert and module.residual:  # s·(B·A - B0·A0) = s·[B, -B0]·[A; A0], as peft's conversion writes it
             tensors[a_key] = torch.cat([module.lora_A, module.lora_A0], dim=0)
             tensors[b_key] = torch.cat([module.lora_B, -module.lora_B0], dim=1)
+        if dora:  # m·(W + s·B·A) / ||W + s·B·A|| per output row, peft's DoraLinearLayer
+            tensors[f"{_key_root(False)}{name}.lora_magnitude_vector"] = module.magnitude
     config = {
         "r": r0,
         "lora_alpha": alpha0,
         "use_rslora": rslora0,
-        "lora_dropout": dropouts[0],
+        "use_dora": dora,
+        "lora_dropout": dropout,
         "target_modules": [name for name, _, _ in modules],
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
@@ -905,12 +903,16 @@ def _import_lora(
             alpha=float(alpha),
             rslora=bool(config.get("use_rslora")),
             dropout=float(config.get("lora_dropout") or 0.0),
+            dora=bool(config.get("use_dora")),
         )
         settings.check_at(f"'{directory}' module '{name}'")
         placed[(i, site)] = settings
         a_key, b_key = (_key_root(False) + k.format(name) for k in _LORA_WEIGHT)
         tensors[tensor_key(i, site, "lora_A")] = _pop(state, a_key, directory)
         tensors[tensor_key(i, site, "lora_B")] = _pop(state, b_key, directory)
+        if settings.dora:
+            magnitude = _pop(state, f"{_key_root(False)}{name}.lora_magnitude_vector", directory)
+            tensors[tensor_key(i, site, "magnitude")] = magnitude
     return _layer_spec(placed), tensors
 
 
