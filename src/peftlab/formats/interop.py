@@ -48,8 +48,8 @@ if TYPE_CHECKING:
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 EXPORTABLE = (
-    "LoRA (DoRA on every site or none, without gates), AdaLoRA, (IA)3, VeRA, FourierFT, LoHa, LoKr, OFT, BOFT or HRA (one setting for "
-    "all sites), prefix tuning in every layer or prompt tuning, each with its trained task head"
+    "LoRA (DoRA on every site or none, without gates), AdaLoRA, (IA)3, VeRA, FourierFT, LoHa, LoKr, OFT, BOFT or "
+    "HRA (one setting for all sites), prefix tuning in every layer or prompt tuning, each with its trained task head"
 )
 #: peft_type -> the peftlab kind it becomes
 IMPORTABLE = {
