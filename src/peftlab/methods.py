@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from torch import nn
 
@@ -158,14 +158,7 @@ def eva(r: int = 8, alpha: float = 16.0, targets: str | list[str] = "qv", rho: f
 def _adapter(
     size: int, scaling: float = 1.0, activation: str = "relu", placement: Placement = HOULSBY
 ) -> AdapterSettings:
-    s = AdapterSettings(
-        size=size,
-        scaling=scaling,
-        activation=activation,
-        original_ln_before=placement.original_ln_before,
-        original_ln_after=placement.original_ln_after,
-        residual_before_ln=placement.residual_before_ln,
-    )
+    s = AdapterSettings(size=size, scaling=scaling, activation=activation, **asdict(placement))
     s.check_at()
     return s
 
@@ -413,21 +406,25 @@ def fuse(adapters: list[str] | None = None, temperature: float = 1.0) -> Spec:
     return Spec(layers=fuse_layers(adapters, temperature))
 
 
-def _compacter(size: int, n: int, rank: int) -> CompacterSettings:
-    s = CompacterSettings(size=size, n=n, rank=rank)
+def _compacter(size: int, n: int, rank: int, placement: Placement = HOULSBY) -> CompacterSettings:
+    """GELU, as the paper's code and AdapterHub's Compacter configs."""
+    s = CompacterSettings(size=size, n=n, rank=rank, activation="gelu", **asdict(placement))
     s.check_at()
     return s
 
 
 @method("compacter", "Kronecker/low-rank adapters after attention and FFN", "Karimi Mahabadi et al. 2021")
 def compacter(size: int = 48, n: int = 4, rank: int = 1) -> Spec:
+    """Houlsby's placement, after attention and after the FFN (AdapterHub's ``DoubleSeqBn`` Compacter)."""
     c = _compacter(size, n, rank)
     return Spec(layers=_every_layer({"after_attn": c, "after_ffn": c}))
 
 
 @method("compacter++", "one Compacter adapter after the FFN", "Karimi Mahabadi et al. 2021")
 def compacter_pp(size: int = 48, n: int = 4, rank: int = 1) -> Spec:
-    return Spec(layers=_every_layer({"after_ffn": _compacter(size, n, rank)}))
+    """After the FFN only, on Pfeiffer's placement (reads the FFN block's output after its LayerNorm), as the paper
+    drops the attention adapter following Pfeiffer et al. and AdapterHub's ``CompacterPlusPlusConfig`` places it."""
+    return Spec(layers=_every_layer({"after_ffn": _compacter(size, n, rank, PFEIFFER)}))
 
 
 @method("adamix", "mixture of adapter experts, averaged for inference", "Wang et al. 2022")
