@@ -114,6 +114,10 @@ EXPORTS: dict[str, tuple[str, Callable[[], Spec]]] = {
     "bert-prefix": ("tiny-bert", lambda: peftlab.methods.prefix(length=3, hidden=8)),
     "bert-prompt": ("tiny-bert", lambda: peftlab.methods.prompt(length=3)),
     "llama-lora": ("tiny-llama", lambda: peftlab.methods.lora(r=4, targets="all-linear")),
+    # LN tuning: every norm of the blocks, the embedding norm (BERT) and the final norms (Llama; T5's two stacks)
+    "bert-ln": ("tiny-bert", peftlab.methods.ln),
+    "llama-ln": ("tiny-llama", peftlab.methods.ln),
+    "t5-ln": ("tiny-t5", peftlab.methods.ln),
     # DoRA: the magnitude vector per output row (GPT-2's Conv1D stores its weight transposed)
     "bert-dora": ("tiny-bert", lambda: peftlab.methods.dora(r=4, targets=["q", "v", "ffn_in"])),
     "llama-dora": ("tiny-llama", lambda: peftlab.methods.dora(r=2, targets="all-linear")),
@@ -248,6 +252,12 @@ IMPORTS: dict[str, tuple[str, Callable[[], object]]] = {
         "tiny-llama",
         lambda: peft.LoraConfig(r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj", "v_proj", "down_proj"]),
     ),
+    # the blocks' norms only (no final norm): a spec of "norm" sites
+    "llama-ln": (
+        "tiny-llama",
+        lambda: peft.LNTuningConfig(target_modules=["input_layernorm", "post_attention_layernorm"]),
+    ),
+    "bert-ln": ("tiny-bert", lambda: peft.LNTuningConfig(task_type="SEQ_CLS", target_modules=["LayerNorm"])),
     # AdaLoRA before any pruning (all init_r singular values); pruned: test_pruned_peft_adalora_imports_its_ranks
     "llama-adalora": (
         "tiny-llama",
@@ -425,9 +435,20 @@ def test_import_refuses_unsupported_options_and_types(tmp_path: Path) -> None:
         peftlab.load(_base("tiny-bert"), tmp_path / "bias")
     (tmp_path / "poly").mkdir()  # a peft type peftlab has no kind for (AdaLoRA was, until it had one)
     (tmp_path / "poly" / "adapter_config.json").write_text(json.dumps({"peft_type": "POLY"}))
-    expected = "LORA, ADALORA, IA3, VERA, FOURIERFT, LOHA, LOKR, OFT, BOFT, HRA, PREFIX_TUNING, PROMPT_TUNING"
+    expected = "LORA, ADALORA, LN_TUNING, IA3, VERA, FOURIERFT, LOHA, LOKR, OFT, BOFT, HRA, PREFIX_TUNING, PROMPT_TUNING"
     with pytest.raises(AdapterLoadError, match=expected):
         peftlab.load(_base("tiny-bert"), tmp_path / "poly")
+
+
+def test_ln_import_refuses_a_block_with_some_of_its_norms(tmp_path: Path) -> None:
+    """peftlab's LN tuning trains every norm of a block together: the FFN's LayerNorm alone is refused in one line."""
+    config = peft.LNTuningConfig(task_type="SEQ_CLS", target_modules=r".*\.\d+\.output\.LayerNorm")
+    peft.get_peft_model(_base("tiny-bert"), config).save_pretrained(tmp_path)
+    with pytest.raises(
+        AdapterLoadError, match=r"leaves out 'bert\.encoder\.layer\.0\.attention\.output\.LayerNorm'"
+    ) as e:
+        peftlab.load(_base("tiny-bert"), tmp_path)
+    assert "\n" not in str(e.value)
 
 
 def test_pruned_peft_adalora_imports_its_ranks(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from peftlab.modules.lowrank import AdaLoraSettings
 from peftlab.modules.orthogonal import BoftSettings, HraSettings, OftSettings
 from peftlab.modules.prefix import PrefixSettings, PromptSettings
 from peftlab.modules.reparam import FourierFTSettings, LohaSettings, LokrSettings, VeraSettings
+from peftlab.modules.selective import LNSettings
 from peftlab.modules.whole import HeadCopy, head_copy
 
 if TYPE_CHECKING:
@@ -49,12 +50,14 @@ CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 EXPORTABLE = (
     "LoRA (DoRA on every site or none, without gates), AdaLoRA, (IA)3, VeRA, FourierFT, LoHa, LoKr, OFT, BOFT or "
-    "HRA (one setting for all sites), prefix tuning in every layer or prompt tuning, each with its trained task head"
+    "HRA (one setting for all sites), LN tuning, prefix tuning in every layer or prompt tuning, each with its trained "
+    "task head"
 )
 #: peft_type -> the peftlab kind it becomes
 IMPORTABLE = {
     "LORA": "lora",
     "ADALORA": "adalora",
+    "LN_TUNING": "ln",
     "IA3": "ia3",
     "VERA": "vera",
     "FOURIERFT": "fourierft",
@@ -69,7 +72,7 @@ IMPORTABLE = {
 _PEFT_TYPES = {kind: peft_type for peft_type, kind in IMPORTABLE.items()}
 #: peftlab kind -> the peft_type of the peft library's equivalent method (for side-by-side benchmarks; not AdaLoRA,
 #: whose rank allocation peft runs only when the training loop calls its ``update_and_allocate``)
-_EQUIVALENT = {k: v for k, v in _PEFT_TYPES.items() if k != "adalora"} | {"ln": "LN_TUNING"}
+_EQUIVALENT = {k: v for k, v in _PEFT_TYPES.items() if k != "adalora"}
 _LORA_WEIGHT = "{}.lora_A.weight", "{}.lora_B.weight"
 _TASKS = (
     ("ForSequenceClassification", "SEQ_CLS"),
@@ -113,6 +116,7 @@ _FIELDS = {
         "rank_pattern",
     ),
     "IA3": ("target_modules", "exclude_modules", "feedforward_modules"),
+    "LN_TUNING": ("target_modules", "exclude_modules"),
     "VERA": (*_TARGETING, "r", "projection_prng_key", "save_projection", "d_initial"),
     "FOURIERFT": (*_TARGETING, "n_frequency", "n_frequency_pattern", "scaling", "random_loc_seed", "init_weights"),
     "LOHA": (*_TARGETING, "r", "alpha", "rank_pattern", "alpha_pattern"),
@@ -718,8 +722,43 @@ def _export_adalora(
     return config, tensors
 
 
+def _norm_hosts(base: nn.Module, blocks: list[Block]) -> dict[str, tuple[int | None, str, str, nn.Module]]:
+    """Every norm peftlab's LN tuning can train: module name -> (layer or None, site, key in its module, norm)."""
+    names = _module_names(base)
+    anatomy = anatomy_for(base.config.model_type)
+    found = {names[id(m)]: (b.index, "norm", _delta_key(p), m) for b in blocks for p, m in b.norms()}
+    for site, paths in (("embed_norm", [anatomy.embed_norm]), ("final_norm", list(anatomy.final_norms))):
+        for path in paths:
+            if path and (m := find_suffix(base, path)) is not None:
+                found[names[id(m)]] = (None, site, _delta_key(path), m)
+    return found
+
+
+def _delta_key(path: str) -> str:
+    """The name of a norm's delta in peftlab's LN module (its path, dots as dashes)."""
+    return path.replace(".", "-")
+
+
+def _export_ln(
+    pm: PeftModel, adapter: nn.Module, placed: Placed, names: dict[int, str]
+) -> tuple[dict[str, Any], Tensors]:
+    """peft's LN_TUNING holds a trained copy of every targeted norm: the base's weight (and bias) plus the delta."""
+    tensors: Tensors = {}
+    modules = dict(adapter.layers.items())
+    for name, (layer, site, key, norm) in _norm_hosts(pm.base_model, pm.blocks).items():
+        module = modules.get(module_key(layer, site))
+        for part in ("weight", "bias") if module is not None else ():
+            delta = module.deltas.get(f"{key}-{part}")
+            if delta is not None:  # a merged delta is in the base's tensor already
+                trained = getattr(norm, part) if module.merged else getattr(norm, part) + delta
+                tensors[f"{_key_root(False)}{name}.ln_tuning_layers.{part}"] = trained
+    targets = sorted({k.removeprefix(_key_root(False)).rsplit(".", 2)[0] for k in tensors})
+    return {"target_modules": targets}, tensors
+
+
 _EXPORTERS = {
     "lora": _export_lora,
+    "ln": _export_ln,
     "adalora": _export_adalora,
     "ia3": _export_ia3,
     "vera": _export_vera,
@@ -971,6 +1010,49 @@ def _import_adalora(
     return _layer_spec(placed), tensors
 
 
+def _import_ln(
+    base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
+) -> tuple[Spec, Tensors]:
+    """Each trained norm copy becomes a delta on the base's norm; peftlab's LN tuning trains every norm of a block
+    (and each model-level norm site) together, so a config that picks some of a block's norms is refused."""
+    hosts = _norm_hosts(base, blocks)
+    if not config.get("target_modules"):
+        raise AdapterLoadError(f"'{directory}': target_modules is empty; peftlab needs the norms' names")
+    targeted = [n for n, _ in base.named_modules() if n and _is_target(config, n)]
+    other = [n for n in targeted if n not in hosts]
+    if other:
+        raise AdapterLoadError(
+            f"'{directory}': LN tuning on '{other[0]}', which is not a norm peftlab's LN tuning trains (the blocks' "
+            "norms, the embedding norm and the final norms)"
+        )
+    groups: dict[tuple[int | None, str], list[str]] = {}
+    for name, (layer, site, _, _) in hosts.items():
+        groups.setdefault((layer, site), []).append(name)
+    tensors: Tensors = {}
+    chosen = sorted({(hosts[n][0], hosts[n][1]) for n in targeted}, key=lambda g: (g[0] is None, g[0] or 0, g[1]))
+    for group in chosen:
+        missing = [n for n in groups[group] if n not in targeted]
+        if missing:
+            raise AdapterLoadError(
+                f"'{directory}': LN tuning leaves out '{missing[0]}'; peftlab's LN tuning trains every norm of "
+                f"{'layer ' + str(group[0]) if group[0] is not None else 'the ' + group[1]} together"
+            )
+        for name in groups[group]:
+            layer, site, key, norm = hosts[name]
+            for part in ("weight", "bias"):
+                if getattr(norm, part, None) is not None:
+                    saved = _pop(state, f"{_key_root(False)}{name}.ln_tuning_layers.{part}", directory)
+                    tensors[tensor_key(layer, site, f"deltas.{key}-{part}")] = saved - getattr(norm, part).detach()
+    layers: dict[str, dict[str, Settings | None]] = {}
+    model: dict[str, Settings] = {}
+    for layer, site in chosen:
+        if layer is None:
+            model[site] = LNSettings()
+        else:
+            layers.setdefault(str(layer), {})[site] = LNSettings()
+    return Spec(layers=layers, model=model), tensors
+
+
 def _import_ia3(
     base: nn.Module, blocks: list[Block], config: dict[str, Any], state: Tensors, directory: Path
 ) -> tuple[Spec, Tensors]:
@@ -1204,6 +1286,7 @@ def _import_prompt(
 _IMPORTERS = {
     "LORA": _import_lora,
     "ADALORA": _import_adalora,
+    "LN_TUNING": _import_ln,
     "IA3": _import_ia3,
     "VERA": _import_vera,
     "FOURIERFT": _import_fourierft,
@@ -1255,8 +1338,6 @@ def peft_equivalent(pm: Any) -> tuple[dict[str, Any] | None, str | None]:
         config = {"num_virtual_tokens": s.length, "prefix_projection": s.reparam, "encoder_hidden_size": s.hidden}
     elif kind == "prompt":
         config = {"num_virtual_tokens": spec.model["input"].length, "prompt_tuning_init": "RANDOM"}
-    else:  # ln: the norms whose weights peftlab's deltas change
-        params = {id(p): n for n, p in base.named_parameters()}
-        hosts = {params[id(t)].rpartition(".")[0] for _, m in adapter.peft_modules() for t, _ in m._targets()}
-        config = {"target_modules": sorted(hosts)}
+    else:  # ln
+        config, _ = _export_ln(pm, adapter, placed, names)
     return {"peft_type": _EQUIVALENT[kind], "task_type": _task_type(base), **config}, None
