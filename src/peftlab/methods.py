@@ -224,7 +224,11 @@ def adaptive_prefix(length: int = 10, hidden: int = 512) -> Spec:
     return Spec(layers=_every_layer(_prefix_sites(s)))
 
 
-@method("prompt", "soft prompt prepended to the input embeddings", "Lester et al. 2021")
+@method(
+    "prompt",
+    "soft prompt prepended to the input embeddings; SPoT: train with --init-from a prompt of another task",
+    "Lester et al. 2021; SPoT: Vu et al. 2022",
+)
 def prompt(length: int = 20, init: str = "vocab") -> Spec:
     """Prompt tuning. SPoT (Vu et al. 2022) is this preset started from a prompt trained on another task:
     ``peftlab train --method prompt --init-from ADAPTER`` (the lengths must match)."""
