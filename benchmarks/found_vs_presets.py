@@ -170,10 +170,12 @@ def _committed() -> dict[tuple[str, int], dict]:
 
 def _row(c: dict, seed: int, r: dict) -> dict:
     """One run's line of ``runs.csv``."""
+    metric = r["best"]["metric"]
     return {
-        "config": c["name"], "seed": seed, "stored_percent": round(c["stored"], 4), "metric": r["best"]["metric"],
+        "config": c["name"], "seed": seed, "stored_percent": round(c["stored"], 4), "metric": metric,
         "dev": r["best"]["score"], "test": _test_score(r), "best_step": r["best"]["step"], "steps": r["steps"],
         "wall_time_s": round(r["wall_time_s"], 1),
+        "dev_by_step": ";".join(f"{e['step']}:{e[metric]}" for e in r["evaluations"] if metric in e),
     }  # fmt: skip
 
 
@@ -193,6 +195,42 @@ def _test_score(record: dict) -> float:
 def _mean_sd(values: list[float]) -> str:
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+
+
+def _dev_at(row: dict, step: int) -> float | None:
+    """The dev score a run had at ``step`` (from its ``dev_by_step``), if it was evaluated there."""
+    for item in (row.get("dev_by_step") or "").split(";"):
+        if item and int(item.split(":")[0]) == step:
+            return float(item.split(":")[1])
+    return None
+
+
+def _fidelity(rows: list[dict], flat: list[dict]) -> list[str]:
+    """Whether a short run ranks configurations as the long one does: Spearman's rho, over the configurations, of
+    the seed-mean dev score at step 100 (the search's trial length, though here inside a 500-step schedule whose
+    learning rate has decayed less) against the seed-mean test score at the end; and, for the front's points, of
+    the search trial's own dev score against it."""
+    at100, final = [], []
+    for r in rows:
+        devs = [d for x in flat if x["config"] == r["name"] and (d := _dev_at(x, EVAL_EVERY)) is not None]
+        if devs:
+            at100.append(statistics.mean(devs))
+            final.append(statistics.mean(r["test"].values()))
+    found = [r for r in rows if "search_dev" in r]
+    lines = ["## Fidelity: does a short run rank configurations as the full budget does?", ""]
+    if len(at100) > 2:
+        rho = stats.spearmanr(at100, final)
+        lines.append(
+            f"- dev at step {EVAL_EVERY} vs test after {STEPS} steps, {len(at100)} configurations (seed means): "
+            f"Spearman rho = {rho.statistic:.2f} (p = {rho.pvalue:.2g})"
+        )
+    if len(found) > 2:
+        rho = stats.spearmanr([r["search_dev"] for r in found], [statistics.mean(r["test"].values()) for r in found])
+        lines.append(
+            f"- the front's points: the search trial's dev score (100 steps) vs test after {STEPS} steps, "
+            f"{len(found)} configurations: Spearman rho = {rho.statistic:.2f} (p = {rho.pvalue:.2g})"
+        )
+    return [*lines, ""] if len(lines) > 2 else []
 
 
 def cmd_report(_: argparse.Namespace) -> None:
@@ -242,13 +280,15 @@ def cmd_report(_: argparse.Namespace) -> None:
                 f"{dev} | {diff} | {p} |"
             )
         lines.append("")
+    lines += _fidelity(rows, flat)
     seeds = {r["name"]: len(r["test"]) for r in rows}
     missing = [c["name"] for c in plan["configs"] if seeds.get(c["name"], 0) < len(SEEDS)]
     if missing:
         lines += [f"Not all seeds run yet: {', '.join(missing)}.", ""]
     REPORT.write_text("\n".join(lines))
     with (OUT / "runs.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(flat[0]) if flat else ["config"])
+        fields = list(dict.fromkeys(k for r in flat for k in r)) or ["config"]
+        writer = csv.DictWriter(f, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(flat)
     print("\n".join(lines))
