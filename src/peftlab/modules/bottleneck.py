@@ -43,7 +43,7 @@ from peftlab.modules.base import (
     need_int,
     register,
 )
-from peftlab.modules.linear import _near_sqrt_divisor
+from peftlab.modules.linear import _near_sqrt_divisor, kron_apply
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
@@ -674,9 +674,6 @@ class KronaRes(BottleneckModule):
         return 2.0 * (a_in * b_in * b_out + a_out * a_in * b_out)
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
-        a_out, a_in = self.krona_A.shape
-        b_out, b_in = self.krona_B.shape
         x = x.to(self.krona_A.dtype)
-        xr = x.reshape(*x.shape[:-1], a_in, b_in)
-        out = torch.einsum("ik,jl,...kl->...ij", self.krona_A, self.krona_B, xr).reshape(*x.shape[:-1], a_out * b_out)
+        out = kron_apply(self.krona_A, self.krona_B, x)
         return self.scale * out + x if self.residual else self.scale * out
