@@ -17,7 +17,7 @@ import torch
 
 import peftlab
 from peftlab import bench, methods
-from peftlab.bench import survey
+from peftlab.bench import profile, survey
 from peftlab.bench.batch import measured_batches
 from peftlab.cli import main
 from peftlab.formats import interop
@@ -406,3 +406,42 @@ def test_quantized_base_rows_have_no_full_row_and_no_merged_inference(tmp_path) 
     assert kinds == {("floor", "train"), ("floor", "infer"), ("lora", "train"), ("lora", "infer")}
     assert not report["failures"]
     assert "block linears quantized nf4" in (tmp_path / "out" / "bench.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("aten::addmm", "matmul"),
+        ("aten::bmm", "matmul"),
+        ("aten::_softmax", "attention"),
+        ("aten::_scaled_dot_product_flash_attention_for_cpu", "attention"),
+        ("aten::native_layer_norm_backward", "norm"),
+        ("aten::bernoulli_", "dropout"),
+        ("aten::copy_", "copy"),
+        ("aten::cat", "copy"),
+        ("aten::mul", "elementwise"),
+        ("aten::sigmoid", "elementwise"),
+        ("AddmmBackward0", "framework"),
+        ("autograd::engine::evaluate_function: MulBackward0", "framework"),
+    ],
+)
+def test_profiler_events_fall_into_categories(name: str, expected: str) -> None:
+    assert profile.category(name) == expected
+
+
+def test_profile_adds_a_category_table_beside_the_cost_model(tmp_path) -> None:
+    """Every training row gets its forward + backward's operator time by category; UniPELT's gates show as extra
+    elementwise time over LoRA's (the counted FLOPs cannot see it)."""
+    argv = ["bench", "--model", "shape:tiny-bert", "--methods", "lora,unipelt", "--no-full", "--profile"]
+    argv += ["--output", str(tmp_path), "--batch", "16", "--seq", "32", "--repeats", "2", "--warmup", "1"]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert "--profile" in report["command"]
+    by = {r["method"]: r for r in report["rows"]}
+    for method in ("floor", "lora", "unipelt"):
+        assert all(by[method][f"profile_{c}_ms"] >= 0 for c in profile.CATEGORIES)
+        assert by[method]["profile_matmul_ms"] > 0
+    assert by["unipelt"]["profile_elementwise_ms"] > by["lora"]["profile_elementwise_ms"]
+    md = (tmp_path / "bench.md").read_text()
+    assert "## Where the forward + backward goes (profiler)" in md and "| unipelt |" in md
+    assert "profile_matmul_ms" in (tmp_path / "bench.csv").read_text()

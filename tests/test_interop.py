@@ -435,7 +435,9 @@ def test_import_refuses_unsupported_options_and_types(tmp_path: Path) -> None:
         peftlab.load(_base("tiny-bert"), tmp_path / "bias")
     (tmp_path / "poly").mkdir()  # a peft type peftlab has no kind for (AdaLoRA was, until it had one)
     (tmp_path / "poly" / "adapter_config.json").write_text(json.dumps({"peft_type": "POLY"}))
-    expected = "LORA, ADALORA, LN_TUNING, IA3, VERA, FOURIERFT, LOHA, LOKR, OFT, BOFT, HRA, PREFIX_TUNING, PROMPT_TUNING"
+    expected = (
+        "LORA, ADALORA, LN_TUNING, IA3, VERA, FOURIERFT, LOHA, LOKR, OFT, BOFT, HRA, PREFIX_TUNING, PROMPT_TUNING"
+    )
     with pytest.raises(AdapterLoadError, match=expected):
         peftlab.load(_base("tiny-bert"), tmp_path / "poly")
 

@@ -413,6 +413,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         device=args.device,
         dtype=args.dtype,
         compare_peft=args.compare_peft,
+        profile=args.profile,
         score_steps=args.score_steps,
         task=args.task,
         data_dir=args.data_dir,
@@ -905,6 +906,12 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         "--compare-peft",
         action="store_true",
         help="also measure the peft library's equivalents (LoRA, DoRA, (IA)3, prefix, prompt, LN)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile each training measurement's forward + backward: operator time by category (matmul, "
+        "attention, norm, dropout, elementwise, copy, framework), a table beside the cost model's",
     )
     p.add_argument(
         "--score-steps",

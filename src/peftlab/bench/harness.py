@@ -67,6 +67,8 @@ class BenchConfig:
     #: "nf4" or "int8": every row on the base with its block linears quantized (QLoRA); no full fine-tuning row and
     #: no merged inference (neither exists on a quantized base)
     quantize: str | None = None
+    #: also profile each training job's forward + backward by operator category (bench.profile), after its timings
+    profile: bool = False
 
     def apply_protocol(self) -> None:
         """Fill in what ``protocol`` fixes: real SuperGLUE batches of 32 in Table 3's microbatches, inputs of up to 512
@@ -142,6 +144,7 @@ class BenchConfig:
             if getattr(self, f) is not None:
                 parts += [f"--{f.replace('_', '-')}", str(getattr(self, f))]
         flags = (["--compare-peft"] if self.compare_peft else []) + ([] if self.full else ["--no-full"])
+        flags += ["--profile"] if self.profile else []
         return shlex.join(parts + flags)
 
 
@@ -185,6 +188,7 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
         accumulate=config.accumulate,
         protocol=config.protocol,
         quantize=config.quantize,
+        profile=config.profile,
         **({"task": config.task, "data_dir": config.data_dir} if config.protocol else {}),
     )
     plans: dict[str, MethodPlan] = {FLOOR: _floor_plan(config, head, base)}

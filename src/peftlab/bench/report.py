@@ -19,6 +19,7 @@ from peftlab.atomic import write_with
 from peftlab.bench import survey
 from peftlab.bench.entries import FLOOR
 from peftlab.bench.flops import TARGET
+from peftlab.bench.profile import CATEGORIES
 from peftlab.bench.worker import KINDS
 from peftlab.train import library_versions
 
@@ -98,6 +99,9 @@ def rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             row["predicted_gflop"] = (flops["forward"] + flops["backward"]) / 1e9 if flops else None
             row["prediction_note"] = info.get("flops_note")
             row["n_train"], row["n_infer"] = len(_pooled(train, "step_s")), len(_pooled(infer, "forward_s"))
+            profiles = [r["profile_ms"] for r in train if "profile_ms" in r]
+            for c in CATEGORIES:  # ms per forward + backward, median over the rounds
+                row[f"profile_{c}_ms"] = statistics.median(p[c] for p in profiles) if profiles else None
             score = mine["score"][0] if mine["score"] else None
             for col in ("score", "metric", "status"):
                 row[f"score_{col}" if col != "score" else col] = score[col] if score else None
@@ -241,6 +245,8 @@ def markdown(report: dict[str, Any]) -> str:
     if cfg.get("protocol") == "survey":
         lines += ["", "## Beside the survey's Table 5", "", *survey.comparison(cfg["model"], report["rows"])]
     lines += ["", "## Cost model: a training step over the frozen floor", "", *_cost_table(report["rows"])]
+    if any(_profile(r) for r in report["rows"]):
+        lines += ["", "## Where the forward + backward goes (profiler)", "", *_profile_table(report["rows"])]
     if report["ratios"]:
         lines += [
             "",
@@ -310,6 +316,37 @@ def _cost_table(table: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _profile(row: dict[str, Any]) -> dict[str, float] | None:
+    """A row's profile: ms per forward + backward by category, or None when it was not profiled."""
+    found = {c: row.get(f"profile_{c}_ms") for c in CATEGORIES}
+    return found if all(v is not None for v in found.values()) else None
+
+
+def _profile_table(table: list[dict[str, Any]]) -> list[str]:
+    """Per row: milliseconds per step by operator category, and the excess over the floor's."""
+    floor = next((_profile(r) for r in table if r["method"] == FLOOR and r["impl"] == "peftlab"), None)
+    head = " | ".join(CATEGORIES)
+    lines = [
+        f"| method | {head} | profiled total | total − floor's | of which not matmul |",
+        "|---|" + "---:|" * (len(CATEGORIES) + 3),
+    ]
+    for r in table:
+        prof = _profile(r)
+        if prof is None:
+            continue
+        total = sum(prof.values())
+        cells = [r["method"] + (" (peft)" if r["impl"] == "peft" else ""), *(f"{prof[c]:.1f}" for c in CATEGORIES)]
+        cells.append(f"{total:.1f}")
+        if floor:
+            extra = total - sum(floor.values())
+            beyond = extra - (prof["matmul"] - floor["matmul"])
+            cells += [f"{extra:+.1f}", f"{beyond:+.1f}"]
+        else:
+            cells += ["–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 LEGEND = [
     "- **trainable / stored / changed**: what the optimiser holds / what the saved adapter holds / parameters of "
     "the final model that differ from the backbone (`pm.counts()`); % is trainable over the backbone. peft rows "
@@ -336,6 +373,13 @@ LEGEND = [
     "the longer sequence of a prompt; the backward only from the lowest layer a method acts on). **measured ÷ "
     "predicted** above 1.10 marks an optimisation target: the method costs more than its arithmetic (elementwise "
     "work, hooks, memory traffic, kernel choice).",
+    "- **profiler** (`--profile`, `peftlab/bench/profile.py`): ms per forward + backward (no optimiser) under "
+    "`torch.profiler`, each operator's own time summed by category: **matmul** (mm, addmm, bmm, ...), **attention** "
+    "(softmax and fused attention kernels), **norm**, **dropout**, **elementwise** (every other aten operator: "
+    "gates, scales, activations, masks), **copy** (copies, concatenations, layout and view changes), **framework** "
+    "(time outside aten operators: autograd nodes, hooks, Python); median over the rounds. **total − floor's** is "
+    "the method's extra time; **of which not matmul** is what the FLOP-counting cost model cannot see. The "
+    "profiler adds overhead of its own, so totals exceed the timed step.",
     "- **peftlab / peft**: ratio of medians (above 1: peftlab faster, or for memory: peftlab larger), in brackets "
     "q25(peftlab)/q75(peft) – q75(peftlab)/q25(peft). Both run the same backbone weights and batch in separate "
     "fresh processes. A peft process's peak RSS also holds the peft library itself (about 10 MB): Δ over loaded is "

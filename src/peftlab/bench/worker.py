@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from peftlab import optional
 from peftlab.backbone.zoo import load_model
 from peftlab.bench.batch import count_tokens, measured_batches
+from peftlab.bench.profile import profile_ms
 from peftlab.core.peft_model import apply
 from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError
@@ -58,6 +59,7 @@ class Job:
     accumulate: int = 1  # microbatches per optimiser step
     protocol: str | None = None  # "survey": real SuperGLUE microbatches (bench.survey)
     quantize: str | None = None  # "nf4" / "int8": the base's block linears quantized
+    profile: bool = False  # also profile the forward + backward (bench.profile) after the timed iterations
 
     @property
     def label(self) -> str:
@@ -192,7 +194,17 @@ def _train(model: nn.Module, batches: list[dict[str, torch.Tensor]], job: Job, d
 
     times = _time_rounds({"step": step, "forward": forward}, job, device)
     end = _memory(device)
-    return {
+
+    def forward_backward() -> None:
+        for batch in batches:
+            with _autocast(job):
+                loss = model(**batch).loss / len(batches)
+            loss.backward()
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+
+    profiled = {"profile_ms": profile_ms(forward_backward, job.repeats, device)} if job.profile else {}
+    return profiled | {
         "step_s": times["step"],
         "fwd_bwd_s": times["step_part"],
         "forward_s": times["forward"],
