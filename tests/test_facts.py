@@ -48,3 +48,21 @@ def test_named_checkpoints_and_shapes_are_of_supported_model_types() -> None:
         assert checkpoint.model_type in MODEL_TYPES, name
     for name, config in SHAPES.items():
         assert config.model_type in MODEL_TYPES, name
+
+
+def test_every_t5_shape_can_train_a_seq2seq_head() -> None:
+    """T5's decoder starts from the pad token: transformers 5 no longer defaults decoder_start_token_id, and without
+    it the shifted labels of a training step cannot be built (T5-Base's shape failed on GSM8K)."""
+    import copy
+
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    for name, config in SHAPES.items():
+        if config.model_type == "t5":
+            assert (config.decoder_start_token_id, config.pad_token_id, config.eos_token_id) == (0, 0, 1), name
+    small = copy.deepcopy(SHAPES["t5-base"])  # T5-Base's config at a size that builds at once
+    small.update({"num_layers": 1, "num_decoder_layers": 1, "d_model": 16, "d_ff": 32, "num_heads": 2, "d_kv": 8})
+    small.vocab_size = 64
+    out = T5ForConditionalGeneration(small)(input_ids=torch.tensor([[5, 6, 1]]), labels=torch.tensor([[7, 1]]))
+    assert torch.isfinite(out.loss)

@@ -64,7 +64,7 @@ def _t5(layers: int, d_model: int, heads: int, d_kv: int, d_ff: int, **kw: Any) 
         num_heads=heads,
         d_kv=d_kv,
         d_ff=d_ff,
-        **({"vocab_size": 32128} | kw),
+        **({"vocab_size": 32128, "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0} | kw),
     )
 
 
