@@ -14,6 +14,8 @@ import peftlab
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n N`: the workers share the cores, one thread each
+    torch.set_num_threads(1)
 
 settings.register_profile("peftlab", max_examples=30)  # tests/test_fuzz.py: a few dozen files of each kind
 settings.register_profile("fuzz-long", max_examples=1000)
