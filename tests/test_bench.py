@@ -445,3 +445,19 @@ def test_profile_adds_a_category_table_beside_the_cost_model(tmp_path) -> None:
     md = (tmp_path / "bench.md").read_text()
     assert "## Where the forward + backward goes (profiler)" in md and "| unipelt |" in md
     assert "profile_matmul_ms" in (tmp_path / "bench.csv").read_text()
+
+
+def test_a_peft_row_that_fails_is_listed_and_the_tables_are_written(tmp_path, capsys) -> None:
+    """peft 0.21 cannot run prefix tuning on BERT under transformers 5: its measurements fail, the run exits with
+    status 2 naming them, and bench.md still holds every other row, with the failures listed."""
+    argv = ["bench", "--model", "shape:tiny-bert", "--methods", "prefix", "--no-full", "--compare-peft"]
+    argv += ["--output", str(tmp_path), "--batch", "4", "--seq", "16", "--repeats", "1", "--warmup", "0"]
+    code = main(argv)
+    report = json.loads((tmp_path / "bench.json").read_text())
+    peft_failed = [f for f in report["failures"] if "(peft)" in f]
+    if not peft_failed:
+        pytest.skip("this peft runs prefix tuning on BERT: nothing fails")
+    assert code == 2 and "measurements failed" in capsys.readouterr().err
+    md = (tmp_path / "bench.md").read_text()
+    assert "| prefix |" in md and "## Failures" in md and "prefix train (peft)" in md
+    assert "prefix" not in report["ratios"]

@@ -138,8 +138,8 @@ def ratios(table: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for (method, impl), lab in by.items():
         ref = by.get((method, "peft"))
-        if impl != "peftlab" or ref is None:
-            continue
+        if impl != "peftlab" or ref is None or ref["n_train"] + ref["n_infer"] == 0:
+            continue  # no peft row, or every measurement of it failed (listed under failures)
         entry: dict[str, Any] = {
             "trainable_peftlab": lab["trainable_params"],
             "trainable_peft": ref["trainable_params"],
