@@ -342,6 +342,14 @@ class IA3(LinearModule):
         base = y if self.ref.out_slice is None else y[..., self.ref.out_slice]
         return base * (self.ia3_l.to(y.dtype) - 1)
 
+    def _post(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """y · l in one multiply (not y + y·(l − 1)): on a fused host, l padded with ones over the other slices."""
+        scale = self.ia3_l.to(y.dtype)
+        if self.ref.out_slice is not None:
+            sl = self.ref.out_slice
+            scale = F.pad(scale - 1, (sl.start, self.ref.total_out - sl.stop)) + 1
+        return y * scale
+
     def _factor(self) -> torch.Tensor:
         return self.ia3_l[None, :] if self.on_input else self.ia3_l[:, None]
 
