@@ -160,9 +160,17 @@ class LNTune(DeltaModule):
             ctx.hooks.add(m, "post", self, self._adder(key, m))
 
     def _adder(self, key: str, norm: nn.Module):
+        bias_key = f"{key}-bias"
+
         def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            out = y + normalize(norm, x) * self.deltas[f"{key}-weight"].to(y.dtype)
-            bias_key = f"{key}-bias"
+            delta = self.deltas[f"{key}-weight"].to(y.dtype)
+            if isinstance(norm, nn.LayerNorm):  # one fused norm with the tuned affine: y's graph is dropped
+                weight = norm.weight.to(y.dtype) + delta
+                bias = norm.bias.to(y.dtype) if norm.bias is not None else None
+                if bias_key in self.deltas:
+                    bias = self.deltas[bias_key].to(y.dtype) + (bias if bias is not None else 0)
+                return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
+            out = y + normalize(norm, x) * delta
             if bias_key in self.deltas:
                 out = out + self.deltas[bias_key].to(y.dtype)
             return out
