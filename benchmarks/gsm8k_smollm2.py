@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+import fresh_rows
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "gsm8k_smollm2"
@@ -84,19 +83,7 @@ def run_row(name: str, data_dir: str) -> dict:
         model = _peft_lora(load_for_task(config.model, task)[0])
         config.lr = spec.default_lr()
     run = Run(spec, config, model)
-    if name == "base":
-        record = {"steps": 0, "tokens_per_s": None, "train_s": 0.0, "lr": None, "best_step": None}
-    else:
-        run.loop(None)
-        rec = run.finish()
-        record = {
-            "steps": rec.steps,
-            "tokens_per_s": rec.tokens_per_s,
-            "train_s": rec.timings["train_s"],
-            "lr": rec.config["lr"],
-            "best_step": rec.best["step"],
-            "trainable": rec.counts.get("trainable_params", rec.counts.get("trainable")),
-        }
+    record = fresh_rows.UNTRAINED if name == "base" else fresh_rows.train_row(run)
     if name == T5_ROW:  # random weights: nothing to score
         common = {"dev_loss": None, "test_loss": None, "exact_match": None, "sigma": None, "score_s": 0.0}
         return {"row": name, **record, **common, "wall_s": time.perf_counter() - start, "peak_rss_bytes": peak_rss(),
@@ -128,19 +115,15 @@ def run_row(name: str, data_dir: str) -> dict:
 
 
 def cmd_row(args: argparse.Namespace) -> None:
-    result = run_row(args.name, args.data_dir)
+    result = run_row(args.row, args.data_dir)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{args.name}.json").write_text(json.dumps(result, indent=2))
+    (OUT / f"{args.row}.json").write_text(json.dumps(result, indent=2))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for name in args.rows:
-        if (OUT / f"{name}.json").is_file():
-            continue
-        print(time.strftime("%H:%M"), "row", name, flush=True)
-        cmd = [sys.executable, __file__, "row", name, "--data-dir", args.data_dir]
-        subprocess.run(cmd, env=env, check=True)
+        if not (OUT / f"{name}.json").is_file():
+            fresh_rows.run_fresh(__file__, [name], args.data_dir)
 
 
 def cmd_report(_: argparse.Namespace) -> None:
@@ -178,19 +161,7 @@ def cmd_report(_: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run")
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
-    p.add_argument("--data-dir", default=os.environ.get("PEFTLAB_DATA_DIR", "../shared/data"))
-    p.set_defaults(fn=cmd_run)
-    p = sub.add_parser("row")
-    p.add_argument("name", choices=ROWS)
-    p.add_argument("--data-dir", required=True)
-    p.set_defaults(fn=cmd_row)
-    sub.add_parser("report").set_defaults(fn=cmd_report)
-    args = parser.parse_args()
-    args.fn(args)
+    fresh_rows.main(__doc__, (cmd_run, cmd_row, cmd_report), [("row", ROWS)])
 
 
 if __name__ == "__main__":

@@ -18,11 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
+
+import fresh_rows
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "results" / "superglue_smollm2"
@@ -58,18 +57,7 @@ def run_row(task: str, name: str, data_dir: str) -> dict:
     start = time.perf_counter()
     # base: LoRA as initialised (B = 0), which leaves every output of the backbone exactly as it was
     run = Run(methods.get("lora" if name == "base" else name), config, None)
-    record: dict = {"steps": 0, "tokens_per_s": None, "train_s": 0.0, "lr": None, "best_step": None}
-    if name != "base":
-        run.loop(None)
-        rec = run.finish()
-        record = {
-            "steps": rec.steps,
-            "tokens_per_s": rec.tokens_per_s,
-            "train_s": rec.timings["train_s"],
-            "lr": rec.config["lr"],
-            "best_step": rec.best["step"],
-            "trainable": rec.counts.get("trainable_params"),
-        }
+    record = fresh_rows.UNTRAINED if name == "base" else fresh_rows.train_row(run)
     rows = run.splits.test[: TEST[task]]
     scoring = time.perf_counter()
     scores = evaluate(run.pm, run.encoder, rows, config.eval_batch_size, run.device)
@@ -95,20 +83,16 @@ def _path(task: str, name: str) -> Path:
 
 
 def cmd_row(args: argparse.Namespace) -> None:
-    result = run_row(args.task, args.name, args.data_dir)
+    result = run_row(args.task, args.row, args.data_dir)
     OUT.mkdir(parents=True, exist_ok=True)
-    _path(args.task, args.name).write_text(json.dumps(result, indent=2))
+    _path(args.task, args.row).write_text(json.dumps(result, indent=2))
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for task in args.tasks:
         for name in args.rows:
-            if _path(task, name).is_file():
-                continue
-            print(time.strftime("%H:%M"), task, name, flush=True)
-            cmd = [sys.executable, __file__, "row", task, name, "--data-dir", args.data_dir]
-            subprocess.run(cmd, env=env, check=True)
+            if not _path(task, name).is_file():
+                fresh_rows.run_fresh(__file__, [task, name], args.data_dir)
 
 
 def cmd_report(_: argparse.Namespace) -> None:
@@ -144,21 +128,7 @@ def cmd_report(_: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run")
-    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
-    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
-    p.add_argument("--data-dir", default=os.environ.get("PEFTLAB_DATA_DIR", "../shared/data"))
-    p.set_defaults(fn=cmd_run)
-    p = sub.add_parser("row")
-    p.add_argument("task", choices=TASKS)
-    p.add_argument("name", choices=ROWS)
-    p.add_argument("--data-dir", required=True)
-    p.set_defaults(fn=cmd_row)
-    sub.add_parser("report").set_defaults(fn=cmd_report)
-    args = parser.parse_args()
-    args.fn(args)
+    fresh_rows.main(__doc__, (cmd_run, cmd_row, cmd_report), [("task", TASKS), ("row", ROWS)])
 
 
 if __name__ == "__main__":
