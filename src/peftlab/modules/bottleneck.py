@@ -44,6 +44,7 @@ from peftlab.modules.base import (
     register,
 )
 from peftlab.modules.linear import _near_sqrt_divisor, kron_apply
+from peftlab.modules.saliency import gradient_sums
 
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
 
@@ -464,24 +465,7 @@ class SparseAdapterSettings(Settings):
         for m in snip:
             m.densify()
         weights = [w for m in snip for w in (m.down_weight, m.up_weight)]
-        grads = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
-        was, flags, seen = model.training, [w.requires_grad for w in weights], 0
-        model.eval()
-        try:
-            for w in weights:
-                w.requires_grad_(True)
-            for batch in batches():
-                found = torch.autograd.grad(model(**batch).loss, weights, allow_unused=True)
-                for total, g in zip(grads, found, strict=True):
-                    if g is not None:
-                        total += g.float()
-                seen += next(iter(batch.values())).shape[0]
-                if seen >= snip[0].settings.samples:
-                    break
-        finally:
-            for w, flag in zip(weights, flags, strict=True):
-                w.requires_grad_(flag)
-            model.train(was)
+        grads = gradient_sums(model, weights, batches(), snip[0].settings.samples, squared=False)
         for i, m in enumerate(snip):
             (dw, uw), (dg, ug) = weights[2 * i : 2 * i + 2], grads[2 * i : 2 * i + 2]
             m.choose(_top_mask((dw.detach().float() * dg).abs().cpu(), m.keep[0]),

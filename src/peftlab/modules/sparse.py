@@ -36,6 +36,7 @@ from peftlab.backbone.anatomy import Block, LinearRef
 from peftlab.errors import SpecError
 from peftlab.modules.base import Batches, BuildContext, PeftModule, Settings, need_float, need_int, register
 from peftlab.modules.linear import LinearModule
+from peftlab.modules.saliency import gradient_sums
 from peftlab.modules.selective import LNTune, model_norms
 
 
@@ -187,39 +188,11 @@ def _host_weights(refs: list[LinearRef]) -> list[nn.Parameter]:
     return list({id(r.module.weight): r.module.weight for r in refs}.values())
 
 
-def _rows(batch: dict[str, torch.Tensor]) -> Iterator[dict[str, torch.Tensor]]:
-    """The batch's examples one at a time (every tensor of a batch is batch-first)."""
-    n = next(iter(batch.values())).shape[0]
-    for i in range(n):
-        yield {k: v[i : i + 1] for k, v in batch.items()}
-
-
 def fisher(model: nn.Module, refs: list[LinearRef], batches: Iterator[dict[str, torch.Tensor]], samples: int):
     """The diagonal empirical Fisher of each site's weight: squared per-example gradients of the loss (the true
     labels'), summed over ``samples`` examples, the model in eval mode (no dropout)."""
     weights = _host_weights(refs)
-    sums = {id(w): torch.zeros_like(w, dtype=torch.float32) for w in weights}
-    was, flags = model.training, [w.requires_grad for w in weights]
-    model.eval()
-    seen = 0
-    try:
-        for w in weights:
-            w.requires_grad_(True)
-        for batch in batches:
-            for row in _rows(batch):
-                grads = torch.autograd.grad(model(**row).loss, weights, allow_unused=True)
-                for w, g in zip(weights, grads, strict=True):
-                    if g is not None:
-                        sums[id(w)] += g.float().pow(2)
-                seen += 1
-                if seen >= samples:
-                    break
-            if seen >= samples:
-                break
-    finally:
-        for w, flag in zip(weights, flags, strict=True):
-            w.requires_grad_(flag)
-        model.train(was)
+    sums = dict(zip(map(id, weights), gradient_sums(model, weights, batches, samples, squared=True), strict=True))
     return [site_view(r, sums[id(r.module.weight)]) for r in refs]
 
 
