@@ -27,13 +27,12 @@ import csv
 import json
 import math
 import os
-import shutil
 import statistics
-import subprocess
-import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+import retrain
+from retrain import EVAL_EVERY, LR, MODEL, SEEDS, STEPS, TASK
 from scipy import stats
 
 from peftlab import methods
@@ -46,9 +45,7 @@ HERE = Path(__file__).resolve().parent
 EVIDENCE = HERE / "results" / "search_evidence"
 OUT = HERE / "results" / "found_vs_presets"
 REPORT = HERE / "results" / "found_vs_presets.md"
-TASK, SAMPLER, MODEL = "sst2", "autopeft", "minilm"
-STEPS, EVAL_EVERY, LR, SEEDS = 500, 100, 1e-3, (0, 1, 2)
-TRAIN_FLAGS = ["--batch-size", "16", "--group-by-length", "--dev-size", "1000", "--max-length", "64"]
+SAMPLER = "autopeft"
 #: stored-% bin edges; the bins that the front's points fall in are compared
 BINS = (0.0, 0.2, 1.0, 3.0, 100.0)
 #: preset -> (its size setting, the sizes to choose from); ia3 has none
@@ -133,68 +130,12 @@ def _run_dir(name: str, seed: int) -> Path:
 
 def cmd_run(args: argparse.Namespace) -> None:
     plan = _plan()
-    env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = set(_committed())
+    done = set(retrain.committed(OUT / "runs.csv"))
     for seed in SEEDS:
         for c in plan["configs"]:
             out = _run_dir(c["name"], seed)
-            if (out / "record.json").is_file() or (c["name"], seed) in done:
-                continue
-            if out.exists():  # a run killed before its end: start it again
-                shutil.rmtree(out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            spec = out.parent / "spec.json"
-            spec.write_text(json.dumps(c["spec"]))
-            cmd = [
-                sys.executable, "-m", "peftlab.cli", "train", "--model", MODEL, "--task", TASK, "--spec", str(spec),
-                "--max-steps", str(STEPS), "--eval-every", str(EVAL_EVERY), "--lr", str(LR), "--seed", str(seed),
-                "--output", str(out), "--no-progress", "--data-dir", args.data_dir, *TRAIN_FLAGS,
-            ]  # fmt: skip
-            print(f"{datetime.now(UTC):%H:%M} {c['name']} seed {seed}", flush=True)
-            with (out.parent / f"seed{seed}.log").open("w") as log:
-                code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-            if code:
-                raise SystemExit(f"{c['name']} seed {seed} failed ({code}); see {out.parent / f'seed{seed}.log'}")
-            for adapter in out.glob("adapter*"):  # the table needs the record only
-                shutil.rmtree(adapter) if adapter.is_dir() else adapter.unlink()
-
-
-def _committed() -> dict[tuple[str, int], dict]:
-    """The runs in the committed ``runs.csv``, by (configuration, seed): a new machine does not run them again."""
-    path = OUT / "runs.csv"
-    if not path.is_file():
-        return {}
-    with path.open() as f:
-        return {(r["config"], int(r["seed"])): r for r in csv.DictReader(f) if r.get("seed")}
-
-
-def _row(c: dict, seed: int, r: dict) -> dict:
-    """One run's line of ``runs.csv``."""
-    metric = r["best"]["metric"]
-    return {
-        "config": c["name"], "seed": seed, "stored_percent": round(c["stored"], 4), "metric": metric,
-        "dev": r["best"]["score"], "test": _test_score(r), "best_step": r["best"]["step"], "steps": r["steps"],
-        "wall_time_s": round(r["wall_time_s"], 1),
-        "dev_by_step": ";".join(f"{e['step']}:{e[metric]}" for e in r["evaluations"] if metric in e),
-    }  # fmt: skip
-
-
-def _records(name: str) -> dict[int, dict]:
-    found = {}
-    for seed in SEEDS:
-        path = _run_dir(name, seed) / "record.json"
-        if path.is_file():
-            found[seed] = json.loads(path.read_text())
-    return found
-
-
-def _test_score(record: dict) -> float:
-    return float(record["test"][record["best"]["metric"]])
-
-
-def _mean_sd(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {sd:.3f}"
+            if not (out / "record.json").is_file() and (c["name"], seed) not in done:
+                retrain.train(c["name"], c["spec"], seed, out, args.data_dir)
 
 
 def _dev_at(row: dict, step: int) -> float | None:
@@ -235,8 +176,12 @@ def _fidelity(rows: list[dict], flat: list[dict]) -> list[str]:
 
 def cmd_report(_: argparse.Namespace) -> None:
     plan = _plan()
-    runs = _committed()  # then what this machine has run (the same runs, or more)
-    runs |= {(c["name"], seed): _row(c, seed, r) for c in plan["configs"] for seed, r in _records(c["name"]).items()}
+    runs = retrain.committed(OUT / "runs.csv")  # then what this machine has run (the same runs, or more)
+    runs |= {
+        (c["name"], seed): retrain.run_row(c["name"], c["stored"], seed, r)
+        for c in plan["configs"]
+        for seed, r in retrain.records(OUT / "runs" / c["name"]).items()
+    }
     flat = sorted(runs.values(), key=lambda r: (int(r["seed"]), r["config"]))
     rows = []
     for c in plan["configs"]:
@@ -249,9 +194,8 @@ def cmd_report(_: argparse.Namespace) -> None:
         f"- written {datetime.now(UTC).isoformat(timespec='minutes')}; command and protocol: "
         "`benchmarks/found_vs_presets.py` (its docstring); runs: `found_vs_presets/runs/`",
         f"- the front of `{plan['study']}` (its trials above the constant prediction), re-trained for {STEPS} steps "
-        f"(the search's trials had 100), lr {LR:g} for every row, seeds {', '.join(map(str, SEEDS))}; test = GLUE's "
-        "dev set (872 examples: σ of one accuracy ≈ sqrt(p(1-p)/872) ≈ 1.3 points at p = 0.83), scored at the best "
-        "of the evaluations on the 1000-example dev split",
+        f"(the search's trials had 100), lr {LR:g} for every row, seeds {', '.join(map(str, SEEDS))}; test = "
+        f"{retrain.TEST_SIGMA}, scored at the best of the evaluations on the 1000-example dev split",
         "- paired t-test: each row against the bin's best preset (by mean test score) over the seeds both have "
         "(the same seed trains on the same batches)",
         "",
@@ -267,16 +211,10 @@ def cmd_report(_: argparse.Namespace) -> None:
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in inside:
-            diff, p = "", ""
-            if best is not None and r is not best:
-                seeds = sorted(set(r["test"]) & set(best["test"]))
-                a, c = [r["test"][s] for s in seeds], [best["test"][s] for s in seeds]
-                diff = f"{statistics.mean(a) - statistics.mean(c):+.3f}"
-                if len(seeds) > 1 and a != c:
-                    p = f"{stats.ttest_rel(a, c).pvalue:.2f}"
+            diff, p = retrain.paired(r["test"], best["test"]) if best is not None and r is not best else ("", "")
             dev = f"{r['search_dev']:.3f}" if "search_dev" in r else ""
             lines.append(
-                f"| {r['name']} | {r['stored']:.3f} | {len(r['test'])} | {_mean_sd(list(r['test'].values()))} | "
+                f"| {r['name']} | {r['stored']:.3f} | {len(r['test'])} | {retrain.mean_sd(list(r['test'].values()))} | "
                 f"{dev} | {diff} | {p} |"
             )
         lines.append("")
@@ -286,11 +224,7 @@ def cmd_report(_: argparse.Namespace) -> None:
     if missing:
         lines += [f"Not all seeds run yet: {', '.join(missing)}.", ""]
     REPORT.write_text("\n".join(lines))
-    with (OUT / "runs.csv").open("w", newline="") as f:
-        fields = list(dict.fromkeys(k for r in flat for k in r)) or ["config"]
-        writer = csv.DictWriter(f, fieldnames=fields, restval="")
-        writer.writeheader()
-        writer.writerows(flat)
+    retrain.write_runs(OUT / "runs.csv", flat)
     print("\n".join(lines))
 
 
