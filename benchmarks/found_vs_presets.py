@@ -13,6 +13,11 @@ architectures with one of learning rates), ``STEPS`` steps with a dev evaluation
     python benchmarks/found_vs_presets.py plan      # results/found_vs_presets/plan.json: configurations and bins
     python benchmarks/found_vs_presets.py run       # every run not done yet (resumable; background, one thread)
     python benchmarks/found_vs_presets.py report    # results/found_vs_presets.md
+    python benchmarks/found_vs_presets.py run --task mrpc --configs found-t58 lora-r8   # transfer (AutoPEFT's claim)
+    python benchmarks/found_vs_presets.py report --task mrpc                          # results/found_vs_presets_mrpc.md
+
+Transfer: ``--task mrpc`` trains the same plan (the SST-2 front and the presets, sized and binned on SST-2) on MRPC,
+into ``found_vs_presets/transfer-mrpc/``; ``--configs`` restricts a run to some of the plan's configurations.
 
 Runs go seed by seed (every configuration at seed 0, then seed 1, ...), so a stopped run leaves every configuration
 with the same seeds. Each run's record is in ``results/found_vs_presets/runs/CONFIG/seedS/record.json`` (git-ignored;
@@ -124,18 +129,29 @@ def _plan() -> dict:
     return json.loads((OUT / "plan.json").read_text())
 
 
-def _run_dir(name: str, seed: int) -> Path:
-    return OUT / "runs" / name / f"seed{seed}"
+def _folder(task: str) -> tuple[Path, Path]:
+    """Where a task's runs (and runs.csv) and report go: the search's task, or a transfer task."""
+    if task == TASK:
+        return OUT, REPORT
+    return OUT / f"transfer-{task}", HERE / "results" / f"found_vs_presets_{task}.md"
+
+
+def _configs(plan: dict, names: list[str] | None) -> list[dict]:
+    known = [c["name"] for c in plan["configs"]]
+    if unknown := sorted(set(names or []) - set(known)):
+        raise SystemExit(f"unknown configuration(s) {', '.join(unknown)}: the plan has {', '.join(known)}")
+    return [c for c in plan["configs"] if names is None or c["name"] in names]
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    plan = _plan()
-    done = set(retrain.committed(OUT / "runs.csv"))
+    folder, _ = _folder(args.task)
+    configs = _configs(_plan(), args.configs)
+    done = set(retrain.committed(folder / "runs.csv"))
     for seed in SEEDS:
-        for c in plan["configs"]:
-            out = _run_dir(c["name"], seed)
+        for c in configs:
+            out = folder / "runs" / c["name"] / f"seed{seed}"
             if not (out / "record.json").is_file() and (c["name"], seed) not in done:
-                retrain.train(c["name"], c["spec"], seed, out, args.data_dir)
+                retrain.train(c["name"], c["spec"], seed, out, args.data_dir, args.task)
 
 
 def _dev_at(row: dict, step: int) -> float | None:
@@ -168,19 +184,20 @@ def _fidelity(rows: list[dict], flat: list[dict]) -> list[str]:
     if len(found) > 2:
         rho = stats.spearmanr([r["search_dev"] for r in found], [statistics.mean(r["test"].values()) for r in found])
         lines.append(
-            f"- the front's points: the search trial's dev score (100 steps) vs test after {STEPS} steps, "
+            f"- the front's points: the search trial's {TASK} dev score (100 steps) vs test after {STEPS} steps, "
             f"{len(found)} configurations: Spearman rho = {rho.statistic:.2f} (p = {rho.pvalue:.2g})"
         )
     return [*lines, ""] if len(lines) > 2 else []
 
 
-def cmd_report(_: argparse.Namespace) -> None:
+def cmd_report(args: argparse.Namespace) -> None:
     plan = _plan()
-    runs = retrain.committed(OUT / "runs.csv")  # then what this machine has run (the same runs, or more)
+    folder, report = _folder(args.task)
+    runs = retrain.committed(folder / "runs.csv")  # then what this machine has run (the same runs, or more)
     runs |= {
         (c["name"], seed): retrain.run_row(c["name"], c["stored"], seed, r)
         for c in plan["configs"]
-        for seed, r in retrain.records(OUT / "runs" / c["name"]).items()
+        for seed, r in retrain.records(folder / "runs" / c["name"]).items()
     }
     flat = sorted(runs.values(), key=lambda r: (int(r["seed"]), r["config"]))
     rows = []
@@ -189,13 +206,15 @@ def cmd_report(_: argparse.Namespace) -> None:
         if tests:
             rows.append({**c, "test": tests, "bin": _bin(c["stored"])})
     lines = [
-        f"# Found configurations against the presets: {MODEL}, {TASK}",
+        f"# Found configurations against the presets: {MODEL}, {args.task}",
         "",
         f"- written {datetime.now(UTC).isoformat(timespec='minutes')}; command and protocol: "
-        "`benchmarks/found_vs_presets.py` (its docstring); runs: `found_vs_presets/runs/`",
-        f"- the front of `{plan['study']}` (its trials above the constant prediction), re-trained for {STEPS} steps "
-        f"(the search's trials had 100), lr {LR:g} for every row, seeds {', '.join(map(str, SEEDS))}; test = "
-        f"{retrain.TEST_SIGMA}, scored at the best of the evaluations on the 1000-example dev split",
+        f"`benchmarks/found_vs_presets.py` (its docstring); runs: `{folder.relative_to(HERE / 'results')}/runs.csv`",
+        f"- the front of `{plan['study']}` (its trials above the constant prediction), "
+        + ("" if args.task == TASK else f"found on {TASK} and trained here on {args.task} (transfer), ")
+        + f"re-trained for {STEPS} steps (the search's trials had 100), lr {LR:g} for every row, seeds "
+        f"{', '.join(map(str, SEEDS))}; test = {retrain.TASKS[args.task][1]}, scored at the best of the evaluations "
+        "on the 1000-example dev split",
         "- paired t-test: each row against the bin's best preset (by mean test score) over the seeds both have "
         "(the same seed trains on the same batches)",
         "",
@@ -223,14 +242,16 @@ def cmd_report(_: argparse.Namespace) -> None:
     missing = [c["name"] for c in plan["configs"] if seeds.get(c["name"], 0) < len(SEEDS)]
     if missing:
         lines += [f"Not all seeds run yet: {', '.join(missing)}.", ""]
-    REPORT.write_text("\n".join(lines))
-    retrain.write_runs(OUT / "runs.csv", flat)
+    report.write_text("\n".join(lines))
+    retrain.write_runs(folder / "runs.csv", flat)
     print("\n".join(lines))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("phase", choices=["plan", "run", "report"])
+    p.add_argument("--task", default=TASK, choices=sorted(retrain.TASKS), help=f"train here (not {TASK}: transfer)")
+    p.add_argument("--configs", nargs="+", help="run only these configurations of the plan")
     p.add_argument("--data-dir", default=os.environ.get("PEFTLAB_DATA_DIR", str(HERE.parent.parent / "shared/data")))
     args = p.parse_args()
     {"plan": cmd_plan, "run": cmd_run, "report": cmd_report}[args.phase](args)

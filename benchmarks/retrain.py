@@ -2,9 +2,10 @@
 ``s4_evidence.py``): one ``peftlab train`` per (configuration, seed) in a fresh one-thread process, the runs' lines
 kept in a committed ``runs.csv`` (a new machine does not run them again), and the paired comparison of two rows.
 
-The protocol is the search evidence's except the budget: MiniLM on SST-2, batch 16 with ``--group-by-length``, max
-length 64, lr 1e-3 for every configuration, ``STEPS`` steps with a dev evaluation every ``EVAL_EVERY`` on the
-search's 1000-example dev split (data seed 0), the test split (GLUE's dev set) scored at the best dev checkpoint."""
+The protocol is the search evidence's except the budget: MiniLM on SST-2 (or MRPC, for transfer), batch 16 with
+``--group-by-length``, the task's max length (64, 128), lr 1e-3 for every configuration, ``STEPS`` steps with a dev
+evaluation every ``EVAL_EVERY`` on the search's 1000-example dev split (data seed 0), the test split (GLUE's dev set)
+scored at the best dev checkpoint."""
 
 from __future__ import annotations
 
@@ -23,22 +24,27 @@ from scipy import stats
 
 TASK, MODEL = "sst2", "minilm"
 STEPS, EVAL_EVERY, LR, SEEDS = 500, 100, 1e-3, (0, 1, 2)
-TRAIN_FLAGS = ["--batch-size", "16", "--group-by-length", "--dev-size", "1000", "--max-length", "64"]
-#: what the reports say of the test split's noise
-TEST_SIGMA = "GLUE's dev set (872 examples: σ of one accuracy ≈ sqrt(p(1-p)/872) ≈ 1.3 points at p = 0.83)"
+TRAIN_FLAGS = ["--batch-size", "16", "--group-by-length", "--dev-size", "1000"]
+#: per task: its max length (the search evidence's) and what the reports say of its test split's noise
+TASKS = {
+    "sst2": ("64", "GLUE's dev set (872 examples: σ of one accuracy ≈ sqrt(p(1-p)/872) ≈ 1.3 points at p = 0.83)"),
+    "mrpc": ("128", "GLUE's dev set (408 examples: σ of one accuracy ≈ sqrt(p(1-p)/408) ≈ 2.2 points at p = 0.75)"),
+}
+TEST_SIGMA = TASKS[TASK][1]
 
 
-def train(name: str, spec: dict[str, Any], seed: int, out: Path, data_dir: str) -> None:
-    """Train ``spec`` at ``seed`` into ``out`` (restarted if a killed run left it half done); keep the record only."""
+def train(name: str, spec: dict[str, Any], seed: int, out: Path, data_dir: str, task: str = TASK) -> None:
+    """Train ``spec`` at ``seed`` on ``task`` into ``out`` (restarted if a killed run left it half done); keep the
+    record only."""
     if out.exists():
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.parent / "spec.json"
     path.write_text(json.dumps(spec))
     cmd = [
-        sys.executable, "-m", "peftlab.cli", "train", "--model", MODEL, "--task", TASK, "--spec", str(path),
+        sys.executable, "-m", "peftlab.cli", "train", "--model", MODEL, "--task", task, "--spec", str(path),
         "--max-steps", str(STEPS), "--eval-every", str(EVAL_EVERY), "--lr", str(LR), "--seed", str(seed),
-        "--output", str(out), "--no-progress", "--data-dir", data_dir, *TRAIN_FLAGS,
+        "--output", str(out), "--no-progress", "--data-dir", data_dir, *TRAIN_FLAGS, "--max-length", TASKS[task][0],
     ]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     print(f"{datetime.now(UTC):%H:%M} {name} seed {seed}", flush=True)
