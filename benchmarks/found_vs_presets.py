@@ -199,6 +199,8 @@ def cmd_report(args: argparse.Namespace) -> None:
         for c in plan["configs"]
         for seed, r in retrain.records(folder / "runs" / c["name"]).items()
     }
+    if not runs:
+        raise SystemExit(f"no runs on {args.task} yet: `python benchmarks/found_vs_presets.py run --task {args.task}`")
     flat = sorted(runs.values(), key=lambda r: (int(r["seed"]), r["config"]))
     rows = []
     for c in plan["configs"]:

@@ -90,6 +90,7 @@ def committed(path: Path) -> dict[tuple[str, int], dict[str, Any]]:
 
 
 def write_runs(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
         fields = list(dict.fromkeys(k for r in rows for k in r)) or ["config"]
         writer = csv.DictWriter(f, fieldnames=fields, restval="")
