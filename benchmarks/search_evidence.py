@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import shlex
@@ -408,6 +409,17 @@ def _points(task: str, sampler: str, seed: int) -> list[tuple[float, float]]:
     return [(float(r["score"]), float(r["stored_percent"])) for r in _table(task, sampler, seed) if r["score"]]
 
 
+def _seeds_for_power(a: list[float], b: list[float]) -> str:
+    """Seeds per sampler that a two-sided test at 5% needs to find the observed difference of means 80% of the time,
+    if it and the pooled spread were the truth (normal approximation): how far 3 seeds are from settling it."""
+    diff = abs(statistics.mean(a) - statistics.mean(b))
+    var = (statistics.variance(a) + statistics.variance(b)) / 2
+    if diff == 0:
+        return "–"
+    z = stats.norm.ppf(0.975) + stats.norm.ppf(0.8)
+    return str(math.ceil(2 * z**2 * var / diff**2))
+
+
 def _analysis(curves: dict, refs: dict) -> list[str]:
     """What the curves say and why: each sampler's distance from the best front any study found (the union of every
     trial of the task), the N/2 goal, Welch's t-test between samplers, and what the model-based trials proposed."""
@@ -438,8 +450,8 @@ def _analysis(curves: dict, refs: dict) -> list[str]:
             lines += [
                 f"{s} against random (Welch's t-test over seeds; the goal: {s} at N/2 ≥ random at N):",
                 "",
-                f"| N | {s} at N | random at N | t | p | {s} at N/2 | goal met |",
-                "|---:|---:|---:|---:|---:|---:|---|",
+                f"| N | {s} at N | random at N | t | p | seeds for 80% power | {s} at N/2 | goal met |",
+                "|---:|---:|---:|---:|---:|---:|---:|---|",
             ]
             for n in MARKS:
                 a = [c[n - 1][0] for c in curves[(task, s)].values() if len(c) >= n]
@@ -449,7 +461,10 @@ def _analysis(curves: dict, refs: dict) -> list[str]:
                     continue
                 t, pv = stats.ttest_ind(a, r, equal_var=False)
                 met = "yes" if statistics.mean(half) >= statistics.mean(r) else "no"
-                lines.append(f"| {n} | {_mean_sd(a)} | {_mean_sd(r)} | {t:.2f} | {pv:.2f} | {_mean_sd(half)} | {met} |")
+                power = _seeds_for_power(a, r)
+                lines.append(
+                    f"| {n} | {_mean_sd(a)} | {_mean_sd(r)} | {t:.2f} | {pv:.2f} | {power} | {_mean_sd(half)} | {met} |"
+                )
             lines.append("")
         lines += [
             "What each sampler proposed after the 10 start-up trials (all seeds pooled): dev score and stored %, "
