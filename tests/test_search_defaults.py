@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -17,7 +19,9 @@ import torch
 import peftlab.optional
 from peftlab.cli import main
 from peftlab.errors import PeftlabError
+from peftlab.search import results
 from peftlab.search import study as study_module
+from peftlab.search.pareto import hypervolume_history
 from peftlab.search.study import SearchConfig, create_study, load_study, run_search
 from peftlab.train import TrainConfig
 from peftlab.train.data import task_splits
@@ -132,3 +136,62 @@ def test_reference_point_and_nuts_settings_reach_the_autopeft_sampler(
     assert step, "the sampler made no BO step"
     assert step["ref_point"][:2] == pytest.approx([0.6, 5.0]) and len(step["ref_point"]) == 3
     assert fits and all((f["warmup_steps"], f["num_samples"], f["thinning"]) == (7, 9, 3) for f in fits)
+
+
+def test_hypervolume_on_a_log_cost_axis_by_hand() -> None:
+    """Two points against (0.5, 10): linear, the costlier better point holds most of the area; on log10 the cheap
+    one's decade counts as much as the rest."""
+    points = [(0.7, 0.01), (0.9, 1.0)]
+    linear = hypervolume_history(points, (0.5, 10.0))[-1]
+    log = hypervolume_history(points, (0.5, 10.0), "log")[-1]
+    assert linear == pytest.approx((1.0 - 0.01) * 0.2 + (10.0 - 1.0) * 0.4)
+    assert log == pytest.approx((0 - (-2)) * 0.2 + (1 - 0) * 0.4)
+    assert hypervolume_history([(0.7, 0.0)], (0.5, 10.0), "log")[-1] == pytest.approx((1 + 6) * 0.2)  # 0 -> 1e-6 %
+
+
+def test_cost_scale_is_validated_in_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(PeftlabError, match="unknown cost scale 'cubic'; one of linear, log"):
+        SearchConfig(model="shape:tiny-bert", task="sst2", cost_scale="cubic").check()
+    with pytest.raises(PeftlabError, match="a log cost axis needs a reference cost above 0"):
+        SearchConfig(model="shape:tiny-bert", task="sst2", cost_scale="log", ref_point=(0.5, 0.0)).check()
+    with pytest.raises(SystemExit) as stop:
+        main(["search", *FLAGS, "--cost-scale", "cubic"])
+    assert stop.value.code == 2 and "invalid choice: 'cubic'" in capsys.readouterr().err
+
+
+@needs_bo
+def test_a_log_cost_scale_reaches_the_autopeft_sampler_and_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sampler's hypervolume axis is log10 of the cost (its reference point's cost included), the study keeps
+    the scale, its report measures on it, and a resumed search with another scale is refused."""
+    bo = peftlab.optional.require("peftlab.search.bo", "this test")
+
+    def fake_nuts(model, seed=0, **kw):
+        model.train()
+        model.load_mcmc_samples(model.pyro_model.get_dummy_mcmc_samples(4, dtype=torch.double))
+        model.eval()
+
+    samplers: list[optuna.samplers.BaseSampler] = []
+    make = study_module.make_sampler
+    monkeypatch.setattr(bo, "fit_saas_nuts", fake_nuts)
+    monkeypatch.setattr(study_module, "make_sampler", lambda *a, **kw: samplers.append(make(*a, **kw)) or samplers[-1])
+    config = SearchConfig(
+        model="shape:tiny-bert",
+        task="sst2",
+        sampler="autopeft",
+        ref_point=(0.6, 5.0),
+        cost_scale="log",
+        trials=3,
+        startup_trials=2,
+        output=str(tmp_path),
+        train=TRAIN | {"max_steps": 1},
+    )
+    study = run_search(config)
+    assert study_module.definition_of(study)["cost_scale"] == "log"
+    step = samplers[-1].last_step
+    assert step["ref_point"] == pytest.approx([0.6, math.log10(5.0)])
+    points = study_module.finished_points(study)
+    assert results.summary(study)["hypervolume"] == pytest.approx(hypervolume_history(points, (0.6, 5.0), "log")[-1])
+    with pytest.raises(PeftlabError, match="cost_scale: 'log' → 'linear'"):
+        create_study(replace(config, cost_scale="linear"))

@@ -31,6 +31,7 @@ from peftlab.formats.loading import load
 from peftlab.inference import generate, language_model
 from peftlab.search import results
 from peftlab.search.dashboard import serve
+from peftlab.search.pareto import COST_SCALES
 from peftlab.search.refine import refine
 from peftlab.search.results import export, front_table, summary
 from peftlab.search.storage import hide_password
@@ -171,6 +172,7 @@ def search_config(args: argparse.Namespace) -> SearchConfig:
         objectives=tuple(args.objectives.split(",")),
         budget=args.budget,
         ref_point=_pair(args.ref_point, "--ref-point") if args.ref_point else None,
+        cost_scale=args.cost_scale,
         startup_trials=args.startup_trials,
         batch_size=args.bo_batch,
         seed=args.sampler_seed,
@@ -182,13 +184,17 @@ def search_config(args: argparse.Namespace) -> SearchConfig:
     )
 
 
+def _scale_note(summary: dict) -> str:
+    return ", stored % on a log10 axis" if summary["cost_scale"] == "log" else ""
+
+
 def cmd_search(args: argparse.Namespace) -> None:
     config = search_config(args)
     study = run_search(config, workers=args.workers, on_trial=print_trial)
     paths = export(study, Path(config.output) / "results", plots=not args.no_plots)
     s = summary(study)
     print(f"study '{study.study_name}' in {hide_password(config.storage_url)}: {s['trials']} trials {s['statuses']}")
-    print(f"hypervolume {s['hypervolume']:.5f} (reference point {s['ref_point']})")
+    print(f"hypervolume {s['hypervolume']:.5f} (reference point {s['ref_point']}{_scale_note(s)})")
     print(front_table(study))
     print(f"results: {', '.join(str(p) for p in paths)}")
     failed = none_completed(study)
@@ -235,7 +241,8 @@ def cmd_pareto(args: argparse.Namespace) -> None:
                 continue
             print(
                 f"study '{study.study_name}' ({s['definition']['sampler']}): {s['trials']} trials "
-                f"{s['statuses']}, hypervolume {s['hypervolume']:.5f} (reference point {s['ref_point']})"
+                f"{s['statuses']}, hypervolume {s['hypervolume']:.5f} "
+                f"(reference point {s['ref_point']}{_scale_note(s)})"
             )
             print(results.front_table(study))
     elif args.action == "export":
@@ -721,6 +728,13 @@ def _add_search_parser(sub: argparse._SubParsersAction) -> None:
         "--ref-point",
         help="hypervolume reference point SCORE,STORED_PERCENT, for the report and the autopeft sampler (default: "
         "the constant prediction's dev score and the budget, else 1.1 x the space's costliest point)",
+    )
+    p.add_argument(
+        "--cost-scale",
+        choices=COST_SCALES,
+        default="linear",
+        help="cost axis of the hypervolume, the report's and the autopeft sampler's: log weighs every decade of "
+        "stored %% the same, so the front's cheap end counts (default linear)",
     )
     p.add_argument("--startup-trials", type=int, default=8, help="random trials before model-based sampling")
     p.add_argument("--bo-batch", type=int, default=1, help="autopeft sampler: candidates chosen jointly")

@@ -68,6 +68,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from peftlab.errors import PeftlabError
 from peftlab.search import params
+from peftlab.search.pareto import COST_SCALES, scaled_cost
 from peftlab.space import LayerSpace, SearchSpace
 
 MISSING_BOTORCH = 'the autopeft sampler needs BoTorch: pip install "peftlab[bo]"'
@@ -297,6 +298,9 @@ class AutoPEFTSampler(BaseSampler):
             points the study gives no credit (e.g. scores at the constant prediction's) improve nothing; a
             ``None`` value (or ``ref_point=None``: every value) is BoTorch's ``infer_reference_point`` on the
             observed Pareto front (its nadir moved back by 10% of each objective's range), recomputed every step.
+        cost_scale: the cost axis of the hypervolume the acquisition improves: "linear", or "log" (log10 of the
+            cost, reference point's included; every decade of cost weighs the same, see
+            :mod:`peftlab.search.pareto`). The GP of the score is the same either way.
         budget: with ``cost``, points whose cost exceeds it are never suggested (they are left out of local
             search); trials the random start draws are not filtered.
         mc_samples: QMC samples of the joint posterior per acquisition value (BoTorch uses 128; with several
@@ -320,6 +324,7 @@ class AutoPEFTSampler(BaseSampler):
         thinning: int = 4,
         max_tree_depth: int = 6,
         ref_point: Sequence[float | None] | None = None,
+        cost_scale: str = "linear",
         budget: float | None = None,
         mc_samples: int = 32,
         n_random_starts: int = 5,
@@ -333,6 +338,9 @@ class AutoPEFTSampler(BaseSampler):
             raise PeftlabError(f"n_startup_trials must be at least 1 (the GP needs data), got {n_startup_trials}")
         if budget is not None and cost is None:
             raise PeftlabError("budget needs cost: the exact cost of a point is what it is compared with")
+        if cost_scale not in COST_SCALES:
+            raise PeftlabError(f"unknown cost scale '{cost_scale}'; one of {', '.join(COST_SCALES)}")
+        self.cost_scale = cost_scale
         self.space = space
         self.cost = cost
         self.n_startup_trials = n_startup_trials
@@ -506,12 +514,16 @@ class AutoPEFTSampler(BaseSampler):
         X = self.encoder.encode(vectors)
         Y = torch.tensor([t.values for t, _ in completed], dtype=_DTYPE) * signs
         if self.cost is not None:
-            Y[:, 1] = signs[1] * torch.tensor([self._cost_of(tuple(v)) for v in vectors], dtype=_DTYPE)
+            costs = [self._cost_of(tuple(v)) for v in vectors]
+        else:
+            costs = [t.values[1] for t, _ in completed]
+        Y[:, 1] = signs[1] * torch.tensor([scaled_cost(c, self.cost_scale) for c in costs], dtype=_DTYPE)
         model = self._model(X, Y, signs, n)
         t_fit = time.perf_counter() - t0
         ref = infer_reference_point(Y[is_non_dominated(Y)])
         if self.ref_point is not None:
-            given = torch.tensor([math.nan if r is None else r for r in self.ref_point], dtype=_DTYPE) * signs
+            axis = [r if r is None or i != 1 else scaled_cost(r, self.cost_scale) for i, r in enumerate(self.ref_point)]
+            given = torch.tensor([math.nan if r is None else r for r in axis], dtype=_DTYPE) * signs
             ref = torch.where(given.isnan(), ref, given)
         front = vectors[is_non_dominated(Y).numpy()]
         rng = np.random.default_rng(self._seed(n, 1))
@@ -586,7 +598,7 @@ class AutoPEFTSampler(BaseSampler):
 
     def _cost_tensor(self, X: torch.Tensor) -> torch.Tensor:
         vectors = self.encoder.decode(X)
-        values = [self._cost_of(tuple(int(k) for k in v)) for v in vectors]
+        values = [scaled_cost(self._cost_of(tuple(int(k) for k in v)), self.cost_scale) for v in vectors]
         return torch.tensor(values, dtype=X.dtype).reshape(*X.shape[:-1], 1)
 
     # -- acquisition optimisation ------------------------------------------------------------------------------

@@ -4,11 +4,26 @@ Everything here works on plain ``(score, cost)`` pairs so the same code serves a
 re-training table and a synthetic test problem. The hypervolume is the area dominated by the front and
 bounded by a reference point ``(ref_score, ref_cost)`` (a score worse than anything wanted, a cost higher
 than anything allowed); points that do not dominate the reference point add nothing.
+
+The cost axis is linear or log10 (``scale``). Costs span orders of magnitude (0.01% to 10% stored), and on a linear
+axis up to a far reference cost the single best-scoring point holds most of the area, so the front's cheap end
+barely counts; on a log axis every decade of cost weighs the same.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+
+#: how the cost axis is measured for hypervolume (and by the autopeft sampler's acquisition)
+COST_SCALES = ("linear", "log")
+#: the cost a log axis gives a point that costs nothing (log10 of 0 is not a number): 1e-6 % stored
+LOG_FLOOR = 1e-6
+
+
+def scaled_cost(cost: float, scale: str = "linear") -> float:
+    """A cost on the ``scale``'s axis."""
+    return math.log10(max(cost, LOG_FLOOR)) if scale == "log" else cost
 
 
 def pareto_indices(points: Sequence[Sequence[float]]) -> list[int]:
@@ -34,12 +49,16 @@ def hypervolume(points: Sequence[Sequence[float]], ref: Sequence[float]) -> floa
     return area
 
 
-def hypervolume_history(points: Sequence[Sequence[float] | None], ref: Sequence[float]) -> list[float]:
-    """Hypervolume after each trial (``None`` for a trial without values: failed, pruned)."""
+def hypervolume_history(
+    points: Sequence[Sequence[float] | None], ref: Sequence[float], scale: str = "linear"
+) -> list[float]:
+    """Hypervolume after each trial (``None`` for a trial without values: failed, pruned), the cost axis (points'
+    and reference point's) on ``scale``."""
+    axis = (ref[0], scaled_cost(ref[1], scale))
     seen: list[Sequence[float]] = []
     out = []
     for p in points:
         if p is not None:
-            seen.append(p)
-        out.append(hypervolume(seen, ref))
+            seen.append((p[0], scaled_cost(p[1], scale)))
+        out.append(hypervolume(seen, axis))
     return out

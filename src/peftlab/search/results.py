@@ -33,9 +33,14 @@ def ref_point(study: optuna.Study) -> tuple[float, float]:
     return float(ref[0]), float(ref[1])
 
 
+def cost_scale(study: optuna.Study) -> str:
+    """The study's cost axis for hypervolume ("linear" for a study made before the scale was stored)."""
+    return definition_of(study).get("cost_scale", "linear")
+
+
 def hypervolume_curve(study: optuna.Study) -> list[float]:
-    """Hypervolume after each trial (in trial-number order)."""
-    return hypervolume_history(finished_points(study), ref_point(study))
+    """Hypervolume after each trial (in trial-number order), on the study's cost scale."""
+    return hypervolume_history(finished_points(study), ref_point(study), cost_scale(study))
 
 
 def summary(study: optuna.Study) -> dict[str, Any]:
@@ -52,6 +57,7 @@ def summary(study: optuna.Study) -> dict[str, Any]:
         "trials": len(rows),
         "statuses": statuses,
         "ref_point": list(ref_point(study)),
+        "cost_scale": cost_scale(study),
         "hypervolume": curve[-1] if curve else 0.0,
         "pareto": [_front_row(t, study.user_attrs) for t in front],
     }
@@ -166,9 +172,13 @@ def plot_hypervolume(studies: Sequence[optuna.Study], path: str | Path) -> Path:
     for k, study in enumerate(studies):
         curve = hypervolume_curve(study)
         ax.plot(range(1, len(curve) + 1), curve, color=f"C{k}", label=_label(study))
-    refs = {ref_point(s) for s in studies}
-    ref = f"reference point (score, stored %) = {next(iter(refs))}" if len(refs) == 1 else "reference points differ"
-    ax.set_title(ref, fontsize=9)
+    refs = {(ref_point(s), cost_scale(s)) for s in studies}
+    if len(refs) == 1:
+        (ref, scale), *_ = refs
+        title = f"reference point (score, stored %) = {ref}" + (", stored % on a log10 axis" if scale == "log" else "")
+    else:
+        title = "reference points or cost scales differ"
+    ax.set_title(title, fontsize=9)
     return _save(plt, fig, ax, path, "trials", "hypervolume")
 
 

@@ -45,7 +45,7 @@ from peftlab.core.spec import SpecError
 from peftlab.errors import PeftlabError, changes
 from peftlab.search.holdout import score_front, trial_test
 from peftlab.search.params import distributions, suggest, to_vector
-from peftlab.search.pareto import pareto_indices
+from peftlab.search.pareto import COST_SCALES, pareto_indices
 from peftlab.search.storage import hide_password, open_storage, storage_url
 from peftlab.space import Backbone, SearchSpace, load_space
 from peftlab.train import RUN_FIELDS, TrainConfig, train
@@ -114,6 +114,8 @@ class SearchConfig:
     objectives: tuple[str, ...] = ("score", "stored")
     budget: float | None = None
     ref_point: tuple[float, float] | None = None
+    #: the cost axis of hypervolume, the report's and the autopeft sampler's: "linear" or "log" (see pareto)
+    cost_scale: str = "linear"
     startup_trials: int = 8
     batch_size: int = 1
     seed: int = 0
@@ -139,6 +141,10 @@ class SearchConfig:
             raise PeftlabError(
                 f"objectives are score,stored plus optionally memory or latency; got {','.join(self.objectives)}"
             )
+        if self.cost_scale not in COST_SCALES:
+            raise PeftlabError(f"unknown cost scale '{self.cost_scale}'; one of {', '.join(COST_SCALES)}")
+        if self.ref_point is not None and self.cost_scale == "log" and self.ref_point[1] <= 0:
+            raise PeftlabError(f"a log cost axis needs a reference cost above 0, got {self.ref_point[1]:g}")
         if "memory" in self.objectives and not torch.cuda.is_available():
             raise PeftlabError(
                 "the memory objective needs a CUDA GPU: on the CPU the peak RSS belongs to the "
@@ -201,6 +207,7 @@ class SearchConfig:
             "budget": self.budget,
             "train": self.train,
             "ref_point": list(self.ref_point) if self.ref_point else None,
+            "cost_scale": self.cost_scale,
             "sampler": self.sampler,
             "nuts": self.nuts if self.sampler == "autopeft" else None,
         }
@@ -254,10 +261,12 @@ def make_sampler(
     batch_size: int = 1,
     ref_point: Sequence[float | None] | None = None,
     nuts: Mapping[str, int] | None = None,
+    cost_scale: str = "linear",
 ) -> optuna.samplers.BaseSampler:
     """A sampler by name: random, tpe, nsga2, gp (Optuna's), autopeft (BoTorch SAAS-GP + qLogNEHVI, whose
-    hypervolume is measured from ``ref_point``, one value per objective, ``None`` for one it infers, and whose
-    GP fits take the ``nuts`` settings)."""
+    hypervolume is measured from ``ref_point``, one value per objective, ``None`` for one it infers, with the cost
+    on ``cost_scale``, and whose GP fits take the ``nuts`` settings). Optuna's samplers see the stored values:
+    NSGA-II ranks by dominance, which a monotone rescaling of the cost does not change."""
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "tpe":
@@ -276,6 +285,7 @@ def make_sampler(
             seed=seed,
             budget=budget,
             ref_point=ref_point,
+            cost_scale=cost_scale,
             **(nuts or NUTS_DEFAULTS),
         )
     raise PeftlabError(f"unknown sampler '{name}'; samplers: {', '.join(SAMPLERS)}")
@@ -413,6 +423,7 @@ def create_study(config: SearchConfig) -> tuple[optuna.Study, SearchSpace]:
             # a study made before the NUTS settings were stored ran the defaults of then
             {
                 "nuts": NUTS_UNSTORED if theirs.get("sampler") == "autopeft" else None,
+                "cost_scale": "linear",  # a study made before the scale was stored measured linearly
                 **theirs,
                 "train": _with_defaults(theirs.get("train") or {}),
             },
@@ -515,6 +526,7 @@ def work(
         config.batch_size,
         ref_point=[*ref, *[None] * (len(config.objectives) - len(ref))],
         nuts=config.nuts,
+        cost_scale=config.cost_scale,
     )
     study = optuna.load_study(study_name=config.study, storage=storage, sampler=sampler)
     objective = Objective(config, space, cost)
