@@ -11,6 +11,10 @@ taken elsewhere see a quiet machine); delete it to go on.
     python benchmarks/search_evidence.py run --plan sst2:random sst2:autopeft --seeds 0 1 2 --trials 60
     python benchmarks/search_evidence.py report
 
+A sampler named ``autopeft-log`` is the autopeft sampler with ``--cost-scale log`` (its acquisition improves the
+hypervolume with stored % on a log10 axis); every study's curve is measured on the linear axis and, in the report's
+log-axis table, on the log one.
+
 Protocol (pinned for every study, so their numbers compare): MiniLM, batch 16, ``--group-by-length``, lr 1e-3,
 ``--max-steps`` per task (the low fidelity), one dev evaluation per trial (the hopeless check at a quarter of the
 budget), a 1000-example dev split held out from train with data seed 0 (the same split for every seed; the test
@@ -74,8 +78,10 @@ def _name(task: str, sampler: str, seed: int) -> str:
 
 
 def command(task: str, sampler: str, seed: int, trials: int, data_dir: str, runs: Path) -> list[str]:
-    """The ``peftlab search`` arguments of one study, up to ``trials`` finished trials."""
+    """The ``peftlab search`` arguments of one study, up to ``trials`` finished trials. A sampler named ``S-log`` is
+    sampler S with ``--cost-scale log``."""
     name = _name(task, sampler, seed)
+    sampler, log = sampler.removesuffix("-log"), sampler.endswith("-log")
     return [
         "search",
         "--model",
@@ -116,6 +122,7 @@ def command(task: str, sampler: str, seed: int, trials: int, data_dir: str, runs
         "--data-dir",
         data_dir,
         *TASKS[task],
+        *(["--cost-scale", "log"] if log else []),
     ]
 
 
@@ -286,7 +293,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         study = _load(runs, folder.name)
         if study is None:
             continue
-        task, sampler, seed = folder.name.rsplit("-", 2)
+        (task, sampler), seed = folder.name.rsplit("-", 1)[0].split("-", 1), folder.name.rsplit("-", 1)[1]
         rows = _trial_rows(study)
         (RESULTS / task).mkdir(parents=True, exist_ok=True)
         _write_csv(RESULTS / task / f"{folder.name}.csv", rows)
