@@ -461,3 +461,30 @@ def test_a_peft_row_that_fails_is_listed_and_the_tables_are_written(tmp_path, ca
     md = (tmp_path / "bench.md").read_text()
     assert "| prefix |" in md and "## Failures" in md and "prefix train (peft)" in md
     assert "prefix" not in report["ratios"]
+
+
+def test_resume_measures_only_what_an_earlier_run_left_unmeasured(tmp_path, monkeypatch) -> None:
+    """A run writes each measurement under OUTPUT/jobs/; with --resume a second run takes those (here the worker
+    would fail if asked again) and measures only the ones missing, as after a kill."""
+    out = tmp_path / "out"
+    config = bench.BenchConfig(
+        model="shape:tiny-bert", methods=["lora"], output=str(out), batch=2, seq=16, repeats=1, warmup=0, full=False
+    )
+    first = bench.run(config, log=lambda _: None)
+    files = sorted((out / "jobs").glob("*.json"))
+    assert len(files) == len(first["runs"]) == 5  # floor: train, infer; lora: train, infer, merged infer
+    files[0].unlink()  # as if the run had been killed before its last measurement
+    measured: list[str] = []
+    real = bench.harness.run_worker
+    monkeypatch.setattr(bench.harness, "run_worker", lambda job: measured.append(job.label) or real(job))
+    lines: list[str] = []
+    second = bench.run(replace(config, resume=True), log=lines.append)
+    assert len(measured) == 1 and second["resumed"] == 4
+    assert sum("(measured by an earlier run)" in line for line in lines) == 4
+    assert [r["job"] for r in second["runs"]] == [r["job"] for r in first["runs"]]
+    kept = [r for r in first["runs"] if r["job"]["method"] + " " + r["job"]["kind"] != measured[0]]
+    assert all(r in second["runs"] for r in kept)  # the earlier measurements, exactly
+    assert "4 of 5 measurements taken by an earlier run" in (out / "bench.md").read_text()
+    assert "--resume" in second["command"]
+    bench.run(config, log=lambda _: None)  # without --resume: everything measured again
+    assert len(measured) == 1 + len(first["runs"])

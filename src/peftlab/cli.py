@@ -421,6 +421,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         compare_peft=args.compare_peft,
         profile=args.profile,
+        resume=args.resume,
         score_steps=args.score_steps,
         task=args.task,
         data_dir=args.data_dir,
@@ -926,6 +927,12 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also profile each training measurement's forward + backward: operator time by category (matmul, "
         "attention, norm, dropout, elementwise, copy, framework), a table beside the cost model's",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="take the measurements an earlier run of the same command left in OUTPUT/jobs/ (a killed run, or one "
+        "split across sittings) and measure only the rest",
     )
     p.add_argument(
         "--score-steps",

@@ -3,6 +3,8 @@ fresh processes in interleaved rounds, and gather the results."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shlex
 import statistics
 import sys
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from peftlab import methods, optional
+from peftlab.atomic import write_json
 from peftlab.backbone.anatomy import model_type_facts
 from peftlab.backbone.quant import check_quantize
 from peftlab.backbone.zoo import load_model
@@ -69,6 +72,9 @@ class BenchConfig:
     quantize: str | None = None
     #: also profile each training job's forward + backward by operator category (bench.profile), after its timings
     profile: bool = False
+    #: take the measurements an earlier run of the same jobs left in ``output/jobs/`` (a killed or split run) instead
+    #: of measuring them again; without it, those files are replaced as the jobs run
+    resume: bool = False
 
     def apply_protocol(self) -> None:
         """Fill in what ``protocol`` fixes: real SuperGLUE batches of 32 in Table 3's microbatches, inputs of up to 512
@@ -145,6 +151,7 @@ class BenchConfig:
                 parts += [f"--{f.replace('_', '-')}", str(getattr(self, f))]
         flags = (["--compare-peft"] if self.compare_peft else []) + ([] if self.full else ["--no-full"])
         flags += ["--profile"] if self.profile else []
+        flags += ["--resume"] if self.resume else []
         return shlex.join(parts + flags)
 
 
@@ -287,19 +294,30 @@ def run(config: BenchConfig, log: Callable[[str], None] | None = None) -> dict[s
             if p.spec is not None  # the floor trains nothing
         ]
     t0 = time.perf_counter()
-    runs = []
+    runs, resumed = [], 0
+    folder = Path(config.output) / "jobs"
+    folder.mkdir(parents=True, exist_ok=True)
     for i, job in enumerate(queue, 1):
-        result = run_worker(job)
+        path = folder / f"{_job_key(job)}.json"
+        earlier = json.loads(path.read_text()) if config.resume and path.is_file() else None
+        if earlier is not None:
+            result, resumed = earlier, resumed + 1
+        else:
+            result = run_worker(job)
+            if "error" not in result:  # a failed measurement is tried again by a resumed run
+                write_json(path, result)
         runs.append(result)
         log(
             f"[{i}/{len(queue)}] {job.label}"
             + (f" (round {job.round + 1})" if config.rounds > 1 else "")
             + f": {_brief(result)}"
+            + (" (measured by an earlier run)" if earlier is not None else "")
         )
     report = {
         "command": config.command(),
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "wall_time_s": round(time.perf_counter() - t0, 1),
+        "resumed": resumed,
         "environment": environment(config.threads, config.device),
         "config": asdict(config),
         "setup": facts,
@@ -316,6 +334,12 @@ def run(config: BenchConfig, log: Callable[[str], None] | None = None) -> dict[s
             f"{report['failures'][0]}); the others are in {config.output}/bench.md"
         )
     return report
+
+
+def _job_key(job: Job) -> str:
+    """A job's file name under ``output/jobs/``: a digest of everything it measures (round included), so a resumed
+    run takes only measurements of exactly its jobs."""
+    return hashlib.sha256(json.dumps(asdict(job), sort_keys=True).encode()).hexdigest()[:20]
 
 
 def _brief(result: dict[str, Any]) -> str:

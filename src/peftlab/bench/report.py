@@ -205,7 +205,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"# PEFT efficiency on `{cfg['model']}`",
         "",
         f"- command: `{report['command']}`",
-        f"- date: {report['date']}; wall time of the run: {report['wall_time_s']:.0f} s",
+        f"- date: {report['date']}; wall time of the run: {report['wall_time_s']:.0f} s"
+        + (
+            f" ({report['resumed']} of {len(report['runs'])} measurements taken by an earlier run of this command, "
+            "`--resume`)"
+            if report.get("resumed")
+            else ""
+        ),
         *[f"- {k}: {v}" for k, v in report["environment"].items()],
         f"- model: `{cfg['model']}` ({setup['model_class']}, backbone {setup['backbone_params']:,} parameters"
         + (f"; block linears quantized {cfg['quantize']} by bitsandbytes)" if cfg.get("quantize") else ")"),
