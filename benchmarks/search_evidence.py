@@ -428,6 +428,11 @@ def _seeds_for_power(a: list[float], b: list[float]) -> str:
     return str(math.ceil(2 * z**2 * var / diff**2))
 
 
+def _by_marks_header() -> list[str]:
+    """The header of a table of one value per sampler at each trial count of MARKS."""
+    return ["| sampler | " + " | ".join(f"N={n}" for n in MARKS) + " |", "|---|" + "---:|" * len(MARKS)]
+
+
 def _log_cost_table(task: str, samplers: list[str], curves: dict, ref: list[float]) -> list[str]:
     """The same studies' hypervolume with the cost on a log10 axis (computed afterwards from the trial tables; the
     samplers optimised the linear one): each decade of stored % weighs the same, so the fronts' shape counts."""
@@ -435,8 +440,7 @@ def _log_cost_table(task: str, samplers: list[str], curves: dict, ref: list[floa
         "Hypervolume with stored % on a log10 axis (`--cost-scale log`; same trials, same reference point, log10 "
         "of its cost; a view these samplers did not optimise), mean ± std over seeds:",
         "",
-        "| sampler | " + " | ".join(f"N={n}" for n in MARKS) + " |",
-        "|---|" + "---:|" * len(MARKS),
+        *_by_marks_header(),
     ]
     for s in samplers:
         history = {}
@@ -466,8 +470,7 @@ def _analysis(curves: dict, refs: dict) -> list[str]:
             "more, so what the samplers compete for is the last few percent. "
             "Regret = the union's hypervolume minus the study's, mean ± std over seeds:",
             "",
-            "| sampler | " + " | ".join(f"N={n}" for n in MARKS) + " |",
-            "|---|" + "---:|" * len(MARKS),
+            *_by_marks_header(),
         ]
         for s in samplers:
             cells = [_mean_sd([best - c[n - 1][0] for c in curves[(task, s)].values() if len(c) >= n]) for n in MARKS]

@@ -95,25 +95,32 @@ def test_search_settings_are_validated_in_one_line(tmp_path: Path, capsys: pytes
         SearchConfig(model="shape:tiny-bert", task="sst2", nuts_thinning=0).check()
 
 
+def _watch_autopeft(monkeypatch: pytest.MonkeyPatch) -> tuple[list[optuna.samplers.BaseSampler], list[dict]]:
+    """The samplers a search makes, and the settings of each NUTS fit, which returns dummy samples in milliseconds
+    (as tests/test_bo.py) instead of running the chain."""
+    bo = peftlab.optional.require("peftlab.search.bo", "this test")
+    samplers: list[optuna.samplers.BaseSampler] = []
+    fits: list[dict] = []
+
+    def fake_nuts(model, seed=0, **kw):
+        fits.append(kw)
+        model.train()
+        model.load_mcmc_samples(model.pyro_model.get_dummy_mcmc_samples(4, dtype=torch.double))
+        model.eval()
+
+    make = study_module.make_sampler
+    monkeypatch.setattr(bo, "fit_saas_nuts", fake_nuts)
+    monkeypatch.setattr(study_module, "make_sampler", lambda *a, **kw: samplers.append(make(*a, **kw)) or samplers[-1])
+    return samplers, fits
+
+
 @needs_bo
 def test_reference_point_and_nuts_settings_reach_the_autopeft_sampler(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The study's reference point is the sampler's (the latency objective's, which the study has none for, is
     inferred), and the NUTS settings are the fit's."""
-    bo = peftlab.optional.require("peftlab.search.bo", "this test")
-    fits: list[dict] = []
-
-    def fake_nuts(model, seed=0, **kw):  # NUTS's samples in milliseconds (as tests/test_bo.py)
-        fits.append(kw)
-        model.train()
-        model.load_mcmc_samples(model.pyro_model.get_dummy_mcmc_samples(4, dtype=torch.double))
-        model.eval()
-
-    samplers: list[optuna.samplers.BaseSampler] = []
-    make = study_module.make_sampler
-    monkeypatch.setattr(bo, "fit_saas_nuts", fake_nuts)
-    monkeypatch.setattr(study_module, "make_sampler", lambda *a, **kw: samplers.append(make(*a, **kw)) or samplers[-1])
+    samplers, fits = _watch_autopeft(monkeypatch)
     config = SearchConfig(
         model="shape:tiny-bert",
         task="sst2",
@@ -165,17 +172,7 @@ def test_a_log_cost_scale_reaches_the_autopeft_sampler_and_the_report(
 ) -> None:
     """The sampler's hypervolume axis is log10 of the cost (its reference point's cost included), the study keeps
     the scale, its report measures on it, and a resumed search with another scale is refused."""
-    bo = peftlab.optional.require("peftlab.search.bo", "this test")
-
-    def fake_nuts(model, seed=0, **kw):
-        model.train()
-        model.load_mcmc_samples(model.pyro_model.get_dummy_mcmc_samples(4, dtype=torch.double))
-        model.eval()
-
-    samplers: list[optuna.samplers.BaseSampler] = []
-    make = study_module.make_sampler
-    monkeypatch.setattr(bo, "fit_saas_nuts", fake_nuts)
-    monkeypatch.setattr(study_module, "make_sampler", lambda *a, **kw: samplers.append(make(*a, **kw)) or samplers[-1])
+    samplers, _ = _watch_autopeft(monkeypatch)
     config = SearchConfig(
         model="shape:tiny-bert",
         task="sst2",
