@@ -390,7 +390,10 @@ def _breakdown(curves: dict) -> list[str]:
         "",
         "Mean seconds per trained trial (a hopeless trial stops at half of its steps). suggest: the sampler; "
         "data / setup / tokenize: splits, the backbone (lent by the worker after its first trial) and token ids "
-        "(cached per worker); eval: the dev split (1000 examples) and the hopeless check's 200; other: the rest.",
+        "(cached per worker); eval: the dev split (1000 examples) and the hopeless check's 200; other: the rest. "
+        "Seconds compare only roughly between samplers: a sampler's trials take the time of the configurations it "
+        "proposes (larger modules train slower), and studies of different samplers ran at different times (each on "
+        "one thread, with one other benchmark job on the other core, whose own load varied).",
         "",
         "| task | sampler | trials | " + " | ".join(t.removesuffix("_s") for t in TIMINGS) + " | total | not train |",
         "|---|---|---:|" + "---:|" * (len(TIMINGS) + 2),
