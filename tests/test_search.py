@@ -508,6 +508,19 @@ def test_s4_refinement_fixes_one_dimension_per_stage_and_resumes(
     assert len(load_study(str(tmp_path / "r" / "study.db"), "refine")[0].trials) == trials
 
 
+def test_each_refinement_sample_trains_with_its_own_seed(tmp_path: Path) -> None:
+    """Sample n of a candidate trains with seed + n, so a candidate whose space has shrunk to one point is measured
+    over seeds (its spread is the seed's), not one run copied."""
+    (tmp_path / "s4.json").write_text(json.dumps({"type": "s4", "groups": 2, "strategies": ["adapter"]}))
+    cmd = ["refine", *FLAGS[:-1], "--space", str(tmp_path / "s4.json"), "--samples", "2", "--max-steps", "2"]
+    assert main([*cmd, "--stages", "allocation", "--seed", "3", "--output", str(tmp_path / "r")]) == 0
+    trials = load_study(str(tmp_path / "r" / "study.db"), "refine")[0].trials
+    assert trials and all(t.user_attrs["train_seed"] == 3 + t.user_attrs["sample"] for t in trials)
+    assert not any("copied_from" in t.user_attrs for t in trials)  # same point, other seed: trained, not copied
+    seeds = {json.loads((Path(t.user_attrs["run"]) / "record.json").read_text())["config"]["seed"] for t in trials}
+    assert seeds == {3, 4}
+
+
 def test_a_refinement_stage_reports_its_margin_in_standard_errors() -> None:
     clear = Stage("grouping", ["a", "b", "c"], [[0.80, 0.82, 0.81], [0.70, 0.71, 0.69], [0.5, 0.5]], chosen="a")
     diff, sigma = clear.margin()

@@ -2,8 +2,9 @@
 
 Each stage is one dimension of the S4 space (grouping, allocation, tuned groups, then each group's
 strategies). The stage's candidates are the sub-spaces that fix that dimension to each of its values; from
-each candidate ``samples`` points are drawn (the rest of the space random), trained at low fidelity and
-scored on the dev split; the candidate whose scores are best (by mean, then median, then the first) becomes
+each candidate ``samples`` points are drawn (the rest of the space random), trained at low fidelity (sample n
+with the training seed + n, so that a candidate narrowed to one point is measured over seeds) and scored on the
+dev split; the candidate whose scores are best (by mean, then median, then the first) becomes
 the space of the next stage. After the last stage every dimension holds one value: that design, sized to
 the budget on the model, is the result.
 
@@ -34,7 +35,7 @@ from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError
 from peftlab.search.params import to_params
 from peftlab.search.storage import open_storage
-from peftlab.search.study import CostModel, Objective, SearchConfig, create_study, fail_stale
+from peftlab.search.study import TRAIN_SEED_ATTR, CostModel, Objective, SearchConfig, create_study, fail_stale
 from peftlab.space import DesignSpace
 
 
@@ -152,7 +153,10 @@ def refine(
             points = [candidate.random_vector(rng) for _ in range(samples)]
             got = []
             for n, point in enumerate(points):
-                attrs = {"stage": stage, "candidate": values[k], "sample": n}
+                # each sample its own training seed: a candidate whose space is one point (late stages) is then
+                # measured over seeds, not the same run repeated
+                seed = config.train.get("seed", 0) + n
+                attrs = {"stage": stage, "candidate": values[k], "sample": n, TRAIN_SEED_ATTR: seed}
                 trial = _evaluate(study, storage, adopted, objective, to_params(candidate, point), attrs, on_trial)
                 if trial.state == TrialState.COMPLETE:
                     got.append(trial.values[0])

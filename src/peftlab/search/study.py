@@ -309,6 +309,10 @@ def counted(study: optuna.Study) -> tuple[int, int]:
     return done, flight
 
 
+#: a trial's user attribute that overrides the search's training seed (set when the trial is enqueued)
+TRAIN_SEED_ATTR = "train_seed"
+
+
 class Objective:
     """One trial: decode, count, (maybe) train, report. Identical points reuse the first result. The worker's
     backbone and token ids are kept between its trials (:class:`~peftlab.train.warm.WarmStart`), so a trial's time
@@ -350,8 +354,13 @@ class Objective:
             trial.set_user_attr("copied_from", same.number)
             return list(same.values)
         out = Path(self.config.output) / "trials" / f"{trial.number:05d}"
+        seed = trial.user_attrs.get(TRAIN_SEED_ATTR)  # a trial made to repeat a point with another seed (S4's samples)
         config = TrainConfig(
-            model=self.config.model, task=self.config.task, output=str(out), progress=False, **self.config.train
+            model=self.config.model,
+            task=self.config.task,
+            output=str(out),
+            progress=False,
+            **(self.config.train | ({} if seed is None else {"seed": seed})),
         )
         try:
             record = train(spec, config, warm=self.warm)
@@ -388,8 +397,10 @@ class Objective:
 
 
 def _same_point(trial: optuna.Trial, params: Mapping[str, Any]) -> FrozenTrial | None:
+    """A finished trial of the same point trained with the same seed."""
+    seed = trial.user_attrs.get(TRAIN_SEED_ATTR)
     for t in trial.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        if t.params == params:
+        if t.params == params and t.user_attrs.get(TRAIN_SEED_ATTR) == seed:
             return t
     return None
 
