@@ -105,10 +105,10 @@ def mean_sd(values: list[float]) -> str:
 
 def paired(a: dict[int, float], b: dict[int, float]) -> tuple[str, str]:
     """Mean difference of ``a`` minus ``b`` over the seeds both have (the same seed trains on the same batches) and
-    the paired t-test's p ('' when it cannot be computed)."""
+    the paired t-test's p ('' under 3 seeds, where two equal differences would make it 0)."""
     seeds = sorted(set(a) & set(b))
     if not seeds:
         return "", ""
     x, y = [a[s] for s in seeds], [b[s] for s in seeds]
     diff = f"{statistics.mean(x) - statistics.mean(y):+.3f}"
-    return diff, f"{stats.ttest_rel(x, y).pvalue:.2f}" if len(seeds) > 1 and x != y else ""
+    return diff, f"{stats.ttest_rel(x, y).pvalue:.2f}" if len(seeds) > 2 and x != y else ""

@@ -115,6 +115,14 @@ def _stage_lines(refinement: dict) -> list[str]:
         margin = "" if st["margin"] is None else f"{st['margin']:+.3f}"
         sigma = "" if st["margin_sigma"] is None else f"{st['margin_sigma']:.1f}"
         lines.append(f"| {st['stage']} | {cands} | {st['chosen']} | {margin} | {sigma} |")
+    candidates = [c for st in refinement["stages"] for c in st["candidates"]]
+    if any(len(c["scores"]) > 1 and len(set(c["scores"])) == 1 for c in candidates):
+        lines += [
+            "",
+            "A spread of 0 (and a margin of inf σ): the candidate's space was one point and its samples one run "
+            "repeated; this refinement predates the per-sample training seed (sample n now trains with seed + n). "
+            "Rerun it (delete `s4_evidence/refine.json` and the runs) to measure those candidates over seeds.",
+        ]
     design = ", ".join(f"{k} {v}" for k, v in refinement["design"].items())
     return [*lines, "", f"Chosen design: {design}; stored {refinement['stored_percent']:.3f}%.", ""]
 
@@ -162,6 +170,9 @@ def cmd_report(_: argparse.Namespace) -> None:
     if best_uniform and design:
         diff, p = retrain.paired(design, tests[best_uniform])
         lines += ["", f"Against the best uniform design ({best_uniform}): {diff} (paired p {p or '–'})."]
+    missing = [c["name"] for c in cs if len(tests[c["name"]]) < len(SEEDS)]
+    if missing:
+        lines += ["", f"Not all seeds run yet: {', '.join(missing)} (`python benchmarks/s4_evidence.py run` resumes)."]
     REPORT.write_text("\n".join([*lines, ""]))
     if flat:
         retrain.write_runs(OUT / "runs.csv", flat)
