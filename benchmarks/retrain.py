@@ -111,4 +111,8 @@ def paired(a: dict[int, float], b: dict[int, float]) -> tuple[str, str]:
         return "", ""
     x, y = [a[s] for s in seeds], [b[s] for s in seeds]
     diff = f"{statistics.mean(x) - statistics.mean(y):+.3f}"
-    return diff, f"{stats.ttest_rel(x, y).pvalue:.2f}" if len(seeds) > 2 and x != y else ""
+    if len(seeds) < 3 or x == y:
+        return diff, ""
+    if len({round(a - b, 9) for a, b in zip(x, y, strict=True)}) == 1:  # no spread: the t-test degenerates to p = 0
+        return diff, "– (equal in every seed)"
+    return diff, f"{stats.ttest_rel(x, y).pvalue:.2f}"
