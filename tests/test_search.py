@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,7 +184,8 @@ def _kill_during_a_trial(cmd: list[str], db: Path) -> tuple[dict[int, tuple], li
     """Start ``cmd``, kill -9 it while it trains a trial after two finished ones; (finished, killed trial numbers).
 
     The trial seen training may end between the look and the kill; then the same command is started again
-    (which resumes) and killed again later."""
+    (which resumes) and killed again later. On a loaded machine the look may miss every trial after the second, so
+    the search ends by itself: then it starts over from nothing."""
     before: dict[int, tuple] = {}
     killed: list[int] = []
     for _ in range(3):
@@ -199,6 +201,9 @@ def _kill_during_a_trial(cmd: list[str], db: Path) -> tuple[dict[int, tuple], li
             training = [t for t in trials if t.state == optuna.trial.TrialState.RUNNING and "spec" in t.user_attrs]
             if len(_finished(study)) >= 2 and training:
                 break
+        if proc.poll() == 0:  # finished every trial unseen: nothing to kill, so start again in an empty folder
+            shutil.rmtree(db.parent)
+            continue
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         study = optuna.load_study(study_name="peftlab", storage=f"sqlite:///{db}")
