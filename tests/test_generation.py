@@ -3,6 +3,7 @@ selecting by it, and `peftlab generate`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -188,6 +189,9 @@ def test_select_by_loss_generates_once_at_the_end(tmp_path) -> None:
     assert all("exact_match" not in e for e in record.evaluations)  # cheap evaluations: the dev loss only
     assert record.best["metric"] == "loss" and record.best["score"] == -min(e["loss"] for e in record.evaluations)
     assert "exact_match" in record.best["dev"] and "exact_match" in record.test
+    quiet = train(methods.get("lora"), dataclasses.replace(config, final_dev_metrics=False))
+    assert quiet.best["dev"] == {"loss": min(e["loss"] for e in quiet.evaluations)}  # no decoding of dev
+    assert quiet.samples and "exact_match" in quiet.test  # a handful of samples, and the test split, still generate
 
 
 def test_encoder_models_cannot_generate(tmp_path) -> None:
@@ -204,9 +208,10 @@ def test_cli_train_then_generate(tmp_path, capsys) -> None:
     argv = ["train", "--model", "shape:tiny-llama", "--task", "mine", "--train-file", data, "--response-column",
             "response", "--method", "lora", "--set", "targets=all-linear", "--lr", "1e-2", "--max-steps", "40",
             "--dev-size", "8", "--batch-size", "8", "--max-new-tokens", "2", "--output", str(out),
-            "--no-progress"]  # fmt: skip
+            "--no-progress", "--no-final-dev-metrics"]  # fmt: skip
     assert main(argv) == 0
     capsys.readouterr()
+    assert list(json.loads((out / "record.json").read_text())["best"]["dev"]) == ["loss"]
     prompts = _write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "sun moon cat dog"}, {"prompt": "sea"}])
     gen = ["generate", "--model", "shape:tiny-llama", "--adapter", str(out / "adapter"), "--max-new-tokens", "2"]
     assert main([*gen, "--input-file", prompts]) == 0

@@ -135,6 +135,7 @@ def _train_config(args: argparse.Namespace, output: str | None):
         eval_metric=args.eval_metric,
         select_by=args.select_by,
         generate_every=args.generate_every,
+        final_dev_metrics=not args.no_final_dev_metrics,
         max_new_tokens=args.max_new_tokens,
         chat_template=args.chat_template,
         score_test=args.score_test,
@@ -611,6 +612,11 @@ def _add_train_args(p: argparse.ArgumentParser, search: bool = False) -> None:
         default=0,
         metavar="N",
         help="with --select-by loss, also generate and score dev every N evaluations (default 0: the final model only)",
+    )
+    g.add_argument(
+        "--no-final-dev-metrics",
+        action="store_true",
+        help="with --select-by loss, do not generate on dev with the final model either (its dev record is the loss)",
     )
     g.add_argument("--max-new-tokens", type=int, help="most tokens generated when scoring (default: the task's)")
     g.add_argument("--chat-template", action="store_true", help="render prompts with the model's chat template")

@@ -76,6 +76,10 @@ class TrainConfig:
     #: generative tasks selected by loss: generate and score dev every this many evaluations too (0: only the final
     #: model, on dev and test)
     generate_every: int = 0
+    #: generative tasks selected by loss: generate and score dev with the final model when no evaluation did (off:
+    #: its dev record is the loss alone, which saves minutes of decoding where nothing reads the generated dev metric,
+    #: e.g. a search by dev loss or a benchmark that scores its own test split)
+    final_dev_metrics: bool = True
     #: generative tasks: the most tokens generated per prompt when scoring (None: the task's, e.g. 256 for GSM8K)
     max_new_tokens: int | None = None
     #: render prompts with the model's chat template (rows with a messages column always are)

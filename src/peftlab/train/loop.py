@@ -497,12 +497,12 @@ class Run:
 
     def _final_generations(self) -> None:
         """A generative run's record: the final model's generated dev metrics (when the evaluations did not
-        generate), a few dev samples, and what max_length cut."""
+        generate, unless the config says not to), a few dev samples, and what max_length cut."""
         record, dev = self.record, self.splits.dev
         if dev and record.best is not None:
             at_best = next(e for e in record.evaluations if e["step"] == record.best["step"])
             record.best["dev"] = {m: at_best[m] for m in ("loss", *self.encoder.task.metrics) if m in at_best}
-            if any(m not in at_best for m in self.encoder.task.metrics):
+            if self.config.final_dev_metrics and any(m not in at_best for m in self.encoder.task.metrics):
                 record.best["dev"] = self._score(dev)  # the restored best state, generating
         if dev:
             start = time.perf_counter()
