@@ -22,6 +22,7 @@ minutes. A killed refinement resumes from its study (``results/s4_evidence/runs/
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -71,12 +72,19 @@ def cmd_refine(args: argparse.Namespace) -> None:
     shutil.copy(out / "refine.json", OUT / "refine.json")
 
 
+def design_name(spec: dict) -> str:
+    """The chosen design's row: named by its spec, so a refinement run again that chooses another design does not
+    inherit the runs of the old one (they stay in runs.csv under their own name)."""
+    digest = hashlib.sha1(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:6]
+    return f"s4-design-{digest}"
+
+
 def configs() -> list[dict]:
     """The design the refinement chose and the uniform designs, with their specs and stored %."""
     chosen = json.loads((OUT / "refine.json").read_text())
     cost = CostModel(MODEL)
     space = load_space(SPACE, MODEL)
-    out = [{"name": "s4-design", "spec": chosen["spec"], "stored": chosen["stored_percent"]}]
+    out = [{"name": design_name(chosen["spec"]), "spec": chosen["spec"], "stored": chosen["stored_percent"]}]
     for strategy in UNIFORM:
         spec = space.spec(DesignChoice("uniform", "uniform", (1, 2, 3, 4), ((strategy,),) * 4))
         out.append({"name": f"uniform-{strategy}", "spec": spec.to_dict(), "stored": cost.percents(spec)["stored"]})
@@ -138,7 +146,7 @@ def cmd_report(_: argparse.Namespace) -> None:
         for c in cs
         for seed, r in retrain.records(RUNS / c["name"]).items()
     }
-    flat = sorted(runs.values(), key=lambda r: (int(r["seed"]), r["config"]))
+    flat = sorted(runs.values(), key=lambda r: (int(r["seed"]), r["config"]))  # earlier designs' runs too
     tests = {c["name"]: {int(r["seed"]): float(r["test"]) for r in flat if r["config"] == c["name"]} for c in cs}
     lines = [
         f"# S4 with error bars: {MODEL}, {TASK}",
@@ -155,17 +163,18 @@ def cmd_report(_: argparse.Namespace) -> None:
         "| configuration | stored % | seeds | test (mean ± std) | design − row | p |",
         "|---|---:|---:|---:|---:|---:|",
     ]
-    design = tests["s4-design"]
+    name = cs[0]["name"]
+    design = tests[name]
     for c in cs:
         t = tests[c["name"]]
         if not t:
             lines.append(f"| {c['name']} | {c['stored']:.3f} | 0 | – | | |")
             continue
-        diff, p = retrain.paired(design, t) if c["name"] != "s4-design" else ("", "")
+        diff, p = retrain.paired(design, t) if c["name"] != name else ("", "")
         lines.append(
             f"| {c['name']} | {c['stored']:.3f} | {len(t)} | {retrain.mean_sd(list(t.values()))} | {diff} | {p} |"
         )
-    best_uniform = max((n for n in tests if n != "s4-design" and tests[n]), default=None,
+    best_uniform = max((n for n in tests if n != name and tests[n]), default=None,
                        key=lambda n: statistics.mean(tests[n].values()))  # fmt: skip
     if best_uniform and design:
         diff, p = retrain.paired(design, tests[best_uniform])
