@@ -258,6 +258,15 @@ def timing(space, cost, ns, reps, log) -> tuple[list[dict], dict]:
 # -- phase 2: quality ---------------------------------------------------------------------------------------------
 def cv_quality(space, obs, setting, seed: int, folds: int, botorch: bool = False) -> dict[str, float]:
     """k-fold Spearman and mean log predictive density of the score GP."""
+    mean, lpd, ys = cv_predictions(space, obs, setting, seed, folds, botorch)
+    return {"spearman": float(spearmanr(mean, ys).statistic), "mlpd": float(lpd.mean())}
+
+
+def cv_predictions(
+    space, obs, setting, seed: int, folds: int, botorch: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """k-fold held-out predictions of the score GP (NUTS ``setting`` = warmup, samples, thinning): each point's
+    posterior mean and log predictive density from the fit without its fold, and the observed scores."""
     enc = bo.Encoder(space)
     X = enc.encode([v for v, _, _ in obs])
     y = torch.tensor([[vals[0]] for _, vals, _ in obs], dtype=torch.double)
@@ -282,8 +291,7 @@ def cv_quality(space, obs, setting, seed: int, folds: int, botorch: bool = False
         mean[test] = mu.mean(0).numpy()
         dens = -0.5 * (torch.log(2 * math.pi * var) + (yt - mu) ** 2 / var)  # samples x test
         lpd[test] = (torch.logsumexp(dens, 0) - math.log(mu.shape[0])).numpy()
-    ys = y[:, 0].numpy()
-    return {"spearman": float(spearmanr(mean, ys).statistic), "mlpd": float(lpd.mean())}
+    return mean, lpd, y[:, 0].numpy()
 
 
 def agreement(space, samplers, ns, reps) -> list[dict]:
