@@ -13,7 +13,8 @@ taken elsewhere see a quiet machine); delete it to go on.
 
 A sampler named ``autopeft-log`` is the autopeft sampler with ``--cost-scale log`` (its acquisition improves the
 hypervolume with stored % on a log10 axis); every study's curve is measured on the linear axis and, in the report's
-log-axis table, on the log one.
+log-axis table, on the log one. A task named ``sst2@300`` is SST-2 at 300 steps per trial (the fidelity at which
+re-trained configurations rank as at the end: ``found_vs_presets.md``), with studies of its own.
 
 Protocol (pinned for every study, so their numbers compare): MiniLM, batch 16, ``--group-by-length``, lr 1e-3,
 ``--max-steps`` per task (the low fidelity), one dev evaluation per trial (the hopeless check at a quarter of the
@@ -67,7 +68,25 @@ TASKS = {  # task -> flags of its trials
 MARKS = (10, 20, 30, 40, 50, 60)
 STARTUP = 10  # random start-up trials of every model-based sampler
 DEV_SIZE = 1000  # dev examples held out of train: every trial's score
+TASK_OF_PRESETS = "sst2"  # the task of found_vs_presets' re-training runs, which measure the training-seed noise
 SURROGATE = RESULTS / "surrogate.json"  # the score GP's held-out predictions (phase surrogate)
+
+
+def _task_flags(task: str) -> tuple[str, list[str]]:
+    """The peftlab task and its trials' flags of a plan's task: ``sst2``, or ``sst2@300`` for the same task at
+    another fidelity (300 steps per trial; its studies, tables and reference point are its own)."""
+    base, _, steps = task.partition("@")
+    if base not in TASKS or (steps and not steps.isdigit()):
+        raise SystemExit(f"unknown task {task!r}: one of {', '.join(TASKS)}, optionally @STEPS (e.g. sst2@300)")
+    flags = list(TASKS[base])
+    if steps:
+        flags[flags.index("--max-steps") + 1] = steps
+    return base, flags
+
+
+def _steps(task: str) -> int:
+    flags = _task_flags(task)[1]
+    return int(flags[flags.index("--max-steps") + 1])
 
 
 def _env() -> dict[str, str]:
@@ -83,12 +102,13 @@ def command(task: str, sampler: str, seed: int, trials: int, data_dir: str, runs
     sampler S with ``--cost-scale log``."""
     name = _name(task, sampler, seed)
     sampler, log = sampler.removesuffix("-log"), sampler.endswith("-log")
+    base, flags = _task_flags(task)
     return [
         "search",
         "--model",
         "minilm",
         "--task",
-        task,
+        base,
         "--space",
         "autopeft",
         "--sampler",
@@ -122,7 +142,7 @@ def command(task: str, sampler: str, seed: int, trials: int, data_dir: str, runs
         "--no-progress",
         "--data-dir",
         data_dir,
-        *TASKS[task],
+        *flags,
         *(["--cost-scale", "log"] if log else []),
     ]
 
@@ -224,8 +244,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     runs.mkdir(parents=True, exist_ok=True)
     plan = [(*item.split(":"), seed) for seed in args.seeds for item in args.plan]
     for task, _, _ in plan:
-        if task not in TASKS:
-            raise SystemExit(f"unknown task {task!r}: one of {', '.join(TASKS)}")
+        _task_flags(task)
     for task, sampler, seed in plan:
         if restore(runs, task, sampler, seed, args.data_dir):
             print(f"{_name(task, sampler, seed)}: restored from its trial table", flush=True)
@@ -641,8 +660,6 @@ def _seed_sd(step: int) -> float:
 def _surrogate_lines(refs: dict) -> list[str]:
     if not SURROGATE.is_file():
         return []
-    steps = int(TASKS["sst2"][TASKS["sst2"].index("--max-steps") + 1])
-    seed_sd = _seed_sd(steps)
     lines = [
         "",
         "## Can the surrogate rank configurations at this fidelity?",
@@ -652,28 +669,29 @@ def _surrogate_lines(refs: dict) -> list[str]:
         "Spearman's rho of the held-out predictions against the observed dev scores, over all trials and over the "
         "learners alone (score above the constant prediction's by more than 2σ of a dev accuracy, where the front "
         "is decided). Beside each, the ceiling a perfect predictor of the true accuracy could reach against "
-        "observations this noisy: with the dev split's binomial noise alone, and with the training-seed noise too "
-        f"(σ {100 * seed_sd:.1f} points at step {steps}: the spread over 3 seeds of the dev score at that step of the "
-        "28 configurations re-trained by found_vs_presets, root mean square; inside 500-step schedules, so an "
-        "estimate).",
+        "observations this noisy: with the dev split's binomial noise alone, and with the training-seed noise too. "
+        "Seed σ: the spread over 3 seeds of the dev score at the trials' step count of the 28 SST-2 configurations "
+        "re-trained by found_vs_presets (root mean square; inside 500-step schedules, so an estimate; – where "
+        "there is none).",
         "",
-        "| study | trials | rho, all | ceiling: dev noise | + seed noise | learners | rho, learners | ceiling: dev "
-        "noise | + seed noise | mean log predictive density |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| study | seed σ | trials | rho, all | ceiling: dev noise | + seed noise | learners | rho, learners | "
+        "ceiling: dev noise | + seed noise | mean log predictive density |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rng = np.random.default_rng(0)
     for name, r in json.loads(SURROGATE.read_text()).items():
         pred, obs = np.asarray(r["predicted"]), np.asarray(r["observed"])
         floor = refs[r["task"]][0]
-        cells = []
+        seed_sd = _seed_sd(_steps(r["task"])) if _task_flags(r["task"])[0] == TASK_OF_PRESETS else 0.0
+        cells = [f"{100 * seed_sd:.1f}" if seed_sd else "–"]
         for keep in (np.ones(len(obs), bool), obs > floor + 2 * np.sqrt(floor * (1 - floor) / DEV_SIZE)):
             if keep.sum() < 3:
                 cells.append(f"{int(keep.sum())} | – | – | –")
                 continue
             x = obs[keep].tolist()
             rho = stats.spearmanr(pred[keep], obs[keep]).statistic
-            ceilings = [_noise_ceiling(x, sd, rng) for sd in (0.0, seed_sd)]
-            cells.append(f"{int(keep.sum())} | {rho:.2f} | {ceilings[0]:.2f} | {ceilings[1]:.2f}")
+            with_seed = f"{_noise_ceiling(x, seed_sd, rng):.2f}" if seed_sd else "–"
+            cells.append(f"{int(keep.sum())} | {rho:.2f} | {_noise_ceiling(x, 0.0, rng):.2f} | {with_seed}")
         lines.append(f"| {name} | {' | '.join(cells)} | {statistics.mean(r['lpd']):.2f} |")
     return lines
 
