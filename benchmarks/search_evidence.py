@@ -468,12 +468,7 @@ def _log_cost_table(task: str, samplers: list[str], curves: dict, ref: list[floa
     ]
     histories = {}
     for s in samplers:
-        history = {}
-        for seed in curves[(task, s)]:
-            rows = _table(task, s, seed)
-            points = [(float(r["score"]), float(r["stored_percent"])) if r["score"] else None for r in rows]
-            history[seed] = hypervolume_history(points, ref, "log")
-        histories[s] = history
+        history = histories[s] = _log_histories(task, s, curves[(task, s)], ref)
         cells = [_mean_sd([h[n - 1] for h in history.values() if len(h) >= n]) for n in MARKS]
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     lines.append("")
@@ -481,6 +476,16 @@ def _log_cost_table(task: str, samplers: list[str], curves: dict, ref: list[floa
         if s != "random" and "random" in samplers:
             lines += _against_random(s, histories, "on the log axis")
     return lines
+
+
+def _log_histories(task: str, sampler: str, seeds, ref: list[float]) -> dict[int, list[float]]:
+    """Seed -> hypervolume after each trial with stored % on a log10 axis (from the trial tables)."""
+    out = {}
+    for seed in seeds:
+        rows = _table(task, sampler, seed)
+        points = [(float(r["score"]), float(r["stored_percent"])) if r["score"] else None for r in rows]
+        out[seed] = hypervolume_history(points, ref, "log")
+    return out
 
 
 def _against_random(sampler: str, histories: dict[str, dict[int, list[float]]], view: str) -> list[str]:
@@ -574,31 +579,38 @@ def _analysis(curves: dict, refs: dict) -> list[str]:
 
 def _plot(curves: dict, refs: dict) -> None:
     """results/search_evidence.png: hypervolume regret (the best known front's hypervolume minus the study's, log
-    scale: the raw curves sit within a few percent of each other) against trials and against compute hours, mean ±
-    std over seeds."""
+    scale: the raw curves sit within a few percent of each other) against trials and against compute hours, and the
+    regret on the log cost axis against trials; mean ± std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = sorted({t for t, _ in curves})
-    fig, axes = plt.subplots(len(tasks), 2, figsize=(10, 3.6 * len(tasks)), squeeze=False)
+    fig, axes = plt.subplots(len(tasks), 3, figsize=(15, 3.6 * len(tasks)), squeeze=False)
     for row, task in zip(axes, tasks, strict=True):
         union = [p for (t, s), seeds in curves.items() if t == task for seed in seeds for p in _points(t, s, seed)]
         best = hypervolume_history(union, refs[task])[-1]
+        best_log = hypervolume_history(union, refs[task], "log")[-1]
         for (t, sampler), seeds in sorted(curves.items()):
             if t != task:
                 continue
             n = min(len(c) for c in seeds.values())
-            hv = np.array([[max(best - c[i][0], 1e-3) for i in range(n)] for c in seeds.values()])
+            logs = _log_histories(task, sampler, seeds, refs[task])
             hours = np.array([[c[i][1] / 3600 for i in range(n)] for c in seeds.values()]).mean(axis=0)
-            mean, sd = hv.mean(axis=0), hv.std(axis=0, ddof=1) if len(hv) > 1 else np.zeros(n)
-            for ax, x in zip(row, (np.arange(1, n + 1), hours), strict=True):
-                ax.plot(x, mean, label=f"{sampler} ({len(hv)} seeds)")
+            trials = np.arange(1, n + 1)
+            for ax, x, regret in (
+                (row[0], trials, [[best - c[i][0] for i in range(n)] for c in seeds.values()]),
+                (row[1], hours, [[best - c[i][0] for i in range(n)] for c in seeds.values()]),
+                (row[2], trials, [[best_log - h[i] for i in range(n)] for h in logs.values()]),
+            ):
+                r = np.maximum(np.array(regret), 1e-3)
+                mean, sd = r.mean(axis=0), r.std(axis=0, ddof=1) if len(r) > 1 else np.zeros(n)
+                ax.plot(x, mean, label=f"{sampler} ({len(r)} seeds)")
                 ax.fill_between(x, mean - sd, mean + sd, alpha=0.2)
         row[0].set(xlabel="trials", ylabel=f"hypervolume regret ({task})", yscale="log")
-        row[1].set(yscale="log")
-        row[1].set(xlabel="compute hours (training + suggestion, mean over seeds)")
+        row[1].set(xlabel="compute hours (training + suggestion, mean over seeds)", yscale="log")
+        row[2].set(xlabel="trials", ylabel="regret, stored % on a log10 axis", yscale="log")
         row[0].legend()
     fig.tight_layout()
     fig.savefig(HERE / "results" / "search_evidence.png", dpi=110)
