@@ -488,3 +488,33 @@ def test_resume_measures_only_what_an_earlier_run_left_unmeasured(tmp_path, monk
     assert "--resume" in second["command"]
     bench.run(config, log=lambda _: None)  # without --resume: everything measured again
     assert len(measured) == 1 + len(first["runs"])
+
+
+def test_cache_frozen_adds_a_cached_twin_of_each_row_that_can_have_one(tmp_path) -> None:
+    """LoRA on the upper layer gets a ``+ frozen cache`` row (training only, measured, its forward predicted from
+    layer 1); LoRA on every layer acts on layer 0 and gets none, which the report says."""
+    spec = methods.get("lora").to_dict()
+    spec["layers"] = {"1": spec["layers"]["*"]}
+    (tmp_path / "upper.json").write_text(json.dumps([{"label": "upper lora", "spec": spec}]))
+    config = bench.BenchConfig(
+        model="shape:tiny-bert", methods=["lora"], methods_file=str(tmp_path / "upper.json"),
+        output=str(tmp_path / "out"), full=False, batch=8, seq=16, repeats=1, warmup=0, cache_frozen=True,
+    )  # fmt: skip
+    report = bench.run(config, log=lambda _: None)
+    assert not report["failures"]
+    twin = "upper lora + frozen cache"
+    assert list(report["methods"]) == ["floor", "lora", "upper lora", twin]
+    assert {r["job"]["kind"] for r in report["runs"] if r["job"]["method"] == twin} == {"train"}
+    by = {r["method"]: r for r in report["rows"]}
+    assert by[twin]["train_tok_s"] > 0 and by[twin]["infer_tok_s"] is None
+    assert by[twin]["predicted_gflop"] < by["upper lora"]["predicted_gflop"]
+    md = (tmp_path / "out" / "bench.md").read_text()
+    assert f"| {twin} |" in md and "No frozen-cache row (they act on the first layer or the input): lora." in md
+    assert "--cache-frozen" in report["command"]
+
+
+def test_cache_frozen_refuses_models_the_cache_does_not_support(tmp_path, capsys) -> None:
+    argv = ["bench", "--model", "shape:tiny-llama", "--methods", "lora", "--cache-frozen", "--output", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--cache-frozen supports encoder models" in err[0]

@@ -9,6 +9,7 @@ from conftest import NEEDS_FOLDERS, TINY_SETTINGS, make_model, trained_adapters
 
 import peftlab
 from peftlab import bench, methods
+from peftlab.core.spec import Spec
 from peftlab.modules import PeftModule
 from peftlab.modules.linear import IA3
 from peftlab.space import Backbone
@@ -87,6 +88,18 @@ def test_the_backward_starts_at_the_lowest_layer_a_method_touches() -> None:
     assert (head.forward, head.backward) == (base.forward, 0)  # the head alone: no backward into the backbone
     upper = predict(pm("prefix", length=5, hidden=16, layers=[1]))
     assert upper.backward - 2 * (upper.forward - base.forward) == 8 * 32 * (LINEAR + 2 * attention(32))  # layer 1 only
+
+
+def test_the_frozen_cache_runs_the_forward_from_the_first_layer_a_method_touches() -> None:
+    """With the cache, LoRA on layer 1 runs only layer 1 forward (layer 0's states are read); its backward is the
+    uncached one's; a method on layer 0 gains nothing."""
+    spec = methods.get("lora").to_dict()
+    spec["layers"] = {"1": spec["layers"]["*"]}
+    upper = peftlab.apply(peftlab.load_model("shape:tiny-bert", head="seq-cls", meta=True), Spec.from_dict(spec))
+    cached, uncached = bench.predict(upper, 8, 32, cached=True)[0], predict(upper)
+    assert uncached.forward - cached.forward == 8 * 32 * (LINEAR + attention(32))  # layer 0's forward, skipped
+    assert cached.backward == uncached.backward
+    assert bench.predict(pm("lora"), 8, 32, cached=True)[0] == predict(pm("lora"))
 
 
 #: presets only encoder-decoders take (cross-attention tuning), which the cost model does not predict

@@ -423,6 +423,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         compare_peft=args.compare_peft,
         profile=args.profile,
         resume=args.resume,
+        cache_frozen=args.cache_frozen,
         score_steps=args.score_steps,
         task=args.task,
         data_dir=args.data_dir,
@@ -933,6 +934,12 @@ def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="also profile each training measurement's forward + backward: operator time by category (matmul, "
         "attention, norm, dropout, elementwise, copy, framework), a table beside the cost model's",
+    )
+    p.add_argument(
+        "--cache-frozen",
+        action="store_true",
+        help="beside each row whose modules leave the lowest layers alone, a row trained from the frozen-prefix "
+        "cache (encoder models): the only way under the floor besides side networks",
     )
     p.add_argument(
         "--resume",

@@ -25,6 +25,8 @@ from peftlab.reading import parse_json, read_text
 FLOOR = "floor"
 #: the row of full fine-tuning, added unless listed or left out (``--no-full``)
 FULL = "full"
+#: the label of a row's twin trained from the frozen-prefix cache (``--cache-frozen``)
+CACHED = "{} + frozen cache"
 _OPEN, _CLOSE, _QUOTES = "([{", ")]}", "'\""
 
 

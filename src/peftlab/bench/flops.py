@@ -12,7 +12,8 @@ Accounting (2 FLOPs per multiply-add; elementwise work, embeddings gathers and t
   only from the lowest layer it acts on (a head alone needs none), plus, per module (``flops_per_token`` ×
   tokens + ``flops_per_step``, from the module contract), its forward and a backward of twice that (input and
   weight gradients of its matmuls), plus the weight gradients (= their forward) of backbone tensors it trains in
-  place: **full fine-tuning** = floor + the weight gradients of every block linear.
+  place: **full fine-tuning** = floor + the weight gradients of every block linear; with the **frozen-prefix
+  cache**, the forward only from the first block the method acts on (the states entering it are read, not computed).
 
 The lowest layer a method acts on is counted whole (its lowest linears' input gradients, not needed, are counted).
 Encoder-decoder models (whose decoder runs on the labels, not the input) and kinds without ``flops_per_token`` get
@@ -71,16 +72,17 @@ def floor(blocks: list[Block], dims: Dims, batch: int, seq: int) -> StepFlops:
     return StepFlops(forward=tokens * (lin + att), backward=tokens * (lin + 2 * att))
 
 
-def lowest_layer(pm: PeftModel) -> int:
-    """The lowest block the active adapter acts on: the backward through the backbone's activations starts there.
-    A host inside the task head counts as above every block; any other host outside the blocks (the embeddings, the
-    model's input) as below them all. Modules that read the backbone detached (LST's ladders) start no backward."""
+def lowest_layer(pm: PeftModel, backward: bool = True) -> int:
+    """The lowest block the active adapter acts on: the backward through the backbone's activations starts there
+    (``backward``; modules that read the backbone detached, LST's ladders, start none), or, counting every module it
+    acts on, the first block the frozen-prefix cache cannot skip. A host inside the task head counts as above every
+    block; any other host outside the blocks (the embeddings, the model's input) as below them all."""
     blocks = pm.blocks
     in_block = {id(m): b.index for b in blocks for m in b.module.modules()}
     found = find_head(pm.base_model, pm.anatomy)
     in_head = {id(m) for m in found[1].modules()} if found else set()
     k = len(blocks)
-    for host in touched(pm, backward=True):
+    for host in touched(pm, backward=backward):
         layer = in_block.get(id(host), len(blocks) if id(host) in in_head else 0)
         k = min(k, layer)
     return k
@@ -101,8 +103,10 @@ def predict_floor(backbone: Backbone, batch: int, seq: int) -> tuple[StepFlops |
     return floor(backbone.blocks, backbone.dims, batch, seq), None
 
 
-def predict(pm: PeftModel, batch: int, seq: int) -> tuple[StepFlops | None, str | None]:
-    """The active adapter's step FLOPs on a ``batch`` × ``seq`` batch, or None and why there is no prediction."""
+def predict(pm: PeftModel, batch: int, seq: int, cached: bool = False) -> tuple[StepFlops | None, str | None]:
+    """The active adapter's step FLOPs on a ``batch`` × ``seq`` batch, or None and why there is no prediction;
+    ``cached``: with the frozen-prefix cache, whose steps run the blocks from the first one the adapter acts on
+    (gathering the cached states is a copy, not counted)."""
     config = pm.base_model.config
     why = _uncovered(config)
     if why:
@@ -117,9 +121,10 @@ def predict(pm: PeftModel, batch: int, seq: int) -> tuple[StepFlops | None, str 
     length = seq + adapter.spec.added_length()
     tokens = batch * length
     k = lowest_layer(pm)
+    start = lowest_layer(pm, backward=False) if cached else 0
     lin = [linear_flops(b) for b in blocks]
     att = attention_flops(dims, length)
-    forward = tokens * (sum(lin) + len(blocks) * att)
+    forward = tokens * (sum(lin[start:]) + (len(blocks) - start) * att)
     backward = tokens * (sum(lin[k:]) + 2 * att * (len(blocks) - k))
     trained = {id(p) for p in adapter.backbone_parameters()}
     backward += tokens * sum(_weight_gradient_flops(b, trained) for b in blocks)

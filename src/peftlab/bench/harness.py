@@ -25,7 +25,7 @@ from peftlab.backbone.quant import check_quantize
 from peftlab.backbone.zoo import load_model
 from peftlab.bench import flops, survey
 from peftlab.bench.batch import count_tokens, measured_batches
-from peftlab.bench.entries import FLOOR, FULL, Entry, check_labels, parse_methods, read_methods_file
+from peftlab.bench.entries import CACHED, FLOOR, FULL, Entry, check_labels, parse_methods, read_methods_file
 from peftlab.bench.report import MB, environment, ratios, rows, write_outputs
 from peftlab.bench.worker import Job, run_worker
 from peftlab.core.counting import Counts
@@ -33,7 +33,7 @@ from peftlab.core.peft_model import apply
 from peftlab.errors import PeftlabError
 from peftlab.formats import interop
 from peftlab.space import Backbone
-from peftlab.train import input_limit
+from peftlab.train import frozen, input_limit
 from peftlab.train.tasks import get_task
 
 
@@ -75,6 +75,9 @@ class BenchConfig:
     #: take the measurements an earlier run of the same jobs left in ``output/jobs/`` (a killed or split run) instead
     #: of measuring them again; without it, those files are replaced as the jobs run
     resume: bool = False
+    #: beside every row whose modules leave the lowest layers alone, a row ``LABEL + frozen cache`` that trains from
+    #: the frozen-prefix cache (encoder models; no backward or forward below the first layer the method acts on)
+    cache_frozen: bool = False
 
     def apply_protocol(self) -> None:
         """Fill in what ``protocol`` fixes: real SuperGLUE batches of 32 in Table 3's microbatches, inputs of up to 512
@@ -126,6 +129,13 @@ class BenchConfig:
             raise PeftlabError(f"device must be cpu or cuda, got {self.device!r}")
         if self.dtype not in ("fp32", "bf16"):
             raise PeftlabError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+        if self.cache_frozen:
+            kind = load_model(self.model, meta=True).config.model_type
+            if model_type_facts(kind).architecture != frozen.SUPPORTED:
+                raise PeftlabError(
+                    f"--cache-frozen supports encoder models (the bert family: BERT, RoBERTa, MiniLM); "
+                    f"{self.model} is a {model_type_facts(kind).architecture} model"
+                )
         if self.device == "cuda" and not torch.cuda.is_available():
             raise PeftlabError("--device cuda needs a CUDA GPU, and torch sees none")
         if (self.score_steps is None) != (self.task is None) and self.protocol is None:
@@ -151,6 +161,7 @@ class BenchConfig:
                 parts += [f"--{f.replace('_', '-')}", str(getattr(self, f))]
         flags = (["--compare-peft"] if self.compare_peft else []) + ([] if self.full else ["--no-full"])
         flags += ["--profile"] if self.profile else []
+        flags += ["--cache-frozen"] if self.cache_frozen else []
         flags += ["--resume"] if self.resume else []
         return shlex.join(parts + flags)
 
@@ -229,6 +240,10 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
                     Job(kind=kind, impl="peft", method=entry.label, spec=p.spec, peft_config=p.peft_config, **base)
                 )
         plans[entry.label] = p
+        if config.cache_frozen and entry.label != FULL:
+            cached = _cached_plan(config, pm, p, entry.label, base)
+            if cached is not None:
+                plans[cached.jobs[0].method] = cached
     facts = {
         "model_class": type(probe).__name__,
         "head": head,
@@ -242,6 +257,23 @@ def plan(config: BenchConfig) -> tuple[dict[str, Any], dict[str, MethodPlan]]:
         "widths": [b["attention_mask"].shape[1] for b in step],
     }
     return facts, plans
+
+
+def _cached_plan(config: BenchConfig, pm: Any, plan: MethodPlan, label: str, base: dict[str, Any]) -> MethodPlan | None:
+    """The row of ``label`` trained from the frozen-prefix cache: a training job only (inference is unchanged), its
+    own FLOP prediction; None where the method acts on the first layer (nothing to skip)."""
+    if flops.lowest_layer(pm, backward=False) == 0:
+        return None
+    predicted, note = _modelled(config, *flops.predict(pm, config.batch, config.width(pm), cached=True))
+    name = CACHED.format(label)
+    return MethodPlan(
+        spec=plan.spec,
+        counts=plan.counts,
+        mergeable=False,
+        flops=asdict(predicted) if predicted else None,
+        flops_note=note,
+        jobs=[Job(kind="train", impl="peftlab", method=name, spec=plan.spec, cache_frozen=True, **base)],
+    )
 
 
 def _modelled(config: BenchConfig, predicted: Any, note: str | None) -> tuple[Any, str | None]:

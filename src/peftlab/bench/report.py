@@ -17,7 +17,7 @@ import torch
 from peftlab import optional
 from peftlab.atomic import write_with
 from peftlab.bench import survey
-from peftlab.bench.entries import FLOOR
+from peftlab.bench.entries import CACHED, FLOOR, FULL
 from peftlab.bench.flops import TARGET
 from peftlab.bench.profile import CATEGORIES
 from peftlab.bench.worker import KINDS
@@ -274,6 +274,12 @@ def markdown(report: dict[str, Any]) -> str:
     notes = [f"- {m}: {info['peft_note']}" for m, info in report["methods"].items() if info["peft_note"]]
     if notes:
         lines += ["", "Not compared with peft:", "", *notes]
+    if cfg.get("cache_frozen"):
+        labels = list(report["methods"])
+        twins = {CACHED.format(m) for m in labels if CACHED.format(m) in labels}
+        uncached = [m for m in labels if m not in (FLOOR, FULL) and m not in twins and CACHED.format(m) not in twins]
+        if uncached:
+            lines += ["", f"No frozen-cache row (they act on the first layer or the input): {', '.join(uncached)}."]
     if report["failures"]:
         lines += ["", "## Failures", "", *[f"- {f}" for f in report["failures"]]]
     lines += ["", "## Legend", "", *LEGEND, ""]
@@ -354,6 +360,9 @@ def _profile_table(table: list[dict[str, Any]]) -> list[str]:
 
 
 LEGEND = [
+    "- **+ frozen cache** (`--cache-frozen`): the row above it trained from the frozen-prefix cache (the states "
+    "entering the first layer the method acts on computed once, before the timings, as from a run's second epoch "
+    "on): no forward or backward below that layer, so the only rows that can go under the floor; training only.",
     "- **trainable / stored / changed**: what the optimiser holds / what the saved adapter holds / parameters of "
     "the final model that differ from the backbone (`pm.counts()`); % is trainable over the backbone. peft rows "
     "count `requires_grad` parameters of the peft model.",

@@ -60,10 +60,24 @@ class Job:
     protocol: str | None = None  # "survey": real SuperGLUE microbatches (bench.survey)
     quantize: str | None = None  # "nf4" / "int8": the base's block linears quantized
     profile: bool = False  # also profile the forward + backward (bench.profile) after the timed iterations
+    cache_frozen: bool = False  # train steps from the frozen-prefix cache (train.frozen), filled before the timings
 
     @property
     def label(self) -> str:
         return f"{self.method} {self.kind}" + (" (peft)" if self.impl == "peft" else "")
+
+
+def _feeder(model: nn.Module, job: Job) -> Callable[[dict[str, torch.Tensor]], AbstractContextManager]:
+    """What each forward of a training job runs inside: the frozen-prefix cache's ``feeding`` for a cached job (its
+    states filled for every batch first, so the timings see the steady state of the second epoch on), else nothing."""
+    if not job.cache_frozen:
+        return lambda batch: nullcontext()
+    from peftlab.train.frozen import FrozenCache, FrozenPrefix
+
+    prefix = FrozenPrefix(model, FrozenCache(), budget_mb=1e9)  # every batch kept: the measured batches are few
+    if not prefix.active:
+        raise PeftlabError(f"{job.method}: the frozen-prefix cache has nothing to skip ({prefix.where} is in layer 0)")
+    return prefix.feeding
 
 
 def _now(device: torch.device) -> float:
@@ -171,13 +185,17 @@ def _train(model: nn.Module, batches: list[dict[str, torch.Tensor]], job: Job, d
     # train: no optimiser.
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-6) if params else None
+    feeding = _feeder(model, job)
+    for batch in batches:  # a cached job's states, computed once (keyed by autocast too)
+        with _autocast(job), feeding(batch):
+            pass
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     loaded = _memory(device)
 
     def forward_backward() -> None:
         for batch in batches:
-            with _autocast(job):
+            with _autocast(job), feeding(batch):
                 loss = model(**batch).loss / len(batches)
             loss.backward()
 
@@ -193,7 +211,8 @@ def _train(model: nn.Module, batches: list[dict[str, torch.Tensor]], job: Job, d
     def forward() -> None:
         with torch.no_grad(), _autocast(job):
             for batch in batches:
-                model(**batch)
+                with feeding(batch):
+                    model(**batch)
 
     times = _time_rounds({"step": step, "forward": forward}, job, device)
     end = _memory(device)
