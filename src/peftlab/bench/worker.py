@@ -27,6 +27,7 @@ from peftlab.core.spec import Spec
 from peftlab.errors import PeftlabError
 from peftlab.memory import current_rss, peak_rss
 from peftlab.train import TrainConfig, train
+from peftlab.train.frozen import FrozenCache, FrozenPrefix
 from peftlab.train.tasks import get_task
 
 KINDS = ("train", "infer", "merged", "score")
@@ -72,8 +73,6 @@ def _feeder(model: nn.Module, job: Job) -> Callable[[dict[str, torch.Tensor]], A
     states filled for every batch first, so the timings see the steady state of the second epoch on), else nothing."""
     if not job.cache_frozen:
         return lambda batch: nullcontext()
-    from peftlab.train.frozen import FrozenCache, FrozenPrefix
-
     prefix = FrozenPrefix(model, FrozenCache(), budget_mb=1e9)  # every batch kept: the measured batches are few
     if not prefix.active:
         raise PeftlabError(f"{job.method}: the frozen-prefix cache has nothing to skip ({prefix.where} is in layer 0)")
