@@ -154,14 +154,6 @@ def cmd_run(args: argparse.Namespace) -> None:
                 retrain.train(c["name"], c["spec"], seed, out, args.data_dir, args.task)
 
 
-def _dev_at(row: dict, step: int) -> float | None:
-    """The dev score a run had at ``step`` (from its ``dev_by_step``), if it was evaluated there."""
-    for item in (row.get("dev_by_step") or "").split(";"):
-        if item and int(item.split(":")[0]) == step:
-            return float(item.split(":")[1])
-    return None
-
-
 def _single_seed_rhos(rows: list[dict], flat: list[dict], step: int) -> list[float]:
     """Per seed, Spearman's rho of that seed's dev score at ``step`` against the seed-mean test score: how well
     one run, as a search trial is, ranks the configurations."""
@@ -171,7 +163,7 @@ def _single_seed_rhos(rows: list[dict], flat: list[dict], step: int) -> list[flo
             (d, statistics.mean(r["test"].values()))
             for r in rows
             for x in flat
-            if x["config"] == r["name"] and int(x["seed"]) == seed and (d := _dev_at(x, step)) is not None
+            if x["config"] == r["name"] and int(x["seed"]) == seed and (d := retrain.dev_at(x, step)) is not None
         ]
         if len(pairs) > 2:
             rhos.append(float(stats.spearmanr(*zip(*pairs, strict=True)).statistic))
@@ -188,7 +180,7 @@ def _fidelity(rows: list[dict], flat: list[dict]) -> list[str]:
     for step in range(EVAL_EVERY, STEPS + 1, EVAL_EVERY):
         at_step, final = [], []
         for r in rows:
-            devs = [d for x in flat if x["config"] == r["name"] and (d := _dev_at(x, step)) is not None]
+            devs = [d for x in flat if x["config"] == r["name"] and (d := retrain.dev_at(x, step)) is not None]
             if devs:
                 at_step.append(statistics.mean(devs))
                 final.append(statistics.mean(r["test"].values()))

@@ -56,6 +56,14 @@ def train(name: str, spec: dict[str, Any], seed: int, out: Path, data_dir: str, 
         shutil.rmtree(adapter) if adapter.is_dir() else adapter.unlink()
 
 
+def dev_at(row: dict, step: int) -> float | None:
+    """The dev score a run had at ``step`` (from its ``dev_by_step``), if it was evaluated there."""
+    for item in (row.get("dev_by_step") or "").split(";"):
+        if item and int(item.split(":")[0]) == step:
+            return float(item.split(":")[1])
+    return None
+
+
 def test_score(record: dict[str, Any]) -> float:
     return float(record["test"][record["best"]["metric"]])
 

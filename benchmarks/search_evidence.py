@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 import optuna
+import retrain
 from optuna.trial import FrozenTrial, TrialState
 from scipy import stats
 
@@ -662,9 +663,8 @@ def _seed_sd(step: int) -> float:
     scores: dict[str, list[float]] = {}
     with path.open() as f:
         for r in csv.DictReader(f):
-            for item in r["dev_by_step"].split(";"):
-                if item and int(item.split(":")[0]) == step:
-                    scores.setdefault(r["config"], []).append(float(item.split(":")[1]))
+            if (dev := retrain.dev_at(r, step)) is not None:
+                scores.setdefault(r["config"], []).append(dev)
     variances = [statistics.variance(v) for v in scores.values() if len(v) > 1]
     return math.sqrt(statistics.mean(variances)) if variances else 0.0
 
