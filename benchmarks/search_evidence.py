@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -708,10 +709,12 @@ def _surrogate_lines(refs: dict) -> list[str]:
     return lines
 
 
-def _table(task: str, sampler: str, seed: int) -> list[dict]:
+@functools.cache
+def _table(task: str, sampler: str, seed: int) -> tuple[dict, ...]:
+    """A study's exported trial table (read once per process: the report's sections each walk it)."""
     path = RESULTS / task / f"{_name(task, sampler, seed)}.csv"
     with path.open() as f:
-        return list(csv.DictReader(f))
+        return tuple(csv.DictReader(f))
 
 
 def main() -> None:
