@@ -13,11 +13,12 @@ architectures with one of learning rates), ``STEPS`` steps with a dev evaluation
     python benchmarks/found_vs_presets.py plan      # results/found_vs_presets/plan.json: configurations and bins
     python benchmarks/found_vs_presets.py run       # every run not done yet (resumable; background, one thread)
     python benchmarks/found_vs_presets.py report    # results/found_vs_presets.md
-    python benchmarks/found_vs_presets.py run --task mrpc --configs found-t58 lora-r8   # transfer (AutoPEFT's claim)
-    python benchmarks/found_vs_presets.py report --task mrpc                          # results/found_vs_presets_mrpc.md
+    python benchmarks/found_vs_presets.py run --task stsb --configs found-t58 lora-r8   # transfer (AutoPEFT's claim)
+    python benchmarks/found_vs_presets.py report --task stsb                          # results/found_vs_presets_stsb.md
 
-Transfer: ``--task mrpc`` trains the same plan (the SST-2 front and the presets, sized and binned on SST-2) on MRPC,
-into ``found_vs_presets/transfer-mrpc/``; ``--configs`` restricts a run to some of the plan's configurations.
+Transfer: ``--task stsb`` (or ``mrpc``) trains the same plan (the SST-2 front and the presets, sized and binned on
+SST-2) on that task, into ``found_vs_presets/transfer-TASK/``; ``--configs`` restricts a run to some of the plan's
+configurations.
 
 Runs go seed by seed (every configuration at seed 0, then seed 1, ...), so a stopped run leaves every configuration
 with the same seeds. Each run's record is in ``results/found_vs_presets/runs/CONFIG/seedS/record.json`` (git-ignored;

@@ -29,6 +29,10 @@ TRAIN_FLAGS = ["--batch-size", "16", "--group-by-length", "--dev-size", "1000"]
 TASKS = {
     "sst2": ("64", "GLUE's dev set (872 examples: σ of one accuracy ≈ sqrt(p(1-p)/872) ≈ 1.3 points at p = 0.83)"),
     "mrpc": ("128", "GLUE's dev set (408 examples: σ of one accuracy ≈ sqrt(p(1-p)/408) ≈ 2.2 points at p = 0.75)"),
+    "stsb": (
+        "128",
+        "GLUE's dev set (1500 examples: σ of one Spearman correlation ≈ (1-r²)/sqrt(1497) ≈ 0.02 at r = 0.5)",
+    ),
 }
 TEST_SIGMA = TASKS[TASK][1]
 

@@ -66,7 +66,10 @@ RUNS = RESULTS / "runs"  # studies and trial adapters: git-ignored (runs/), the 
 TASKS = {  # task -> flags of its trials
     "sst2": ["--max-length", "64", "--max-steps", "100"],
     "mrpc": ["--max-length", "128", "--max-steps", "150"],
+    "stsb": ["--max-length", "128", "--max-steps", "150"],
 }
+#: tasks whose dev score is a correlation (STS-B: Spearman's); the others' is an accuracy
+CORRELATION_TASKS = {"stsb"}
 MARKS = (10, 20, 30, 40, 50, 60)
 STARTUP = 10  # random start-up trials of every model-based sampler
 DEV_SIZE = 1000  # dev examples held out of train: every trial's score
@@ -84,6 +87,20 @@ def _task_flags(task: str) -> tuple[str, list[str]]:
     if steps:
         flags[flags.index("--max-steps") + 1] = steps
     return base, flags
+
+
+def dev_sigma(task: str, score):
+    """σ of one dev score near ``score`` (a float or an array) on the DEV_SIZE-example dev split: an accuracy's
+    binomial sqrt(p(1-p)/n), or a correlation's (1 - r²)/sqrt(n - 3) (Fisher's z, back-transformed; Spearman's is
+    about 3% wider for normal data)."""
+    base = _task_flags(task)[0]
+    if base in CORRELATION_TASKS:
+        return (1 - np.square(score)) / np.sqrt(DEV_SIZE - 3)
+    return np.sqrt(score * (1 - np.asarray(score)) / DEV_SIZE)
+
+
+def _dev_sigma_formula(task: str) -> str:
+    return f"(1-r²)/sqrt({DEV_SIZE - 3})" if _task_flags(task)[0] in CORRELATION_TASKS else f"sqrt(p(1-p)/{DEV_SIZE})"
 
 
 def _steps(task: str) -> int:
@@ -543,15 +560,15 @@ def _analysis(curves: dict, refs: dict) -> list[str]:
                 top = max(points, key=lambda p: (p[0], -p[1]))
                 shares.append(hypervolume_history([top], refs[task])[-1] / hypervolume_history(points, refs[task])[-1])
         top_score = max(p[0] for p in union)
-        sigma = math.sqrt(top_score * (1 - top_score) / DEV_SIZE)
+        sigma = float(dev_sigma(task, top_score))
         lines += [
             "",
             f"What the hypervolume measures here: the study's single best-scoring point alone holds {min(shares):.0%}–"
             f"{max(shares):.0%} of its final hypervolume (median {statistics.median(shares):.0%}, {len(shares)} "
             "studies), because the reference point's cost (the space's costliest corner) is far beyond where the good "
             "configurations are. So the curves mostly compare the best dev score each study found, a maximum of "
-            f"noisy scores (σ of one near the best, sqrt(p(1-p)/{DEV_SIZE}): {100 * sigma:.1f} points), more than the "
-            "shape of the fronts.",
+            f"noisy scores (σ of one near the best, {_dev_sigma_formula(task)}: {100 * sigma:.1f} points), more than "
+            "the shape of the fronts.",
             "",
             *_log_cost_table(task, samplers, curves, refs[task]),
         ]
@@ -645,12 +662,12 @@ def cmd_surrogate(args: argparse.Namespace) -> None:
     SURROGATE.write_text(json.dumps(out, indent=1) + "\n")
 
 
-def _noise_ceiling(observed: list[float], seed_sd: float, rng: np.random.Generator) -> float:
-    """Spearman's rho a perfect predictor of the true dev accuracy could reach against these observations, were their
-    noise the dev split's binomial sampling (σ = sqrt(p(1-p)/DEV_SIZE)) and a training-seed noise of ``seed_sd``
-    (the observations stand in for the truth)."""
+def _noise_ceiling(task: str, observed: list[float], seed_sd: float, rng: np.random.Generator) -> float:
+    """Spearman's rho a perfect predictor of the true dev score could reach against these observations, were their
+    noise the dev split's sampling (:func:`dev_sigma`) and a training-seed noise of ``seed_sd`` (the observations
+    stand in for the truth)."""
     p = np.asarray(observed)
-    sd = np.sqrt(p * (1 - p) / DEV_SIZE + seed_sd**2)
+    sd = np.sqrt(dev_sigma(task, p) ** 2 + seed_sd**2)
     return float(np.mean([stats.spearmanr(p, p + rng.normal(0, sd)).statistic for _ in range(200)]))
 
 
@@ -680,9 +697,9 @@ def _surrogate_lines(refs: dict) -> list[str]:
         "The AutoPEFT sampler's score GP (SAAS, NUTS 64/32/4 as the sampler's defaults) fitted on 4/5 of a random "
         "study's trials and asked for the other fifth, 5 folds (`python benchmarks/search_evidence.py surrogate`). "
         "Spearman's rho of the held-out predictions against the observed dev scores, over all trials and over the "
-        "learners alone (score above the constant prediction's by more than 2σ of a dev accuracy, where the front "
-        "is decided). Beside each, the ceiling a perfect predictor of the true accuracy could reach against "
-        "observations this noisy: with the dev split's binomial noise alone, and with the training-seed noise too. "
+        "learners alone (score above the constant prediction's by more than 2σ of a dev score, where the front "
+        "is decided). Beside each, the ceiling a perfect predictor of the true score could reach against "
+        "observations this noisy: with the dev split's sampling noise alone, and with the training-seed noise too. "
         "Seed σ: the spread over 3 seeds of the dev score at the trials' step count of the 28 SST-2 configurations "
         "re-trained by found_vs_presets (root mean square; inside 500-step schedules, so an estimate; – where "
         "there is none).",
@@ -697,14 +714,15 @@ def _surrogate_lines(refs: dict) -> list[str]:
         floor = refs[r["task"]][0]
         seed_sd = _seed_sd(_steps(r["task"])) if _task_flags(r["task"])[0] == TASK_OF_PRESETS else 0.0
         cells = [f"{100 * seed_sd:.1f}" if seed_sd else "–"]
-        for keep in (np.ones(len(obs), bool), obs > floor + 2 * np.sqrt(floor * (1 - floor) / DEV_SIZE)):
+        for keep in (np.ones(len(obs), bool), obs > floor + 2 * dev_sigma(r["task"], floor)):
             if keep.sum() < 3:
                 cells.append(f"{int(keep.sum())} | – | – | –")
                 continue
             x = obs[keep].tolist()
             rho = stats.spearmanr(pred[keep], obs[keep]).statistic
-            with_seed = f"{_noise_ceiling(x, seed_sd, rng):.2f}" if seed_sd else "–"
-            cells.append(f"{int(keep.sum())} | {rho:.2f} | {_noise_ceiling(x, 0.0, rng):.2f} | {with_seed}")
+            task = r["task"]
+            with_seed = f"{_noise_ceiling(task, x, seed_sd, rng):.2f}" if seed_sd else "–"
+            cells.append(f"{int(keep.sum())} | {rho:.2f} | {_noise_ceiling(task, x, 0.0, rng):.2f} | {with_seed}")
         lines.append(f"| {name} | {' | '.join(cells)} | {statistics.mean(r['lpd']):.2f} |")
     return lines
 
