@@ -540,12 +540,16 @@ def _analysis(curves: dict, refs: dict) -> list[str]:
         union = [p for s in samplers for seed in curves[(task, s)] for p in _points(task, s, seed)]
         best = hypervolume_history(union, refs[task])[-1]
         ceiling = (max(p[0] for p in union) - refs[task][0]) * refs[task][1]
-        start = min(c[STARTUP - 1][0] for s in samplers for c in curves[(task, s)].values())
+        started = [c[STARTUP - 1][0] for s in samplers for c in curves[(task, s)].values() if len(c) >= STARTUP]
+        start = (
+            f"after the {STARTUP} random start-up trials every study already stands at "
+            f"{100 * min(started) / ceiling:.0f}% of that or more, and the samplers compete for the rest. "
+            if started and ceiling > 0
+            else ""
+        )
         lines += [
             f"**{task}**: the union of all {len(union)} trials has hypervolume {best:.3f}; the most any front could "
-            f"have with the best score found is {ceiling:.3f} (that score at 0 stored parameters); after the "
-            f"{STARTUP} random start-up trials every study already stands at {100 * start / ceiling:.0f}% of that or "
-            "more, so what the samplers compete for is the last few percent. "
+            f"have with the best score found is {ceiling:.3f} (that score at 0 stored parameters); {start}"
             "Regret = the union's hypervolume minus the study's, mean ± std over seeds:",
             "",
             *_by_marks_header(),
