@@ -715,16 +715,16 @@ def _surrogate_lines(refs: dict) -> list[str]:
     rng = np.random.default_rng(0)
     for name, r in json.loads(SURROGATE.read_text()).items():
         pred, obs = np.asarray(r["predicted"]), np.asarray(r["observed"])
-        floor = refs[r["task"]][0]
-        seed_sd = _seed_sd(_steps(r["task"])) if _task_flags(r["task"])[0] == TASK_OF_PRESETS else 0.0
+        task = r["task"]
+        floor = refs[task][0]
+        seed_sd = _seed_sd(_steps(task)) if _task_flags(task)[0] == TASK_OF_PRESETS else 0.0
         cells = [f"{100 * seed_sd:.1f}" if seed_sd else "–"]
-        for keep in (np.ones(len(obs), bool), obs > floor + 2 * dev_sigma(r["task"], floor)):
+        for keep in (np.ones(len(obs), bool), obs > floor + 2 * dev_sigma(task, floor)):
             if keep.sum() < 3:
                 cells.append(f"{int(keep.sum())} | – | – | –")
                 continue
             x = obs[keep].tolist()
             rho = stats.spearmanr(pred[keep], obs[keep]).statistic
-            task = r["task"]
             with_seed = f"{_noise_ceiling(task, x, seed_sd, rng):.2f}" if seed_sd else "–"
             cells.append(f"{int(keep.sum())} | {rho:.2f} | {_noise_ceiling(task, x, 0.0, rng):.2f} | {with_seed}")
         lines.append(f"| {name} | {' | '.join(cells)} | {statistics.mean(r['lpd']):.2f} |")
